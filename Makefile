@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Each creates the virtual environment $(VENV), installs torch (CPU build by default), the tools and
+# l2b_fast with its compiled extension, then runs.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+DEPS := $(VENV)/.deps-installed
+BUILT := $(VENV)/.l2b-built
+CSRC := $(wildcard csrc/*.* csrc/*/*.*)
+
+.PHONY: demo test bench cuda-check cmake-test ci clean
+
+$(DEPS): requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(BUILT): $(DEPS) setup.py pyproject.toml $(CSRC)
+	MAX_JOBS=2 $(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(BUILT)
+	$(BIN)/python -m l2b_fast.demo
+
+test: $(BUILT)
+	$(BIN)/python -m pytest tests
+
+bench: $(BUILT)
+	$(BIN)/python -m l2b_fast.bench --out benchmarks/results
+
+cuda-check: $(DEPS)
+	$(BIN)/python tools/nvcc_compile_check.py --arch 90 --arch 80
+
+cmake-test: $(DEPS)
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DPython3_EXECUTABLE=$(abspath $(BIN)/python)
+	cmake --build build/cmake
+	ctest --test-dir build/cmake --output-on-failure
+
+clean:
+	rm -rf build $(VENV) l2b_fast/*.so *.egg-info

@@ -1,0 +1,212 @@
+"""Forward+backward time of every backend against the naive implementation, with achieved bandwidth.
+
+Bytes are the cost model's minimum (DESIGN.md section 2) for the fused op, N elements per parent:
+forward gather reads and writes J*N; the fused backward reads J*N (grad) + I*N (parents) and writes I*N.
+effective_GBps = those minimum bytes / measured time, for every implementation (the naive one moves ~3 I J N
+elements, so its real traffic is far higher); backward_GBps is the same for the fused backward op alone, to
+compare with the device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from l2b_fast import __version__, backends
+from l2b_fast.bench.naive import branch_naive
+from l2b_fast.ops import branch
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    parents: int
+    children: int
+    activation: tuple[int, ...]  # S = (batch, channels, height, width)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.activation)
+
+
+SHAPES = {
+    "taskonomy": Shape("taskonomy", 5, 5, (64, 64, 32, 32)),
+    "celeba": Shape("celeba", 30, 40, (64, 64, 8, 8)),
+    "cpu-target": Shape("cpu-target", 5, 5, (16, 64, 32, 32)),
+    "tiny": Shape("tiny", 3, 4, (2, 8, 6, 6)),
+}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device: torch.device, warmup: int, repeat: int) -> list[float]:
+    """Wall times in ms of ``fn()``; on CUDA, CUDA events around each call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return times
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeat: int) -> float:
+    """Device copy bandwidth in GB/s (bytes read + written per second) for a buffer of ``nbytes``."""
+    source = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    target = torch.empty_like(source)
+    ms = statistics.median(measure(lambda: target.copy_(source), device, warmup, repeat))
+    return 2 * source.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def fused_min_bytes(shape: Shape, element_size: int) -> dict[str, int]:
+    n, i, j = shape.numel, shape.parents, shape.children
+    return {"forward": 2 * j * n * element_size, "backward": (2 * i + j) * n * element_size}
+
+
+def run(
+    shape_names: list[str],
+    backend_names: list[str],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    warmup: int = 2,
+    repeat: int = 10,
+    naive: bool = True,
+    tau: float = 1.0,
+) -> list[dict]:
+    rows = []
+    for shape_name in shape_names:
+        shape = SHAPES[shape_name]
+        generator = torch.Generator(device).manual_seed(0)
+        parents = torch.randn((shape.parents, *shape.activation), device=device, dtype=dtype, generator=generator)
+        grad = torch.randn((shape.children, *shape.activation), device=device, dtype=dtype, generator=generator)
+        logits = torch.randn(shape.parents, shape.children, device=device, generator=generator)
+        minimum = fused_min_bytes(shape, parents.element_size())
+        timings = {}
+        if naive:
+            members = [p.clone().requires_grad_(True) for p in parents]
+            naive_logits = logits.clone().requires_grad_(True)
+            grads = list(grad.unbind(0))
+
+            def naive_step():
+                torch.autograd.backward(branch_naive(members, naive_logits, tau), grads)
+
+            timings["naive"] = (measure(naive_step, device, warmup, repeat), None)
+        for name in backend_names:
+            fused_parents = parents.clone().requires_grad_(True)
+            fused_logits = logits.clone().requires_grad_(True)
+
+            def fused_step(name=name):
+                branch(fused_parents, fused_logits, tau, backend=name).backward(grad)
+
+            if name == "ref":
+                timings[name] = (measure(fused_step, device, warmup, repeat), None)
+                continue
+            backend_ops = _backend_ops(name)
+            with torch.no_grad():
+                soft, index = backend_ops.sample_branches(logits, tau, None, torch.tensor([1], device=device))
+            backward_ms = statistics.median(
+                measure(lambda: backend_ops.branch_backward(grad, parents, index, soft, tau), device, warmup, repeat)
+            )
+            timings[name] = (measure(fused_step, device, warmup, repeat), backward_ms)
+        naive_ms = statistics.median(timings["naive"][0]) if naive else None
+        for name, (times, backward_ms) in timings.items():
+            ms = statistics.median(times)
+            row = {
+                "shape": shape.name,
+                "parents": shape.parents,
+                "children": shape.children,
+                "activation": "x".join(map(str, shape.activation)),
+                "dtype": str(dtype).removeprefix("torch."),
+                "implementation": name,
+                "fwd_bwd_ms": round(ms, 4),
+                "fwd_bwd_ms_min": round(min(times), 4),
+                "speedup_vs_naive": round(naive_ms / ms, 2) if naive_ms else None,
+                "backward_ms": round(backward_ms, 4) if backward_ms else None,
+                "fused_min_bytes": minimum["forward"] + minimum["backward"],
+                "effective_GBps": round((minimum["forward"] + minimum["backward"]) / (ms * 1e-3) / 1e9, 2),
+                "backward_GBps": round(minimum["backward"] / (backward_ms * 1e-3) / 1e9, 2) if backward_ms else None,
+            }
+            rows.append(row)
+        del parents, grad
+    return rows
+
+
+def _backend_ops(name: str):
+    if name == "triton":
+        from l2b_fast.ops import _triton  # noqa: F401  (defines the namespace)
+
+        return torch.ops.l2b_fast_triton
+    return torch.ops.l2b_fast
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "l2b_fast": __version__,
+        "backends": {name: reason is None for name, reason in backends.available(device.type).items()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def write_results(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*rows[0].keys(), "device", "torch", "triton"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "device": meta["device"], "torch": meta["torch"], "triton": meta["triton"]})
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    return csv_path, json_path
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ["shape", "dtype", "implementation", "fwd_bwd_ms", "speedup_vs_naive", "effective_GBps", "backward_ms", "backward_GBps"]
+    table = [columns] + [["" if row[c] is None else str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[k]) for line in table) for k in range(len(columns))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)

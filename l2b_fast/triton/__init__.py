@@ -1,0 +1,5 @@
+"""Triton kernels of l2b_fast (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1`` for testing).
+
+- :mod:`l2b_fast.triton.sample_branches`: gumbel sampling of every child's parent in one launch.
+- :mod:`l2b_fast.triton.branch`: the straight-through gather and its fused backward.
+"""

@@ -1,0 +1,67 @@
+"""Shared fixtures. TRITON_INTERPRET=1 must be set before Triton kernels are decorated, so it is set
+here, before l2b_fast (or triton) is imported: the ``triton`` backend then runs on CPU tensors."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+if importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("L2B_BACKEND", None)  # tests choose backends explicitly
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import l2b_fast  # noqa: E402
+from l2b_fast import backends  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device"))]
+
+# (dtype, atol, rtol) against the float64 reference on the same (upcast) inputs.
+DTYPE_TOLERANCES = [
+    (torch.float64, 1e-10, 1e-10),
+    (torch.float32, 1e-5, 1e-5),
+    (torch.float16, 2e-3, 2e-3),
+    (torch.bfloat16, 1.6e-2, 1.6e-2),
+]
+
+
+def runnable_backends(device: str) -> list[str]:
+    return [name for name, reason in backends.available(device).items() if reason is None]
+
+
+def fast_backends(device: str) -> list[str]:
+    """Every backend except the reference, the ones held to it."""
+    return [name for name in runnable_backends(device) if name != "ref"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+def pytest_report_header(config):
+    lines = [f"torch {torch.__version__}, l2b_fast {l2b_fast.__version__}"]
+    for device_type in ("cpu", "cuda"):
+        status = ", ".join(f"{name}: {'yes' if why is None else 'no'}" for name, why in backends.available(device_type).items())
+        lines.append(f"l2b_fast backends on {device_type}: {status}")
+    return lines
+
+
+def backend_cases(include_ref: bool = False) -> list:
+    """(device, backend) pairs for parametrize: CPU backends that run here, CUDA ones skipped without a GPU."""
+    cases = [pytest.param("cpu", name, id=f"cpu-{name}") for name in runnable_backends("cpu") if include_ref or name != "ref"]
+    for name in ("ref", "cpp", "triton"):
+        if name == "ref" and not include_ref:
+            continue
+        why = "needs a CUDA device" if not CUDA else backends.unavailable_reason(name, "cuda")
+        cases.append(pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    return cases
+
+
+def gumbel(shape, generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    """Gumbel(0, 1) samples drawn on the CPU from ``generator`` (test noise)."""
+    uniform = torch.rand(shape, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    return (-torch.log(-torch.log(uniform))).to(dtype)
