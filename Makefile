@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Two commands on a fresh machine: `make demo` (the main job: the paper's synthetic experiment (a),
+# searched end to end, tree printed and drawn) and `make test` (the test suite).
 # Each creates the virtual environment $(VENV), installs torch (CPU build by default), the tools and
 # l2b_fast with its compiled extension, then runs.
 PYTHON ?= python3
@@ -10,7 +11,7 @@ DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.l2b-built
 CSRC := $(wildcard csrc/*.* csrc/*/*.*)
 
-.PHONY: demo test bench cuda-check cmake-test ci clean
+.PHONY: demo op-demo test bench cuda-check cmake-test ci clean
 
 $(DEPS): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ $(BUILT): $(DEPS) setup.py pyproject.toml $(CSRC)
 	touch $@
 
 demo: $(BUILT)
+	$(BIN)/l2b search --preset synthetic-a --seed 0 --out runs/synthetic-a --threads 1 --overwrite
+
+op-demo: $(BUILT)
 	$(BIN)/python -m l2b_fast.demo
 
 test: $(BUILT)

@@ -37,15 +37,6 @@ __device__ __forceinline__ acc_t to_acc(T x) {
   return static_cast<acc_t>(x);
 }
 
-// The children tensor reuses the parents' strides (empty_children_like); its rows are the flat blocks
-// [j * N, (j + 1) * N) only if stride(0) == N. parents_rows_dense accepts any stride(0) when I == 1
-// (e.g. a transposed [1, C, ...] view), which would give J >= 2 overlapping children rows.
-void check_children_rows(const at::Tensor& parents, int64_t children) {
-  const int64_t rows = parents.size(0), numel = parents.numel();
-  TORCH_CHECK_VALUE(children <= 1 || numel == 0 || parents.stride(0) * rows == numel,
-                    "l2b_fast: parents.stride(0) must equal parents[0].numel() (use .contiguous())");
-}
-
 int multiprocessor_count() {
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -103,12 +94,11 @@ void launch_gather(const void* src, void* dst, const int64_t* index, int64_t par
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor straight_through_branch_cuda(const at::Tensor& parents, const at::Tensor& logits, const at::Tensor& index,
-                                        const at::Tensor& soft, double tau) {
+at::Tensor straight_through_branch_cuda(const at::Tensor& parents, const at::Tensor& /*logits*/,
+                                        const at::Tensor& index, const at::Tensor& soft, double tau) {
   check_branch_inputs(parents, index, soft);
   check_tau(tau);
   const int64_t num_parents = parents.size(0), children = index.size(0);
-  check_children_rows(parents, children);
   const c10::cuda::CUDAGuard guard(parents.device());
   at::Tensor out = empty_children_like(parents, children);
   const int64_t row_bytes = (parents.numel() / num_parents) * parents.element_size();
@@ -191,7 +181,7 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Launch geometry of the fused kernel, computed on the host (see plan_fused).
+// Launch geometry of the fused kernel, computed on the host (plan_tiles, plan_pairs, launch_fused).
 struct FusedParams {
   int parents, children, rows;  // I, J, I + J
   int64_t numel;                // N, elements per row
@@ -203,13 +193,6 @@ struct FusedParams {
   int data_bytes;            // start of the children lists in shared memory
 };
 
-// Split-K fused backward. Each block owns a contiguous run of tiles of T elements. A tile holds T
-// elements of all I parent rows and J grad rows in shared memory (raw dtype, S-stage cp.async
-// pipeline). Per tile: grad_parents = segment sum of the listed children (VEC-wide stores), then the
-// I x J dot products: thread = (pair block, lane); a pair block is up to MI x MJ pairs kept in
-// registers (static indexing), a lane takes DV-element chunks lane, lane + L, ... of the tile.
-// At the end the lanes are tree-reduced in shared memory (fixed order, deterministic) and the block
-// writes its partial G to partials[pair * gridDim.x + block].
 // Blocks per SM the register budget is sized for: 4 while the accumulators take <= 16 registers
 // (bandwidth-bound shapes want occupancy), else 2 (<= 128 registers, no spills).
 template <typename scalar_t, int MI, int MJ>
@@ -217,6 +200,13 @@ constexpr int fused_min_blocks() {
   return MI * MJ * sizeof(at::opmath_type<scalar_t>) <= 16 * 4 ? 4 : 2;
 }
 
+// Split-K fused backward. Each block owns a contiguous run of tiles of T elements. A tile holds T
+// elements of all I parent rows and J grad rows in shared memory (raw dtype, S-stage cp.async
+// pipeline). Per tile: grad_parents = segment sum of the listed children (VEC-wide stores), then the
+// I x J dot products: thread = (pair block, lane); a pair block is up to MI x MJ pairs kept in
+// registers (static indexing), a lane takes DV-element chunks lane, lane + L, ... of the tile.
+// At the end the lanes are tree-reduced in shared memory (fixed order, deterministic) and the block
+// writes its partial G to partials[pair * gridDim.x + block].
 template <typename scalar_t, int VEC, int MI, int MJ>
 __global__ void __launch_bounds__(kThreads, (fused_min_blocks<scalar_t, MI, MJ>()))
     branch_backward_fused_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ parents,
@@ -243,7 +233,8 @@ __global__ void __launch_bounds__(kThreads, (fused_min_blocks<scalar_t, MI, MJ>(
     const int vectors = len / VEC;  // VEC divides len on the vector path (N % VEC == 0)
     for (int it = tid; it < p.rows * vectors; it += kThreads) {
       const int r = it / vectors, v = it - r * vectors;
-      const scalar_t* src = (r < p.parents ? parents + r * p.numel : grad + (r - p.parents) * p.numel) + start + v * VEC;
+      const scalar_t* row = r < p.parents ? parents + r * p.numel : grad + (r - p.parents) * p.numel;
+      const scalar_t* src = row + start + v * VEC;
       copy_to_shared<VEC * sizeof(scalar_t)>(buf + r * p.row_stride + v * VEC, src);
     }
     // Zero the rest of a partial last dot chunk so the dot loop needs no bounds (plain stores to
@@ -302,7 +293,8 @@ __global__ void __launch_bounds__(kThreads, (fused_min_blocks<scalar_t, MI, MJ>(
         for (int d = 0; d < VEC; ++d) out.v[d] = static_cast<scalar_t>(0.0f);
       } else {
         acc_t sum[VEC];
-        const auto g0 = *reinterpret_cast<const Vec<scalar_t, VEC>*>(buf + (p.parents + order[first]) * p.row_stride + e);
+        const scalar_t* child = buf + (p.parents + order[first]) * p.row_stride + e;
+        const auto g0 = *reinterpret_cast<const Vec<scalar_t, VEC>*>(child);
 #pragma unroll
         for (int d = 0; d < VEC; ++d) sum[d] = to_acc<acc_t>(g0.v[d]);
         for (int m = first + 1; m < last; ++m) {
@@ -372,7 +364,8 @@ __global__ void __launch_bounds__(kThreads, (fused_min_blocks<scalar_t, MI, MJ>(
       for (int s = 0; s < slots; ++s) {
         const int q = q0 + s, a = q / MJ, b = q % MJ;
         if (a < bi && b < bj) {
-          partials[(static_cast<int64_t>(i0 + a) * p.children + (j0 + b)) * blocks + blockIdx.x] = red[s * kThreads + tid];
+          const int64_t pair = static_cast<int64_t>(i0 + a) * p.children + (j0 + b);
+          partials[pair * blocks + blockIdx.x] = red[s * kThreads + tid];
         }
       }
     }
@@ -486,9 +479,9 @@ bool plan_tiles(int parents, int children, FusedParams& p, size_t& smem_bytes) {
   return false;
 }
 
-template <int M>
-void plan_pairs(int parents, int children, FusedParams& p) {
-  const int groups_i = (parents + M - 1) / M, groups_j = (children + M - 1) / M;
+// Pair blocks of at most m x m pairs; false if there are more blocks than threads.
+bool plan_pairs(int parents, int children, int m, FusedParams& p) {
+  const int groups_i = (parents + m - 1) / m, groups_j = (children + m - 1) / m;
   // Balanced group sizes (5 parents -> 3 + 2, not 4 + 1); every group is non-empty.
   p.group_i = (parents + groups_i - 1) / groups_i;
   p.group_j = (children + groups_j - 1) / groups_j;
@@ -497,6 +490,7 @@ void plan_pairs(int parents, int children, FusedParams& p) {
   p.lanes = std::max(1, kThreads / p.pair_blocks);
   p.lanes_pow2 = 1;
   while (p.lanes_pow2 < p.lanes) p.lanes_pow2 *= 2;
+  return p.pair_blocks <= kThreads;
 }
 
 template <typename scalar_t, int M>
@@ -505,7 +499,6 @@ void launch_fused(const at::Tensor& grad, const at::Tensor& parents, const at::T
                   cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
-  plan_pairs<M>(p.parents, p.children, p);
   const bool vectorised = p.numel % kVec == 0 && aligned16(grad.data_ptr()) && aligned16(parents.data_ptr()) &&
                           aligned16(grad_parents.data_ptr());
   auto kernel = vectorised ? &branch_backward_fused_kernel<scalar_t, kVec, M, M>
@@ -517,7 +510,8 @@ void launch_fused(const at::Tensor& grad, const at::Tensor& parents, const at::T
   int64_t blocks = std::min<int64_t>(p.num_tiles, int64_t{multiprocessor_count()} * std::max(per_sm, 1));
   p.tiles_per_block = (p.num_tiles + blocks - 1) / blocks;
   blocks = (p.num_tiles + p.tiles_per_block - 1) / p.tiles_per_block;
-  partials = at::empty({int64_t{p.parents} * p.children, blocks}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  partials = at::empty({int64_t{p.parents} * p.children, blocks},
+                       grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(
       grad.data_ptr<scalar_t>(), parents.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
       grad_parents.data_ptr<scalar_t>(), partials.data_ptr<acc_t>(), p);
@@ -544,23 +538,26 @@ void branch_backward_impl(const at::Tensor& grad, const at::Tensor& parents, con
     p.rows = num_parents + children;
     p.numel = numel;
     size_t smem_bytes = 0;
+    // Small pair blocks (4 x 4; 2 x 2 in fp64) keep registers low: occupancy for the bandwidth-bound
+    // shapes with few pairs. Large ones (8 x 8; 4 x 4 in fp64) halve the shared-memory reads per
+    // multiply-add when there are many pairs. Both sizes fit their register budget without spills.
+    constexpr int kSmall = sizeof(acc_t) == 8 ? 2 : 4;
+    const int64_t small_blocks = int64_t{(num_parents + kSmall - 1) / kSmall} * ((children + kSmall - 1) / kSmall);
+    const bool small = small_blocks <= 16;
     const bool fused = int64_t{num_parents} * children <= kMaxFusedPairs &&
-                       plan_tiles<param_t>(num_parents, children, p, smem_bytes);
+                       plan_tiles<param_t>(num_parents, children, p, smem_bytes) &&
+                       plan_pairs(num_parents, children, small ? kSmall : 2 * kSmall, p);
     if (fused) {
-      // Small pair blocks (4 x 4; 2 x 2 in fp64) keep registers low: occupancy for the bandwidth-bound
-      // shapes with few pairs. Large ones (8 x 8; 4 x 4 in fp64) halve the shared-memory reads per
-      // multiply-add when there are many pairs. Both sizes fit their register budget without spills.
-      constexpr int kSmall = sizeof(acc_t) == 8 ? 2 : 4;
-      const int64_t small_blocks = int64_t{(num_parents + kSmall - 1) / kSmall} * ((children + kSmall - 1) / kSmall);
-      if (small_blocks <= 16) {
+      if (small) {
         launch_fused<param_t, kSmall>(grad, parents, index, grad_parents, p, smem_bytes, partials, stream);
       } else {
         launch_fused<param_t, 2 * kSmall>(grad, parents, index, grad_parents, p, smem_bytes, partials, stream);
       }
     } else {
-      // Fallback for shapes the fused kernel does not take (more than kMaxFusedPairs pairs, or too many
-      // rows for one shared-memory tile): G from a GEMM in acc_t over the flat [rows, N] views, the
-      // segment sum from deterministic on-device children lists. Correct, slower (more passes).
+      // Fallback for shapes the fused kernel does not take (more than kMaxFusedPairs pairs, too many
+      // rows for one shared-memory tile, more pair blocks than threads): G from a GEMM in acc_t over
+      // the flat [rows, N] views, the segment sum from deterministic on-device children lists.
+      // Correct, slower (several passes; the GEMM may use TF32 if the user allows it for fp32).
       const at::Tensor parents_flat = parents.as_strided({num_parents, numel}, {numel, 1}).to(acc_type);
       const at::Tensor grad_flat = grad.as_strided({children, numel}, {numel, 1}).to(acc_type);
       partials = at::mm(parents_flat, grad_flat.t()).contiguous().view({int64_t{num_parents} * children, 1});
@@ -597,7 +594,6 @@ std::tuple<at::Tensor, at::Tensor> branch_backward_cuda(const at::Tensor& grad_o
                     " but parents are on ", parents.device());
   const int64_t num_parents = parents.size(0), children = index.size(0);
   TORCH_CHECK_VALUE(num_parents < INT_MAX && children < INT_MAX, "l2b_fast: too many parents or children");
-  check_children_rows(parents, children);
   const c10::cuda::CUDAGuard guard(parents.device());
   const at::Tensor grad = grad_in_children_layout(grad_out, parents);
   const at::Tensor index_c = index.contiguous();

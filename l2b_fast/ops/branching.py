@@ -32,7 +32,7 @@ def _implementation(name: str):
 def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """One int64 Philox seed on ``device``, drawn on the generator's device: no host synchronisation."""
     source = generator.device if generator is not None else device
-    seed = torch.empty(1, dtype=torch.int64, device=source).random_(generator=generator)
+    seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=source, generator=generator)
     return seed.to(device, non_blocking=True)
 
 

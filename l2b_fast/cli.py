@@ -1,0 +1,137 @@
+"""``l2b``: search a tree, retrain it, show it.
+
+    l2b search --preset synthetic-a --seed 0 --out runs/a      # writes runs/a/tree.json, tree.png, logs, checkpoints
+    l2b search --preset synthetic-a --seed 0 --out runs/a --resume   # continue a killed run
+    l2b retrain --tree runs/a/tree.json                         # from scratch, into runs/a/retrain
+    l2b show runs/a/tree.json                                   # text + picture
+    l2b presets [--print NAME]                                  # list presets / print one to copy and edit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and sampling (default 0)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt after a kill")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 is fastest for the small synthetic nets)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh even if OUT holds a run (its checkpoint and logs are replaced)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="l2b", description="Learning to Branch: search a multi-task tree, retrain it, show it.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    search = commands.add_parser("search", help="train the supernet, derive and prune the tree", description="Train the tree supernet with gumbel-softmax branching, derive the tree (argmax, paper Eq. 7), prune it and write OUT/tree.json, OUT/tree.png/.svg, OUT/probabilities.png/.svg, logs, checkpoints and OUT/summary.json.")
+    source = search.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="a built-in preset (see `l2b presets`)")
+    source.add_argument("--config", type=Path, help="a TOML config file (e.g. an edited copy of a preset)")
+    search.add_argument("--out", type=Path, required=True, help="output directory")
+    _add_common(search)
+
+    retrain = commands.add_parser("retrain", help="train the derived tree from scratch", description="Build the derived tree's network with fresh weights and train it (config from the search directory unless given).")
+    retrain.add_argument("--tree", type=Path, required=True, help="tree.json written by `l2b search`")
+    retrain_source = retrain.add_mutually_exclusive_group()
+    retrain_source.add_argument("--preset", help="config preset (default: the config saved next to the tree)")
+    retrain_source.add_argument("--config", type=Path, help="config TOML file")
+    retrain.add_argument("--out", type=Path, default=None, help="output directory (default: <tree dir>/retrain)")
+    _add_common(retrain)
+
+    show = commands.add_parser("show", help="print a tree and draw it", description="Print a tree.json as text and write its picture (PNG and SVG).")
+    show.add_argument("tree", type=Path, help="tree.json")
+    show.add_argument("--out", type=Path, default=None, help="picture path without suffix (default: next to the tree)")
+
+    presets = commands.add_parser("presets", help="list presets or print one", description="List the built-in presets, or print one to copy and edit.")
+    presets.add_argument("--print", dest="print_name", metavar="NAME", help="print this preset's TOML")
+    return parser
+
+
+def _config_for(args) -> dict:
+    from l2b_fast import experiment
+
+    if getattr(args, "preset", None) or getattr(args, "config", None):
+        return experiment.load_config(preset=args.preset, path=args.config)
+    saved = args.tree.parent / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(f"no config.json next to {args.tree}: give --preset or --config")
+    return json.loads(saved.read_text())
+
+
+def _refuse_to_clobber(out: Path, args) -> None:
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if not args.resume and not args.overwrite and (out / "checkpoints" / "last.pt").exists():
+        raise ValueError(f"{out} already holds a run: use --resume to continue it, --overwrite to replace it, or another --out")
+
+
+def run(args) -> int:
+    from l2b_fast import experiment
+    from l2b_fast.tree import Tree
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.command == "presets":
+        if args.print_name:
+            if args.print_name not in experiment.preset_names():
+                raise ValueError(f"unknown preset {args.print_name!r}; choose from {', '.join(experiment.preset_names())}")
+            print((resources.files("l2b_fast.presets") / f"{args.print_name}.toml").read_text(), end="")
+        else:
+            print("\n".join(experiment.preset_names()))
+        return 0
+    if args.command == "show":
+        from l2b_fast import viz
+
+        tree = Tree.load(args.tree)
+        print(viz.tree_text(tree.to_dict()))
+        stem = args.out or args.tree.with_suffix("")
+        for path in viz.draw_tree(tree.to_dict(), stem, title=args.tree.parent.name):
+            print(f"wrote {path}")
+        return 0
+    if args.command == "search":
+        config = experiment.load_config(preset=args.preset, path=args.config)
+        args.out.mkdir(parents=True, exist_ok=True)
+        _refuse_to_clobber(args.out, args)
+        (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        summary = experiment.search(config, args.out, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device)
+        from l2b_fast import viz
+
+        print(viz.tree_text(json.loads((args.out / "tree.json").read_text())))
+        print(f"supernet parameters {summary['supernet_parameters']:,}, derived tree {summary['tree_parameters']:,}; {summary['seconds']} s")
+        if summary["outcome_holds"] is not None:
+            print(f"expected outcome ({summary['expected']}) {'holds' if summary['outcome_holds'] else 'does NOT hold'}")
+        print(f"wrote {args.out}/tree.json, tree.png, tree.svg, probabilities.png, log.csv, summary.json")
+        return 0
+    if args.command == "retrain":
+        tree = Tree.load(args.tree)
+        config = _config_for(args)
+        out = args.out or args.tree.parent / "retrain"
+        _refuse_to_clobber(out, args)
+        summary = experiment.retrain(config, tree, out, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device)
+        final = summary["final"]
+        print(f"retrained tree: {summary['parameters']:,} parameters, train loss {final['loss']:.4f}" + (f", validation loss {final['val_loss']:.4f}" if "val_loss" in final else "") + f"; {summary['seconds']} s")
+        print(f"wrote {out}/retrain_summary.json, log.csv, epochs.csv")
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"l2b {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

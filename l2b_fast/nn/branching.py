@@ -1,0 +1,66 @@
+"""The branching block's connectivity as a module: logits [I, J] and the three modes of the search."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from l2b_fast import ops
+
+MODES = ("search", "frozen", "eval")
+
+
+class Branching(nn.Module):
+    """Routes I parent outputs to J children; holds the logits ``[I, J]`` (the paper's log theta).
+
+    Modes (``self.mode``; ``module.eval()`` always routes as ``"eval"``):
+
+    - ``"search"``: every forward samples one parent per child (gumbel noise) and the straight-through
+      gradient trains the logits.
+    - ``"frozen"``: samples like search, but the logits receive no gradient (warmup: every node gets
+      updates while the distribution stays uniform).
+    - ``"eval"``: the derived architecture, argmax of the logits (paper Eq. 7), no noise, no logits gradient.
+
+    Args:
+        parents, children: I and J.
+        tau: temperature used in search/frozen mode (a schedule updates it, see ``l2b_fast.train``).
+        backend: op backend (``None``: ``$L2B_BACKEND`` or the best available).
+    """
+
+    def __init__(self, parents: int, children: int, *, tau: float = 1.0, backend: str | None = None, mode: str = "search"):
+        super().__init__()
+        if parents < 1 or children < 1:
+            raise ValueError(f"a branching block needs >= 1 parent and child, got {parents} x {children}")
+        self.logits = nn.Parameter(torch.zeros(parents, children))  # uniform sampling distribution
+        self.tau = tau
+        self.backend = backend
+        self.mode = mode
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
+        self._mode = value
+
+    def forward(self, parents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``parents`` ``[I, *S]`` -> children's inputs ``[J, *S]``."""
+        mode = self.mode if self.training else "eval"
+        if mode == "eval":
+            return ops.branch(parents, self.logits, self.tau, training=False, backend=self.backend)
+        logits = self.logits if mode == "search" else self.logits.detach()
+        return ops.branch(parents, logits, self.tau, generator=generator, backend=self.backend)
+
+    def probabilities(self) -> torch.Tensor:
+        """Sampling distribution of every child over parents: softmax over dim 0 of the logits."""
+        return torch.softmax(self.logits.detach().float(), dim=0)
+
+    def derived_parents(self) -> list[int]:
+        """Paper Eq. 7: each child's most probable parent."""
+        return self.logits.detach().argmax(dim=0).tolist()
+
+    def extra_repr(self) -> str:
+        return f"parents={self.logits.shape[0]}, children={self.logits.shape[1]}, mode={self.mode!r}, tau={self.tau:g}"

@@ -1,0 +1,113 @@
+"""The controlled synthetic experiment of the paper (Sec. 4.1, Fig. 3).
+
+Tasks ``T_{r,s} = multiplier * activation_r(((B + delta_s) Z) / phi)`` with Z in R^200, T in R^100,
+B ~ N(0, b_var), delta_s ~ N(0, delta_var) (variances; the paper's N(0, 10) and N(0, 2)), phi = 200.
+Task names are ``<group>-<index>``, the group being the activation (``bent``) or the activation and its
+multiplier (``sin_x2``). The model: four branching blocks of three fully-connected nodes (100 units,
+ReLU between them) and task-specific bias heads as the task layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from l2b_fast.nn import BlockSpec
+from l2b_fast.train import TensorTaskData
+
+ACTIVATIONS = {
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "square": torch.square,
+    "bent": lambda x: (torch.sqrt(x * x + 1) - 1) / 2 + x,  # bent identity
+    "sinc": lambda x: torch.sinc(x / math.pi),  # sin(x) / x
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskGroup:
+    activation: str
+    tasks: int = 5
+    multiplier: float | None = None  # given: the output is scaled and the group is named "<activation>_x<m>"
+
+    @property
+    def name(self) -> str:
+        return self.activation if self.multiplier is None else f"{self.activation}_x{self.multiplier:g}"
+
+
+def task_names(groups: list[TaskGroup]) -> list[str]:
+    return [f"{group.name}-{s}" for group in groups for s in range(group.tasks)]
+
+
+def make_tasks(
+    groups: list[TaskGroup],
+    samples: int,
+    *,
+    input_dim: int = 200,
+    output_dim: int = 100,
+    b_var: float = 10.0,
+    delta_var: float = 2.0,
+    phi: float | None = None,
+    standardise: bool = True,
+    seed: int = 0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Inputs Z [samples, input_dim] ~ N(0, 1) and targets {task: [samples, output_dim]}.
+
+    ``standardise`` z-scores every output of every task over the samples (so tasks with large ranges do
+    not dominate the L2 loss); it also removes pure output multipliers.
+    """
+    for group in groups:
+        if group.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {group.activation!r}; choose from {sorted(ACTIVATIONS)}")
+        if group.tasks < 1:
+            raise ValueError(f"group {group.name} needs >= 1 task")
+    names = task_names(groups)
+    if len(set(names)) != len(names):
+        raise ValueError(f"task groups give duplicate task names: {names}")
+    generator = torch.Generator().manual_seed(seed)
+    phi = float(input_dim) if phi is None else phi
+    z = torch.randn(samples, input_dim, generator=generator)
+    base = torch.randn(output_dim, input_dim, generator=generator) * math.sqrt(b_var)
+    targets = {}
+    for group in groups:
+        for s in range(group.tasks):
+            delta = torch.randn(output_dim, input_dim, generator=generator) * math.sqrt(delta_var)
+            value = (group.multiplier or 1.0) * ACTIVATIONS[group.activation](z @ (base + delta).T / phi)
+            if standardise:
+                value = (value - value.mean(0)) / value.std(0).clamp_min(1e-8)
+            targets[f"{group.name}-{s}"] = value
+    return z, targets
+
+
+def split(inputs: torch.Tensor, targets: dict[str, torch.Tensor], validation_fraction: float) -> tuple[TensorTaskData, TensorTaskData | None]:
+    n_val = int(round(len(inputs) * validation_fraction))
+    train = TensorTaskData(inputs[n_val:], {t: v[n_val:] for t, v in targets.items()})
+    val = TensorTaskData(inputs[:n_val], {t: v[:n_val] for t, v in targets.items()}) if n_val else None
+    return train, val
+
+
+class Bias(nn.Module):
+    """A task-specific bias head: x + b."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+def blocks(tasks: int, *, input_dim: int = 200, hidden: int = 100, output_dim: int = 100, fc_blocks: int = 4, nodes: int = 3) -> list[BlockSpec]:
+    """``fc_blocks`` blocks of ``nodes`` fully-connected nodes (ReLU after all but the last), then a task
+    layer of bias nodes, one per task."""
+
+    def fc(block: int, child: int) -> nn.Module:
+        in_features = input_dim if block == 0 else hidden
+        out_features = output_dim if block == fc_blocks - 1 else hidden
+        linear = nn.Linear(in_features, out_features)
+        return linear if block == fc_blocks - 1 else nn.Sequential(linear, nn.ReLU())
+
+    return [BlockSpec(nodes, fc) for _ in range(fc_blocks)] + [BlockSpec(tasks, lambda block, child: Bias(output_dim))]

@@ -1,0 +1,6 @@
+"""Training: temperature schedules and a small trainer with exact resume."""
+
+from l2b_fast.train.schedules import from_config as schedule_from_config
+from l2b_fast.train.trainer import TensorTaskData, TrainConfig, Trainer
+
+__all__ = ["TensorTaskData", "TrainConfig", "Trainer", "schedule_from_config"]

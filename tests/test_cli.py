@@ -1,0 +1,92 @@
+"""The `l2b` command line: --help everywhere, clear errors, search -> show -> retrain end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from l2b_fast import cli
+
+TINY = """
+name = "tiny-cli"
+expected = "a"
+[data]
+kind = "synthetic"
+groups = [{ activation = "bent", tasks = 2 }, { activation = "square", tasks = 2 }]
+samples = 200
+validation_fraction = 0.2
+[model]
+fc_blocks = 2
+nodes = 2
+hidden = 8
+[search]
+epochs = 2
+batch_size = 50
+warmup_epochs = 1
+lr_logits = 0.1
+tau = { kind = "inverse_sqrt", tau0 = 5.0 }
+log_every = 1
+[retrain]
+epochs = 2
+batch_size = 50
+"""
+
+
+@pytest.mark.parametrize("command", [[], ["search"], ["retrain"], ["show"], ["presets"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: l2b" in capsys.readouterr().out
+
+
+def test_presets(capsys):
+    assert cli.main(["presets"]) == 0
+    assert "synthetic-a" in capsys.readouterr().out.split()
+    assert cli.main(["presets", "--print", "synthetic-b"]) == 0
+    assert 'name = "synthetic-b"' in capsys.readouterr().out
+    assert cli.main(["presets", "--print", "nope"]) == 2
+
+
+def test_bad_arguments_and_files(tmp_path, capsys):
+    assert cli.main(["search", "--preset", "synthetic-z", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a source is required
+        cli.main(["search", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data\nkind=")
+    assert cli.main(["search", "--config", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert "invalid TOML" in capsys.readouterr().err
+    assert cli.main(["show", str(tmp_path / "missing.json")]) == 2
+    assert "no tree file" in capsys.readouterr().err
+    broken = tmp_path / "tree.json"
+    broken.write_text(json.dumps({"tasks": ["a"], "layers": [{"parents": [3]}]}))
+    assert cli.main(["show", str(broken)]) == 2
+    assert "layer 0" in capsys.readouterr().err
+    assert cli.main(["retrain", "--tree", str(tmp_path / "nothing" / "tree.json")]) == 2
+
+
+def test_search_show_retrain(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "run"
+    assert cli.main(["search", "--config", str(config), "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "bent-0" in printed and "derived tree" in printed
+    for name in ("tree.json", "tree.png", "tree.svg", "probabilities.png", "probabilities.svg", "log.csv", "epochs.csv", "summary.json", "config.json"):
+        assert (out / name).is_file(), name
+    tree = json.loads((out / "tree.json").read_text())
+    assert tree["tasks"] == ["bent-0", "bent-1", "square-0", "square-1"] and len(tree["layers"]) == 3
+    assert cli.main(["search", "--config", str(config), "--out", str(out), "--quiet"]) == 2  # would clobber
+    assert "--resume" in capsys.readouterr().err
+
+    assert cli.main(["show", str(out / "tree.json"), "--out", str(tmp_path / "picture")]) == 0
+    assert "square-1" in capsys.readouterr().out
+    assert (tmp_path / "picture.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert cli.main(["retrain", "--tree", str(out / "tree.json"), "--quiet"]) == 0
+    assert "retrained tree" in capsys.readouterr().out
+    summary = json.loads((out / "retrain" / "retrain_summary.json").read_text())
+    assert summary["parameters"] > 0 and "val_loss" in summary["final"]
