@@ -28,7 +28,9 @@ L2B_HOST_DEVICE uint32_t mulhi32(uint32_t a, uint32_t b) {
 L2B_HOST_DEVICE uint32_t philox_uint32(uint64_t seed, uint32_t offset) {
   uint32_t c0 = offset, c1 = 0, c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t prev_c0 = c0, prev_c2 = c2;
     c0 = mulhi32(0xCD9E8D57u, prev_c2) ^ c1 ^ k0;

@@ -65,3 +65,27 @@ def gumbel(shape, generator: torch.Generator, dtype=torch.float64) -> torch.Tens
     """Gumbel(0, 1) samples drawn on the CPU from ``generator`` (test noise)."""
     uniform = torch.rand(shape, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
     return (-torch.log(-torch.log(uniform))).to(dtype)
+
+
+def bent_square_toml(*, tasks: int, samples: int, hidden: int, validation: float, search: dict, retrain: dict | None = None) -> str:
+    """A small synthetic config (bent vs square families, two 2-node blocks) as TOML text."""
+
+    def table(values: dict) -> str:
+        return "\n".join(f"{key} = {value}" for key, value in values.items())
+
+    text = f"""
+name = "bent-square"
+expected = "a"
+[data]
+kind = "synthetic"
+groups = [{{ activation = "bent", tasks = {tasks} }}, {{ activation = "square", tasks = {tasks} }}]
+samples = {samples}
+validation_fraction = {validation}
+[model]
+fc_blocks = 2
+nodes = 2
+hidden = {hidden}
+[search]
+{table(search)}
+"""
+    return text + (f"[retrain]\n{table(retrain)}\n" if retrain else "")

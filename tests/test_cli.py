@@ -7,30 +7,13 @@ import json
 import pytest
 
 from l2b_fast import cli
+from conftest import bent_square_toml
 
-TINY = """
-name = "tiny-cli"
-expected = "a"
-[data]
-kind = "synthetic"
-groups = [{ activation = "bent", tasks = 2 }, { activation = "square", tasks = 2 }]
-samples = 200
-validation_fraction = 0.2
-[model]
-fc_blocks = 2
-nodes = 2
-hidden = 8
-[search]
-epochs = 2
-batch_size = 50
-warmup_epochs = 1
-lr_logits = 0.1
-tau = { kind = "inverse_sqrt", tau0 = 5.0 }
-log_every = 1
-[retrain]
-epochs = 2
-batch_size = 50
-"""
+TINY = bent_square_toml(
+    tasks=2, samples=200, hidden=8, validation=0.2,
+    search={"epochs": 2, "batch_size": 50, "warmup_epochs": 1, "lr_logits": 0.1, "tau": '{ kind = "inverse_sqrt", tau0 = 5.0 }', "log_every": 1},
+    retrain={"epochs": 2, "batch_size": 50},
+)
 
 
 @pytest.mark.parametrize("command", [[], ["search"], ["retrain"], ["show"], ["presets"]])

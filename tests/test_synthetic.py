@@ -9,28 +9,13 @@ import torch
 
 from l2b_fast import experiment, synthetic
 from l2b_fast.tree import Tree
+from conftest import bent_square_toml
 
-SHORT = """
-name = "two-families"
-expected = "a"
-[data]
-kind = "synthetic"
-groups = [{ activation = "bent", tasks = 3 }, { activation = "square", tasks = 3 }]
-samples = 2000
-validation_fraction = 0.0
-[model]
-fc_blocks = 2
-nodes = 2
-hidden = 32
-[search]
-epochs = 30
-batch_size = 100
-warmup_epochs = 3
-lr_weights = 3e-3
-lr_logits = 0.2
-tau = { kind = "inverse_sqrt", tau0 = 20.0, min = 0.1 }
-log_every = 20
-"""
+SHORT = bent_square_toml(
+    tasks=3, samples=2000, hidden=32, validation=0.0,
+    search={"epochs": 30, "batch_size": 100, "warmup_epochs": 3, "lr_weights": 3e-3, "lr_logits": 0.2,
+            "tau": '{ kind = "inverse_sqrt", tau0 = 20.0, min = 0.1 }', "log_every": 20},
+)
 
 
 def test_activations():

@@ -16,32 +16,14 @@ import torch
 from l2b_fast import experiment
 from l2b_fast.nn import TreeSupernet
 from l2b_fast.train import TrainConfig, Trainer
+from conftest import bent_square_toml
 
-TINY = """
-name = "tiny"
-expected = "a"
-[data]
-kind = "synthetic"
-groups = [{ activation = "bent", tasks = 2 }, { activation = "square", tasks = 2 }]
-samples = 300
-validation_fraction = 0.2
-[model]
-fc_blocks = 2
-nodes = 2
-hidden = 16
-[search]
-epochs = 4
-batch_size = 40
-warmup_epochs = 1
-lr_weights = 3e-3
-lr_logits = 0.1
-tau = { kind = "inverse_sqrt", tau0 = 5.0 }
-checkpoint_every = 3
-log_every = 2
-[retrain]
-epochs = 2
-batch_size = 40
-"""
+TINY = bent_square_toml(
+    tasks=2, samples=300, hidden=16, validation=0.2,
+    search={"epochs": 4, "batch_size": 40, "warmup_epochs": 1, "lr_weights": 3e-3, "lr_logits": 0.1,
+            "tau": '{ kind = "inverse_sqrt", tau0 = 5.0 }', "checkpoint_every": 3, "log_every": 2},
+    retrain={"epochs": 2, "batch_size": 40},
+)
 
 
 @pytest.fixture
