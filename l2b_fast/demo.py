@@ -1,8 +1,7 @@
-"""python -m l2b_fast.demo: the branching op on built-in data, checked against the reference, then benchmarked.
+"""python -m l2b_fast.demo (`make op-demo`): the branching op on built-in data, checked, then benchmarked.
 
-Until the tree search exists (issue 3) this is the library's main job: it shows which backends run here,
-samples a branching block, checks every backend's forward and backward against ``ref``, and times the
-fused op against the naive Learning-to-Branch implementation, writing CSV/JSON results.
+Shows which backends run here, samples a branching block, checks every backend's forward and backward
+against ``ref``, and times the fused op against the naive Learning-to-Branch implementation, writing CSV/JSON.
 """
 
 from __future__ import annotations

@@ -109,6 +109,8 @@ def run(
             grads = list(grad.unbind(0))
 
             def naive_step():
+                for tensor in (*members, naive_logits):  # as optimizer.zero_grad(set_to_none=True)
+                    tensor.grad = None
                 torch.autograd.backward(branch_naive(members, naive_logits, tau), grads)
 
             timings["naive"] = (measure(naive_step, device, warmup, repeat), None)
@@ -117,6 +119,7 @@ def run(
             fused_logits = logits.clone().requires_grad_(True)
 
             def fused_step(name=name):
+                fused_parents.grad = fused_logits.grad = None
                 branch(fused_parents, fused_logits, tau, backend=name).backward(grad)
 
             if name == "ref":
