@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"l2b {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -52,6 +52,7 @@ def test_bad_arguments_and_files(tmp_path, capsys):
 
 
 def test_search_show_retrain(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     config = tmp_path / "tiny.toml"
     config.write_text(TINY)
     out = tmp_path / "run"

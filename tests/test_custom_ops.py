@@ -24,7 +24,6 @@ def test_gradcheck_soft_sample(device, backend):
     logits = torch.randn(4, 3, generator=generator, dtype=torch.float64).to(device).requires_grad_(True)
     noise = gumbel((4, 3), generator).to(device)
     assert torch.autograd.gradcheck(lambda x: ops.sample_branches(x, 0.7, noise=noise, backend=backend)[1], (logits,))
-    assert torch.autograd.gradgradcheck(lambda x: ops.sample_branches(x, 0.7, noise=noise, backend=backend)[1], (logits,)) if backend == "ref" else True
 
 
 @pytest.mark.parametrize("device, backend", backend_cases(include_ref=True))
