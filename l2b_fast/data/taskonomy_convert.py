@@ -1,0 +1,233 @@
+"""Raw Taskonomy -> webdataset shards (schema: docs/data-schema.md).
+
+Reads any of the three raw layouts with either domain-name set:
+
+- ``{root}/{domain}/taskonomy/{building}/point_{p}_view_{v}_domain_{domain}.png`` (Omnidata downloader),
+- ``{root}/{domain}/{building}/...`` (other loaders),
+- ``{root}/{building}/{domain}/...`` (the 2018 release, with ``depth``, ``segmentsemantic``, ``edge2d``,
+  ``keypoint2d`` as domain names),
+
+keeps the views of the split's buildings that have all six modalities and decode, resizes 512 -> 256 by
+cv2-equivalent nearest (``a[::2, ::2]``), shuffles the views across buildings with a fixed seed and packs
+~``samples_per_shard`` views per shard. Missing or undecodable views are skipped and logged to
+``skipped.tsv``. Every finished shard is renamed into place and recorded in ``progress.json``, so an
+interrupted conversion resumes after its last finished shard without duplicating or losing views.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+DOMAINS = ("rgb", "depth_zbuffer", "normal", "edge_texture", "keypoints2d", "segment_semantic")
+DOMAIN_ALIASES = {
+    "rgb": ("rgb",),
+    "depth_zbuffer": ("depth_zbuffer", "depth"),
+    "normal": ("normal",),
+    "edge_texture": ("edge_texture", "edge2d"),
+    "keypoints2d": ("keypoints2d", "keypoint2d"),
+    "segment_semantic": ("segment_semantic", "segmentsemantic"),
+}
+# dtype and channels of each raw encoding (TASKONOMY.md, "Encodings").
+ENCODINGS = {
+    "rgb": (np.uint8, 3),
+    "depth_zbuffer": (np.uint16, 1),
+    "normal": (np.uint8, 3),
+    "edge_texture": (np.uint16, 1),
+    "keypoints2d": (np.uint16, 1),
+    "segment_semantic": (np.uint8, 1),
+}
+# Official tiny split (train_val_test_tiny.csv of the Taskonomy repository).
+TINY_SPLIT = {
+    "train": (
+        "hanson merom klickitat onaga leonardo marstons newfields pinesdale lakeville cosmos benevolence pomaria "
+        "tolstoy shelbyville allensville wainscott beechwood coffeen stockman hiteman woodbine lindenwood forkland "
+        "mifflinburg ranchester"
+    ).split(),
+    "val": "wiconisco corozal collierville markleeville darden".split(),
+    "test": "ihlen muleshoe uvalda noxapater mcdade".split(),
+}
+FILE_PATTERN = re.compile(r"point_(\d+)_view_(\d+)_domain_([A-Za-z0-9_]+)\.png$")
+
+ViewKey = tuple[str, int, int]  # (building, point, view)
+
+
+def view_name(key: ViewKey) -> str:
+    building, point, view = key
+    return f"{building}_point_{point}_view_{view}"
+
+
+def find_views(root: str | Path, buildings: Iterable[str]) -> dict[ViewKey, dict[str, Path]]:
+    """Every view of ``buildings`` found under ``root`` in any layout: {view: {domain: file}}."""
+    root = Path(root)
+    views: dict[ViewKey, dict[str, Path]] = {}
+    for building in buildings:
+        for domain, names in DOMAIN_ALIASES.items():
+            for name in names:
+                for folder in (root / name / "taskonomy" / building, root / name / building, root / building / name):
+                    if not folder.is_dir():
+                        continue
+                    for path in folder.iterdir():
+                        match = FILE_PATTERN.search(path.name)
+                        if match and match.group(3) in names:
+                            key = (building, int(match.group(1)), int(match.group(2)))
+                            views.setdefault(key, {}).setdefault(domain, path)
+    return views
+
+
+def decode(path: Path, domain: str) -> np.ndarray:
+    """The raw array of one file, checked against its domain's encoding (ValueError if it does not match)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except Exception as error:  # truncated, not a PNG, unreadable
+        raise ValueError(f"cannot decode {path.name}: {error}") from error
+    dtype, channels = ENCODINGS[domain]
+    if array.dtype == np.int32 and dtype == np.uint16:  # some PIL versions read I;16 as I
+        array = array.astype(np.uint16)
+    if array.ndim == 3 and channels == 1:
+        array = array[..., 0]
+    if array.dtype != dtype or (array.ndim == 3) != (channels == 3) or (channels == 3 and array.shape[2] < 3):
+        raise ValueError(f"{path.name}: expected {np.dtype(dtype).name} with {channels} channel(s), got {array.dtype} {array.shape}")
+    return array[..., :3] if channels == 3 else array
+
+
+def encode(array: np.ndarray) -> bytes:
+    """PNG bytes in the raw encoding (uint16 stays 16-bit)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def load_view(files: dict[str, Path], size: int) -> dict[str, bytes]:
+    """The six members of one view at ``size`` (512 or 256), or ValueError naming what is wrong."""
+    missing = [domain for domain in DOMAINS if domain not in files]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    members = {}
+    for domain in DOMAINS:
+        array = decode(files[domain], domain)
+        if array.shape[0] != array.shape[1] or array.shape[0] % size:
+            raise ValueError(f"{files[domain].name}: {array.shape[:2]} cannot be resized to {size}x{size} by nearest")
+        step = array.shape[0] // size
+        members[f"{domain}.png"] = encode(np.ascontiguousarray(array[::step, ::step]))  # cv2 INTER_NEAREST
+    return members
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _write_shard(path: Path, samples: list[dict]) -> None:
+    import webdataset as wds
+
+    temporary = path.with_name(path.name + ".partial")
+    with wds.TarWriter(str(temporary)) as writer:
+        for sample in samples:
+            writer.write(sample)
+    os.replace(temporary, path)  # a kill leaves a .partial file, never a half shard under the final name
+
+
+def _record(out: Path, state_path: Path, state: dict, entry: dict, position: int, skipped: list[str]) -> None:
+    """Commits the progress up to ``position`` (after a shard is in place) with the views skipped so far."""
+    if skipped:
+        with (out / "skipped.tsv").open("a") as log:
+            log.writelines(skipped)
+    entry["skipped"] += len(skipped)
+    skipped.clear()
+    entry["next"] = position
+    _write_json(state_path, state)
+
+
+def convert(
+    root: str | Path,
+    out: str | Path,
+    *,
+    split: str = "tiny",
+    size: int = 256,
+    samples_per_shard: int = 1000,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after_shards: int | None = None,
+) -> dict:
+    """Converts the ``split`` ("tiny") buildings under ``root`` into shards in ``out``; returns the manifest."""
+    if split != "tiny":
+        raise ValueError(f"unknown split {split!r}: supported: tiny")
+    if size not in (256, 512):
+        raise ValueError(f"size must be 256 or 512, got {size}")
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be >= 1")
+    root, out = Path(root), Path(out)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no raw Taskonomy directory at {root}")
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "progress.json"
+    settings = {"root": str(root.resolve()), "split": split, "size": size, "samples_per_shard": samples_per_shard, "seed": seed}
+    if resume and state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state["settings"] != settings:
+            raise ValueError(f"{out} was converted with other settings {state['settings']}; convert into another directory")
+    elif (out / "manifest.json").exists() or state_path.exists():
+        raise ValueError(f"{out} already holds a conversion: use --resume to continue it or another --out")
+    else:
+        state = {"settings": settings, "splits": {}}
+    shards_written = 0
+    for part, buildings in TINY_SPLIT.items():
+        views = find_views(root, buildings)
+        order = sorted(views)
+        np.random.default_rng(seed).shuffle(order)  # across buildings, reproducibly
+        entry = state["splits"].setdefault(part, {"next": 0, "shards": [], "samples": [], "skipped": 0})
+        batch: list[dict] = []
+        skipped: list[str] = []  # recorded with the next shard, so a resume neither loses nor repeats them
+        position = entry["next"]
+        while position < len(order):
+            key = order[position]
+            position += 1
+            try:
+                members = load_view(views[key], size)
+            except ValueError as error:
+                skipped.append(f"{view_name(key)}\t{error}\n")
+                if progress:
+                    print(f"skip {view_name(key)}: {error}", file=sys.stderr)
+                if position < len(order):
+                    continue
+            else:
+                building, point, view = key
+                meta = {"building": building, "point": point, "view": view, "size": size}
+                batch.append({"__key__": view_name(key), **members, "json": json.dumps(meta).encode()})
+            if batch and (len(batch) == samples_per_shard or position == len(order)):
+                name = f"{part}-{len(entry['shards']):06d}.tar"
+                _write_shard(out / name, batch)
+                entry["shards"].append(name)
+                entry["samples"].append(len(batch))
+                _record(out, state_path, state, entry, position, skipped)
+                shards_written += 1
+                if progress:
+                    print(f"{part}: {name} ({len(batch)} views, {position}/{len(order)} scanned)", file=sys.stderr)
+                batch = []
+                if stop_after_shards is not None and shards_written >= stop_after_shards:
+                    return {}
+        _record(out, state_path, state, entry, position, skipped)
+    manifest = {
+        "dataset": "taskonomy",
+        "size": size,
+        "seed": seed,
+        "splits": {part: {"shards": e["shards"], "samples": e["samples"], "total": sum(e["samples"]), "skipped": e["skipped"]} for part, e in state["splits"].items()},
+        "created_by": "l2b_fast.data.taskonomy_convert",
+    }
+    _write_json(out / "manifest.json", manifest)
+    return manifest

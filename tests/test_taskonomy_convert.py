@@ -1,0 +1,117 @@
+"""Raw Taskonomy -> shards on fake raw trees in every layout: missing/corrupt files, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("webdataset")
+
+from l2b_fast.data import taskonomy_convert as tc  # noqa: E402
+
+OLD_NAMES = {"depth_zbuffer": "depth", "segment_semantic": "segmentsemantic", "edge_texture": "edge2d", "keypoints2d": "keypoint2d"}
+
+
+def raw_arrays(rng: np.random.Generator, size: int = 512) -> dict[str, np.ndarray]:
+    depth = rng.integers(0, 60000, (size, size), dtype=np.uint16)
+    depth[:8, :8] = 65535
+    normal = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    normal[:8, :8] = 128
+    return {
+        "rgb": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+        "depth_zbuffer": depth,
+        "normal": normal,
+        "edge_texture": rng.integers(0, 9000, (size, size), dtype=np.uint16),
+        "keypoints2d": rng.integers(0, 1100, (size, size), dtype=np.uint16),
+        "segment_semantic": rng.integers(0, 18, (size, size), dtype=np.uint8),
+    }
+
+
+def write_raw(root, layout: str, building: str, point: int, view: int, arrays: dict, *, skip=(), corrupt=()):
+    for domain, array in arrays.items():
+        if domain in skip:
+            continue
+        name = OLD_NAMES.get(domain, domain) if layout == "2018" else domain
+        folder = {"omnidata": root / name / "taskonomy" / building, "flat": root / name / building, "2018": root / building / name}[layout]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"point_{point}_view_{view}_domain_{name}.png"
+        if domain in corrupt:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+        else:
+            Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope="module")
+def raw_tree(tmp_path_factory):
+    """3 train buildings (one per layout), 1 val, 1 test; one view with a missing file, one corrupt."""
+    root = tmp_path_factory.mktemp("raw")
+    rng = np.random.default_rng(0)
+    expected = {}
+    for layout, building in (("omnidata", "hanson"), ("flat", "merom"), ("2018", "klickitat"), ("flat", "darden"), ("omnidata", "ihlen")):
+        for view in range(2):
+            arrays = raw_arrays(rng)
+            write_raw(root, layout, building, 7, view, arrays)
+            expected[f"{building}_point_7_view_{view}"] = arrays
+    write_raw(root, "flat", "merom", 9, 0, raw_arrays(rng), skip=("normal",))
+    write_raw(root, "2018", "klickitat", 9, 0, raw_arrays(rng), corrupt=("depth_zbuffer",))
+    write_raw(root, "flat", "nothere", 1, 0, raw_arrays(rng))  # a building outside the split
+    return root, expected
+
+
+def read_shards(out, names):
+    samples = {}
+    for name in names:
+        with tarfile.open(out / name) as tar:
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def test_converts_every_layout_and_skips_bad_views(raw_tree, tmp_path):
+    root, expected = raw_tree
+    manifest = tc.convert(root, tmp_path, size=256, samples_per_shard=4, progress=False)
+    assert manifest["splits"]["train"]["total"] == 6 and manifest["splits"]["train"]["skipped"] == 2
+    assert manifest["splits"]["val"]["total"] == 2 and manifest["splits"]["test"]["total"] == 2
+    assert manifest["splits"]["train"]["samples"] == [4, 2]
+    samples = read_shards(tmp_path, [s for split in manifest["splits"].values() for s in split["shards"]])
+    assert set(samples) == set(expected)
+    for key, arrays in expected.items():
+        for domain, array in arrays.items():
+            decoded = np.asarray(Image.open(io.BytesIO(samples[key][f"{domain}.png"])))
+            np.testing.assert_array_equal(decoded, array[::2, ::2])  # cv2 nearest, 16-bit kept
+        meta = json.loads(samples[key]["json"])
+        assert meta["size"] == 256 and key.startswith(meta["building"])
+    assert samples["hanson_point_7_view_0"]["depth_zbuffer.png"] and np.asarray(Image.open(io.BytesIO(samples["hanson_point_7_view_0"]["depth_zbuffer.png"]))).max() == 65535
+    log = (tmp_path / "skipped.tsv").read_text()
+    assert "merom_point_9_view_0\tmissing normal" in log and "klickitat_point_9_view_0\tcannot decode" in log
+
+
+def test_resume_after_interruption_matches_a_full_run(raw_tree, tmp_path):
+    root, _ = raw_tree
+    full = tc.convert(root, tmp_path / "full", samples_per_shard=3, progress=False)
+    assert tc.convert(root, tmp_path / "cut", samples_per_shard=3, progress=False, stop_after_shards=1) == {}
+    (tmp_path / "cut" / "train-000001.tar.partial").write_bytes(b"half a shard")  # what a kill leaves behind
+    with pytest.raises(ValueError, match="--resume"):
+        tc.convert(root, tmp_path / "cut", samples_per_shard=3, progress=False)
+    resumed = tc.convert(root, tmp_path / "cut", samples_per_shard=3, progress=False, resume=True)
+    assert resumed == full
+    for name in (s for split in full["splits"].values() for s in split["shards"]):
+        assert read_shards(tmp_path / "full", [name]) == read_shards(tmp_path / "cut", [name])
+    assert (tmp_path / "full" / "skipped.tsv").read_text() == (tmp_path / "cut" / "skipped.tsv").read_text()
+    with pytest.raises(ValueError, match="other settings"):
+        tc.convert(root, tmp_path / "cut", samples_per_shard=5, progress=False, resume=True)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        tc.convert(tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(ValueError, match="size"):
+        tc.convert(tmp_path, tmp_path / "out", size=300)
+    with pytest.raises(ValueError, match="split"):
+        tc.convert(tmp_path, tmp_path / "out", split="full")
