@@ -1,0 +1,498 @@
+"""Streaming webdataset loaders for Taskonomy and CelebA shards (schema: docs/data-schema.md).
+
+Training (:func:`taskonomy_train_loader`, :func:`celeba_loader` with ``train=True``): shards are resampled with
+replacement from a seeded stream that differs per rank and per DataLoader worker (``rank * 1000 + worker``,
+the rank taken in the main process when the loader is built), samples pass through a seeded shuffle buffer,
+are augmented and batched inside the workers, and every worker stops after
+``epoch_samples // (batch_size * world_size * max(1, num_workers))`` batches, so all DDP ranks run the same
+number of steps per epoch. Workers are persistent, so each epoch draws new shards and augmentations;
+everything is reproducible for a given ``seed``, world size and worker count.
+
+Evaluation (:func:`taskonomy_eval_loader`, :func:`celeba_loader` with ``train=False``): rank ``r`` of ``W``
+reads the disjoint shard list ``shards[r::W]`` (split further across workers with ``split_by_worker``), once,
+in a deterministic order, without shuffling or augmentation (resize only). Ranks may see different numbers of
+batches: do no collective operation per batch; sum metrics per rank and combine them with
+:func:`reduce_metric_sums` at the end.
+
+Corrupt data never crashes or hangs a loader: an undecodable PNG, a missing member, an unreadable or
+truncated tar are skipped, reported with a :class:`SkippedDataWarning` and counted in the loader's
+:class:`SkipCounter` (``loader.skips.count``, shared across DataLoader worker processes). After
+``max_consecutive_failures`` failures in a row without a good sample a pipeline gives up on the current
+stream (so a set of shards that are all broken ends the epoch instead of looping forever).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import warnings
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from .transforms import (
+    CorruptSampleError,
+    TaskonomyProtocol,
+    augment,
+    celeba_augment,
+    celeba_to_targets,
+    decode_image,
+    decode_png,
+    resize_raw,
+    resize_rgb,
+)
+
+__all__ = [
+    "SkippedDataWarning",
+    "SkipCounter",
+    "taskonomy_train_loader",
+    "taskonomy_eval_loader",
+    "celeba_loader",
+    "reduce_metric_sums",
+    "expand_urls",
+    "batches_per_worker",
+]
+
+
+class SkippedDataWarning(UserWarning):
+    """A corrupt sample or shard was skipped."""
+
+
+class SkipCounter:
+    """Exception handler for webdataset stages: warn, count, continue.
+
+    The count lives in shared memory, so skips in DataLoader worker processes show up in ``count`` of the
+    object held by the main process. ``messages`` holds the first few messages of the current process only.
+    """
+
+    def __init__(self, name: str = "data", *, max_consecutive_failures: int = 1000, max_warnings: int = 50):
+        self.name = name
+        self.max_consecutive_failures = max_consecutive_failures
+        self.max_warnings = max_warnings
+        self._count = multiprocessing.Value("q", 0)
+        self._consecutive = 0
+        self._warned = 0
+        self.messages: list[str] = []
+
+    @property
+    def count(self) -> int:
+        """Skip events so far (all processes): one per skipped sample, one or two per broken shard."""
+        return int(self._count.value)
+
+    def reset(self) -> None:
+        with self._count.get_lock():
+            self._count.value = 0
+        self.messages.clear()
+        self._consecutive = 0
+
+    def ok(self) -> None:
+        """Record a good sample (resets the consecutive-failure guard)."""
+        self._consecutive = 0
+
+    def __call__(self, exn: BaseException) -> bool:
+        with self._count.get_lock():
+            self._count.value += 1
+            total = self._count.value
+        self._consecutive += 1
+        message = f"{self.name}: skipped corrupt data ({type(exn).__name__}: {exn})"
+        if len(self.messages) < 100:
+            self.messages.append(message)
+        if self._warned < self.max_warnings:
+            self._warned += 1
+            suffix = "" if self._warned < self.max_warnings else " [further skip warnings suppressed in this process]"
+            warnings.warn(f"{message}; {total} skipped so far{suffix}", SkippedDataWarning, stacklevel=2)
+        if self._consecutive > self.max_consecutive_failures:
+            warnings.warn(
+                f"{self.name}: {self._consecutive} consecutive failures without a good sample; giving up on this stream",
+                SkippedDataWarning,
+                stacklevel=2,
+            )
+            self._consecutive = 0
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.name!r}, count={self.count})"
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """A brace pattern ("train-{000000..000009}.tar"), a "::"-joined string, or a list -> a list of urls."""
+    if isinstance(urls, str):
+        return wds.shardlists.expand_urls(urls)
+    return [str(u) for u in urls]
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+    return rank, world_size
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def batches_per_worker(epoch_samples: int, batch_size: int, world_size: int, num_workers: int) -> int:
+    """Batches each DataLoader worker yields per epoch so that all ranks take the same number of steps."""
+    return max(1, int(epoch_samples) // (int(batch_size) * int(world_size) * max(1, int(num_workers))))
+
+
+class _WorkerSeed:
+    """ResampledShards' per-stream seed, with the rank fixed when the loader was built (picklable)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __call__(self) -> int:
+        return self.rank * 1000 + _worker()[0]
+
+
+class _ShardList:
+    """Deterministic, possibly empty, list of shard urls (SimpleShardList refuses an empty list)."""
+
+    def __init__(self, urls: Sequence[str]):
+        self.urls = list(urls)
+
+    def __call__(self) -> Iterator[dict]:
+        for url in self.urls:
+            yield dict(url=url)
+
+
+class _EpochStage:
+    """A pipeline stage with a numpy Generator seeded by (seed, rank, worker, epoch of this stage copy)."""
+
+    def __init__(self, seed: int, rank: int, salt: int):
+        self.seed, self.rank, self.salt = int(seed), int(rank), int(salt)
+        self.epoch = -1
+
+    def _rng(self) -> np.random.Generator:
+        self.epoch += 1
+        return np.random.default_rng([self.salt, self.seed & 0xFFFFFFFF, self.rank, _worker()[0], self.epoch])
+
+
+class _Shuffle(_EpochStage):
+    def __init__(self, bufsize: int, seed: int, rank: int):
+        super().__init__(seed, rank, salt=1)
+        self.bufsize = int(bufsize)
+
+    def __call__(self, src: Iterable) -> Iterator:
+        rng = random.Random(int(self._rng().integers(2**62)))
+        buf: list = []
+        for sample in src:
+            if len(buf) < self.bufsize:
+                buf.append(sample)
+                continue
+            i = rng.randrange(len(buf))
+            buf[i], sample = sample, buf[i]
+            yield sample
+        rng.shuffle(buf)
+        yield from buf
+
+
+class _Convert(_EpochStage):
+    """Decode + transform each sample dict with ``convert(sample, rng)``; failures go to the counter."""
+
+    def __init__(self, convert: Callable, counter: SkipCounter, seed: int, rank: int, with_keys: bool):
+        super().__init__(seed, rank, salt=2)
+        self.convert, self.counter, self.with_keys = convert, counter, with_keys
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[tuple]:
+        rng = self._rng()
+        for sample in src:
+            key = sample.get("__key__", "?")
+            try:
+                out = self.convert(sample, rng)
+            except Exception as exn:
+                exn = CorruptSampleError(f"sample {key!r} in {sample.get('__url__', '?')}: {exn}")
+                if self.counter(exn):
+                    continue
+                break
+            self.counter.ok()
+            yield (*out, key) if self.with_keys else out
+
+
+def _stack(items: list):
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(items)
+    if isinstance(first, dict):
+        return {k: torch.stack([item[k] for item in items]) for k in first}
+    return list(items)  # keys
+
+
+def _collate(samples: list[tuple]) -> tuple:
+    return tuple(_stack([s[i] for s in samples]) for i in range(len(samples[0])))
+
+
+def _build(
+    urls,
+    convert,
+    *,
+    train: bool,
+    batch_size: int,
+    seed: int,
+    epoch_samples: int | None,
+    num_workers: int,
+    shuffle_buffer: int,
+    rank: int | None,
+    world_size: int | None,
+    counter: SkipCounter,
+    with_keys: bool,
+    pin_memory: bool | None,
+) -> wds.WebLoader:
+    urls = expand_urls(urls)
+    if not urls:
+        raise ValueError("no shard urls given")
+    dist_rank, dist_world = _dist_rank_world()
+    rank = dist_rank if rank is None else int(rank)
+    world_size = dist_world if world_size is None else int(world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    if train:
+        if epoch_samples is None or epoch_samples <= 0:
+            raise ValueError("a training loader needs epoch_samples > 0 (samples per epoch over all ranks)")
+        per_worker = batches_per_worker(epoch_samples, batch_size, world_size, num_workers)
+        stages = [
+            # Resampling with a per-rank, per-worker seed is the node/worker split for training.
+            wds.ResampledShards(urls, seed=int(seed), worker_seed=_WorkerSeed(rank), deterministic=True),
+            wds.tarfile_to_samples(handler=counter),
+            _Shuffle(shuffle_buffer, seed, rank),
+            _Convert(convert, counter, seed, rank, with_keys),
+            wds.batched(batch_size, collation_fn=_collate, partial=False),
+        ]
+        dataset = wds.DataPipeline(*stages).with_epoch(per_worker)
+        batches = per_worker * max(1, num_workers)
+    else:
+        mine = urls[rank::world_size]
+        stages = [
+            _ShardList(mine),
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=counter),
+            _Convert(convert, counter, seed, rank, with_keys),
+            wds.batched(batch_size, collation_fn=_collate, partial=True),
+        ]
+        dataset = wds.DataPipeline(*stages)
+        batches = None
+        num_workers = min(num_workers, len(mine))
+    loader = wds.WebLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=train and num_workers > 0,
+    )
+    loader.skips = counter
+    loader.batches_per_epoch = batches  # None for evaluation (depends on the shards)
+    loader.rank, loader.world_size, loader.shards = rank, world_size, (urls if train else urls[rank::world_size])
+    return loader
+
+
+# ----------------------------------------------------------------------------------------------- Taskonomy
+class _TaskonomyConvert:
+    def __init__(self, protocol: TaskonomyProtocol, size: int, train: bool):
+        self.protocol, self.size, self.train = protocol, int(size), train
+
+    def __call__(self, sample: dict, rng: np.random.Generator):
+        raw = {}
+        for member in self.protocol.members:
+            data = sample.get(f"{member}.png")
+            if data is None:
+                raise CorruptSampleError(f"missing member {member}.png")
+            raw[member] = decode_png(data, f"{member}.png")
+        shapes = {member: a.shape[:2] for member, a in raw.items()}
+        if len(set(shapes.values())) != 1:
+            raise CorruptSampleError(f"modalities differ in size: {shapes}")
+        if raw["rgb"].ndim != 3 or raw["rgb"].shape[2] != 3:
+            raise CorruptSampleError(f"rgb.png is not RGB (shape {raw['rgb'].shape})")
+        raw = resize_raw(raw, self.size, self.protocol.rgb_resize)
+        if self.train:
+            raw = augment(raw, rng, scale=self.protocol.train_scale, crop=self.size, flip=self.protocol.train_flip)
+        return self.protocol.to_targets(raw)
+
+
+def taskonomy_train_loader(
+    urls: str | Sequence[str],
+    *,
+    batch_size: int,
+    size: int,
+    protocol: TaskonomyProtocol | None = None,
+    seed: int = 0,
+    epoch_samples: int,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    rank: int | None = None,
+    world_size: int | None = None,
+    with_keys: bool = False,
+    pin_memory: bool | None = None,
+    skip_counter: SkipCounter | None = None,
+) -> wds.WebLoader:
+    """Infinite-stream training loader cut into epochs of ``epoch_samples`` samples (over all ranks).
+
+    Each sample: decode the protocol's members, resize to ``size`` (labels nearest, rgb ``protocol.rgb_resize``),
+    augment (random scale ``protocol.train_scale``, flip, random crop ``size`` with ignored padding), normalise.
+    Yields ``(rgb [B,3,S,S] float32, {task: target [B,...]}, {task: mask [B,S,S] bool})`` (plus a list of keys
+    with ``with_keys``); batches are full. ``rank``/``world_size`` default to torch.distributed (or the
+    RANK/WORLD_SIZE environment) at call time. ``loader.batches_per_epoch`` batches per epoch per rank.
+    """
+    protocol = protocol or TaskonomyProtocol()
+    return _build(
+        urls,
+        _TaskonomyConvert(protocol, size, train=True),
+        train=True,
+        batch_size=batch_size,
+        seed=seed,
+        epoch_samples=epoch_samples,
+        num_workers=num_workers,
+        shuffle_buffer=shuffle_buffer,
+        rank=rank,
+        world_size=world_size,
+        counter=skip_counter or SkipCounter("taskonomy-train"),
+        with_keys=with_keys,
+        pin_memory=pin_memory,
+    )
+
+
+def taskonomy_eval_loader(
+    urls: str | Sequence[str],
+    *,
+    batch_size: int,
+    size: int,
+    protocol: TaskonomyProtocol | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 0,
+    with_keys: bool = False,
+    pin_memory: bool | None = None,
+    skip_counter: SkipCounter | None = None,
+) -> wds.WebLoader:
+    """One deterministic pass over this rank's shards ``urls[rank::world_size]`` (resize only, no shuffle).
+
+    Yields the same tuples as :func:`taskonomy_train_loader`; the last batch may be partial. Combine per-rank
+    metric sums with :func:`reduce_metric_sums`.
+    """
+    protocol = protocol or TaskonomyProtocol()
+    return _build(
+        urls,
+        _TaskonomyConvert(protocol, size, train=False),
+        train=False,
+        batch_size=batch_size,
+        seed=0,
+        epoch_samples=None,
+        num_workers=num_workers,
+        shuffle_buffer=0,
+        rank=rank,
+        world_size=world_size,
+        counter=skip_counter or SkipCounter("taskonomy-eval"),
+        with_keys=with_keys,
+        pin_memory=pin_memory,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- CelebA
+class _CelebaConvert:
+    def __init__(self, size, train: bool, flip: bool):
+        self.size = (size, size) if isinstance(size, int) else size
+        self.train, self.flip = train, flip
+
+    def __call__(self, sample: dict, rng: np.random.Generator):
+        for member in ("jpg", "jpeg", "png"):
+            if member in sample:
+                image = decode_image(sample[member], member)
+                break
+        else:
+            raise CorruptSampleError("missing image member (jpg or png)")
+        if "attr.json" not in sample:
+            raise CorruptSampleError("missing member attr.json")
+        attributes = json.loads(sample["attr.json"])["attributes"]
+        if self.size is not None:
+            image = resize_rgb(image, self.size[0], self.size[1], "bilinear")
+        if self.train:
+            image = celeba_augment(image, rng, flip=self.flip)
+        rgb, attrs = celeba_to_targets(image, attributes)
+        return rgb, {"attributes": attrs}
+
+
+def celeba_loader(
+    urls: str | Sequence[str],
+    *,
+    batch_size: int,
+    train: bool,
+    size: int | tuple[int, int] | None = None,
+    flip: bool = True,
+    seed: int = 0,
+    epoch_samples: int | None = None,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    rank: int | None = None,
+    world_size: int | None = None,
+    with_keys: bool = False,
+    pin_memory: bool | None = None,
+    skip_counter: SkipCounter | None = None,
+) -> wds.WebLoader:
+    """CelebA shards -> ``(rgb [B,3,H,W] in [-1, 1], {"attributes": [B,40] float 0/1})``.
+
+    ``train=True``: resampled + shuffled + random horizontal flip, ``epoch_samples`` required (as for
+    Taskonomy). ``train=False``: one deterministic pass over ``urls[rank::world_size]``. ``size`` resizes
+    (bilinear) to (size, size) or (H, W); None keeps the stored size (all images of a batch must agree).
+    """
+    return _build(
+        urls,
+        _CelebaConvert(size, train=train, flip=flip),
+        train=train,
+        batch_size=batch_size,
+        seed=seed,
+        epoch_samples=epoch_samples,
+        num_workers=num_workers,
+        shuffle_buffer=shuffle_buffer,
+        rank=rank,
+        world_size=world_size,
+        counter=skip_counter or SkipCounter("celeba-train" if train else "celeba-eval"),
+        with_keys=with_keys,
+        pin_memory=pin_memory,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- reduction
+def reduce_metric_sums(sums: dict[str, torch.Tensor], counts):
+    """Sum per-rank metric sums and sample counts over all ranks (exact: every rank read disjoint shards).
+
+    ``sums``: {name: tensor}; ``counts``: an int, a tensor, or {name: int | tensor}. Returns new
+    ``(sums, counts)`` of the same structure; the inputs are not modified. Without an initialised process
+    group this is the identity. Tensors are reduced on their own device (NCCL needs CUDA tensors; use int64
+    or float64 for exact sums).
+    """
+    import torch.distributed as dist
+
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def reduce(value):
+        if isinstance(value, torch.Tensor):
+            out = value.detach().clone()
+            if active:
+                dist.all_reduce(out, op=dist.ReduceOp.SUM)
+            return out
+        if isinstance(value, (int, np.integer)):
+            out = torch.tensor(int(value), dtype=torch.int64)
+            if active:
+                if dist.get_backend() == "nccl":
+                    out = out.cuda()
+                dist.all_reduce(out, op=dist.ReduceOp.SUM)
+            return int(out.item())
+        if isinstance(value, float):
+            out = torch.tensor(value, dtype=torch.float64)
+            if active:
+                if dist.get_backend() == "nccl":
+                    out = out.cuda()
+                dist.all_reduce(out, op=dist.ReduceOp.SUM)
+            return float(out.item())
+        raise TypeError(f"cannot reduce {type(value).__name__}")
+
+    new_sums = {name: reduce(value) for name, value in sums.items()}
+    new_counts = {name: reduce(value) for name, value in counts.items()} if isinstance(counts, dict) else reduce(counts)
+    return new_sums, new_counts
