@@ -5,6 +5,8 @@
     l2b retrain --tree runs/a/tree.json                         # from scratch, into runs/a/retrain
     l2b show runs/a/tree.json                                   # text + picture
     l2b presets [--print NAME]                                  # list presets / print one to copy and edit
+    l2b data taskonomy --root RAW --split tiny --out shards/    # raw Taskonomy -> webdataset shards
+    l2b data synthetic-taskonomy --out shards/ --n 2000         # the embedded default data
 """
 
 from __future__ import annotations
@@ -50,6 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("tree", type=Path, help="tree.json")
     show.add_argument("--out", type=Path, default=None, help="picture path without suffix (default: next to the tree)")
 
+    data = commands.add_parser("data", help="make or convert webdataset shards", description="Shards for streaming training (schema: docs/data-schema.md).")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    taskonomy = data_commands.add_parser("taskonomy", help="raw Taskonomy -> shards", description="Convert a raw Taskonomy tree (any of the three layouts, either domain-name set) into shuffled shards with a manifest; missing or undecodable views are skipped and logged; --resume continues an interrupted conversion.")
+    taskonomy.add_argument("--root", type=Path, required=True, help="raw Taskonomy directory")
+    taskonomy.add_argument("--split", default="tiny", choices=["tiny"], help="official split (default tiny)")
+    taskonomy.add_argument("--out", type=Path, required=True, help="output directory")
+    taskonomy.add_argument("--size", type=int, default=256, choices=[256, 512], help="side of the stored images (512 -> 256 by nearest)")
+    taskonomy.add_argument("--samples-per-shard", type=int, default=1000)
+    taskonomy.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    taskonomy.add_argument("--resume", action="store_true", help="continue an interrupted conversion in OUT")
+    for name, what, default_size in (("synthetic-taskonomy", "scenes whose six Taskonomy modalities agree, in the raw encodings", 256), ("synthetic-celeba", "images with 40 visually detectable, group-correlated binary attributes", 64)):
+        synthetic_parser = data_commands.add_parser(name, help=f"generate {what}", description=f"Generate {what} as train/val/test shards with a manifest.")
+        synthetic_parser.add_argument("--out", type=Path, required=True, help="output directory")
+        synthetic_parser.add_argument("--n", type=int, required=True, help="number of samples over all splits")
+        synthetic_parser.add_argument("--size", type=int, default=default_size, help=f"image side (default {default_size})")
+        synthetic_parser.add_argument("--seed", type=int, default=0)
+        synthetic_parser.add_argument("--samples-per-shard", type=int, default=1000)
+
     presets = commands.add_parser("presets", help="list presets or print one", description="List the built-in presets, or print one to copy and edit.")
     presets.add_argument("--print", dest="print_name", metavar="NAME", help="print this preset's TOML")
     return parser
@@ -64,6 +84,25 @@ def _config_for(args) -> dict:
     if not saved.is_file():
         raise FileNotFoundError(f"no config.json next to {args.tree}: give --preset or --config")
     return json.loads(saved.read_text())
+
+
+def _data(args) -> int:
+    if args.data_command == "taskonomy":
+        from l2b_fast.data import taskonomy_convert
+
+        manifest = taskonomy_convert.convert(args.root, args.out, split=args.split, size=args.size, samples_per_shard=args.samples_per_shard, seed=args.seed, resume=args.resume)
+    else:
+        if args.n < 1 or args.size < 8:
+            raise ValueError("--n must be >= 1 and --size >= 8")
+        if args.data_command == "synthetic-taskonomy":
+            from l2b_fast.data import synthetic_taskonomy as generator
+        else:
+            from l2b_fast.data import synthetic_celeba as generator
+        manifest = generator.generate(args.out, args.n, args.size, seed=args.seed, samples_per_shard=args.samples_per_shard)
+    for split, entry in manifest["splits"].items():
+        print(f"{split}: {entry['total']} samples in {len(entry['shards'])} shard(s)")
+    print(f"wrote {args.out}/manifest.json")
+    return 0
 
 
 def _refuse_to_clobber(out: Path, args) -> None:
@@ -87,6 +126,8 @@ def run(args) -> int:
         else:
             print("\n".join(experiment.preset_names()))
         return 0
+    if args.command == "data":
+        return _data(args)
     if args.command == "show":
         from l2b_fast import viz
 

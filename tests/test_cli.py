@@ -74,3 +74,16 @@ def test_search_show_retrain(tmp_path, capsys):
     assert "retrained tree" in capsys.readouterr().out
     summary = json.loads((out / "retrain" / "retrain_summary.json").read_text())
     assert summary["parameters"] > 0 and "val_loss" in summary["final"]
+
+
+def test_data_commands(tmp_path, capsys):
+    pytest.importorskip("webdataset")
+    out = tmp_path / "syn"
+    assert cli.main(["data", "synthetic-taskonomy", "--out", str(out), "--n", "12", "--size", "32", "--samples-per-shard", "8"]) == 0
+    assert "train: " in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(entry["total"] for entry in manifest["splits"].values()) == 12
+    assert cli.main(["data", "synthetic-celeba", "--out", str(tmp_path / "celeba"), "--n", "6"]) == 0
+    assert cli.main(["data", "taskonomy", "--root", str(tmp_path / "no-raw"), "--out", str(tmp_path / "x")]) == 2
+    assert "no raw Taskonomy directory" in capsys.readouterr().err
+    assert cli.main(["data", "synthetic-taskonomy", "--out", str(out), "--n", "0"]) == 2

@@ -16,7 +16,6 @@ interrupted conversion resumes after its last finished shard without duplicating
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -25,6 +24,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
+from l2b_fast.data import shards
 
 DOMAINS = ("rgb", "depth_zbuffer", "normal", "edge_texture", "keypoints2d", "segment_semantic")
 DOMAIN_ALIASES = {
@@ -84,30 +85,17 @@ def find_views(root: str | Path, buildings: Iterable[str]) -> dict[ViewKey, dict
 
 def decode(path: Path, domain: str) -> np.ndarray:
     """The raw array of one file, checked against its domain's encoding (ValueError if it does not match)."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
-            array = np.asarray(image)
-    except Exception as error:  # truncated, not a PNG, unreadable
-        raise ValueError(f"cannot decode {path.name}: {error}") from error
+        array = shards.decode_png(path.read_bytes())
+    except (OSError, ValueError) as error:  # unreadable, truncated, not a PNG
+        reason = re.sub(r" at 0x[0-9a-f]+", "", str(error))  # no object addresses: the log stays reproducible
+        raise ValueError(f"cannot decode {path.name}: {reason}") from error
     dtype, channels = ENCODINGS[domain]
-    if array.dtype == np.int32 and dtype == np.uint16:  # some PIL versions read I;16 as I
-        array = array.astype(np.uint16)
     if array.ndim == 3 and channels == 1:
         array = array[..., 0]
     if array.dtype != dtype or (array.ndim == 3) != (channels == 3) or (channels == 3 and array.shape[2] < 3):
         raise ValueError(f"{path.name}: expected {np.dtype(dtype).name} with {channels} channel(s), got {array.dtype} {array.shape}")
     return array[..., :3] if channels == 3 else array
-
-
-def encode(array: np.ndarray) -> bytes:
-    """PNG bytes in the raw encoding (uint16 stays 16-bit)."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def load_view(files: dict[str, Path], size: int) -> dict[str, bytes]:
@@ -121,7 +109,7 @@ def load_view(files: dict[str, Path], size: int) -> dict[str, bytes]:
         if array.shape[0] != array.shape[1] or array.shape[0] % size:
             raise ValueError(f"{files[domain].name}: {array.shape[:2]} cannot be resized to {size}x{size} by nearest")
         step = array.shape[0] // size
-        members[f"{domain}.png"] = encode(np.ascontiguousarray(array[::step, ::step]))  # cv2 INTER_NEAREST
+        members[f"{domain}.png"] = shards.encode_png(np.ascontiguousarray(array[::step, ::step]))  # cv2 INTER_NEAREST
     return members
 
 

@@ -30,6 +30,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from l2b_fast.data import shards
+
 try:  # Pillow is an optional dependency (extra "data"); only decoding and rgb resizing need it.
     from PIL import Image
 except ModuleNotFoundError:  # pragma: no cover - exercised only without pillow
@@ -85,21 +87,15 @@ def _require_pillow() -> None:
 
 
 def decode_png(data: bytes, name: str = "png") -> np.ndarray:
-    """Decode PNG bytes to a numpy array, keeping 16-bit values (uint16, mode I;16) intact.
+    """Decode PNG bytes keeping 16-bit values (``shards.decode_png``); :class:`CorruptSampleError` if undecodable.
 
     Never use webdataset's image decoders (they convert 16-bit to 8-bit). Widen uint16 to int32 before any
-    arithmetic. Raises :class:`CorruptSampleError` for bytes that are not a decodable image.
+    arithmetic.
     """
-    _require_pillow()
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            array = np.asarray(image)
-    except Exception as exn:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError...
-        raise CorruptSampleError(f"cannot decode {name}: {type(exn).__name__}: {exn}") from exn
-    if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() <= 65535:
-        array = array.astype(np.uint16)  # some Pillow versions return mode "I" for 16-bit grey
-    return array
+        return shards.decode_png(data)
+    except ValueError as exn:
+        raise CorruptSampleError(f"cannot decode {name}: {exn}") from exn
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
