@@ -22,6 +22,7 @@ from l2b_fast import synthetic
 from l2b_fast.nn import TreeNet, TreeSupernet, parameter_count
 from l2b_fast.train import TrainConfig, Trainer
 from l2b_fast.tree import Tree, derive
+from l2b_fast.viz import task_group
 
 
 def preset_names() -> list[str]:
@@ -161,17 +162,13 @@ def _paths(tree: Tree) -> dict[str, tuple[int, ...]]:
     return paths
 
 
-def _group(task: str) -> str:
-    return task.rsplit("-", 1)[0]
-
-
 def check_outcome(tree: Tree, expected: str) -> bool:
     """Paper Fig. 3: (a) each group has its own leaf branch; (b) every task shares every layer;
     (c) cos and sinc share a leaf, square has its own and splits from them before the leaf layer."""
     paths = _paths(tree)
     leaves: dict[str, set[int]] = {}
     for task, path in paths.items():
-        leaves.setdefault(_group(task), set()).add(path[-1])
+        leaves.setdefault(task_group(task), set()).add(path[-1])
     if expected == "a":
         return all(len(nodes) == 1 for nodes in leaves.values()) and len(set().union(*leaves.values())) == len(leaves)
     if expected == "b":
@@ -181,7 +178,7 @@ def check_outcome(tree: Tree, expected: str) -> bool:
             return False
         if leaves["cos"] != leaves["sinc"] or leaves["square"] == leaves["cos"]:
             return False
-        square = next(p for t, p in paths.items() if _group(t) == "square")
-        cos = next(p for t, p in paths.items() if _group(t) == "cos")
+        square = next(p for t, p in paths.items() if task_group(t) == "square")
+        cos = next(p for t, p in paths.items() if task_group(t) == "cos")
         return len(square) >= 2 and square[-2] != cos[-2]
     raise ValueError(f"unknown expected outcome {expected!r} (a, b or c)")

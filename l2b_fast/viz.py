@@ -26,7 +26,7 @@ from pathlib import Path
 
 from l2b_fast.tree import validate_tree  # the schema lives with the Tree; re-exported here
 
-__all__ = ["draw_probability_heatmaps", "draw_tree", "task_groups", "tree_text", "validate_tree"]
+__all__ = ["draw_probability_heatmaps", "draw_tree", "task_group", "task_groups", "tree_text", "validate_tree"]
 
 _SHARED_COLOUR = "#5a5a5a"  # nodes above tasks of several groups
 _UNUSED_COLOUR = "#d4d4d4"  # nodes no task descends from
@@ -35,13 +35,18 @@ _PROBABILITY_COLUMN = re.compile(r"^p\.b(\d+)\.i(\d+)\.j(\d+)$")
 
 
 # ----------------------------------------------------------------------------------------- schema
+def task_group(name: str) -> str:
+    """The group of ``<group>-<index>``: the text before the last ``-`` (``sin_x2-4`` -> ``sin_x2``);
+    a name without ``-`` is its own group."""
+    head = name.rsplit("-", 1)[0]
+    return head if "-" in name and head else name
+
+
 def task_groups(tasks: Sequence[str]) -> dict[str, list[int]]:
-    """Task indices by group, groups in order of first appearance. The group of ``<group>-<index>`` is
-    the text before the last ``-`` (``sin_x2-4`` -> ``sin_x2``); a name without ``-`` is its own group."""
+    """Task indices by group (:func:`task_group`), groups in order of first appearance."""
     groups: dict[str, list[int]] = {}
     for index, name in enumerate(tasks):
-        group = name.rsplit("-", 1)[0] if "-" in name and name.rsplit("-", 1)[0] else name
-        groups.setdefault(group, []).append(index)
+        groups.setdefault(task_group(name), []).append(index)
     return groups
 
 

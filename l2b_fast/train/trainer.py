@@ -182,17 +182,23 @@ class Trainer:
         _set_rng_state(state["rng"])
 
     # ----------------------------------------------------------------------------- logging
-    def _log_columns(self) -> list[str]:
-        columns = ["step", "epoch", "tau", "loss"] + [f"loss.{task}" for task in self.tasks]
+    def _probability_row(self) -> dict[str, float]:
+        """Every branching probability as ``p.b<block>.i<parent>.j<child>`` (empty when not searching)."""
+        row = {}
         if self.searching:
             for b, probabilities in enumerate(self.model.probabilities()):
                 rows, cols = probabilities.shape
-                columns += [f"p.b{b}.i{i}.j{j}" for j in range(cols) for i in range(rows)]
-        return columns
+                row.update({f"p.b{b}.i{i}.j{j}": probabilities[i, j].item() for j in range(cols) for i in range(rows)})
+        return row
 
     def _open_logs(self, resume: bool) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for name, columns in (("log.csv", self._log_columns()), ("epochs.csv", self._epoch_columns())):
+        # Fixed for the run: the block shapes do not change.
+        self._columns = {
+            "log.csv": ["step", "epoch", "tau", "loss"] + [f"loss.{t}" for t in self.tasks] + list(self._probability_row()),
+            "epochs.csv": self._epoch_columns(),
+        }
+        for name, columns in self._columns.items():
             path = self.out_dir / name
             kept = []
             if resume and path.exists():
@@ -218,8 +224,7 @@ class Trainer:
     def _append(self, name: str, row: dict) -> None:
         path = self.out_dir / name
         with path.open("a", newline="") as handle:
-            columns = self._log_columns() if name == "log.csv" else self._epoch_columns()
-            csv.DictWriter(handle, fieldnames=columns).writerow(row)
+            csv.DictWriter(handle, fieldnames=self._columns[name]).writerow(row)
         if self._tensorboard is not None:
             for key, value in row.items():
                 if key not in ("step", "epoch"):
@@ -293,10 +298,7 @@ class Trainer:
                 if self.step % config.log_every == 0:
                     row = {"step": self.step, "epoch": epoch, "tau": tau, "loss": loss.item()}
                     row.update({f"loss.{t}": losses[t].item() for t in self.tasks})
-                    if self.searching:
-                        for b, probabilities in enumerate(self.model.probabilities()):
-                            rows, cols = probabilities.shape
-                            row.update({f"p.b{b}.i{i}.j{j}": probabilities[i, j].item() for j in range(cols) for i in range(rows)})
+                    row.update(self._probability_row())
                     self._append("log.csv", row)
                 progress.update(self.step, loss.item(), tau)
                 end_of_epoch = self.step % self.steps_per_epoch == 0
