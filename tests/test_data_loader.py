@@ -94,8 +94,8 @@ def test_decode_png_keeps_16_bit():
     assert decoded.dtype == np.uint16
     assert decoded[1, 1] == 65535 and decoded[1, 0] == 40000
     np.testing.assert_array_equal(decoded, array)
-    target, mask = T.TaskonomyProtocol()._depth_zbuffer(decoded)
-    assert target[0, 1, 1] == pytest.approx(1.0) and not mask[1, 1]  # widened: no uint16 overflow
+    target, mask = _single(decoded.reshape(1, 4), "depth_zbuffer")
+    assert target[0, 0, 3] == pytest.approx(1.0) and not mask[0, 3]  # widened: no uint16 overflow
 
 
 def test_decode_png_corrupt_raises_clear_error():

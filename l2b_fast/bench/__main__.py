@@ -10,6 +10,7 @@ import torch
 
 from l2b_fast import backends
 from l2b_fast.bench import branch_benchmark as bench
+from l2b_fast.bench import report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    meta = bench.environment(device)
+    meta = report.environment(device)
     meta["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | threads {meta['cpu_threads']}")
     copy_gbps = bench.copy_bandwidth(device, 256 * 2**20, args.warmup, args.repeat)
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     print(bench.format_table(rows))
     if args.out is not None:
         stem = f"branch_{args.device}_{re.sub(r'[^A-Za-z0-9]+', '-', meta['device']).strip('-').lower()}_{args.dtype}"
-        csv_path, json_path = bench.write_results(rows, meta, args.out, stem)
+        csv_path, json_path = report.write_results(rows, meta, args.out, stem)
         print(f"wrote {csv_path} and {json_path}")
     return 0
 

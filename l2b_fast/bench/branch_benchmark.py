@@ -9,18 +9,15 @@ compare with the device copy bandwidth measured in the same run.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from l2b_fast import __version__, backends
+from l2b_fast import backends
 from l2b_fast.bench.naive import branch_naive
 from l2b_fast.ops import branch
 
@@ -161,49 +158,6 @@ def _backend_ops(name: str):
 
         return torch.ops.l2b_fast_triton
     return torch.ops.l2b_fast
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device) -> dict:
-    info = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "device_type": device.type,
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "l2b_fast": __version__,
-        "backends": {name: reason is None for name, reason in backends.available(device.type).items()},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
-
-
-def write_results(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*rows[0].keys(), "device", "torch", "triton"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "device": meta["device"], "torch": meta["torch"], "triton": meta["triton"]})
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    return csv_path, json_path
 
 
 def format_table(rows: list[dict]) -> str:

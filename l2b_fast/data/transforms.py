@@ -23,6 +23,7 @@ Layouts of the ``to_targets`` output (H = W = working size):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 from typing import Mapping
@@ -50,6 +51,7 @@ __all__ = [
     "resize_rgb",
     "resize_raw",
     "augment",
+    "augment_reference",
     "celeba_to_targets",
     "celeba_augment",
 ]
@@ -68,6 +70,16 @@ PAD_VALUES: dict[str, int] = {
     "depth_zbuffer": 65535,
     "keypoints2d": 0,
     "edge_texture": 0,
+}
+
+#: dtype of each raw Taskonomy encoding (a map of another dtype is a corrupt sample).
+RAW_DTYPES: dict[str, type] = {
+    "rgb": np.uint8,
+    "segment_semantic": np.uint8,
+    "normal": np.uint8,
+    "depth_zbuffer": np.uint16,
+    "keypoints2d": np.uint16,
+    "edge_texture": np.uint16,
 }
 
 #: Caffe/AdaShare ImageNet mean in BGR order (subtracted from 0..255 BGR values; no scaling).
@@ -154,11 +166,30 @@ def resize_raw(raw: Mapping[str, np.ndarray], size: int | tuple[int, int], rgb_m
 # ----------------------------------------------------------------------------------------------- augmentation
 def _flip_normal(normal: np.ndarray) -> np.ndarray:
     """Mirror a raw normal map horizontally and negate x (x -> 255 - x); invalid (128,128,128) stays invalid."""
-    flipped = normal[:, ::-1]
-    invalid = np.all(flipped == 128, axis=-1)
-    out = np.array(flipped)  # contiguous copy
-    out[..., 0] = np.where(invalid, 128, 255 - flipped[..., 0].astype(np.int32)).astype(normal.dtype)
-    return out
+    return _negate_normal_x(np.array(normal[:, ::-1]))
+
+
+def _negate_normal_x(normal: np.ndarray) -> np.ndarray:
+    """In place on a writable [H, W, 3] uint8 map: x -> 255 - x except on invalid (128,128,128) pixels."""
+    invalid = (normal[..., 0] == 128) & (normal[..., 1] == 128) & (normal[..., 2] == 128)
+    normal[..., 0] = np.where(invalid, np.uint8(128), np.uint8(255) - normal[..., 0])
+    return normal
+
+
+def _draw_geometry(h, w, rng, scale, crop, flip):
+    """The random draws of one augmentation, in a fixed order (factor, flip, crop offset)."""
+    nh, nw = h, w
+    if scale is not None:
+        factor = float(rng.uniform(scale[0], scale[1]))
+        nh, nw = max(1, int(round(h * factor))), max(1, int(round(w * factor)))
+    probability = (0.5 if flip else 0.0) if isinstance(flip, bool) else float(flip)
+    flipped = probability > 0 and rng.random() < probability
+    if crop is None:
+        return nh, nw, flipped, (nh, nw), 0, 0
+    ch, cw = (crop, crop) if isinstance(crop, int) else crop
+    top = int(rng.integers(0, max(nh, ch) - ch + 1))
+    left = int(rng.integers(0, max(nw, cw) - cw + 1))
+    return nh, nw, flipped, (ch, cw), top, left
 
 
 def augment(
@@ -180,38 +211,80 @@ def augment(
       offset.
 
     Returns a new dict with the same keys plus ``VALID_KEY`` (bool [H, W]).
+
+    Computes exactly what :func:`augment_reference` (scale, then flip, then pad and crop, whole images) does,
+    but only for the output window: labels are one gather through the composed nearest/flip/crop indices and
+    rgb is resized from the source box that maps onto the window. Labels and masks are identical; rgb differs
+    by at most 2 levels on some pixels, without bias (Pillow's fixed-point weights depend on the sampling
+    origin). ~3x faster at 256x256.
     """
+    out = {key: np.asarray(value) for key, value in raw.items()}
+    first = out["rgb"] if "rgb" in out else next(v for k, v in out.items() if k != VALID_KEY)
+    h, w = first.shape[:2]
+    nh, nw, flipped, (ch, cw), top, left = _draw_geometry(h, w, rng, scale, crop, flip)
+    # The window inside the scaled (and flipped) image; what lies beyond it is padding at the bottom/right.
+    r0, r1 = top, min(top + ch, nh)
+    c0, c1 = left, min(left + cw, nw)
+    s0, s1 = (nw - c1, nw - c0) if flipped else (c0, c1)  # the window's columns before flipping
+    rows = _nearest_index(h, nh)[r0:r1]
+    cols = _nearest_index(w, nw)[s0:s1]
+    if flipped:
+        cols = cols[::-1]
+    result = {}
+    for key, value in out.items():
+        if key == "rgb":
+            if (nh, nw) == (h, w):
+                window = value[r0:r1, s0:s1]
+            else:
+                _require_pillow()
+                box = (s0 * w / nw, r0 * h / nh, s1 * w / nw, r1 * h / nh)
+                image = Image.fromarray(np.ascontiguousarray(value))
+                window = np.asarray(image.resize((s1 - s0, r1 - r0), Image.BILINEAR, box=box))
+            if flipped:
+                window = window[:, ::-1]
+        else:
+            window = np.take(np.take(value, rows, axis=0), cols, axis=1)
+        full = np.full((ch, cw) + value.shape[2:], False if key == VALID_KEY else PAD_VALUES.get(key, 0), dtype=value.dtype)
+        full[: r1 - r0, : c1 - c0] = window
+        if key == "normal" and flipped:
+            _negate_normal_x(full)  # padding is (128,128,128): stays invalid
+        result[key] = full
+    if VALID_KEY not in result:
+        valid = np.zeros((ch, cw), dtype=bool)
+        valid[: r1 - r0, : c1 - c0] = True
+        result[VALID_KEY] = valid
+    return result
+
+
+def augment_reference(
+    raw: Mapping[str, np.ndarray],
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] | None = (0.5, 1.5),
+    crop: int | tuple[int, int] | None = None,
+    flip: bool | float = True,
+) -> dict[str, np.ndarray]:
+    """The plain definition of :func:`augment` (same arguments, same random draws): resize whole maps, flip,
+    pad, crop. Kept as the reference the fast version is tested against."""
     out = {key: np.asarray(value) for key, value in raw.items()}
     first = out["rgb"] if "rgb" in out else next(v for k, v in out.items() if k != VALID_KEY)
     h, w = first.shape[:2]
     if VALID_KEY not in out:
         out[VALID_KEY] = np.ones((h, w), dtype=bool)
-
-    if scale is not None:
-        factor = float(rng.uniform(scale[0], scale[1]))
-        nh, nw = max(1, int(round(h * factor))), max(1, int(round(w * factor)))
+    nh, nw, flipped, (ch, cw), top, left = _draw_geometry(h, w, rng, scale, crop, flip)
+    if (nh, nw) != (h, w):
         out = {key: (resize_rgb(v, nh, nw, "bilinear") if key == "rgb" else resize_nearest(v, nh, nw)) for key, v in out.items()}
-        h, w = nh, nw
-
-    probability = (0.5 if flip else 0.0) if isinstance(flip, bool) else float(flip)
-    if probability > 0 and rng.random() < probability:
+    if flipped:
         out = {key: (_flip_normal(v) if key == "normal" else np.ascontiguousarray(v[:, ::-1])) for key, v in out.items()}
-
-    if crop is not None:
-        ch, cw = (crop, crop) if isinstance(crop, int) else crop
-        ph, pw = max(0, ch - h), max(0, cw - w)
-        if ph or pw:
-            padded = {}
-            for key, v in out.items():
-                fill = False if key == VALID_KEY else PAD_VALUES.get(key, 0)
-                pad = ((0, ph), (0, pw)) + ((0, 0),) * (v.ndim - 2)
-                padded[key] = np.pad(v, pad, mode="constant", constant_values=fill)
-            out = padded
-            h, w = h + ph, w + pw
-        top = int(rng.integers(0, h - ch + 1))
-        left = int(rng.integers(0, w - cw + 1))
-        out = {key: np.ascontiguousarray(v[top : top + ch, left : left + cw]) for key, v in out.items()}
-    return out
+    ph, pw = max(0, ch - nh), max(0, cw - nw)
+    if ph or pw:
+        padded = {}
+        for key, v in out.items():
+            fill = False if key == VALID_KEY else PAD_VALUES.get(key, 0)
+            pad = ((0, ph), (0, pw)) + ((0, 0),) * (v.ndim - 2)
+            padded[key] = np.pad(v, pad, mode="constant", constant_values=fill)
+        out = padded
+    return {key: np.ascontiguousarray(v[top : top + ch, left : left + cw]) for key, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------------------- protocol
@@ -276,14 +349,57 @@ class TaskonomyProtocol:
         return ("rgb",) + self.tasks
 
     # -- normalisation ------------------------------------------------------------------------------------
+    # Every target is an elementwise function of one raw 8- or 16-bit value, so it is computed once per
+    # possible value (the formulas below, the reference) and applied as a table lookup (np.take): exact, and
+    # ~8x faster than the float64 formulas on whole maps.
     def normalize_rgb(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] -> float32 [3, H, W]."""
-        x = rgb.astype(np.float32)
+        if rgb.dtype != np.uint8:
+            raise CorruptSampleError(f"rgb must be uint8, got {rgb.dtype}")
+        tables = self._tables["rgb"]  # one per output channel (caffe_bgr reverses the channel order)
+        source = (0, 1, 2) if self.rgb_normalization == "minus_one_one" else (2, 1, 0)
+        out = np.empty((3,) + rgb.shape[:2], dtype=np.float32)
+        for channel, (table, index) in enumerate(zip(tables, source)):
+            np.take(table, rgb[..., index], out=out[channel])
+        return out
+
+    def rgb_values(self, values: np.ndarray) -> np.ndarray:
+        """The rgb formula: uint8 values [..., 3] -> float32 [..., 3] (x/255*2-1, or BGR minus the Caffe mean)."""
+        x = np.asarray(values).astype(np.float32)
         if self.rgb_normalization == "minus_one_one":
-            x = x * np.float32(2.0 / 255.0) - np.float32(1.0)
-        else:
-            x = x[..., ::-1] - np.asarray(CAFFE_BGR_MEAN, dtype=np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+            return x * np.float32(2.0 / 255.0) - np.float32(1.0)
+        return x[..., ::-1] - np.asarray(CAFFE_BGR_MEAN, dtype=np.float32)
+
+    def target_values(self, task: str, values: np.ndarray) -> np.ndarray:
+        """The normalisation formula of ``task`` applied elementwise to raw values (the module docstring's table)."""
+        x = np.asarray(values)
+        if task == "segment_semantic":
+            return np.where(x == 0, 1, x.astype(np.int64)) - 1  # raw 0 (uncertain) -> background
+        if task == "normal":
+            return x.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+        if task == "depth_zbuffer":
+            return (np.log1p(x.astype(np.float64)) / _LOG_65536).astype(np.float32)
+        clip = {"keypoints2d": self.keypoints_clip, "edge_texture": self.edge_clip}[task]
+        return (np.clip(x.astype(np.float64) / 65536.0, 0.0, clip) / clip * 2.0 - 1.0).astype(np.float32)
+
+    def target_mask(self, task: str, raw: np.ndarray) -> np.ndarray:
+        """Which pixels of a raw map count (before padding is removed): bool [H, W]."""
+        if task == "segment_semantic" and self.segmentation_mask == "ignore_uncertain_background":
+            return raw >= 2
+        if task == "normal" and self.mask_invalid_normals:
+            return ~((raw[..., 0] == 128) & (raw[..., 1] == 128) & (raw[..., 2] == 128))
+        if task == "depth_zbuffer":
+            return raw < self.depth_valid_below
+        return np.ones(raw.shape[:2], dtype=bool)
+
+    @functools.cached_property
+    def _tables(self) -> dict:
+        """Lookup tables built from the formulas: rgb (three channel tables) and every task's raw value range."""
+        rgb = self.rgb_values(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1))
+        tables = {"rgb": [np.ascontiguousarray(rgb[:, channel]) for channel in range(3)]}
+        for task in self.tasks:
+            tables[task] = self.target_values(task, np.arange(np.iinfo(RAW_DTYPES[task]).max + 1, dtype=RAW_DTYPES[task]))
+        return tables
 
     def to_targets(self, raw: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Raw decoded arrays (optionally with ``raw[VALID_KEY]``) -> (rgb [3,H,W], targets, masks)."""
@@ -292,55 +408,33 @@ class TaskonomyProtocol:
             raise CorruptSampleError(f"rgb must be [H, W, 3], got shape {rgb_raw.shape}")
         h, w = rgb_raw.shape[:2]
         valid = raw.get(VALID_KEY)
-        valid = np.ones((h, w), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+        valid = None if valid is None else np.asarray(valid, dtype=bool)
+        padded = valid is not None and not valid.all()
         rgb = self.normalize_rgb(rgb_raw)
-        rgb[:, ~valid] = 0.0
+        if padded:
+            rgb *= valid  # padded pixels -> 0
         targets: dict[str, torch.Tensor] = {}
         masks: dict[str, torch.Tensor] = {}
         for task in self.tasks:
             value = raw[task]
             expected = (h, w, 3) if task == "normal" else (h, w)
-            if value.shape != expected:
-                raise CorruptSampleError(f"{task} must have shape {expected}, got {value.shape}")
-            target, mask = getattr(self, f"_{task}")(value)
-            if task == "segment_semantic":
-                target[~valid] = 255  # cross-entropy ignore index for padded pixels
+            if value.shape != expected or value.dtype != RAW_DTYPES[task]:
+                raise CorruptSampleError(f"{task} must be {np.dtype(RAW_DTYPES[task]).name} {expected}, got {value.dtype} {value.shape}")
+            table = self._tables[task]
+            if task == "normal":
+                target = np.take(table, np.moveaxis(value, 2, 0))  # [3, H, W] straight out of the lookup
+            elif task == "segment_semantic":
+                target = np.take(table, value)
+            else:
+                target = np.take(table, value)[None]
+            mask = self.target_mask(task, value)
+            if padded:
+                mask &= valid
+                if task == "segment_semantic":
+                    np.putmask(target, ~valid, 255)  # cross-entropy ignore index for padded pixels
             targets[task] = torch.from_numpy(target)
-            masks[task] = torch.from_numpy(mask & valid)
+            masks[task] = torch.from_numpy(mask)
         return torch.from_numpy(rgb), targets, masks
-
-    def _segment_semantic(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s = s.astype(np.int64)
-        target = np.where(s == 0, 1, s) - 1
-        if self.segmentation_mask == "none":
-            mask = np.ones(s.shape, dtype=bool)
-        else:
-            mask = s >= 2
-        return target, mask
-
-    def _normal(self, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        target = np.ascontiguousarray((n.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)).transpose(2, 0, 1))
-        if self.mask_invalid_normals:
-            mask = ~np.all(n == 128, axis=-1)
-        else:
-            mask = np.ones(n.shape[:2], dtype=bool)
-        return target, mask
-
-    def _depth_zbuffer(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d = d.astype(np.int32)
-        target = (np.log1p(d.astype(np.float64)) / _LOG_65536).astype(np.float32)[None]
-        return target, d < self.depth_valid_below
-
-    @staticmethod
-    def _clipped(x: np.ndarray, clip: float) -> tuple[np.ndarray, np.ndarray]:
-        v = np.clip(x.astype(np.int32).astype(np.float64) / 65536.0, 0.0, clip) / clip * 2.0 - 1.0
-        return v.astype(np.float32)[None], np.ones(x.shape, dtype=bool)
-
-    def _keypoints2d(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._clipped(k, self.keypoints_clip)
-
-    def _edge_texture(self, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._clipped(e, self.edge_clip)
 
 
 # ---------------------------------------------------------------------------------------------------- CelebA
