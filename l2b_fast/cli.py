@@ -6,7 +6,9 @@
     l2b show runs/a/tree.json                                   # text + picture
     l2b presets [--print NAME]                                  # list presets / print one to copy and edit
     l2b data taskonomy --root RAW --split tiny --out shards/    # raw Taskonomy -> webdataset shards
+    l2b data celeba --root RAW --out shards/                    # raw CelebA (any usual layout) -> shards
     l2b data synthetic-taskonomy --out shards/ --n 2000         # the embedded default data
+    l2b data synthetic-celeba --out shards/ --n 2000            # synthetic faces with the 40 CelebA attributes
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 is fastest for the small synthetic nets)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if OUT holds a run (its checkpoint and logs are replaced)")
+
+
+def _add_conversion_options(parser: argparse.ArgumentParser, dataset: str) -> None:
+    parser.add_argument("--root", type=Path, required=True, help=f"raw {dataset} directory")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion in OUT")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,13 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="make or convert webdataset shards", description="Shards for streaming training (schema: docs/data-schema.md).")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     taskonomy = data_commands.add_parser("taskonomy", help="raw Taskonomy -> shards", description="Convert a raw Taskonomy tree (any of the three layouts, either domain-name set) into shuffled shards with a manifest; missing or undecodable views are skipped and logged; --resume continues an interrupted conversion.")
-    taskonomy.add_argument("--root", type=Path, required=True, help="raw Taskonomy directory")
+    _add_conversion_options(taskonomy, "Taskonomy")
     taskonomy.add_argument("--split", default="tiny", choices=["tiny"], help="official split (default tiny)")
-    taskonomy.add_argument("--out", type=Path, required=True, help="output directory")
     taskonomy.add_argument("--size", type=int, default=256, choices=[256, 512], help="side of the stored images (512 -> 256 by nearest)")
-    taskonomy.add_argument("--samples-per-shard", type=int, default=1000)
-    taskonomy.add_argument("--seed", type=int, default=0, help="shuffle seed")
-    taskonomy.add_argument("--resume", action="store_true", help="continue an interrupted conversion in OUT")
+    celeba = data_commands.add_parser("celeba", help="raw CelebA -> shards", description="Convert the aligned CelebA release (flat, official Google-Drive or Kaggle layout) into shuffled train/val/test shards with a manifest, keeping each image's original JPEG bytes; missing or undecodable images are skipped and logged; --resume continues an interrupted conversion.")
+    _add_conversion_options(celeba, "CelebA")
+    celeba.add_argument("--no-verify", action="store_true", help="do not decode the images to check them (faster; only missing files are skipped)")
     for name, what, default_size in (("synthetic-taskonomy", "scenes whose six Taskonomy modalities agree, in the raw encodings", 256), ("synthetic-celeba", "images with 40 visually detectable, group-correlated binary attributes", 64)):
         synthetic_parser = data_commands.add_parser(name, help=f"generate {what}", description=f"Generate {what} as train/val/test shards with a manifest.")
         synthetic_parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -91,6 +100,10 @@ def _data(args) -> int:
         from l2b_fast.data import taskonomy_convert
 
         manifest = taskonomy_convert.convert(args.root, args.out, split=args.split, size=args.size, samples_per_shard=args.samples_per_shard, seed=args.seed, resume=args.resume)
+    elif args.data_command == "celeba":
+        from l2b_fast.data import celeba_convert
+
+        manifest = celeba_convert.convert(args.root, args.out, samples_per_shard=args.samples_per_shard, seed=args.seed, resume=args.resume, verify_images=not args.no_verify)
     else:
         if args.n < 1 or args.size < 8:
             raise ValueError("--n must be >= 1 and --size >= 8")

@@ -108,6 +108,19 @@ def test_resume_after_interruption_matches_a_full_run(raw_tree, tmp_path):
         tc.convert(root, tmp_path / "cut", samples_per_shard=5, progress=False, resume=True)
 
 
+def test_resume_of_a_progress_file_from_before_the_skip_log_length(raw_tree, tmp_path):
+    """progress.json written by the first converter version has no skipped_log_bytes: it still resumes."""
+    root, _ = raw_tree
+    full = tc.convert(root, tmp_path / "full", samples_per_shard=3, progress=False)
+    tc.convert(root, tmp_path / "cut", samples_per_shard=3, progress=False, stop_after_shards=1)
+    progress = tmp_path / "cut" / "progress.json"
+    state = json.loads(progress.read_text())
+    del state["skipped_log_bytes"]
+    progress.write_text(json.dumps(state))
+    assert tc.convert(root, tmp_path / "cut", samples_per_shard=3, progress=False, resume=True) == full
+    assert (tmp_path / "full" / "skipped.tsv").read_text() == (tmp_path / "cut" / "skipped.tsv").read_text()
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(FileNotFoundError):
         tc.convert(tmp_path / "missing", tmp_path / "out")
@@ -115,3 +128,11 @@ def test_bad_arguments(tmp_path):
         tc.convert(tmp_path, tmp_path / "out", size=300)
     with pytest.raises(ValueError, match="split"):
         tc.convert(tmp_path, tmp_path / "out", split="full")
+
+
+def test_same_input_gives_byte_identical_shards(raw_tree, tmp_path):
+    root, _ = raw_tree
+    first = tc.convert(root, tmp_path / "a", samples_per_shard=4, progress=False)
+    second = tc.convert(root, tmp_path / "b", samples_per_shard=4, progress=False)
+    names = [name for split in first["splits"].values() for name in split["shards"]]
+    assert first == second and all((tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes() for name in names)

@@ -11,21 +11,21 @@ keeps the views of the split's buildings that have all six modalities and decode
 cv2-equivalent nearest (``a[::2, ::2]``), shuffles the views across buildings with a fixed seed and packs
 ~``samples_per_shard`` views per shard. Missing or undecodable views are skipped and logged to
 ``skipped.tsv``. Every finished shard is renamed into place and recorded in ``progress.json``, so an
-interrupted conversion resumes after its last finished shard without duplicating or losing views.
+interrupted conversion resumes after its last finished shard without duplicating or losing views
+(:mod:`l2b_fast.data.resumable`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from l2b_fast.data import shards
+from l2b_fast.data.resumable import ResumableConversion, error_reason
 
 DOMAINS = ("rgb", "depth_zbuffer", "normal", "edge_texture", "keypoints2d", "segment_semantic")
 DOMAIN_ALIASES = {
@@ -88,8 +88,7 @@ def decode(path: Path, domain: str) -> np.ndarray:
     try:
         array = shards.decode_png(path.read_bytes())
     except (OSError, ValueError) as error:  # unreadable, truncated, not a PNG
-        reason = re.sub(r" at 0x[0-9a-f]+", "", str(error))  # no object addresses: the log stays reproducible
-        raise ValueError(f"cannot decode {path.name}: {reason}") from error
+        raise ValueError(f"cannot decode {path.name}: {error_reason(error)}") from error
     dtype, channels = ENCODINGS[domain]
     if array.ndim == 3 and channels == 1:
         array = array[..., 0]
@@ -113,33 +112,6 @@ def load_view(files: dict[str, Path], size: int) -> dict[str, bytes]:
     return members
 
 
-def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
-def _write_shard(path: Path, samples: list[dict]) -> None:
-    import webdataset as wds
-
-    temporary = path.with_name(path.name + ".partial")
-    with wds.TarWriter(str(temporary)) as writer:
-        for sample in samples:
-            writer.write(sample)
-    os.replace(temporary, path)  # a kill leaves a .partial file, never a half shard under the final name
-
-
-def _record(out: Path, state_path: Path, state: dict, entry: dict, position: int, skipped: list[str]) -> None:
-    """Commits the progress up to ``position`` (after a shard is in place) with the views skipped so far."""
-    if skipped:
-        with (out / "skipped.tsv").open("a") as log:
-            log.writelines(skipped)
-    entry["skipped"] += len(skipped)
-    skipped.clear()
-    entry["next"] = position
-    _write_json(state_path, state)
-
-
 def convert(
     root: str | Path,
     out: str | Path,
@@ -157,65 +129,21 @@ def convert(
         raise ValueError(f"unknown split {split!r}: supported: tiny")
     if size not in (256, 512):
         raise ValueError(f"size must be 256 or 512, got {size}")
-    if samples_per_shard < 1:
-        raise ValueError("samples_per_shard must be >= 1")
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise FileNotFoundError(f"no raw Taskonomy directory at {root}")
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "progress.json"
-    settings = {"root": str(root.resolve()), "split": split, "size": size, "samples_per_shard": samples_per_shard, "seed": seed}
-    if resume and state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state["settings"] != settings:
-            raise ValueError(f"{out} was converted with other settings {state['settings']}; convert into another directory")
-    elif (out / "manifest.json").exists() or state_path.exists():
-        raise ValueError(f"{out} already holds a conversion: use --resume to continue it or another --out")
-    else:
-        state = {"settings": settings, "splits": {}}
-    shards_written = 0
+    settings = {"root": str(root.resolve()), "split": split, "size": size, "seed": seed}
+    conversion = ResumableConversion(out, settings, samples_per_shard=samples_per_shard, resume=resume, progress=progress, stop_after_shards=stop_after_shards, unit="views")
     for part, buildings in TINY_SPLIT.items():
         views = find_views(root, buildings)
         order = sorted(views)
         np.random.default_rng(seed).shuffle(order)  # across buildings, reproducibly
-        entry = state["splits"].setdefault(part, {"next": 0, "shards": [], "samples": [], "skipped": 0})
-        batch: list[dict] = []
-        skipped: list[str] = []  # recorded with the next shard, so a resume neither loses nor repeats them
-        position = entry["next"]
-        while position < len(order):
-            key = order[position]
-            position += 1
-            try:
-                members = load_view(views[key], size)
-            except ValueError as error:
-                skipped.append(f"{view_name(key)}\t{error}\n")
-                if progress:
-                    print(f"skip {view_name(key)}: {error}", file=sys.stderr)
-                if position < len(order):
-                    continue
-            else:
-                building, point, view = key
-                meta = {"building": building, "point": point, "view": view, "size": size}
-                batch.append({"__key__": view_name(key), **members, "json": json.dumps(meta).encode()})
-            if batch and (len(batch) == samples_per_shard or position == len(order)):
-                name = f"{part}-{len(entry['shards']):06d}.tar"
-                _write_shard(out / name, batch)
-                entry["shards"].append(name)
-                entry["samples"].append(len(batch))
-                _record(out, state_path, state, entry, position, skipped)
-                shards_written += 1
-                if progress:
-                    print(f"{part}: {name} ({len(batch)} views, {position}/{len(order)} scanned)", file=sys.stderr)
-                batch = []
-                if stop_after_shards is not None and shards_written >= stop_after_shards:
-                    return {}
-        _record(out, state_path, state, entry, position, skipped)
-    manifest = {
-        "dataset": "taskonomy",
-        "size": size,
-        "seed": seed,
-        "splits": {part: {"shards": e["shards"], "samples": e["samples"], "total": sum(e["samples"]), "skipped": e["skipped"]} for part, e in state["splits"].items()},
-        "created_by": "l2b_fast.data.taskonomy_convert",
-    }
-    _write_json(out / "manifest.json", manifest)
-    return manifest
+
+        def load(key: ViewKey) -> dict[str, bytes]:
+            building, point, view = key
+            meta = {"building": building, "point": point, "view": view, "size": size}
+            return {**load_view(views[key], size), "json": json.dumps(meta).encode()}
+
+        if not conversion.pack(part, order, view_name, load):
+            return {}
+    return conversion.manifest("taskonomy", size, seed, created_by="l2b_fast.data.taskonomy_convert")
