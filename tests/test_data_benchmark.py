@@ -19,9 +19,11 @@ def test_data_throughput_writes_profile_loader_and_estimate(tmp_path, capsys):
     assert all(float(stages[s]["ms_per_sample"]) > 0 for s in data_throughput.STAGES)
     total = sum(float(stages[s]["ms_per_sample"]) for s in data_throughput.STAGES)
     assert abs(total - float(stages["total"]["ms_per_sample"])) < 1e-2
-    (loader,) = [row for row in rows if row["kind"] == "loader"]
-    assert loader["workers"] == "0" and float(loader["samples_per_s"]) > 0 and loader["skipped"] == "0"
-    (estimate,) = [row for row in rows if row["kind"] == "estimate"]
+    loaders = {row["normalise_in"]: row for row in rows if row["kind"] == "loader"}
+    assert sorted(loaders) == ["device", "worker"]
+    loader = loaders["worker"]
+    assert all(row["workers"] == "0" and float(row["samples_per_s"]) > 0 and row["skipped"] == "0" for row in loaders.values())
+    (estimate,) = [row for row in rows if row["kind"] == "estimate" and row["normalise_in"] == "worker"]
     per_core = float(estimate["samples_per_s_per_core"])
     assert per_core == float(loader["samples_per_s"]) and int(estimate["cores_per_gpu"]) == -(-500 // per_core)
     meta = json.loads(csv_path.with_suffix(".json").read_text())["meta"]

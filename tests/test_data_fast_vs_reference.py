@@ -3,6 +3,7 @@
 - ``augment`` (one gather per map through composed scale/flip/crop indices, rgb resized from a source box)
   against ``augment_reference`` (resize whole maps, flip, pad, crop);
 - ``TaskonomyProtocol.to_targets`` (lookup tables) against the formulas ``target_values`` / ``rgb_values``;
+- ``TaskonomyProtocol.to_targets_batch`` (torch, batched, any device) against ``to_targets``;
 - ``decode_png`` with libspng against Pillow.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from l2b_fast.data import shards
 from l2b_fast.data import transforms as T
@@ -149,3 +151,37 @@ def test_decode_png_without_pyspng_uses_pillow(monkeypatch):
     np.testing.assert_array_equal(shards.decode_png(shards.encode_png(array)), array)
     with pytest.raises(ValueError, match="pyspng is not installed"):
         shards.decode_png(shards.encode_png(array), "pyspng")
+
+
+@pytest.mark.parametrize("settings", PROTOCOLS)
+def test_to_targets_batch_matches_to_targets(settings):
+    """Normalising a raw batch with torch (on the GPU in training) gives exactly the per-sample numpy values."""
+    protocol = T.TaskonomyProtocol(**settings)
+    rng = np.random.default_rng(6)
+    samples = [T.augment(random_raw(rng, 15, 15), rng, scale=(0.6, 1.2), crop=13) for _ in range(3)]
+    samples.append({key: value for key, value in random_raw(rng, 13, 13).items()})  # no VALID_KEY: all valid
+    for sample in samples:  # int16 bit patterns must widen back to these
+        sample["depth_zbuffer"].flat[:4] = (0, 64499, 64500, 65535)
+        sample["edge_texture"].flat[:2] = (32768, 65535)
+    raw = {key: torch.stack([protocol.raw_tensors(sample)[key] for sample in samples]) for key in protocol.raw_tensors(samples[0])}
+    assert raw["edge_texture"].dtype == torch.int16 and raw["rgb"].dtype == torch.uint8
+    rgb, targets, masks = protocol.to_targets_batch(raw, "cpu")
+    expected = [protocol.to_targets(sample) for sample in samples]
+    torch.testing.assert_close(rgb, torch.stack([e[0] for e in expected]), rtol=0, atol=0)
+    for task in protocol.tasks:
+        torch.testing.assert_close(targets[task], torch.stack([e[1][task] for e in expected]), rtol=0, atol=0)
+        torch.testing.assert_close(masks[task], torch.stack([e[2][task] for e in expected]), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_to_targets_batch_on_cuda_matches_cpu():
+    protocol = T.TaskonomyProtocol()
+    rng = np.random.default_rng(7)
+    samples = [protocol.raw_tensors(T.augment(random_raw(rng, 33, 33), rng, crop=31)) for _ in range(4)]
+    raw = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    on_cpu, on_gpu = protocol.to_targets_batch(raw, "cpu"), protocol.to_targets_batch({k: v.pin_memory() for k, v in raw.items()}, "cuda")
+    torch.testing.assert_close(on_gpu[0].cpu(), on_cpu[0], rtol=0, atol=0)
+    for task in protocol.tasks:
+        torch.testing.assert_close(on_gpu[1][task].cpu(), on_cpu[1][task], rtol=0, atol=0)
+        torch.testing.assert_close(on_gpu[2][task].cpu(), on_cpu[2][task], rtol=0, atol=0)

@@ -282,6 +282,24 @@ def test_train_loader_with_workers(shards):
         assert len(batch[3]) == 2
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_raw_batches_normalised_later_equal_normalised_batches(shards, num_workers):
+    """normalize=False: the same samples and augmentations, normalised by to_targets_batch to the same values."""
+    urls, _ = shards
+    options = dict(batch_size=3, size=SIZE, seed=3, epoch_samples=12, num_workers=num_workers, shuffle_buffer=6, world_size=1, with_keys=True)
+    normalised = list(L.taskonomy_train_loader(urls, **options))
+    raw_batches = list(L.taskonomy_train_loader(urls, normalize=False, **options))
+    assert len(raw_batches) == len(normalised) == 4
+    protocol = T.TaskonomyProtocol()
+    for (raw, keys), (rgb, targets, masks, expected_keys) in zip(raw_batches, normalised):
+        assert keys == expected_keys and raw["rgb"].dtype == torch.uint8 and raw["depth_zbuffer"].dtype == torch.int16
+        batch = protocol.to_targets_batch(raw)
+        torch.testing.assert_close(batch[0], rgb, rtol=0, atol=0)
+        for task in T.TASKS:
+            torch.testing.assert_close(batch[1][task], targets[task], rtol=0, atol=0)
+            torch.testing.assert_close(batch[2][task], masks[task], rtol=0, atol=0)
+
+
 def test_eval_loader_every_sample_once_deterministic(shards):
     urls, raws = shards
     protocol = T.TaskonomyProtocol()

@@ -7,7 +7,8 @@ Two measurements on the same shards, in one run:
   masks) and collate it into a batch;
 - **loader throughput**: :func:`l2b_fast.data.loader.taskonomy_train_loader` end to end (the real pipeline:
   resampled shards, shuffle buffer, workers, batches) with 0 workers (all in this process), 1 worker, and
-  one worker per core.
+  one worker per core; with targets normalised in the workers, and with raw batches (``normalize=False``)
+  whose normalisation ``protocol.to_targets_batch`` does on the GPU (not timed: a CPU-only run has no GPU).
 
 At 128 (the search resolution) and 256 (retraining), from shards stored at 256 (what ``l2b data taskonomy``
 writes by default). Without ``--shards`` it first writes synthetic Taskonomy shards (the library's own
@@ -98,14 +99,16 @@ def profile_stages(samples: list[dict], read_seconds: float, size: int, batch_si
     return per_sample
 
 
-def loader_throughput(urls: list[str], size: int, batch_size: int, workers: int, batches: int, seed: int = 0) -> dict:
-    """Samples per second of the training loader over ``batches`` batches after a warm-up (workers started)."""
+def loader_throughput(urls: list[str], size: int, batch_size: int, workers: int, batches: int, normalize: bool, seed: int = 0) -> dict:
+    """Samples per second of the training loader over ``batches`` batches after a warm-up (workers started).
+
+    ``normalize=False``: the loader delivers raw batches, normalised later on the GPU (not timed here)."""
     from l2b_fast.data import loader as data_loader
 
     warmup = max(2, 2 * workers)
     epoch_samples = batch_size * (warmup + batches) * max(1, workers)  # every worker yields >= warmup + batches
     loader = data_loader.taskonomy_train_loader(
-        urls, batch_size=batch_size, size=size, seed=seed, epoch_samples=epoch_samples, num_workers=workers, shuffle_buffer=4 * batch_size
+        urls, batch_size=batch_size, size=size, seed=seed, epoch_samples=epoch_samples, num_workers=workers, shuffle_buffer=4 * batch_size, normalize=normalize
     )
     iterator = iter(loader)
     for _ in range(warmup):
@@ -129,6 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stored-size", type=int, default=256, help="side of the generated synthetic shards (default 256, as the converter stores)")
     parser.add_argument("--sizes", default="128,256", help="working sizes (default 128,256: search and retrain)")
     parser.add_argument("--workers", default=None, help=f"comma-separated DataLoader worker counts (default 0,1,{cores}: in-process, one worker, one per core)")
+    parser.add_argument("--normalise-in", default="worker,device", help="where targets are normalised: worker (the loader yields targets) and/or device (the loader yields raw batches for protocol.to_targets_batch on the GPU; that step is not timed); default both")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=None, help="timed batches per loader run (default: about two passes' worth of the profiled samples per process, at least 8)")
     parser.add_argument("--gpu-samples-per-s", type=float, default=None, help="search-step throughput of one GPU (samples/s) to convert into cores per GPU")
@@ -136,6 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.sizes = [int(size) for size in args.sizes.split(",")]
     args.workers = [int(count) for count in (args.workers or f"0,1,{cores}").split(",")]
+    args.normalise_in = args.normalise_in.split(",")
+    if not set(args.normalise_in) <= {"worker", "device"}:
+        parser.error("--normalise-in takes worker, device or both")
     if args.batch_size < 1 or args.samples < args.batch_size or min(args.sizes) < 8 or min(args.workers) < 0:
         parser.error("need --batch-size >= 1, --samples >= --batch-size, sizes >= 8 and workers >= 0")
     if args.gpu_samples_per_s is not None and args.gpu_samples_per_s <= 0:
@@ -183,25 +190,27 @@ def main(argv=None) -> int:
             for stage in STAGES:
                 stage_rows.append({"size": size, "stage": stage, "ms_per_sample": round(per_sample[stage], 4), "share_pct": round(100 * per_sample[stage] / total, 1)})
             stage_rows.append({"size": size, "stage": "total", "ms_per_sample": round(total, 4), "share_pct": 100.0, "samples_per_s": round(1e3 / total, 1)})
-            for workers in args.workers:
-                measured = loader_throughput(urls, size, args.batch_size, workers, batches)
-                row = {"size": size, "workers": workers, "batch_size": args.batch_size, "batches": batches}
-                row.update({k: round(v, 1) if isinstance(v, float) else v for k, v in measured.items()})
-                loader_rows.append(row)
-                print(f"  size {size}, {workers} worker(s): {measured['samples_per_s']:.1f} samples/s", file=sys.stderr)
+            for normalise_in in args.normalise_in:
+                for workers in args.workers:
+                    measured = loader_throughput(urls, size, args.batch_size, workers, batches, normalize=normalise_in == "worker")
+                    row = {"size": size, "normalise_in": normalise_in, "workers": workers, "batch_size": args.batch_size, "batches": batches}
+                    row.update({k: round(v, 1) if isinstance(v, float) else v for k, v in measured.items()})
+                    loader_rows.append(row)
+                    print(f"  size {size}, normalise in {normalise_in}, {workers} worker(s): {measured['samples_per_s']:.1f} samples/s", file=sys.stderr)
         print("\nstage profile (one process, ms per sample):")
         print(format_rows(stage_rows, ["size", "stage", "ms_per_sample", "share_pct", "samples_per_s"]))
         print("\ntraining loader end to end:")
-        print(format_rows(loader_rows, ["size", "workers", "batch_size", "samples_per_s", "samples_per_s_per_process", "skipped"]))
+        print(format_rows(loader_rows, ["size", "normalise_in", "workers", "batch_size", "samples_per_s", "samples_per_s_per_process", "skipped"]))
         estimate_rows = []
         if args.gpu_samples_per_s is not None:
             for size in args.sizes:
-                # One core = one worker process (IPC included) when measured, else the in-process loader.
-                rates = {row["workers"]: row["samples_per_s_per_process"] for row in loader_rows if row["size"] == size and row["workers"] <= 1}
-                per_core = rates.get(1) or rates.get(0) or [row for row in stage_rows if row["size"] == size and row["stage"] == "total"][0]["samples_per_s"]
-                estimate_rows.append({"size": size, "gpu_samples_per_s": args.gpu_samples_per_s, "samples_per_s_per_core": per_core, "cores_per_gpu": math.ceil(args.gpu_samples_per_s / per_core)})
+                for normalise_in in args.normalise_in:
+                    # One core = one worker process (IPC included) when measured, else the in-process loader.
+                    rates = {row["workers"]: row["samples_per_s_per_process"] for row in loader_rows if row["size"] == size and row["normalise_in"] == normalise_in and row["workers"] <= 1}
+                    per_core = rates.get(1) or rates.get(0) or [row for row in stage_rows if row["size"] == size and row["stage"] == "total"][0]["samples_per_s"]
+                    estimate_rows.append({"size": size, "normalise_in": normalise_in, "gpu_samples_per_s": args.gpu_samples_per_s, "samples_per_s_per_core": per_core, "cores_per_gpu": math.ceil(args.gpu_samples_per_s / per_core)})
             print("\ncores to feed one GPU:")
-            print(format_rows(estimate_rows, ["size", "gpu_samples_per_s", "samples_per_s_per_core", "cores_per_gpu"]))
+            print(format_rows(estimate_rows, ["size", "normalise_in", "gpu_samples_per_s", "samples_per_s_per_core", "cores_per_gpu"]))
     if args.out is not None:
         stem = f"data_taskonomy_{re.sub(r'[^A-Za-z0-9]+', '-', meta['device']).strip('-').lower()}_{meta['cores']}cores"
         rows = [{"kind": "stage", **row} for row in stage_rows] + [{"kind": "loader", **row} for row in loader_rows] + [{"kind": "estimate", **row} for row in estimate_rows]

@@ -382,15 +382,20 @@ class TaskonomyProtocol:
         clip = {"keypoints2d": self.keypoints_clip, "edge_texture": self.edge_clip}[task]
         return (np.clip(x.astype(np.float64) / 65536.0, 0.0, clip) / clip * 2.0 - 1.0).astype(np.float32)
 
-    def target_mask(self, task: str, raw: np.ndarray) -> np.ndarray:
-        """Which pixels of a raw map count (before padding is removed): bool [H, W]."""
+    def target_mask(self, task: str, raw):
+        """Which pixels of a raw map count (before padding is removed): bool [..., H, W].
+
+        ``raw``: a numpy map in its raw encoding, or a torch tensor of the raw values (any integer dtype)."""
         if task == "segment_semantic" and self.segmentation_mask == "ignore_uncertain_background":
             return raw >= 2
         if task == "normal" and self.mask_invalid_normals:
             return ~((raw[..., 0] == 128) & (raw[..., 1] == 128) & (raw[..., 2] == 128))
         if task == "depth_zbuffer":
             return raw < self.depth_valid_below
-        return np.ones(raw.shape[:2], dtype=bool)
+        shape = raw.shape[:-1] if task == "normal" else raw.shape
+        if isinstance(raw, torch.Tensor):
+            return torch.ones(shape, dtype=torch.bool, device=raw.device)
+        return np.ones(shape, dtype=bool)
 
     @functools.cached_property
     def _tables(self) -> dict:
@@ -401,26 +406,42 @@ class TaskonomyProtocol:
             tables[task] = self.target_values(task, np.arange(np.iinfo(RAW_DTYPES[task]).max + 1, dtype=RAW_DTYPES[task]))
         return tables
 
-    def to_targets(self, raw: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Raw decoded arrays (optionally with ``raw[VALID_KEY]``) -> (rgb [3,H,W], targets, masks)."""
-        rgb_raw = raw["rgb"]
-        if rgb_raw.ndim != 3 or rgb_raw.shape[2] != 3:
-            raise CorruptSampleError(f"rgb must be [H, W, 3], got shape {rgb_raw.shape}")
-        h, w = rgb_raw.shape[:2]
-        valid = raw.get(VALID_KEY)
-        valid = None if valid is None else np.asarray(valid, dtype=bool)
-        padded = valid is not None and not valid.all()
-        rgb = self.normalize_rgb(rgb_raw)
-        if padded:
-            rgb *= valid  # padded pixels -> 0
-        targets: dict[str, torch.Tensor] = {}
-        masks: dict[str, torch.Tensor] = {}
+    def _torch_tables(self, device: torch.device) -> dict:
+        cache = self.__dict__.setdefault("_torch_table_cache", {})  # frozen dataclass: no attribute assignment
+        if device not in cache:
+            tables = self._tables
+            cache[device] = {
+                "rgb": torch.from_numpy(np.stack(tables["rgb"])).to(device),
+                **{task: torch.from_numpy(tables[task]).to(device) for task in self.tasks},
+            }
+        return cache[device]
+
+    def _check_raw(self, raw: Mapping[str, np.ndarray]) -> tuple[int, int]:
+        """(H, W) of a raw sample; CorruptSampleError unless every map has its encoding's dtype and shape."""
+        rgb = raw["rgb"]
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise CorruptSampleError(f"rgb must be uint8 [H, W, 3], got {rgb.dtype} {rgb.shape}")
+        h, w = rgb.shape[:2]
         for task in self.tasks:
             value = raw[task]
             expected = (h, w, 3) if task == "normal" else (h, w)
             if value.shape != expected or value.dtype != RAW_DTYPES[task]:
                 raise CorruptSampleError(f"{task} must be {np.dtype(RAW_DTYPES[task]).name} {expected}, got {value.dtype} {value.shape}")
-            table = self._tables[task]
+        return h, w
+
+    def to_targets(self, raw: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Raw decoded arrays (optionally with ``raw[VALID_KEY]``) -> (rgb [3,H,W], targets, masks)."""
+        self._check_raw(raw)
+        valid = raw.get(VALID_KEY)
+        valid = None if valid is None else np.asarray(valid, dtype=bool)
+        padded = valid is not None and not valid.all()
+        rgb = self.normalize_rgb(raw["rgb"])
+        if padded:
+            rgb *= valid  # padded pixels -> 0
+        targets: dict[str, torch.Tensor] = {}
+        masks: dict[str, torch.Tensor] = {}
+        for task in self.tasks:
+            value, table = raw[task], self._tables[task]
             if task == "normal":
                 target = np.take(table, np.moveaxis(value, 2, 0))  # [3, H, W] straight out of the lookup
             elif task == "segment_semantic":
@@ -435,6 +456,50 @@ class TaskonomyProtocol:
             targets[task] = torch.from_numpy(target)
             masks[task] = torch.from_numpy(mask)
         return torch.from_numpy(rgb), targets, masks
+
+    # -- normalising on the GPU -----------------------------------------------------------------------------
+    def raw_tensors(self, raw: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """A raw (augmented) sample as CPU tensors for :meth:`to_targets_batch`, ~3.5x fewer bytes than the
+        targets: rgb, the protocol's tasks and ``VALID_KEY`` (all True if absent). uint16 maps travel as int16
+        bit patterns (torch's uint16 has no arithmetic); :meth:`to_targets_batch` widens them back."""
+        h, w = self._check_raw(raw)
+        out = {}
+        for key in self.members:
+            value = raw[key]
+            out[key] = torch.from_numpy(value.view(np.int16) if value.dtype == np.uint16 else value)
+        valid = raw.get(VALID_KEY)
+        out[VALID_KEY] = torch.ones((h, w), dtype=torch.bool) if valid is None else torch.from_numpy(np.asarray(valid, dtype=bool))
+        return out
+
+    def to_targets_batch(self, raw: Mapping[str, torch.Tensor], device=None, non_blocking: bool = True):
+        """:meth:`to_targets` for a batch of :meth:`raw_tensors` ([B, H, W(, 3)] each), on ``device``.
+
+        Returns ``(rgb [B,3,H,W], {task: target [B,...]}, {task: mask [B,H,W]})`` with exactly the values of
+        ``to_targets`` (same lookup tables). Moving the raw batch to the GPU and normalising there takes the
+        normalisation off the loader workers and sends ~3.5x fewer bytes through them; no host sync.
+        """
+        device = raw["rgb"].device if device is None else torch.device(device)
+        tables = self._torch_tables(device)
+        moved = {key: value.to(device, non_blocking=non_blocking) for key, value in raw.items()}
+        valid = moved[VALID_KEY]
+        rgb_raw = moved["rgb"].long()
+        source = (0, 1, 2) if self.rgb_normalization == "minus_one_one" else (2, 1, 0)
+        rgb = torch.stack([tables["rgb"][channel][rgb_raw[..., index]] for channel, index in enumerate(source)], dim=1)
+        rgb = rgb * valid[:, None]
+        targets, masks = {}, {}
+        for task in self.tasks:
+            value = moved[task]
+            index = (value.int() & 0xFFFF).long() if RAW_DTYPES[task] == np.uint16 else value.long()
+            target = tables[task][index]
+            if task == "normal":
+                target = target.permute(0, 3, 1, 2).contiguous()
+            elif task == "segment_semantic":
+                target = torch.where(valid, target, 255)
+            else:
+                target = target.unsqueeze(1)
+            targets[task] = target
+            masks[task] = self.target_mask(task, index) & valid
+        return rgb, targets, masks
 
 
 # ---------------------------------------------------------------------------------------------------- CelebA
