@@ -4,6 +4,7 @@ Everything works on whole numpy arrays (no per-pixel Python). The pipeline is
 
     decode_png (raw uint8/uint16 arrays)  ->  resize_raw (working resolution)  ->  augment (train only, RAW values)
     ->  TaskonomyProtocol.to_targets (normalised float tensors + boolean masks)
+    or  TaskonomyProtocol.raw_tensors  ->  (batch, move to the GPU)  ->  TaskonomyProtocol.to_targets_batch
 
 Augmentation runs on the RAW encodings so that every modality sees the same geometric transform and the
 normalisation stays configurable. Pixels that augmentation invents (crop padding) are tracked in the boolean
