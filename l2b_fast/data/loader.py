@@ -388,8 +388,7 @@ def taskonomy_eval_loader(
     """One deterministic pass over this rank's shards ``urls[rank::world_size]`` (resize only, no shuffle).
 
     Yields the same tuples as :func:`taskonomy_train_loader` (``normalize`` as there); the last batch may be
-    partial. Combine per-rank
-    metric sums with :func:`reduce_metric_sums`.
+    partial. Combine per-rank metric sums with :func:`reduce_metric_sums`.
     """
     protocol = protocol or TaskonomyProtocol()
     return _build(

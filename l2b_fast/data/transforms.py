@@ -170,10 +170,14 @@ def _flip_normal(normal: np.ndarray) -> np.ndarray:
     return _negate_normal_x(np.array(normal[:, ::-1]))
 
 
+def _invalid_normals(normal):
+    """bool [..., H, W]: pixels of a raw normal map (numpy or torch, [..., 3] last) that are exactly (128,128,128)."""
+    return (normal[..., 0] == 128) & (normal[..., 1] == 128) & (normal[..., 2] == 128)
+
+
 def _negate_normal_x(normal: np.ndarray) -> np.ndarray:
     """In place on a writable [H, W, 3] uint8 map: x -> 255 - x except on invalid (128,128,128) pixels."""
-    invalid = (normal[..., 0] == 128) & (normal[..., 1] == 128) & (normal[..., 2] == 128)
-    normal[..., 0] = np.where(invalid, np.uint8(128), np.uint8(255) - normal[..., 0])
+    normal[..., 0] = np.where(_invalid_normals(normal), np.uint8(128), np.uint8(255) - normal[..., 0])
     return normal
 
 
@@ -357,12 +361,15 @@ class TaskonomyProtocol:
         """uint8 [H, W, 3] -> float32 [3, H, W]."""
         if rgb.dtype != np.uint8:
             raise CorruptSampleError(f"rgb must be uint8, got {rgb.dtype}")
-        tables = self._tables["rgb"]  # one per output channel (caffe_bgr reverses the channel order)
-        source = (0, 1, 2) if self.rgb_normalization == "minus_one_one" else (2, 1, 0)
         out = np.empty((3,) + rgb.shape[:2], dtype=np.float32)
-        for channel, (table, index) in enumerate(zip(tables, source)):
+        for channel, (table, index) in enumerate(zip(self._tables["rgb"], self._rgb_source_channels)):
             np.take(table, rgb[..., index], out=out[channel])
         return out
+
+    @property
+    def _rgb_source_channels(self) -> tuple[int, int, int]:
+        """The input channel behind each output channel (caffe_bgr reverses the order); one table per output."""
+        return (0, 1, 2) if self.rgb_normalization == "minus_one_one" else (2, 1, 0)
 
     def rgb_values(self, values: np.ndarray) -> np.ndarray:
         """The rgb formula: uint8 values [..., 3] -> float32 [..., 3] (x/255*2-1, or BGR minus the Caffe mean)."""
@@ -390,7 +397,7 @@ class TaskonomyProtocol:
         if task == "segment_semantic" and self.segmentation_mask == "ignore_uncertain_background":
             return raw >= 2
         if task == "normal" and self.mask_invalid_normals:
-            return ~((raw[..., 0] == 128) & (raw[..., 1] == 128) & (raw[..., 2] == 128))
+            return ~_invalid_normals(raw)
         if task == "depth_zbuffer":
             return raw < self.depth_valid_below
         shape = raw.shape[:-1] if task == "normal" else raw.shape
@@ -484,8 +491,7 @@ class TaskonomyProtocol:
         moved = {key: value.to(device, non_blocking=non_blocking) for key, value in raw.items()}
         valid = moved[VALID_KEY]
         rgb_raw = moved["rgb"].long()
-        source = (0, 1, 2) if self.rgb_normalization == "minus_one_one" else (2, 1, 0)
-        rgb = torch.stack([tables["rgb"][channel][rgb_raw[..., index]] for channel, index in enumerate(source)], dim=1)
+        rgb = torch.stack([tables["rgb"][channel][rgb_raw[..., index]] for channel, index in enumerate(self._rgb_source_channels)], dim=1)
         rgb = rgb * valid[:, None]
         targets, masks = {}, {}
         for task in self.tasks:
