@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from l2b_fast.nn import BlockSpec, Branching, TreeNet, TreeSupernet, parameter_count
+from l2b_fast.nn import BasicBlock, BlockSpec, Branching, TreeNet, TreeSupernet, parameter_count
 from l2b_fast.tree import Tree, derive
 
 TASKS = ["a-0", "a-1", "b-0", "b-1"]
@@ -203,3 +203,37 @@ def test_supernet_search_mode_compiles_fullgraph():
     out = compiled(torch.randn(4, 5))
     sum(v.square().sum() for v in out.values()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.logits_parameters())
+
+
+def test_execution_argument_is_validated():
+    with pytest.raises(ValueError, match="execution must be one of"):
+        supernet(execution="fast")
+    with pytest.raises(ValueError, match="execution must be one of"):
+        BlockSpec(3, lambda b, j: nn.Identity(), execution="batched")
+    assert supernet(execution="per_child").executions == ["per_child"] * 3
+
+
+def test_nodes_of_different_output_shapes_raise_naming_the_block():
+    def uneven(block, child):
+        return nn.Linear(5 if block == 0 else 6, 6 if block == 0 else 6 + child)
+
+    net = TreeSupernet([BlockSpec(2, uneven), BlockSpec(4, uneven)], TASKS, execution="per_child")
+    with pytest.raises(ValueError, match=r"block 1 give outputs of different shapes \[\(3, 6\), \(3, 7\)"):
+        net(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize(("stride", "in_channels", "dilation"), [(1, 4, 1), (2, 4, 1), (1, 3, 2)])
+def test_basic_block_matches_its_definition(stride, in_channels, dilation):
+    torch.manual_seed(0)
+    block = BasicBlock(in_channels, 4, stride=stride, dilation=dilation)
+    assert (block.downsample is None) == (stride == 1 and in_channels == 4)
+    x = torch.randn(2, in_channels, 9, 7)
+    out = block(x)
+    f = nn.functional
+    body = f.relu(block.bn1(f.conv2d(x, block.conv1.weight, stride=stride, padding=dilation, dilation=dilation)))
+    body = block.bn2(f.conv2d(body, block.conv2.weight, padding=dilation, dilation=dilation))
+    shortcut = x if block.downsample is None else block.downsample[1](f.conv2d(x, block.downsample[0].weight, stride=stride))
+    torch.testing.assert_close(out, f.relu(body + shortcut))
+    assert out.shape == (2, 4, (9 - 1) // stride + 1, (7 - 1) // stride + 1)
+    with pytest.raises(ValueError, match="stride"):
+        BasicBlock(4, 4, stride=0)

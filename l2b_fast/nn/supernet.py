@@ -11,6 +11,14 @@ from torch import nn
 from l2b_fast.nn.branching import Branching
 
 NodeFactory = Callable[[int, int], nn.Module]  # (block index, child index) -> node
+EXECUTIONS = ("auto", "grouped", "per_child")
+
+
+def check_execution(execution: str | None, *, allow_none: bool = False) -> None:
+    if execution is None and allow_none:
+        return
+    if not isinstance(execution, str) or execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}{' or None' if allow_none else ''}, got {execution!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,10 +26,15 @@ class BlockSpec:
     """One branching block: ``children`` child nodes built by ``node(block_index, child_index)``.
 
     The nodes of one block must map inputs of one shape to outputs of one shape (they are stacked).
+    ``execution`` overrides the supernet's ``execution`` for this block (``None``: the supernet's).
     """
 
     children: int
     node: NodeFactory
+    execution: str | None = None
+
+    def __post_init__(self):
+        check_execution(self.execution, allow_none=True)
 
 
 def make_heads(tasks: Sequence[str], heads: Mapping[str, nn.Module] | Callable[[str], nn.Module] | None) -> nn.ModuleDict:
@@ -47,6 +60,20 @@ def check_blocks(blocks: Sequence[BlockSpec], tasks: Sequence[str]) -> None:
             raise ValueError(f"block {b} has {spec.children} children")
 
 
+def stack_outputs(block: int, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack the J node outputs of ``block``; nodes giving different shapes are a model error, named here."""
+    shapes = [tuple(out.shape) for out in outputs]
+    if any(shape != shapes[0] for shape in shapes):
+        raise ValueError(f"the nodes of block {block} give outputs of different shapes {shapes}; the nodes of one block must map one input shape to one output shape")
+    return torch.stack(list(outputs))
+
+
+def run_per_child(block: int, branching: Branching, nodes: nn.ModuleList, parents: torch.Tensor, generator) -> torch.Tensor:
+    """The reference execution: gather every child's input ``[J, *S]``, then run the nodes one by one."""
+    inputs = branching(parents, generator=generator)
+    return stack_outputs(block, [node(inputs[j]) for j, node in enumerate(nodes)])
+
+
 class TreeSupernet(nn.Module):
     """Every block samples each child's parent among the previous block's nodes; returns {task: output}.
 
@@ -59,6 +86,10 @@ class TreeSupernet(nn.Module):
         tasks: task names (the last block's children, in order).
         heads: per-task modules after the last block (dict or factory ``task -> module``); default identity.
         tau, backend: initial temperature and op backend of every branching block.
+        execution: how each block runs its children (a strategy: parameters and ``state_dict`` are the
+            same for all): ``"per_child"`` runs the J nodes one after another on gathered inputs (the
+            reference); ``"grouped"`` runs all J children of a block as one batched launch per layer;
+            ``"auto"`` groups every block whose nodes are supported and runs the others per child.
     """
 
     def __init__(
@@ -69,20 +100,24 @@ class TreeSupernet(nn.Module):
         *,
         tau: float = 1.0,
         backend: str | None = None,
+        execution: str = "auto",
     ):
         super().__init__()
+        check_execution(execution)
         check_blocks(blocks, tasks)
         self.tasks = list(tasks)
         widths = [1] + [spec.children for spec in blocks]
         self.branchings = nn.ModuleList(Branching(widths[b], widths[b + 1], tau=tau, backend=backend) for b in range(len(blocks)))
         self.nodes = nn.ModuleList(nn.ModuleList(spec.node(b, j) for j in range(spec.children)) for b, spec in enumerate(blocks))
         self.heads = make_heads(self.tasks, heads)
+        self.executions = [spec.execution or execution for spec in blocks]
+        if "grouped" in self.executions:
+            raise ValueError("execution='grouped' is not available yet")
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         parents = x.unsqueeze(0)
-        for branching, nodes in zip(self.branchings, self.nodes):
-            inputs = branching(parents, generator=generator)
-            parents = torch.stack([node(inputs[j]) for j, node in enumerate(nodes)])
+        for block, (branching, nodes) in enumerate(zip(self.branchings, self.nodes)):
+            parents = run_per_child(block, branching, nodes, parents, generator)
         return {task: self.heads[task](parents[k]) for k, task in enumerate(self.tasks)}
 
     def set_tau(self, tau: float) -> None:
