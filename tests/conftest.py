@@ -1,22 +1,25 @@
-"""Shared fixtures. TRITON_INTERPRET=1 must be set before Triton kernels are decorated, so it is set
-here, before l2b_fast (or triton) is imported: the ``triton`` backend then runs on CPU tensors."""
+"""Shared fixtures. Without a CUDA device, TRITON_INTERPRET=1 runs the ``triton`` backend on CPU tensors
+through Triton's interpreter; it must be set before the kernels are decorated, so it is set here, before
+l2b_fast (or triton) is imported. With a CUDA device the compiled Triton kernels are what the tests check,
+so the interpreter stays off (unless TRITON_INTERPRET is set by hand)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 
-if importlib.util.find_spec("triton") is not None:
+import pytest
+import torch  # importing torch does not import triton; torch.cuda.is_available() creates no CUDA context
+
+CUDA = torch.cuda.is_available()
+if importlib.util.find_spec("triton") is not None and not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("L2B_BACKEND", None)  # tests choose backends explicitly
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import l2b_fast  # noqa: E402
 from l2b_fast import backends  # noqa: E402
 
-CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device"))]
 
 # (dtype, atol, rtol) against the float64 reference on the same (upcast) inputs.
@@ -44,6 +47,9 @@ def device(request) -> str:
 
 def pytest_report_header(config):
     lines = [f"torch {torch.__version__}, l2b_fast {l2b_fast.__version__}"]
+    if importlib.util.find_spec("triton") is not None:
+        mode = "interpreter (TRITON_INTERPRET=1)" if backends.triton_interpreting() else "compiled kernels"
+        lines.append(f"triton {importlib.metadata.version('triton')}: {mode}")
     for device_type in ("cpu", "cuda"):
         status = ", ".join(f"{name}: {'yes' if why is None else 'no'}" for name, why in backends.available(device_type).items())
         lines.append(f"l2b_fast backends on {device_type}: {status}")
