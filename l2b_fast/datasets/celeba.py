@@ -1,0 +1,127 @@
+"""CelebA's 40 binary attributes as 40 tasks (the paper's Sec. 4.2): losses, Table 1's mean accuracy, the paper's rows.
+
+Each attribute is one task (a leaf of the tree), predicted as one logit per image (``[B]`` or ``[B, 1]``).
+The loader yields ``{"attributes": float [B, 40]}`` with 0/1 labels (:func:`l2b_fast.data.loader.celeba_loader`);
+:meth:`CelebA.task_targets` splits it into one ``[B]`` target per attribute. Loss: binary cross-entropy on the
+logit ("40 cross-entropy losses with equal weightings"); metric: accuracy of ``logit > 0`` per attribute and
+their mean over the attributes, in percent (Table 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from l2b_fast.data.synthetic_celeba import ATTRIBUTES
+
+from .base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, check_prediction
+
+__all__ = ["ATTRIBUTES", "CelebA", "CelebAMetrics", "PAPER_ROWS"]
+
+#: Table 1 of the paper (CelebA test set): mean accuracy in percent, parameters in millions (None: not given).
+PAPER_ROWS: tuple[PaperRow, ...] = tuple(
+    PaperRow(method, params, {"mean_accuracy": accuracy}, "Guo et al. 2020, Table 1")
+    for method, accuracy, params in (
+        ("LNet+ANet (Wang et al., 2016)", 87.0, None),
+        ("Walk and Learn (Wang et al., 2016)", 88.0, None),
+        ("MOON (Rudd et al., 2016)", 90.94, 119.73),
+        ("Indep Group (Hand & Chellappa, 2017)", 91.06, None),
+        ("MCNN-AUX (Hand & Chellappa, 2017)", 91.29, None),
+        ("VGG-16 Baseline (Lu et al., 2017)", 91.44, 134.41),
+        ("Branch-VGG (Lu et al., 2017)", 90.79, 2.09),
+        ("LearnToBranch-VGG (Guo et al., 2020)", 91.55, 1.94),
+        ("GNAS-Deep-Wide (Huang et al., 2018)", 91.36, 6.41),
+        ("LearnToBranch-Deep-Wide (Guo et al., 2020)", 91.62, 6.33),
+    )
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CelebA(MultiTaskDataset):
+    """CelebA's attributes as tasks (``attributes``: a subset of :data:`ATTRIBUTES`, kept in the standard order)."""
+
+    attributes: tuple[str, ...] = ATTRIBUTES
+
+    name = "celeba"
+    columns = (Column("mean_accuracy", "Acc (%)", True, ".2f"),)
+    paper_rows = PAPER_ROWS
+
+    def __post_init__(self):
+        chosen = (self.attributes,) if isinstance(self.attributes, str) else tuple(self.attributes)
+        unknown = [name for name in chosen if name not in ATTRIBUTES]
+        if unknown or not chosen or len(set(chosen)) != len(chosen):
+            raise ValueError(f"attributes must be distinct CelebA attributes (e.g. {ATTRIBUTES[0]}, {ATTRIBUTES[20]}); got {list(chosen)}")
+        object.__setattr__(self, "attributes", tuple(name for name in ATTRIBUTES if name in chosen))
+
+    @property
+    def task_specs(self) -> tuple[TaskSpec, ...]:
+        return tuple(TaskSpec(name, 1, "binary cross-entropy", ("accuracy",)) for name in self.attributes)
+
+    def task_targets(self, targets, masks=None):
+        """``{"attributes": [B, 40]}`` (the loader's) -> ``{attribute: [B]}``; masks are not used (None)."""
+        table = targets.get("attributes") if isinstance(targets, dict) else None
+        if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != len(ATTRIBUTES):
+            raise ValueError(f"CelebA targets must be {{'attributes': [B, {len(ATTRIBUTES)}]}} as celeba_loader yields, got {_describe(table)}")
+        return {name: table[:, ATTRIBUTES.index(name)] for name in self.attributes}, None
+
+    def _logits(self, task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if task not in self.attributes:
+            raise ValueError(f"unknown task {task!r}: not one of this CelebA's attributes")
+        if isinstance(pred, torch.Tensor) and pred.dim() == 1:
+            pred = pred.unsqueeze(1)
+        check_prediction(task, pred, 1, None)
+        if not isinstance(target, torch.Tensor) or target.shape != (pred.shape[0],):
+            raise ValueError(f"{task}: target must be [B] = [{pred.shape[0]}] labels 0/1, got {_describe(target)}")
+        return pred[:, 0]
+
+    def loss(self, task, pred, target, mask=None):
+        """Binary cross-entropy of the logit, averaged over the batch (``mask`` is not used)."""
+        logits = self._logits(task, pred, target)
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return F.binary_cross_entropy_with_logits(logits.to(dtype), target.to(dtype))
+
+    def metrics(self) -> "CelebAMetrics":
+        return CelebAMetrics(self)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "attributes": list(self.attributes)}
+
+
+def _describe(value) -> str:
+    return f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+class CelebAMetrics(MetricAccumulator):
+    """Correct predictions (``logit > 0`` vs label > 0.5) per attribute and the sample count."""
+
+    def __init__(self, dataset: CelebA):
+        self.dataset = dataset
+        super().__init__(sums={}, counts={"correct": (len(dataset.attributes),)})
+
+    @torch.no_grad()
+    def update(self, outputs, targets, masks=None):
+        correct, batch = [], None
+        for task in self.dataset.attributes:
+            if task not in outputs or task not in targets:
+                raise ValueError(f"update: no {'output' if task not in outputs else 'target'} for attribute {task!r}")
+            logits = self.dataset._logits(task, outputs[task], targets[task])
+            if batch is not None and logits.shape[0] != batch:
+                raise ValueError(f"update: attribute {task!r} has batch {logits.shape[0]}, another {batch}")
+            batch = logits.shape[0]
+            correct.append(((logits > 0) == (targets[task] > 0.5)).sum())
+        self._add("correct", torch.stack(correct))
+        self._add("samples", torch.tensor(batch, device=self.counts["samples"].device))
+
+    def compute(self):
+        samples = self.samples
+        return {name: {"accuracy": 100.0 * int(count) / samples if samples else math.nan} for name, count in zip(self.dataset.attributes, self.counts["correct"].tolist())}
+
+    def summary(self):
+        accuracies = [values["accuracy"] for values in self.compute().values()]
+        return {"mean_accuracy": sum(accuracies) / len(accuracies)}
+
+    def describe(self):
+        return {"kind": type(self).__name__, **self.dataset.describe()}
