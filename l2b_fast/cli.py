@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         synthetic_parser.add_argument("--size", type=int, default=default_size, help=f"image side (default {default_size})")
         synthetic_parser.add_argument("--seed", type=int, default=0)
         synthetic_parser.add_argument("--samples-per-shard", type=int, default=1000)
+        synthetic_parser.add_argument("--overwrite", action="store_true", help="replace the shard set already in OUT (its shards, manifest and logs are deleted first; other files make it refuse)")
 
     presets = commands.add_parser("presets", help="list presets or print one", description="List the built-in presets, or print one to copy and edit.")
     presets.add_argument("--print", dest="print_name", metavar="NAME", help="print this preset's TOML")
@@ -96,6 +97,9 @@ def _config_for(args) -> dict:
 
 
 def _data(args) -> int:
+    from l2b_fast.data.dependencies import require_data_packages
+
+    require_data_packages()  # a missing package fails here, naming the install command, before anything is written
     if args.data_command == "taskonomy":
         from l2b_fast.data import taskonomy_convert
 
@@ -111,7 +115,7 @@ def _data(args) -> int:
             from l2b_fast.data import synthetic_taskonomy as generator
         else:
             from l2b_fast.data import synthetic_celeba as generator
-        manifest = generator.generate(args.out, args.n, args.size, seed=args.seed, samples_per_shard=args.samples_per_shard)
+        manifest = generator.generate(args.out, args.n, args.size, seed=args.seed, samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
     for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['total']} samples in {len(entry['shards'])} shard(s)")
     print(f"wrote {args.out}/manifest.json")

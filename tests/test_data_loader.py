@@ -422,3 +422,40 @@ def test_celeba_loader(tmp_path):
     train = L.celeba_loader([str(path)], batch_size=2, train=True, size=8, epoch_samples=6, world_size=1, shuffle_buffer=4)
     batches = list(train)
     assert len(batches) == 3 and batches[0][0].shape == (2, 3, 8, 8)
+
+
+def test_evaluation_reports_samples_against_the_manifest(tmp_path):
+    from l2b_fast.data import shards as shard_files
+
+    write_shard(tmp_path / "test-000000.tar", range(0, 4))
+    write_shard(tmp_path / "test-000001.tar", range(4, 10), corrupt={5}, missing={7})
+    truncated = tmp_path / "test-000002.tar"
+    write_shard(truncated, range(10, 16))
+    truncated.write_bytes(truncated.read_bytes()[:-3000])  # cuts the last sample(s): lost without a per-sample event
+    (tmp_path / "test-000003.tar").write_bytes(b"not a tar file" * 40)  # unreadable: one event, three samples lost
+    names = [f"test-{i:06d}.tar" for i in range(4)]
+    shard_files.write_manifest(tmp_path, "taskonomy", S, {"test": {"shards": names, "samples": [4, 6, 6, 3], "total": 19}}, 0)
+    urls = [str(tmp_path / name) for name in names]
+
+    with pytest.warns(L.SkippedDataWarning):
+        loader = L.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=0, world_size=1)
+        seen = sum(len(batch[0]) for batch in loader)
+    skips = loader.skips
+    assert loader.expected_samples == 19 and seen < 14
+    assert skips.skipped_samples >= 2 and skips.shard_errors >= 1 and skips.count == skips.skipped_samples + skips.shard_errors
+    assert seen + skips.skipped_samples < 19  # the skip events do not account for every lost sample
+    with pytest.warns(L.SkippedDataWarning, match=f"evaluated {seen} samples but the manifest lists 19"):
+        report = L.sample_count_report(loader, seen)
+    assert report == {"samples": seen, "manifest_samples": 19, "skipped_samples": skips.skipped_samples, "shard_errors": skips.shard_errors}
+
+    complete = L.taskonomy_eval_loader(urls[:1], batch_size=4, size=SIZE, rank=0, world_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", L.SkippedDataWarning)  # a complete pass warns about nothing
+        report = L.sample_count_report(complete, sum(len(batch[0]) for batch in complete))
+    assert report == {"samples": 4, "manifest_samples": 4, "skipped_samples": 0, "shard_errors": 0}
+    # rank 1 of 2 reads shards 1 and 3; shards outside any manifest cannot be compared
+    assert L.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=1, world_size=2).expected_samples == 6 + 3
+    (tmp_path / "manifest.json").unlink()
+    unlisted = L.taskonomy_eval_loader(urls[:1], batch_size=4, size=SIZE, rank=0, world_size=1)
+    assert unlisted.expected_samples is None
+    assert L.sample_count_report(unlisted, 4)["manifest_samples"] is None

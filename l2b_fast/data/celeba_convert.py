@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from l2b_fast.data.dependencies import import_data_package
 from l2b_fast.data.resumable import ResumableConversion, error_reason
 from l2b_fast.data.synthetic_celeba import ATTRIBUTES
 
@@ -130,7 +131,7 @@ def read_image(path: Path, verify: bool) -> bytes:
     except OSError as error:
         raise ValueError(f"cannot read {path.name}: {error.strerror or error}") from error
     if verify:
-        from PIL import Image
+        Image = import_data_package("PIL.Image")
 
         try:
             with Image.open(io.BytesIO(data)) as image:
@@ -146,7 +147,7 @@ def read_image(path: Path, verify: bool) -> bytes:
 
 def _image_size(folder: Path, names: list[str]) -> list[int] | None:
     """[H, W] of the first image, in ``names`` order, whose header Pillow reads (None if none does)."""
-    from PIL import Image
+    Image = import_data_package("PIL.Image")
 
     for name in names:
         try:

@@ -18,7 +18,9 @@ Corrupt data never crashes or hangs a loader: an undecodable PNG, a missing memb
 truncated tar are skipped, reported with a :class:`SkippedDataWarning` and counted in the loader's
 :class:`SkipCounter` (``loader.skips.count``, shared across DataLoader worker processes). After
 ``max_consecutive_failures`` failures in a row without a good sample a pipeline gives up on the current
-stream (so a set of shards that are all broken ends the epoch instead of looping forever).
+stream (so a set of shards that are all broken ends the epoch instead of looping forever). Skip events are not
+samples (a truncated shard loses an unknown number): an evaluation compares the samples it evaluated with the
+count in the shards' manifests through :func:`sample_count_report`, which reports both and warns if they differ.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import json
 import multiprocessing
 import random
 import warnings
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 
+from .dependencies import import_data_package
 from .transforms import (
     CorruptSampleError,
     TaskonomyProtocol,
@@ -45,6 +48,8 @@ from .transforms import (
     resize_rgb,
 )
 
+wds = import_data_package("webdataset")
+
 __all__ = [
     "SkippedDataWarning",
     "SkipCounter",
@@ -52,6 +57,8 @@ __all__ = [
     "taskonomy_eval_loader",
     "celeba_loader",
     "reduce_metric_sums",
+    "manifest_sample_count",
+    "sample_count_report",
     "expand_urls",
     "batches_per_worker",
 ]
@@ -64,8 +71,10 @@ class SkippedDataWarning(UserWarning):
 class SkipCounter:
     """Exception handler for webdataset stages: warn, count, continue.
 
-    The count lives in shared memory, so skips in DataLoader worker processes show up in ``count`` of the
-    object held by the main process. ``messages`` holds the first few messages of the current process only.
+    Called by webdataset for errors reading a shard (``__call__``: an unreadable or truncated tar, one or two
+    events per broken shard, however many samples it held) and by the decoding stage for each sample it drops
+    (:meth:`skip_sample`). The counts live in shared memory, so skips in DataLoader worker processes show up in
+    the object held by the main process. ``messages`` holds the first few messages of the current process only.
     """
 
     def __init__(self, name: str = "data", *, max_consecutive_failures: int = 1000, max_warnings: int = 50):
@@ -73,6 +82,7 @@ class SkipCounter:
         self.max_consecutive_failures = max_consecutive_failures
         self.max_warnings = max_warnings
         self._count = multiprocessing.Value("q", 0)
+        self._samples = multiprocessing.Value("q", 0)
         self._consecutive = 0
         self._warned = 0
         self.messages: list[str] = []
@@ -82,15 +92,33 @@ class SkipCounter:
         """Skip events so far (all processes): one per skipped sample, one or two per broken shard."""
         return int(self._count.value)
 
+    @property
+    def skipped_samples(self) -> int:
+        """Samples that were read but could not be decoded (all processes)."""
+        return int(self._samples.value)
+
+    @property
+    def shard_errors(self) -> int:
+        """Errors reading shards: the samples they cost are unknown here (compare with the manifest,
+        :func:`sample_count_report`)."""
+        return self.count - self.skipped_samples
+
     def reset(self) -> None:
-        with self._count.get_lock():
-            self._count.value = 0
+        for value in (self._count, self._samples):
+            with value.get_lock():
+                value.value = 0
         self.messages.clear()
         self._consecutive = 0
 
     def ok(self) -> None:
         """Record a good sample (resets the consecutive-failure guard)."""
         self._consecutive = 0
+
+    def skip_sample(self, exn: BaseException) -> bool:
+        """Counts one undecodable sample (then as ``__call__``)."""
+        with self._samples.get_lock():
+            self._samples.value += 1
+        return self(exn)
 
     def __call__(self, exn: BaseException) -> bool:
         with self._count.get_lock():
@@ -208,7 +236,7 @@ class _Convert(_EpochStage):
                 out = self.convert(sample, rng)
             except Exception as exn:
                 exn = CorruptSampleError(f"sample {key!r} in {sample.get('__url__', '?')}: {exn}")
-                if self.counter(exn):
+                if self.counter.skip_sample(exn):
                     continue
                 break
             self.counter.ok()
@@ -295,6 +323,7 @@ def _build(
     )
     loader.skips = counter
     loader.batches_per_epoch = batches  # None for evaluation (depends on the shards)
+    loader.expected_samples = None if train else manifest_sample_count(urls[rank::world_size])
     loader.rank, loader.world_size, loader.shards = rank, world_size, (urls if train else urls[rank::world_size])
     return loader
 
@@ -510,3 +539,68 @@ def reduce_metric_sums(sums: dict[str, torch.Tensor], counts):
     new_sums = {name: reduce(value) for name, value in sums.items()}
     new_counts = {name: reduce(value) for name, value in counts.items()} if isinstance(counts, dict) else reduce(counts)
     return new_sums, new_counts
+
+
+# ------------------------------------------------------------------------------------ completeness of an evaluation
+def manifest_sample_count(urls: Sequence[str]) -> int | None:
+    """Samples the shard manifests list for these shard files (each file's ``manifest.json`` in its folder), or
+    None when a url is not a local shard listed in a valid manifest (then nothing can be compared)."""
+    from .shards import MANIFEST, read_manifest
+
+    counts_by_folder: dict[Path, dict[str, int] | None] = {}
+    total = 0
+    for url in urls:
+        path = Path(url)
+        if not path.is_file():
+            return None
+        folder = path.parent.resolve()
+        if folder not in counts_by_folder:
+            counts_by_folder[folder] = None
+            if (folder / MANIFEST).is_file():
+                try:
+                    manifest = read_manifest(folder)
+                except ValueError:
+                    pass
+                else:
+                    counts_by_folder[folder] = {name: count for entry in manifest["splits"].values() for name, count in zip(entry["shards"], entry["samples"])}
+        counts = counts_by_folder[folder]
+        if counts is None or path.name not in counts:
+            return None
+        total += counts[path.name]
+    return total
+
+
+def sample_count_report(loader, samples: int) -> dict:
+    """How complete an evaluation pass was: the ``samples`` it evaluated (count them from the batches, e.g.
+    ``metrics.samples``) against the count the manifests list for the loader's shards.
+
+    Returns ``{"samples", "manifest_samples", "skipped_samples", "shard_errors"}``, summed over all ranks of an
+    initialised process group (call it on every rank, after the pass). ``manifest_samples`` is None when the
+    shards are not all listed in a manifest. Warns (:class:`SkippedDataWarning`) when the two counts differ:
+    a corrupt sample costs one sample, a truncated or unreadable shard an unknown number of them.
+    """
+    expected = getattr(loader, "expected_samples", None)
+    skips = getattr(loader, "skips", None)
+    values = {
+        "samples": int(samples),
+        "manifest_samples": 0 if expected is None else int(expected),
+        "ranks_without_manifest": int(expected is None),
+        "skipped_samples": 0 if skips is None else skips.skipped_samples,
+        "shard_errors": 0 if skips is None else skips.shard_errors,
+    }
+    _, values = reduce_metric_sums({}, values)
+    report = {
+        "samples": values["samples"],
+        "manifest_samples": None if values["ranks_without_manifest"] else values["manifest_samples"],
+        "skipped_samples": values["skipped_samples"],
+        "shard_errors": values["shard_errors"],
+    }
+    if report["manifest_samples"] is not None and report["manifest_samples"] != report["samples"]:
+        warnings.warn(
+            f"evaluated {report['samples']} samples but the manifest lists {report['manifest_samples']} in these shards "
+            f"({report['skipped_samples']} corrupt sample(s) skipped, {report['shard_errors']} shard read error(s)); "
+            "the metrics cover only the samples evaluated",
+            SkippedDataWarning,
+            stacklevel=2,
+        )
+    return report

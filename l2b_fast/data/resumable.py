@@ -136,7 +136,12 @@ class ResumableConversion:
 
     def manifest(self, dataset: str, size, seed: int, created_by: str, **extra) -> dict:
         """Writes ``manifest.json`` (:func:`shards.write_manifest`, each split with its ``skipped`` count) and
-        returns it."""
+        returns it. ValueError if no sample could be converted: then no manifest is written and the progress
+        file is removed (a shard directory without samples is useless), and ``skipped.tsv`` says why."""
+        if not any(entry["samples"] for entry in self.state["splits"].values()):
+            skipped = sum(entry["skipped"] for entry in self.state["splits"].values())
+            self._state_path.unlink(missing_ok=True)
+            raise ValueError(f"no sample could be converted: all {skipped} were skipped (reasons in {self.out / SKIPPED_LOG})")
         splits = {
             split: {"shards": entry["shards"], "samples": entry["samples"], "total": sum(entry["samples"]), "skipped": entry["skipped"]}
             for split, entry in self.state["splits"].items()

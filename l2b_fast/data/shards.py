@@ -11,13 +11,16 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["encode_png", "decode_png", "png_decoder", "write_split", "write_manifest", "read_manifest", "shard_paths", "MANIFEST"]
+from .dependencies import import_data_package
+
+__all__ = ["encode_png", "decode_png", "png_decoder", "prepare_output_dir", "write_split", "write_manifest", "read_manifest", "shard_paths", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 
@@ -28,7 +31,7 @@ def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
     uint8 HxWx3 -> RGB (HxWx1 is squeezed). Anything else is a ValueError: silently converting e.g. int32 or
     float would change the stored values, which is exactly the bug this schema guards against.
     ``compress_level`` (0-9, zlib) only trades speed for size: 1 is ~2.5x faster and ~20% larger."""
-    from PIL import Image
+    Image = import_data_package("PIL.Image")
 
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[2] == 1:
@@ -114,7 +117,7 @@ def decode_png(data: bytes, decoder: str | None = None) -> np.ndarray:
 
 
 def _decode_png_pillow(data: bytes) -> np.ndarray:
-    from PIL import Image
+    Image = import_data_package("PIL.Image")
 
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -130,6 +133,42 @@ def _decode_png_pillow(data: bytes) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ writing
+_SHARD_FILE = re.compile(r"[^./]+-\d{6}\.tar(\.partial)?")
+
+
+def _is_pipeline_file(path: Path) -> bool:
+    """A file the shard writers and converters create: shards (whole or partial), manifest, progress, skip log."""
+    from l2b_fast.data.resumable import PROGRESS, SKIPPED_LOG
+
+    names = {MANIFEST, MANIFEST + ".tmp", PROGRESS, Path(PROGRESS).with_suffix(".tmp").name, SKIPPED_LOG}
+    return path.is_file() and (path.name in names or _SHARD_FILE.fullmatch(path.name) is not None)
+
+
+def prepare_output_dir(out_dir, *, overwrite: bool = False) -> Path:
+    """An empty directory for a new shard set (created if missing), so no stale shard of an earlier run is
+    left for a glob to pick up.
+
+    A non-empty ``out_dir`` is refused (ValueError) unless ``overwrite``; with ``overwrite`` its shard-set files
+    (``*-NNNNNN.tar``, partial shards, manifest, progress file, skip log) are deleted first, and a directory that
+    holds anything else is still refused: this never deletes files it did not write.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is a file, not a directory")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries:
+        shown = ", ".join(entry.name for entry in entries[:4]) + (" ..." if len(entries) > 4 else "")
+        if not overwrite:
+            raise ValueError(f"output directory {out} is not empty ({shown}): new shards would mix with old ones; pass --overwrite to replace a shard directory, or choose another --out")
+        foreign = [entry.name for entry in entries if not _is_pipeline_file(entry)]
+        if foreign:
+            raise ValueError(f"output directory {out} holds files that are not shards ({', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}): --overwrite only replaces a shard directory; choose another --out")
+        for entry in entries:
+            entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _member_bytes(key: str, name: str, value) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
@@ -143,7 +182,7 @@ def _member_bytes(key: str, name: str, value) -> bytes:
 
 
 def _write_tar(path: Path, samples: list[dict]) -> None:
-    import webdataset as wds
+    wds = import_data_package("webdataset")
 
     temporary = path.with_name(path.name + ".partial")
     with open(temporary, "wb") as stream:

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .shards import encode_png, write_manifest, write_split
+from .shards import encode_png, prepare_output_dir, write_manifest, write_split
 from .synthetic_taskonomy import _split_counts
 
 __all__ = ["ATTRIBUTES", "sample_attributes", "render_face", "generate"]
@@ -202,8 +202,11 @@ def render_face(attributes, size: int = 64, rng: np.random.Generator | None = No
 
 
 def generate(out_dir, n: int, size: int = 64, *, seed: int = 0, samples_per_shard: int = 1000,
-             splits=(("train", 0.8), ("val", 0.1), ("test", 0.1))) -> dict:
+             splits=(("train", 0.8), ("val", 0.1), ("test", 0.1)), overwrite: bool = False) -> dict:
     """Write ``n`` synthetic faces as CelebA shards + ``manifest.json`` in ``out_dir``; return the manifest.
+
+    ``out_dir`` must be empty or new; ``overwrite=True`` first deletes an earlier shard set there
+    (:func:`~l2b_fast.data.shards.prepare_output_dir`).
 
     Keys are image stems ``000001``, ``000002``... numbered across splits like CelebA's list_eval_partition;
     members: ``png`` (uint8 RGB), ``attr.json`` ({"attributes": [40 ints 0/1]}), ``json``
@@ -211,8 +214,10 @@ def generate(out_dir, n: int, size: int = 64, *, seed: int = 0, samples_per_shar
     """
     if n < 0 or size < 16:
         raise ValueError("need n >= 0 and size >= 16")
+    parts = _split_counts(n, splits)
+    prepare_output_dir(out_dir, overwrite=overwrite)
     entries, start = {}, 1
-    for split, count in _split_counts(n, splits):
+    for split, count in parts:
         def samples(split=split, first=start, count=count):
             for index in range(first, first + count):
                 rng = np.random.default_rng([seed, index])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import encode_png, write_manifest, write_split
+from .shards import encode_png, prepare_output_dir, write_manifest, write_split
 
 __all__ = ["CLASSES", "DOMAINS", "Room", "random_room", "random_camera", "render", "make_scene", "generate"]
 
@@ -277,8 +277,11 @@ def _split_counts(n: int, splits) -> list[tuple[str, int]]:
 
 def generate(out_dir, n: int, size: int = 256, *, seed: int = 0, samples_per_shard: int = 1000,
              splits=(("train", 0.8), ("val", 0.1), ("test", 0.1)), points_per_building: int = 4,
-             views_per_point: int = 3) -> dict:
+             views_per_point: int = 3, overwrite: bool = False) -> dict:
     """Write ``n`` synthetic views as Taskonomy shards + ``manifest.json`` in ``out_dir``; return the manifest.
+
+    ``out_dir`` must be empty or new; ``overwrite=True`` first deletes an earlier shard set there
+    (:func:`~l2b_fast.data.shards.prepare_output_dir`).
 
     Splits get disjoint made-up buildings (``synth0000``, ``synth0001``... numbered across splits, one room
     each); a point is a camera position in the room and its views are different orientations, as in
@@ -288,9 +291,11 @@ def generate(out_dir, n: int, size: int = 256, *, seed: int = 0, samples_per_sha
     """
     if n < 0 or size < 8:
         raise ValueError("need n >= 0 and size >= 8")
+    parts = _split_counts(n, splits)
+    prepare_output_dir(out_dir, overwrite=overwrite)
     per_building = points_per_building * views_per_point
     entries, buildings, next_building = {}, {}, 0
-    for split_index, (split, count) in enumerate(_split_counts(n, splits)):
+    for split_index, (split, count) in enumerate(parts):
         n_buildings = -(-count // per_building)
         ids = list(range(next_building, next_building + n_buildings))
         next_building += n_buildings

@@ -112,6 +112,17 @@ def load_view(files: dict[str, Path], size: int) -> dict[str, bytes]:
     return members
 
 
+def _no_views_message(root: Path, split: str) -> str:
+    entries = sorted(path.name for path in root.iterdir())
+    found = f"it holds {', '.join(entries[:6])}{' ...' if len(entries) > 6 else ''}" if entries else "it is empty"
+    example = TINY_SPLIT["train"][0]
+    return (
+        f"no Taskonomy view of the {split} split's buildings under {root} ({found}); expected files like "
+        f"{root}/rgb/taskonomy/{example}/point_0_view_0_domain_rgb.png, {root}/rgb/{example}/... or "
+        f"{root}/{example}/rgb/... for the buildings {', '.join(TINY_SPLIT['train'][:3])}, ..."
+    )
+
+
 def convert(
     root: str | Path,
     out: str | Path,
@@ -132,10 +143,12 @@ def convert(
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise FileNotFoundError(f"no raw Taskonomy directory at {root}")
+    views_by_part = {part: find_views(root, buildings) for part, buildings in TINY_SPLIT.items()}
+    if not any(views_by_part.values()):  # checked before anything is written
+        raise ValueError(_no_views_message(root, split))
     settings = {"root": str(root.resolve()), "split": split, "size": size, "seed": seed}
     conversion = ResumableConversion(out, settings, samples_per_shard=samples_per_shard, resume=resume, progress=progress, stop_after_shards=stop_after_shards, unit="views")
-    for part, buildings in TINY_SPLIT.items():
-        views = find_views(root, buildings)
+    for part, views in views_by_part.items():
         order = sorted(views)
         np.random.default_rng(seed).shuffle(order)  # across buildings, reproducibly
 

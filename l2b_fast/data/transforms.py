@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from l2b_fast.data import shards
+from l2b_fast.data.dependencies import import_data_package
 
 try:  # Pillow is an optional dependency (extra "data"); only decoding and rgb resizing need it.
     from PIL import Image
@@ -96,7 +97,7 @@ class CorruptSampleError(ValueError):
 # --------------------------------------------------------------------------------------------------- decoding
 def _require_pillow() -> None:
     if Image is None:  # pragma: no cover
-        raise ModuleNotFoundError("l2b_fast.data needs Pillow: pip install pillow (extra 'data')")
+        import_data_package("PIL.Image")  # raises MissingDataDependency, which names the install command
 
 
 def decode_png(data: bytes, name: str = "png") -> np.ndarray:
