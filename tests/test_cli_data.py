@@ -49,9 +49,9 @@ def test_missing_webdataset_names_the_install_command(tmp_path):
     for code, stderr in runs:
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("l2b data: error:"), stderr
-        assert "'webdataset'" in lines[0] and "pip install -e '.[data]'" in lines[0]
+        assert "'webdataset'" in lines[0] and "pip install --no-build-isolation -e '.[data]'" in lines[0] and "pip install webdataset pillow" in lines[0]
     assert not out.exists()
-    assert import_error.startswith("MissingDataDependency:") and "pip install -e '.[data]'" in import_error
+    assert import_error.startswith("MissingDataDependency:") and "-e '.[data]'" in import_error
 
 
 def test_converting_an_empty_root_fails_before_writing(tmp_path, capsys):
