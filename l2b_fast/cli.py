@@ -9,6 +9,7 @@
     l2b data celeba --root RAW --out shards/                    # raw CelebA (any usual layout) -> shards
     l2b data synthetic-taskonomy --out shards/ --n 2000         # the embedded default data
     l2b data synthetic-celeba --out shards/ --n 2000            # synthetic faces with the 40 CelebA attributes
+    l2b bench search --preset cpu --out benchmarks/results      # search-step images/s and memory of the paper's models
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = commands.add_parser("presets", help="list presets or print one", description="List the built-in presets, or print one to copy and edit.")
     presets.add_argument("--print", dest="print_name", metavar="NAME", help="print this preset's TOML")
+
+    from l2b_fast.bench import search_step
+
+    bench = commands.add_parser("bench", help="benchmarks (CSV/JSON/PNG tagged with device and versions)", description="Benchmarks of whole training steps.")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    search_step.add_arguments(bench_commands.add_parser("search", help="images/s and peak memory of a search step: naive, per_child, grouped, static floor", description=search_step.__doc__.splitlines()[0]))
     return parser
 
 
@@ -145,6 +152,10 @@ def run(args) -> int:
         return 0
     if args.command == "data":
         return _data(args)
+    if args.command == "bench":
+        from l2b_fast.bench import search_step
+
+        return search_step.main_from_args(args)
     if args.command == "show":
         from l2b_fast import viz
 

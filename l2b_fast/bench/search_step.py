@@ -1,0 +1,441 @@
+"""``l2b bench search``: images/s and peak memory of a whole search step on the paper's models.
+
+A search step is forward, backward and both optimizer steps (Adam on the weights, Adam on the logits).
+Variants, all starting from the same weights and run on the same batch:
+
+- ``naive``: what existing Learning-to-Branch code does: per child ``F.gumbel_softmax(hard=True)`` and a
+  weighted sum over all parents, one node at a time (``l2b_fast.bench.naive.NaiveSupernet``);
+- ``per_child``: ``TreeSupernet(execution="per_child")``: the fused branching op, nodes one by one;
+- ``grouped``: ``TreeSupernet(execution="grouped")``: every block's children as one batched launch per layer;
+- ``static``: the floor: the same nodes with every child hard-wired to one parent (child j of a block
+  reads parent j mod I) and no branching at all, run as a ``TreeNet`` (one node at a time, no logits).
+
+Variants are interleaved: every round runs one step of each, in an order rotated from round to round, so
+a shared machine's load falls on all of them alike and their ratios stay fair.
+
+Memory (``step_peak_MiB``): what a step allocates above everything resident before it (weights, buffers,
+optimizer state, the batch). CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+CPU: the growth of the resident set's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
+over one step after a warm-up step, in a fresh process per variant with glibc's mmap threshold fixed at
+128 KiB, so freed tensors go back to the system and are not silently reused. ``resident_MiB`` is the bytes
+of the variant's parameters, buffers and optimizer state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from l2b_fast.bench import report
+from l2b_fast.bench.naive import NaiveSupernet
+from l2b_fast.models import SPECS, ModelSpec
+from l2b_fast.nn import TreeNet
+from l2b_fast.tree import Tree
+
+VARIANTS = ("naive", "per_child", "grouped", "static")
+MODELS = tuple(SPECS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Per model: spec options and batch size; for all: autocast dtype and memory format."""
+
+    description: str
+    models: dict  # model name -> {"options": spec options, "batch": int}
+    amp_dtype: str | None = None  # "bfloat16" / "float16": autocast
+    channels_last: bool = False
+
+
+PRESETS = {
+    "gpu": Preset(
+        "the paper's settings: Taskonomy 128x128, CelebA 218x178 (as released), batch 64, bf16 autocast, channels_last",
+        {
+            "taskonomy_resnet34": {"options": {"input_size": 128}, "batch": 64},
+            "celeba_branch_vgg": {"options": {}, "batch": 64},
+            "celeba_deep_wide": {"options": {}, "batch": 64},
+        },
+        amp_dtype="bfloat16",
+        channels_last=True,
+    ),
+    "cpu": Preset(
+        "reduced for a small CPU: Taskonomy at width 1/4 and 64x64, batch 8; CelebA models at full width, 64x64, batch 16; fp32",
+        {
+            "taskonomy_resnet34": {"options": {"width": 0.25, "input_size": 64}, "batch": 8},
+            "celeba_branch_vgg": {"options": {"input_size": 64}, "batch": 16},
+            "celeba_deep_wide": {"options": {"input_size": 64}, "batch": 16},
+        },
+    ),
+    "tiny": Preset(
+        "smoke test: tiny widths, inputs and children; fp32",
+        {
+            "taskonomy_resnet34": {"options": {"width": 1 / 32, "input_size": 16, "children": 2, "branching": "stage", "aspp_channels": 64}, "batch": 2},
+            "celeba_branch_vgg": {"options": {"width": 1 / 8, "input_size": 32, "children": (2, 2, 2, 2, 2, 3, 3, 4)}, "batch": 2},
+            "celeba_deep_wide": {"options": {"width": 1 / 8, "input_size": 32, "children": (2, 2, 3, 3, 4)}, "batch": 2},
+        },
+    ),
+}
+
+
+class VariantUnavailable(RuntimeError):
+    """This variant cannot run here (e.g. grouped execution not built); the benchmark reports why."""
+
+
+def static_tree(spec: ModelSpec) -> Tree:
+    """Every child hard-wired to one parent: child j of a block reads parent j mod I (the static floor)."""
+    widths = [block.children for block in spec.blocks]
+    parents = [[0] * widths[0]] + [[j % widths[b - 1] for j in range(widths[b])] for b in range(1, len(widths))]
+    return Tree(list(spec.tasks), parents)
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    model: torch.nn.Module
+    weights: list
+    logits: list
+
+
+def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device, channels_last: bool) -> Variant:
+    """The variant's module, loaded with ``state`` (the common initial weights), and its parameter groups."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    execution = "grouped" if name == "grouped" else "per_child"
+    try:
+        supernet = spec.supernet(execution=execution)
+    except (ValueError, NotImplementedError) as error:
+        raise VariantUnavailable(f"{name}: {error}") from error
+    supernet.load_state_dict(state)
+    if name == "static":
+        model = TreeNet.from_supernet(supernet, static_tree(spec))
+        weights, logits = list(model.parameters()), []
+    else:
+        model = NaiveSupernet(supernet) if name == "naive" else supernet
+        weights, logits = supernet.weight_parameters(), supernet.logits_parameters()
+    model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
+    model.train()
+    return Variant(name, model, weights, logits)
+
+
+def make_step(variant: Variant, x: torch.Tensor, targets: dict, amp_dtype: torch.dtype | None):
+    """One search step of ``variant`` as a closure: forward, loss, backward, both optimizer steps."""
+    weights_optimizer = torch.optim.Adam(variant.weights, lr=1e-4)
+    logits_optimizer = torch.optim.Adam(variant.logits, lr=1e-3) if variant.logits else None
+    model = variant.model
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(x)
+        loss = sum(F.mse_loss(outputs[task].float(), target) for task, target in targets.items())
+        loss.backward()
+        weights_optimizer.step()
+        weights_optimizer.zero_grad(set_to_none=True)
+        if logits_optimizer is not None:
+            logits_optimizer.step()
+            logits_optimizer.zero_grad(set_to_none=True)
+
+    step.optimizers = [o for o in (weights_optimizer, logits_optimizer) if o is not None]
+    return step
+
+
+def resident_bytes(variant: Variant, optimizers) -> int:
+    """Bytes of the variant's parameters, buffers and optimizer state (shared tensors counted once)."""
+    tensors = {id(t): t for t in [*variant.model.parameters(), *variant.model.buffers()]}
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            tensors.update({id(v): v for v in state.values() if torch.is_tensor(v)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclasses.dataclass
+class Case:
+    """A model of a preset, built: spec, common initial weights, batch and targets."""
+
+    model: str
+    spec: ModelSpec
+    batch: int
+    state: dict
+    x: torch.Tensor
+    targets: dict
+
+
+def build_case(model: str, preset: Preset, device: torch.device, *, seed: int = 0, batch: int | None = None, width: float | None = None) -> Case:
+    entry = preset.models[model]
+    options = dict(entry["options"])
+    if width is not None:
+        options["width"] = width
+    spec = SPECS[model](**options)
+    batch = batch or entry["batch"]
+    torch.manual_seed(seed)
+    reference = spec.supernet(execution="per_child")
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    x = spec.example_input(batch, generator=generator).to(device)
+    if preset.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    reference.eval()
+    with torch.no_grad():
+        shapes = {task: out.shape for task, out in reference(spec.example_input(batch, generator=generator)).items()}
+    targets = {task: torch.randn(shape, generator=generator).to(device) for task, shape in shapes.items()}
+    return Case(model, spec, batch, state, x, targets)
+
+
+def time_variants(case: Case, variants: list[str], preset: Preset, device: torch.device, warmup: int, repeat: int) -> tuple[dict, dict]:
+    """Interleaved step times (ms) per variant, and on CUDA the step peak memory; unavailable ones skipped."""
+    amp_dtype = getattr(torch, preset.amp_dtype) if preset.amp_dtype else None
+    steps, resident, skipped = {}, {}, {}
+    for name in variants:
+        try:
+            variant = build_variant(name, case.spec, case.state, device, preset.channels_last)
+        except VariantUnavailable as error:
+            skipped[name] = str(error)
+            continue
+        steps[name] = (variant, make_step(variant, case.x, case.targets, amp_dtype))
+    order = list(steps)
+    for round_index in range(warmup):
+        for name in order:
+            steps[name][1]()
+    synchronize(device)
+    for name, (variant, step) in steps.items():
+        resident[name] = resident_bytes(variant, step.optimizers)
+    peaks = {}
+    if device.type == "cuda":
+        for name, (_, step) in steps.items():
+            synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            synchronize(device)
+            peaks[name] = torch.cuda.max_memory_allocated(device) - before
+    times = {name: [] for name in order}
+    for round_index in range(repeat):
+        shift = round_index % max(1, len(order))
+        for name in order[shift:] + order[:shift]:
+            synchronize(device)
+            begin = time.perf_counter()
+            steps[name][1]()
+            synchronize(device)
+            times[name].append((time.perf_counter() - begin) * 1e3)
+    return {"times": times, "resident": resident, "peaks": peaks}, skipped
+
+
+def probe_cpu_step_memory(model: str, variant: str, preset_name: str, *, seed: int = 0, batch: int | None = None, width: float | None = None, timeout: float = 600) -> int | None:
+    """CPU step peak memory (bytes) of one variant, measured in a fresh process (see the module docstring)."""
+    request = {"model": model, "variant": variant, "preset": preset_name, "seed": seed, "batch": batch, "width": width}
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    result = subprocess.run(
+        [sys.executable, "-m", "l2b_fast.bench.search_step", "--memory-probe", json.dumps(request)],
+        capture_output=True, text=True, env=environment, timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe of {model}/{variant} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["step_peak_bytes"]
+
+
+def _read_status_kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field}")
+    return int(match.group(1))
+
+
+def _memory_probe_main(request: dict) -> int:
+    """In the probe process: build one variant, warm up one step, then measure the next step's RSS peak."""
+    preset = PRESETS[request["preset"]]
+    device = torch.device("cpu")
+    case = build_case(request["model"], preset, device, seed=request["seed"], batch=request["batch"], width=request["width"])
+    variant = build_variant(request["variant"], case.spec, case.state, device, preset.channels_last)
+    step = make_step(variant, case.x, case.targets, getattr(torch, preset.amp_dtype) if preset.amp_dtype else None)
+    step()
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    before = _read_status_kib("VmRSS")
+    step()
+    peak = _read_status_kib("VmHWM")
+    print(json.dumps({"step_peak_bytes": (peak - before) * 1024}))
+    return 0
+
+
+def cpu_memory_supported() -> bool:
+    return sys.platform.startswith("linux") and Path("/proc/self/clear_refs").exists()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    preset = PRESETS[args.preset]
+    rows = []
+    for model in args.models:
+        case = build_case(model, preset, device, seed=args.seed, batch=args.batch, width=args.width)
+        measured, skipped = time_variants(case, args.variants, preset, device, args.warmup, args.repeat)
+        medians = {name: statistics.median(times) for name, times in measured["times"].items()}
+        for name in args.variants:
+            row = {"model": model, "variant": name, "batch": case.batch, "input": "x".join(map(str, case.spec.input_shape[1:])), "width": case.spec.config.get("width")}
+            if name in skipped:
+                rows.append({**row, "status": "skipped", "note": skipped[name]})
+                continue
+            times = measured["times"][name]
+            median = medians[name]
+            peak = measured["peaks"].get(name)
+            memory_note = "cuda max_memory_allocated" if peak is not None else "not measured"
+            if peak is None and device.type == "cpu" and args.memory:
+                peak = probe_cpu_step_memory(model, name, args.preset, seed=args.seed, batch=args.batch, width=args.width)
+                memory_note = "rss high-water growth, fresh process"
+            row.update({
+                "status": "ok",
+                "median_ms": round(median, 3),
+                "min_ms": round(min(times), 3),
+                "images_per_s": round(case.batch / (median / 1e3), 2),
+                "vs_naive": round(medians["naive"] / median, 3) if "naive" in medians else None,
+                "vs_per_child": round(medians["per_child"] / median, 3) if "per_child" in medians else None,
+                "vs_static": round(median / medians["static"], 3) if "static" in medians else None,
+                "step_peak_MiB": round(peak / 2**20, 1) if peak is not None else None,
+                "resident_MiB": round(measured["resident"][name] / 2**20, 1),
+                "memory": memory_note,
+                "repeat": len(times),
+            })
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'model':<20} {'variant':<10} {'median ms':>10} {'images/s':>9} {'vs naive':>9} {'vs per_child':>13} {'vs static':>10} {'step peak MiB':>14}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"{row['model']:<20} {row['variant']:<10} skipped: {row['note']}")
+            continue
+
+        def ratio(value):
+            return f"{value:.2f}x" if value is not None else "-"
+
+        peak = f"{row['step_peak_MiB']:.1f}" if row["step_peak_MiB"] is not None else "n/m"
+        lines.append(f"{row['model']:<20} {row['variant']:<10} {row['median_ms']:>10.1f} {row['images_per_s']:>9.1f} {ratio(row['vs_naive']):>9} {ratio(row['vs_per_child']):>13} {ratio(row['vs_static']):>10} {peak:>14}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path:
+    """Images/s and step peak memory per model and variant, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [row for row in rows if row["status"] == "ok"]
+    models = list(dict.fromkeys(row["model"] for row in measured))
+    variants = [v for v in VARIANTS if any(row["variant"] == v for row in measured)]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    bar = 0.8 / max(1, len(variants))
+    for k, variant in enumerate(variants):
+        for axis, key in zip(axes, ("images_per_s", "step_peak_MiB")):
+            values = [next((row[key] or 0 for row in measured if row["model"] == m and row["variant"] == variant), 0) for m in models]
+            axis.bar([i + k * bar for i in range(len(models))], values, bar, label=variant)
+    for axis, label in zip(axes, ("images / s (higher is better)", "step peak memory, MiB")):
+        axis.set_xticks([i + bar * (len(variants) - 1) / 2 for i in range(len(models))], models, fontsize=8)
+        axis.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="gpu (the paper's sizes, bf16, channels_last), cpu (reduced) or tiny (smoke test); default gpu on CUDA, else cpu")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--repeat", type=int, default=None, help="timed rounds, one step of every variant each (default 20 on cuda, 5 on cpu)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    parser.add_argument("--width", type=float, default=None, help="override the preset's width multiplier")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 is steadier on a shared machine)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="CPU: skip the per-variant memory probes (a process each)")
+    parser.add_argument("--out", type=Path, default=None, help="directory for search_*.csv/.json/.png (default: print only)")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Validate and complete parsed arguments in place; ``ValueError`` names the problem."""
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"--device {args.device}: not available here")
+    args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
+    if isinstance(args.models, str):
+        args.models = [m for m in args.models.split(",") if m]
+    if isinstance(args.variants, str):
+        args.variants = [v for v in args.variants.split(",") if v]
+    for value, known, what in ((args.models, MODELS, "model"), (args.variants, VARIANTS, "variant")):
+        unknown = [v for v in value if v not in known]
+        if unknown or not value:
+            raise ValueError(f"unknown or missing {what}s {unknown}; choose from {', '.join(known)}")
+    args.repeat = args.repeat if args.repeat is not None else (20 if args.device == "cuda" else 5)
+    if args.repeat < 1 or args.warmup < 0:
+        raise ValueError("--repeat must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads must be >= 1")
+    if args.batch is not None and args.batch < 1:
+        raise ValueError("--batch must be >= 1")
+    if args.width is not None and args.width <= 0:
+        raise ValueError("--width must be > 0")
+    if args.memory and args.device == "cpu" and not cpu_memory_supported():
+        print("note: CPU step memory is not measured here (needs Linux /proc/self/clear_refs)", file=sys.stderr)
+        args.memory = False
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmark for parsed arguments: print the table, write CSV/JSON/PNG when ``--out`` is given."""
+    check_arguments(args)  # idempotent: ``l2b bench search`` arrives here unchecked
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    preset = PRESETS[args.preset]
+    meta = report.environment(device)
+    meta["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "memory_probe"}
+    meta["preset"] = {"name": args.preset, **dataclasses.asdict(preset)}
+    print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | threads {meta['cpu_threads']}")
+    print(f"preset {args.preset}: {preset.description}" + (f" (overrides: batch={args.batch}, width={args.width})" if args.batch or args.width else ""))
+    rows = run(args)
+    print(format_table(rows))
+    if args.out is not None:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
+        stem = f"search_{args.device}_{slug}_{args.preset}"
+        csv_path, json_path = report.write_results(rows, meta, args.out, stem, tags=("device", "torch", "triton", "cpu_threads", "date"))
+        png_path = plot(rows, args.out / f"{stem}.png", f"search step, {meta['device']} ({meta['cpu_threads']} threads), torch {meta['torch']}, preset {args.preset}")
+        print(f"wrote {csv_path}, {json_path} and {png_path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m l2b_fast.bench.search_step", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.memory_probe is not None:
+        return _memory_probe_main(json.loads(args.memory_probe))
+    try:
+        check_arguments(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return main_from_args(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
