@@ -262,6 +262,24 @@ def test_class_weights_from_frequencies_by_hand():
         T.class_weights_from_frequencies([1, 1], smoothing=0)
 
 
+def test_segmentation_pixel_counts_of_loader_batches():
+    batches = [(None, {"segment_semantic": torch.tensor([[[0, 0, 3], [255, 16, 3]]])}, None), (None, {"segment_semantic": torch.tensor([[[255, 0]]])}, None)]
+    counts = T.segmentation_pixel_counts(batches)
+    assert len(counts) == 17 and counts[0] == 3 and counts[3] == 2 and counts[16] == 1 and sum(counts) == 6
+    with pytest.raises(ValueError, match="label 17"):
+        T.segmentation_pixel_counts([(None, {"segment_semantic": torch.tensor([[[17]]])}, None)])
+
+
+@pytest.mark.parametrize("task", T.TASKS)
+def test_losses_of_bfloat16_predictions_are_computed_in_float32(task):
+    dataset = T.Taskonomy()
+    outputs, targets, masks = random_taskonomy_batch(2, 4, 4, torch.float32, seed=5)
+    low = outputs[task].to(torch.bfloat16)
+    loss = dataset.loss(task, low, targets[task], masks[task])
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, dataset.loss(task, low.float(), targets[task], masks[task]))
+
+
 def test_class_weights_from_a_npy_file(tmp_path):
     import numpy as np
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ __all__ = [
     "IGNORE_INDEX",
     "DEFAULT_CLASS_WEIGHTS",
     "class_weights_from_frequencies",
+    "segmentation_pixel_counts",
     "load_class_weights",
     "Taskonomy",
     "TaskonomyMetrics",
@@ -76,6 +77,19 @@ def class_weights_from_frequencies(pixel_counts: Sequence[float], smoothing: flo
     p = counts / counts.sum()
     weights = 1.0 / ((1 - smoothing) * p + smoothing / len(p))
     return tuple(float(w) for w in weights / (p * weights).sum())
+
+
+def segmentation_pixel_counts(batches: Iterable) -> list[int]:
+    """Pixels per segmentation class (17 counts) over ``batches`` of a Taskonomy loader, ``(rgb, targets,
+    masks)`` tuples; padding (255) is not counted. Feed the result to :func:`class_weights_from_frequencies`."""
+    counts = torch.zeros(len(SEGMENTATION_CLASSES), dtype=torch.int64)
+    for batch in batches:
+        target = batch[1]["segment_semantic"]
+        labels = target[target != IGNORE_INDEX].long().cpu()
+        if labels.numel() and int(labels.max()) >= len(SEGMENTATION_CLASSES):
+            raise ValueError(f"segmentation label {int(labels.max())} outside 0..{len(SEGMENTATION_CLASSES) - 1} (and 255)")
+        counts += torch.bincount(labels, minlength=len(SEGMENTATION_CLASSES))
+    return counts.tolist()
 
 
 def load_class_weights(path: str | Path) -> tuple[float, ...]:
