@@ -2,7 +2,8 @@
 
 from l2b_fast.nn.blocks import BasicBlock
 from l2b_fast.nn.branching import MODES, Branching
-from l2b_fast.nn.supernet import EXECUTIONS, BlockSpec, TreeSupernet
+from l2b_fast.nn.grouped import UnsupportedNodeError
+from l2b_fast.nn.supernet import EXECUTIONS, BlockSpec, GroupedFallbackWarning, TreeSupernet
 from l2b_fast.nn.treenet import TreeNet, parameter_count
 
-__all__ = ["EXECUTIONS", "MODES", "BasicBlock", "BlockSpec", "Branching", "TreeNet", "TreeSupernet", "parameter_count"]
+__all__ = ["EXECUTIONS", "MODES", "BasicBlock", "BlockSpec", "Branching", "GroupedFallbackWarning", "TreeNet", "TreeSupernet", "UnsupportedNodeError", "parameter_count"]

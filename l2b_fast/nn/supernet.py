@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from l2b_fast.nn.branching import Branching
+from l2b_fast.nn.grouped import GroupedBlock, UnsupportedNodeError
 
 NodeFactory = Callable[[int, int], nn.Module]  # (block index, child index) -> node
 EXECUTIONS = ("auto", "grouped", "per_child")
+
+
+class GroupedFallbackWarning(UserWarning):
+    """``execution="auto"`` runs a block per child because its nodes cannot run grouped."""
 
 
 def check_execution(execution: str | None, *, allow_none: bool = False) -> None:
@@ -110,14 +116,37 @@ class TreeSupernet(nn.Module):
         self.branchings = nn.ModuleList(Branching(widths[b], widths[b + 1], tau=tau, backend=backend) for b in range(len(blocks)))
         self.nodes = nn.ModuleList(nn.ModuleList(spec.node(b, j) for j in range(spec.children)) for b, spec in enumerate(blocks))
         self.heads = make_heads(self.tasks, heads)
-        self.executions = [spec.execution or execution for spec in blocks]
-        if "grouped" in self.executions:
-            raise ValueError("execution='grouped' is not available yet")
+        self._block_executions = [spec.execution for spec in blocks]
+        self.set_execution(execution)
+
+    def set_execution(self, execution: str) -> None:
+        """Choose how blocks run (blocks whose ``BlockSpec`` named one keep it); call it again after
+        replacing node submodules. ``self.executions`` lists what each block runs: grouped or per_child."""
+        check_execution(execution)
+        self._grouped: list[GroupedBlock | None] = []
+        fallbacks = []
+        for block, (own, nodes) in enumerate(zip(self._block_executions, self.nodes)):
+            wanted = own or execution
+            grouped = None
+            if wanted != "per_child":
+                try:
+                    grouped = GroupedBlock(nodes, block)
+                except UnsupportedNodeError as error:
+                    if wanted == "grouped":
+                        raise UnsupportedNodeError(f"execution='grouped': {error}") from None
+                    fallbacks.append(str(error))
+            self._grouped.append(grouped)
+        self.executions = ["per_child" if grouped is None else "grouped" for grouped in self._grouped]
+        if fallbacks:  # once, here, not on every forward
+            warnings.warn("execution='auto' runs these blocks per child: " + "; ".join(fallbacks), GroupedFallbackWarning, stacklevel=3)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         parents = x.unsqueeze(0)
-        for block, (branching, nodes) in enumerate(zip(self.branchings, self.nodes)):
-            parents = run_per_child(block, branching, nodes, parents, generator)
+        for block, (branching, nodes, grouped) in enumerate(zip(self.branchings, self.nodes, self._grouped)):
+            if grouped is None:
+                parents = run_per_child(block, branching, nodes, parents, generator)
+            else:
+                parents = grouped(branching, parents, generator)
         return {task: self.heads[task](parents[k]) for k, task in enumerate(self.tasks)}
 
     def set_tau(self, tau: float) -> None:

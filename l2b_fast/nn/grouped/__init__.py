@@ -1,0 +1,10 @@
+"""Grouped execution of a branching block's children: all J children of a block in one launch per layer.
+
+``TreeSupernet(..., execution="grouped")`` builds a :class:`GroupedBlock` per block; it holds no
+parameters (the per-child modules keep theirs, so ``state_dict`` is the same for every execution).
+"""
+
+from l2b_fast.nn.grouped.block import ROUTINGS, GroupedBlock
+from l2b_fast.nn.grouped.layers import UnsupportedNodeError, plan_steps
+
+__all__ = ["ROUTINGS", "GroupedBlock", "UnsupportedNodeError", "plan_steps"]

@@ -1,0 +1,277 @@
+"""Grouped execution of a block's children is held to the per-child reference: outputs, every parameter
+gradient, the logits gradient and the BatchNorm running buffers, with the same generator."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from l2b_fast.nn import BasicBlock, BlockSpec, GroupedFallbackWarning, TreeNet, TreeSupernet, UnsupportedNodeError
+from l2b_fast.tree import derive
+
+TASKS = ["a", "b", "c"]
+
+
+def cnn_blocks():
+    """Convolutions with and without bias, strided, dilated; pooling; BasicBlock with a downsample;
+    Flatten into Linear, Dropout(p=0), BatchNorm1d; odd sizes everywhere."""
+
+    def first(block, child):
+        return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU())
+
+    def middle(block, child):
+        return nn.Sequential(
+            nn.Conv2d(5, 6, 3, stride=2, padding=2, dilation=2, bias=False), nn.BatchNorm2d(6, momentum=None),
+            nn.LeakyReLU(0.1), nn.MaxPool2d(2, ceil_mode=True),
+        )
+
+    def last(block, child):
+        return nn.Sequential(
+            BasicBlock(6, 4, stride=2), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 7), nn.Dropout(0.0),
+            nn.GELU(), nn.BatchNorm1d(7), nn.Linear(7, 3),
+        )
+
+    return [BlockSpec(3, first), BlockSpec(4, middle), BlockSpec(3, last)]
+
+
+def resnet_blocks():
+    """BasicBlocks: identity shortcut (routed straight from the parents), dilation, a 1x1 downsample."""
+    return [
+        BlockSpec(2, lambda b, j: BasicBlock(3, 4)),
+        BlockSpec(5, lambda b, j: BasicBlock(4, 4, dilation=2)),
+        BlockSpec(3, lambda b, j: BasicBlock(4, 6, stride=2)),
+    ]
+
+
+def mlp_blocks():
+    """Linear first (routed), activations, BatchNorm1d without affine, Linear without bias."""
+    return [
+        BlockSpec(3, lambda b, j: nn.Sequential(nn.Linear(5, 6), nn.Tanh())),
+        BlockSpec(4, lambda b, j: nn.Sequential(nn.Linear(6, 7, bias=False), nn.BatchNorm1d(7, affine=False), nn.SiLU())),
+        BlockSpec(3, lambda b, j: nn.Sequential(nn.Linear(7, 2), nn.Sigmoid())),
+    ]
+
+
+def conv1d_blocks():
+    """Conv1d with reflect padding and groups (started by the gather), BatchNorm without running stats,
+    average pooling, a block of pure activations (an empty program start)."""
+    return [
+        BlockSpec(2, lambda b, j: nn.Sequential(nn.Conv1d(4, 6, 3, padding=1, padding_mode="reflect", groups=2), nn.BatchNorm1d(6, track_running_stats=False), nn.ReLU())),
+        BlockSpec(3, lambda b, j: nn.Sequential(nn.ReLU(), nn.Conv1d(6, 6, 2, stride=2), nn.AvgPool1d(2, ceil_mode=True))),
+        BlockSpec(3, lambda b, j: nn.Sequential(nn.Conv1d(6, 3, 1), nn.Tanh())),
+    ]
+
+
+MODELS = {
+    "cnn": (cnn_blocks, (3, 3, 11, 9)),
+    "resnet": (resnet_blocks, (2, 3, 7, 5)),
+    "mlp": (mlp_blocks, (5, 5)),
+    "conv1d": (conv1d_blocks, (3, 4, 9)),
+}
+TOLERANCES = {torch.float64: {"atol": 1e-10, "rtol": 1e-10}, torch.float32: {"atol": 2e-4, "rtol": 2e-4}}
+
+
+def reference_and_grouped(model: str, dtype=torch.float64, routing: str = "auto", seed: int = 0):
+    torch.manual_seed(seed)
+    reference = TreeSupernet(MODELS[model][0](), TASKS, execution="per_child").to(dtype)
+    with torch.no_grad():
+        for branching in reference.branchings:  # uneven probabilities: children pick different parents
+            branching.logits.normal_()
+    grouped = copy.deepcopy(reference)
+    grouped.set_execution("grouped")
+    for block in grouped._grouped:
+        block.routing = routing
+    return reference, grouped
+
+
+def step(net: TreeSupernet, x: torch.Tensor, mode: str, seed: int) -> dict[str, torch.Tensor]:
+    if mode == "eval":
+        net.eval()
+    else:
+        net.train()
+        net.set_mode(mode)
+    out = net(x, generator=torch.Generator().manual_seed(seed))
+    # a loss that weights every output element differently, so every gradient path is exercised
+    loss = sum((v * torch.linspace(-1, 2, v.numel(), dtype=v.dtype).view_as(v)).sum() for v in out.values())
+    loss.backward()
+    return out
+
+
+def assert_equivalent(reference, grouped, x, mode, tolerance, steps=2):
+    for seed in range(steps):  # two steps: running buffers and momentum=None counts carry over
+        expected, got = step(reference, x, mode, seed), step(grouped, x, mode, seed)
+        for task in TASKS:
+            torch.testing.assert_close(got[task], expected[task], **tolerance)
+    for (name, p), (_, q) in zip(reference.named_parameters(), grouped.named_parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+        else:
+            torch.testing.assert_close(q.grad, p.grad, **tolerance, msg=lambda m: f"{name}: {m}")
+    for (name, b), (_, c) in zip(reference.named_buffers(), grouped.named_buffers()):
+        torch.testing.assert_close(c, b, **tolerance, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["search", "frozen", "eval"])
+@pytest.mark.parametrize("routing", ["auto", "gather"])
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grouped_equals_per_child(model, routing, mode, dtype):
+    reference, grouped = reference_and_grouped(model, dtype, routing)
+    x = torch.randn(MODELS[model][1], dtype=dtype)
+    if mode != "frozen":
+        x.requires_grad_(True)
+    assert_equivalent(reference, grouped, x, mode, TOLERANCES[dtype])
+    if mode == "search":
+        assert any(p.grad.abs().sum() > 0 for p in grouped.logits_parameters())
+
+
+@pytest.mark.parametrize("routing", ["auto", "gather"])
+@pytest.mark.parametrize("model", ["cnn", "resnet"])
+def test_grouped_equals_per_child_channels_last(model, routing):
+    reference, grouped = reference_and_grouped(model, torch.float64, routing)
+    x = torch.randn(MODELS[model][1], dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    reference.to(memory_format=torch.channels_last), grouped.to(memory_format=torch.channels_last)
+    assert_equivalent(reference, grouped, x, "search", TOLERANCES[torch.float64])
+
+
+def test_host_routing_is_what_auto_takes_on_cpu():
+    _, grouped = reference_and_grouped("resnet")
+    x = torch.randn(MODELS["resnet"][1], dtype=torch.float64)
+    parents = x.unsqueeze(0)
+    assert all(block.uses_host_routing(parents) for block in grouped._grouped)
+    _, gathered = reference_and_grouped("conv1d")
+    assert not gathered._grouped[0].uses_host_routing(parents)  # grouped conv first: gather
+    gathered._grouped[0].routing = "host"
+    with pytest.raises(ValueError, match="host routing needs"):
+        gathered._grouped[0].uses_host_routing(parents)
+    gathered._grouped[0].routing = "fast"
+    with pytest.raises(ValueError, match="routing must be one of"):
+        gathered._grouped[0].uses_host_routing(parents)
+
+
+def test_children_sharing_a_parent_read_it_once():
+    """The first layer runs once per distinct parent (concatenated weights), not once per child."""
+    _, grouped = reference_and_grouped("resnet")
+    calls = []
+    original = torch.nn.functional.conv2d
+
+    def counting(input, weight, *args, **kwargs):
+        calls.append(weight.shape[0])
+        return original(input, weight, *args, **kwargs)
+
+    torch.nn.functional.conv2d = counting
+    try:
+        grouped.eval()
+        with torch.no_grad():
+            grouped(torch.randn(2, 3, 7, 5, dtype=torch.float64))
+    finally:
+        torch.nn.functional.conv2d = original
+    # block 0: one parent (the input), both children's conv1 (4 channels each) in one call
+    assert calls[0] == 2 * 4
+
+
+def test_autocast_runs_close_to_per_child():
+    reference, grouped = reference_and_grouped("cnn", torch.float32)
+    x = torch.randn(MODELS["cnn"][1])
+    outputs = []
+    for net in (reference, grouped):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x, generator=torch.Generator().manual_seed(0))
+            loss = sum(v.float().square().mean() for v in out.values())
+        loss.backward()
+        outputs.append(out)
+    for task in TASKS:
+        torch.testing.assert_close(outputs[1][task].float(), outputs[0][task].float(), atol=0.1, rtol=0.1)
+    assert all(torch.isfinite(p.grad).all() for p in grouped.parameters() if p.grad is not None)
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def scale_blocks():
+    return [
+        BlockSpec(2, lambda b, j: nn.Sequential(nn.Linear(5, 6), Scale())),
+        BlockSpec(3, lambda b, j: nn.Sequential(nn.Linear(6, 2), nn.ReLU())),
+    ]
+
+
+def test_auto_falls_back_per_block_with_one_warning_naming_the_module():
+    with pytest.warns(GroupedFallbackWarning, match=r"block 0 node\.1 is a .*Scale"):
+        net = TreeSupernet(scale_blocks(), ["a", "b", "c"])
+    assert net.executions == ["per_child", "grouped"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(torch.randn(4, 5))  # no warning per forward
+        net = TreeSupernet(scale_blocks(), ["a", "b", "c"], execution="per_child")
+
+
+def test_grouped_raises_for_unsupported_or_unequal_nodes():
+    with pytest.raises(UnsupportedNodeError, match=r"execution='grouped': block 0 node\.1 is a .*Scale"):
+        TreeSupernet(scale_blocks(), ["a", "b", "c"], execution="grouped")
+    uneven = [BlockSpec(2, lambda b, j: nn.Linear(5, 6 + j)), BlockSpec(3, lambda b, j: nn.LazyLinear(2))]
+    with pytest.raises(UnsupportedNodeError, match="block 0: child 1 differs in structure"):
+        TreeSupernet(uneven, ["a", "b", "c"], execution="grouped")
+    hooked = nn.Linear(5, 2)
+    hooked.register_forward_hook(lambda *args: None)
+    with pytest.raises(UnsupportedNodeError, match="forward hooks"):
+        TreeSupernet([BlockSpec(3, lambda b, j: copy.deepcopy(hooked))], ["a", "b", "c"], execution="grouped")
+    # a BlockSpec's own execution wins over the supernet's
+    blocks = scale_blocks()
+    blocks[0] = BlockSpec(2, blocks[0].node, execution="per_child")
+    assert TreeSupernet(blocks, ["a", "b", "c"], execution="grouped").executions == ["per_child", "grouped"]
+
+
+def test_unbatched_convolution_inputs_are_rejected_clearly():
+    net = TreeSupernet([BlockSpec(3, lambda b, j: nn.Conv2d(2, 2, 1))], TASKS, execution="grouped")
+    with pytest.raises(ValueError, match="batched inputs"):
+        net(torch.randn(2, 4, 4))
+
+
+def test_state_dict_is_the_same_for_every_execution_and_loads_across():
+    reference, grouped = reference_and_grouped("cnn")
+    assert {k: v.shape for k, v in reference.state_dict().items()} == {k: v.shape for k, v in grouped.state_dict().items()}
+    step(grouped, torch.randn(MODELS["cnn"][1], dtype=torch.float64), "search", 0)  # moves the buffers
+    torch.manual_seed(1)
+    loaded = TreeSupernet(cnn_blocks(), TASKS, execution="per_child").double()
+    loaded.load_state_dict(grouped.state_dict())
+    grouped.eval(), loaded.eval()
+    x = torch.randn(MODELS["cnn"][1], dtype=torch.float64)
+    for task in TASKS:
+        torch.testing.assert_close(loaded(x)[task], grouped(x)[task], atol=1e-12, rtol=1e-12)
+
+
+def test_treenet_from_grouped_supernet():
+    _, grouped = reference_and_grouped("resnet")
+    step(grouped, torch.randn(MODELS["resnet"][1], dtype=torch.float64), "search", 0)
+    grouped.eval()
+    compact = TreeNet.from_supernet(grouped, derive(grouped).pruned())
+    compact.eval()
+    x = torch.randn(MODELS["resnet"][1], dtype=torch.float64)
+    expected, got = grouped(x), compact(x)
+    for task in TASKS:
+        torch.testing.assert_close(got[task], expected[task], atol=1e-12, rtol=1e-12)
+
+
+def test_dropout_is_random_per_child_and_position():
+    """Train-mode dropout draws one mask for the whole stack: equal to per_child in distribution only,
+    so the grouped children still drop independently (different masks)."""
+    net = TreeSupernet([BlockSpec(3, lambda b, j: nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5)))], TASKS, execution="grouped")
+    with torch.no_grad():
+        for node in net.nodes[0]:
+            node[0].weight.copy_(net.nodes[0][0][0].weight)
+            node[0].bias.fill_(1.0)
+    out = net(torch.ones(8, 4))
+    masks = [out[task] == 0 for task in TASKS]
+    assert not torch.equal(masks[0], masks[1])
+    fraction = torch.stack(masks).float().mean().item()
+    assert 0.35 < fraction < 0.65
