@@ -10,9 +10,7 @@ import torch
 
 from l2b_fast import cli
 from l2b_fast.bench import search_step
-from l2b_fast.bench.naive import NaiveSupernet
 from l2b_fast.models import celeba_deep_wide_spec
-from l2b_fast.nn import TreeNet
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +40,7 @@ def test_smoke_run_writes_tagged_csv_json_and_plot(tmp_path, capsys):
     assert float(measured["naive"]["vs_naive"]) == 1.0
     for row in rows:
         if row["status"] != "ok":  # grouped execution not built yet: reported, never faked
-            assert row["variant"] == "grouped" and row["note"]
+            assert row["variant"] in ("grouped", "static_grouped") and row["note"]
     meta = json.loads((tmp_path / f"{stem}.json").read_text())["meta"]
     assert meta["torch"] == torch.__version__ and meta["preset"]["name"] == "tiny"
     assert meta["config"]["repeat"] == 1
@@ -63,19 +61,25 @@ def test_cpu_memory_probe_sees_the_activations():
     assert peak > 2**20
 
 
-def test_naive_and_static_baselines_compute_the_supernet():
+def test_every_variant_computes_the_same_function():
+    """With logits that make the static parents certain picks, all variants give the supernet's outputs."""
     spec = celeba_deep_wide_spec(width=1 / 8, input_size=32, children=(2, 3, 3, 2, 2), tasks=("a", "b", "c"))
     torch.manual_seed(0)
-    net = spec.supernet(execution="per_child").double()
-    x = spec.example_input(3).double()
+    net = spec.supernet(execution="per_child")
     tree = search_step.static_tree(spec)
     with torch.no_grad():
-        for branching, parents in zip(net.branchings, tree.parents):  # make the static parents certain picks
+        for branching, parents in zip(net.branchings, tree.parents):
             branching.logits.fill_(-1e4)
-            branching.logits[parents, range(len(parents))] = 1e4
-    static = TreeNet.from_supernet(net, tree)  # copies the weights: compare before any step changes them
-    expected = net(x)
-    for model in (NaiveSupernet(net), static):
-        got = model(x)
+            branching.logits[parents, list(range(len(parents)))] = 1e4
+    state = net.state_dict()
+    x = spec.example_input(3).double()
+    expected = net.double()(x)
+    for name in search_step.VARIANTS:
+        try:
+            variant = search_step.build_variant(name, spec, state, torch.device("cpu"), channels_last=False)
+        except search_step.VariantUnavailable:
+            continue
+        got = variant.model.double()(x)
         for task in spec.tasks:
-            torch.testing.assert_close(got[task], expected[task])
+            torch.testing.assert_close(got[task], expected[task], msg=f"{name} {task}")
+        assert bool(variant.logits) == (name in ("naive", "per_child", "grouped"))

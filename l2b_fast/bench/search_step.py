@@ -8,7 +8,10 @@ Variants, all starting from the same weights and run on the same batch:
 - ``per_child``: ``TreeSupernet(execution="per_child")``: the fused branching op, nodes one by one;
 - ``grouped``: ``TreeSupernet(execution="grouped")``: every block's children as one batched launch per layer;
 - ``static``: the floor: the same nodes with every child hard-wired to one parent (child j of a block
-  reads parent j mod I) and no branching at all, run as a ``TreeNet`` (one node at a time, no logits).
+  reads parent j mod I) and no branching at all, run as a ``TreeNet`` (one node at a time, no logits);
+- ``static_grouped``: the same floor run the grouped way: ``execution="grouped"`` with every block in
+  eval mode routed to those parents (on CPU each distinct parent is read once by its children's
+  concatenated weights; no sampling, no logits gradient, no logits optimizer).
 
 Variants are interleaved: every round runs one step of each, in an order rotated from round to round, so
 a shared machine's load falls on all of them alike and their ratios stay fair.
@@ -44,7 +47,7 @@ from l2b_fast.models import SPECS, ModelSpec
 from l2b_fast.nn import TreeNet
 from l2b_fast.tree import Tree
 
-VARIANTS = ("naive", "per_child", "grouped", "static")
+VARIANTS = ("naive", "per_child", "grouped", "static", "static_grouped")
 MODELS = tuple(SPECS)
 
 
@@ -111,7 +114,7 @@ def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device,
     """The variant's module, loaded with ``state`` (the common initial weights), and its parameter groups."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-    execution = "grouped" if name == "grouped" else "per_child"
+    execution = "grouped" if name in ("grouped", "static_grouped") else "per_child"
     try:
         supernet = spec.supernet(execution=execution)
     except (ValueError, NotImplementedError) as error:
@@ -120,6 +123,13 @@ def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device,
     if name == "static":
         model = TreeNet.from_supernet(supernet, static_tree(spec))
         weights, logits = list(model.parameters()), []
+    elif name == "static_grouped":
+        with torch.no_grad():  # eval-mode routing is the argmax of the logits: point it at the static parents
+            for branching, parents in zip(supernet.branchings, static_tree(spec).parents):
+                branching.logits.zero_()
+                branching.logits[parents, list(range(len(parents)))] = 1.0
+        supernet.set_mode("eval")
+        model, weights, logits = supernet, supernet.weight_parameters(), []
     else:
         model = NaiveSupernet(supernet) if name == "naive" else supernet
         weights, logits = supernet.weight_parameters(), supernet.logits_parameters()
@@ -304,6 +314,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "vs_naive": round(medians["naive"] / median, 3) if "naive" in medians else None,
                 "vs_per_child": round(medians["per_child"] / median, 3) if "per_child" in medians else None,
                 "vs_static": round(median / medians["static"], 3) if "static" in medians else None,
+                "vs_static_grouped": round(median / medians["static_grouped"], 3) if "static_grouped" in medians else None,
                 "step_peak_MiB": round(peak / 2**20, 1) if peak is not None else None,
                 "resident_MiB": round(measured["resident"][name] / 2**20, 1),
                 "memory": memory_note,
@@ -314,18 +325,22 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'model':<20} {'variant':<10} {'median ms':>10} {'images/s':>9} {'vs naive':>9} {'vs per_child':>13} {'vs static':>10} {'step peak MiB':>14}"
+    """Speed-ups over naive and per_child (higher is better); time over the static floors (lower is better)."""
+    header = f"{'model':<19} {'variant':<15} {'median ms':>10} {'images/s':>9} {'speed-up vs naive':>18} {'vs per_child':>13} {'/ static':>9} {'/ static_grouped':>17} {'step peak MiB':>14}"
     lines = [header, "-" * len(header)]
+
+    def ratio(value):
+        return f"{value:.2f}x" if value is not None else "-"
+
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"{row['model']:<20} {row['variant']:<10} skipped: {row['note']}")
+            lines.append(f"{row['model']:<19} {row['variant']:<15} skipped: {row['note']}")
             continue
-
-        def ratio(value):
-            return f"{value:.2f}x" if value is not None else "-"
-
         peak = f"{row['step_peak_MiB']:.1f}" if row["step_peak_MiB"] is not None else "n/m"
-        lines.append(f"{row['model']:<20} {row['variant']:<10} {row['median_ms']:>10.1f} {row['images_per_s']:>9.1f} {ratio(row['vs_naive']):>9} {ratio(row['vs_per_child']):>13} {ratio(row['vs_static']):>10} {peak:>14}")
+        lines.append(
+            f"{row['model']:<19} {row['variant']:<15} {row['median_ms']:>10.1f} {row['images_per_s']:>9.1f} {ratio(row['vs_naive']):>18} "
+            f"{ratio(row['vs_per_child']):>13} {ratio(row['vs_static']):>9} {ratio(row['vs_static_grouped']):>17} {peak:>14}"
+        )
     return "\n".join(lines)
 
 
