@@ -149,3 +149,30 @@ def test_custom_task_channels():
     spec = taskonomy_resnet34_spec(tasks=("depth_zbuffer", "curvature"), out_channels={"curvature": 2}, width=1 / 32, input_size=16, children=2, aspp_channels=8)
     out = spec.supernet(execution="per_child")(spec.example_input(1))
     assert out["curvature"].shape == (1, 2, 16, 16) and out["depth_zbuffer"].shape == (1, 1, 16, 16)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_grouped_execution_equals_per_child(name):
+    """The zoo's nodes (stem, basic blocks, VGG stages, FC layers) all run grouped, with per_child's results."""
+    spec = TINY[name]()
+    torch.manual_seed(0)
+    reference = spec.supernet(execution="per_child").double()
+    grouped = spec.supernet(execution="grouped").double()
+    grouped.load_state_dict(reference.state_dict())
+    assert grouped.executions == ["grouped"] * len(spec.blocks)
+    x = spec.example_input(2, generator=torch.Generator().manual_seed(4)).double()
+    results = []
+    for net in (reference, grouped):
+        torch.manual_seed(5)  # the ASPP heads' dropout
+        out = net(x, generator=torch.Generator().manual_seed(6))
+        sum(o.square().mean() for o in out.values()).backward()
+        results.append((out, {n: p.grad for n, p in net.named_parameters()}))
+    (want, want_grads), (got, got_grads) = results
+    for task in spec.tasks:
+        torch.testing.assert_close(got[task], want[task])
+    assert want_grads.keys() == got_grads.keys()
+    for key, grad in want_grads.items():
+        if grad is None:
+            assert got_grads[key] is None, key
+        else:
+            torch.testing.assert_close(got_grads[key], grad, msg=key)
