@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from l2b_fast import backends
-from l2b_fast.bench.branch_benchmark import SHAPES, synchronize
+from l2b_fast.bench.branch_benchmark import SHAPES, step_peak_bytes, synchronize
 from l2b_fast.bench.naive import branch_naive
 from l2b_fast.ops import branch
 
@@ -42,6 +42,7 @@ def test_fwd_bwd(benchmark, device, shape_name, implementation):
     grad = torch.randn((shape.children, *shape.activation), device=dev)
     benchmark.group = f"{device}-{shape_name}"
     benchmark.extra_info.update(parents=shape.parents, children=shape.children, activation=list(shape.activation))
+    members = []
     if implementation == "naive":
         members, grads = [p.detach().clone().requires_grad_(True) for p in parents], list(grad.unbind(0))
 
@@ -55,3 +56,6 @@ def test_fwd_bwd(benchmark, device, shape_name, implementation):
             synchronize(dev)
 
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    for leaf in (parents, logits, *members):  # the memory step starts without gradients, as python -m l2b_fast.bench
+        leaf.grad = None
+    benchmark.extra_info["step_peak_MiB"] = round(step_peak_bytes(step, dev) / 2**20, 2)

@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | threads {meta['cpu_threads']}")
     copy_gbps = bench.copy_bandwidth(device, 256 * 2**20, args.warmup, args.repeat)
     meta["copy_GBps"] = round(copy_gbps, 2)
+    meta["peak_memory"] = bench.MEMORY_METHOD[device.type]
     print(f"device copy bandwidth (read + write): {copy_gbps:.1f} GB/s")
     rows = bench.run(args.shapes, args.backends, device, getattr(torch, args.dtype), args.warmup, args.repeat, naive=not args.no_naive)
     for row in rows:

@@ -5,15 +5,22 @@ forward gather reads and writes J*N; the fused backward reads J*N (grad) + I*N (
 effective_GBps = those minimum bytes / measured time, for every implementation (the naive one moves ~3 I J N
 elements, so its real traffic is far higher); backward_GBps is the same for the fused backward op alone, to
 compare with the device copy bandwidth measured in the same run.
+
+Memory: step_peak_MiB is the peak of what one forward+backward step allocates above what was allocated
+before it (children, gradients, workspaces; ``inputs_MiB`` = parents + upstream gradient + logits, the same
+for every implementation, is resident besides). Measured in one extra, untimed step per implementation
+(``MEMORY_METHOD`` says how on each device).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import statistics
+import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -76,6 +83,44 @@ def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeat: int) 
     return 2 * source.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before the step",
+    "cpu": "torch.profiler memory events (profile_memory=True): peak of the running total of tensor allocations "
+    "through PyTorch's CPU allocator during the step (memory a kernel allocates outside PyTorch is not seen)",
+}
+
+
+def step_peak_bytes(fn, device: torch.device) -> int:
+    """Peak bytes allocated during one call of ``fn`` above what was allocated when it started."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu":
+        raise ValueError(f"peak memory is measured on cpu and cuda, not {device.type}")
+    # The profiler reports every allocation and free of the CPU allocator with its running total
+    # ("Total Allocated", counted from the start of profiling); its trace is where those events are exposed.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        fn()
+    handle, path = tempfile.mkstemp(suffix=".json")
+    os.close(handle)
+    try:
+        profiler.export_chrome_trace(path)
+        with open(path) as trace:
+            events = json.load(trace)["traceEvents"]
+    finally:
+        os.remove(path)
+    memory = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    if not memory:
+        return 0
+    # The running total also counts blocks of earlier profiles freed while the profiler was off.
+    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(0, max(m["Total Allocated"] for m in memory) - start)
+
+
 def fused_min_bytes(shape: Shape, element_size: int) -> dict[str, int]:
     n, i, j = shape.numel, shape.parents, shape.children
     return {"forward": 2 * j * n * element_size, "backward": (2 * i + j) * n * element_size}
@@ -99,7 +144,8 @@ def run(
         grad = torch.randn((shape.children, *shape.activation), device=device, dtype=dtype, generator=generator)
         logits = torch.randn(shape.parents, shape.children, device=device, generator=generator)
         minimum = fused_min_bytes(shape, parents.element_size())
-        timings = {}
+        inputs_bytes = sum(t.numel() * t.element_size() for t in (parents, grad, logits))
+        timings, peaks = {}, {}
         if naive:
             members = [p.clone().requires_grad_(True) for p in parents]
             naive_logits = logits.clone().requires_grad_(True)
@@ -111,6 +157,11 @@ def run(
                 torch.autograd.backward(branch_naive(members, naive_logits, tau), grads)
 
             timings["naive"] = (measure(naive_step, device, warmup, repeat), None)
+            for tensor in (*members, naive_logits):  # the memory step starts without gradients
+                tensor.grad = None
+            peaks["naive"] = step_peak_bytes(naive_step, device)
+            del members, naive_logits, grads, naive_step  # its copy of the parents is not resident for the others
+        tau_tensor = torch.full((), tau, dtype=torch.float64, device=device)  # the ops' schema takes tau as a tensor
         for name in backend_names:
             fused_parents = parents.clone().requires_grad_(True)
             fused_logits = logits.clone().requires_grad_(True)
@@ -119,16 +170,18 @@ def run(
                 fused_parents.grad = fused_logits.grad = None
                 branch(fused_parents, fused_logits, tau, backend=name).backward(grad)
 
-            if name == "ref":
-                timings[name] = (measure(fused_step, device, warmup, repeat), None)
-                continue
-            backend_ops = _backend_ops(name)
-            with torch.no_grad():
-                soft, index = backend_ops.sample_branches(logits, tau, None, torch.tensor([1], device=device))
-            backward_ms = statistics.median(
-                measure(lambda: backend_ops.branch_backward(grad, parents, index, soft, tau), device, warmup, repeat)
-            )
+            backward_ms = None
+            if name != "ref":
+                backend_ops = _backend_ops(name)
+                with torch.no_grad():
+                    soft, index = backend_ops.sample_branches(logits, tau_tensor, None, torch.tensor([1], device=device))
+                backward_ms = statistics.median(
+                    measure(lambda: backend_ops.branch_backward(grad, parents, index, soft, tau_tensor), device, warmup, repeat)
+                )
             timings[name] = (measure(fused_step, device, warmup, repeat), backward_ms)
+            fused_parents.grad = fused_logits.grad = None
+            peaks[name] = step_peak_bytes(fused_step, device)
+            del fused_parents, fused_logits, fused_step
         naive_ms = statistics.median(timings["naive"][0]) if naive else None
         for name, (times, backward_ms) in timings.items():
             ms = statistics.median(times)
@@ -146,6 +199,8 @@ def run(
                 "fused_min_bytes": minimum["forward"] + minimum["backward"],
                 "effective_GBps": round((minimum["forward"] + minimum["backward"]) / (ms * 1e-3) / 1e9, 2),
                 "backward_GBps": round(minimum["backward"] / (backward_ms * 1e-3) / 1e9, 2) if backward_ms else None,
+                "step_peak_MiB": round(peaks[name] / 2**20, 2),
+                "inputs_MiB": round(inputs_bytes / 2**20, 2),
             }
             rows.append(row)
         del parents, grad
@@ -161,7 +216,7 @@ def _backend_ops(name: str):
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = ["shape", "dtype", "implementation", "fwd_bwd_ms", "speedup_vs_naive", "effective_GBps", "backward_ms", "backward_GBps"]
+    columns = ["shape", "dtype", "implementation", "fwd_bwd_ms", "speedup_vs_naive", "effective_GBps", "backward_ms", "backward_GBps", "step_peak_MiB"]
     table = [columns] + [["" if row[c] is None else str(row[c]) for c in columns] for row in rows]
     widths = [max(len(line[k]) for line in table) for k in range(len(columns))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table]
