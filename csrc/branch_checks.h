@@ -10,18 +10,35 @@
 
 namespace l2b_fast {
 
-inline void check_tau(double tau) {
-  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0.0, "l2b_fast: tau must be a finite positive number, got ", tau);
+// tau is a one-element floating tensor on the tensors' device (see csrc/ops.cpp). Its value is checked
+// here only on the CPU (reading a CUDA tensor would synchronise); the CUDA kernels assert it on the device.
+inline void check_tau_tensor(const at::Tensor& tau, const at::Device& device) {
+  TORCH_CHECK_VALUE(tau.numel() == 1 && at::isFloatingType(tau.scalar_type()),
+                    "l2b_fast: tau must be a one-element floating tensor, got ", tau.scalar_type(), " of shape ",
+                    tau.sizes());
+  TORCH_CHECK_VALUE(tau.device() == device, "l2b_fast: tau is on ", tau.device(), " but the other tensors are on ",
+                    device);
 }
 
-inline void check_sample_inputs(const at::Tensor& logits, double tau, const std::optional<at::Tensor>& noise,
-                                const std::optional<at::Tensor>& seed) {
+// The value of a CPU tau tensor, checked finite and positive.
+inline double cpu_tau_value(const at::Tensor& tau) {
+  const double value = tau.item<double>();
+  TORCH_CHECK_VALUE(std::isfinite(value) && value > 0.0, "l2b_fast: tau must be a finite positive number, got ",
+                    value);
+  return value;
+}
+
+// tau as one double on the device, for kernels that read it from memory (a no-op for float64 tau).
+inline at::Tensor tau_as_double(const at::Tensor& tau) { return tau.reshape({}).to(at::kDouble); }
+
+inline void check_sample_inputs(const at::Tensor& logits, const at::Tensor& tau,
+                                const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "l2b_fast: logits must be 2-D [parents, children], got shape ", logits.sizes());
   TORCH_CHECK_VALUE(logits.size(0) >= 1 && logits.size(1) >= 1, "l2b_fast: logits must be non-empty, got shape ",
                     logits.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), "l2b_fast: logits must be floating point, got ",
                     logits.scalar_type());
-  check_tau(tau);
+  check_tau_tensor(tau, logits.device());
   TORCH_CHECK_VALUE(noise.has_value() != seed.has_value(), "l2b_fast: give exactly one of noise or seed");
   if (noise.has_value()) {
     TORCH_CHECK_VALUE(noise->sizes() == logits.sizes(), "l2b_fast: noise shape ", noise->sizes(),

@@ -65,13 +65,18 @@ def test_opcheck(device, backend):
         logits = torch.randn(3, 6, generator=generator).to(device=device, dtype=dtype).requires_grad_(True)
         noise = gumbel((3, 6), generator, dtype=dtype).to(device)
         seed = torch.tensor([17], device=device)
-        torch.library.opcheck(namespace.sample_branches, (logits, 0.8, noise, None))
-        torch.library.opcheck(namespace.sample_branches, (logits, 0.8, None, seed))
+        tau = torch.tensor(0.8, dtype=torch.float64, device=device)
+        torch.library.opcheck(namespace.sample_branches, (logits, tau, noise, None))
+        torch.library.opcheck(namespace.sample_branches, (logits, tau, None, seed))
         with torch.no_grad():
-            soft, index = namespace.sample_branches(logits, 0.8, noise, None)
-        torch.library.opcheck(namespace.straight_through_branch, (y, logits, index, soft, 0.8))
+            soft, index = namespace.sample_branches(logits, tau, noise, None)
+        torch.library.opcheck(namespace.straight_through_branch, (y, logits, index, soft, tau))
         grad = torch.randn(6, 4, 5, generator=generator).to(device=device, dtype=dtype)
-        torch.library.opcheck(namespace.branch_backward, (grad, y.detach(), index, soft, 0.8))
+        torch.library.opcheck(namespace.branch_backward, (grad, y.detach(), index, soft, tau))
+        for need_grad_parents, need_grad_logits in ((True, False), (False, True)):
+            torch.library.opcheck(
+                namespace.branch_backward, (grad, y.detach(), index, soft, tau, need_grad_parents, need_grad_logits)
+            )
 
 
 @pytest.mark.parametrize("device, backend", backend_cases(include_ref=True))

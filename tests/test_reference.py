@@ -32,7 +32,7 @@ def test_reference_is_torch_gumbel_softmax_hard():
 
 
 def test_logits_gradient_formula():
-    """d/dlogits = soft * (G - <soft, G>) / tau with G[i, j] = <grad[j], parents[i]> (DESIGN.md 1)."""
+    """d/dlogits = soft * (G - <soft, G>) / tau with G[i, j] = <grad[j], parents[i]>."""
     generator = torch.Generator().manual_seed(5)
     y = torch.randn(3, 8, generator=generator, dtype=torch.float64)
     logits = torch.randn(3, 4, generator=generator, dtype=torch.float64, requires_grad=True)

@@ -12,10 +12,11 @@
 namespace l2b_fast {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> sample_branches_cpu(const at::Tensor& logits, double tau,
+std::tuple<at::Tensor, at::Tensor> sample_branches_cpu(const at::Tensor& logits, const at::Tensor& tau,
                                                        const std::optional<at::Tensor>& noise,
                                                        const std::optional<at::Tensor>& seed) {
   check_sample_inputs(logits, tau, noise, seed);
+  const double tau_value = cpu_tau_value(tau);
   TORCH_CHECK_VALUE(at::isfinite(logits).all().item<bool>(), "l2b_fast: logits contain NaN or inf");
   const int64_t parents = logits.size(0), children = logits.size(1);
   TORCH_CHECK_VALUE(parents * children <= (int64_t{1} << 32), "l2b_fast: at most 2^32 logits");
@@ -50,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> sample_branches_cpu(const at::Tensor& logits,
       const acc_t top = perturbed[best];
       acc_t total = 0;
       for (int64_t i = 0; i < parents; ++i) {
-        perturbed[i] = std::exp((perturbed[i] - top) / static_cast<acc_t>(tau));
+        perturbed[i] = std::exp((perturbed[i] - top) / static_cast<acc_t>(tau_value));
         total += perturbed[i];
       }
       for (int64_t i = 0; i < parents; ++i) soft_out[i * children + j] = static_cast<scalar_t>(perturbed[i] / total);

@@ -95,9 +95,9 @@ void launch_gather(const void* src, void* dst, const int64_t* index, int64_t par
 }
 
 at::Tensor straight_through_branch_cuda(const at::Tensor& parents, const at::Tensor& /*logits*/,
-                                        const at::Tensor& index, const at::Tensor& soft, double tau) {
+                                        const at::Tensor& index, const at::Tensor& soft, const at::Tensor& tau) {
   check_branch_inputs(parents, index, soft);
-  check_tau(tau);
+  check_tau_tensor(tau, parents.device());
   const int64_t num_parents = parents.size(0), children = index.size(0);
   const c10::cuda::CUDAGuard guard(parents.device());
   at::Tensor out = empty_children_like(parents, children);
@@ -420,13 +420,15 @@ template <typename soft_t, typename part_t>
 __global__ void __launch_bounds__(kThreads)
     softmax_backward_kernel(const part_t* __restrict__ partials, int64_t blocks, const soft_t* __restrict__ soft,
                             const int64_t* __restrict__ index, double* __restrict__ col_dots, int parents,
-                            int children, double tau, soft_t* __restrict__ grad_logits) {
+                            int children, const double* __restrict__ tau_value, soft_t* __restrict__ grad_logits) {
   __shared__ double centre;
   const int j = blockIdx.x;
+  const double tau = *tau_value;  // read from memory: a new temperature needs no new launch (CUDA graphs)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     const int64_t p = index[j];
     CUDA_KERNEL_ASSERT(p >= 0 && p < parents);
+    CUDA_KERNEL_ASSERT(isfinite(tau) && tau > 0.0);
   }
   double* dots = col_dots + static_cast<int64_t>(j) * parents;
   for (int i = warp; i < parents; i += kWarps) {
@@ -587,9 +589,9 @@ void branch_backward_impl(const at::Tensor& grad, const at::Tensor& parents, con
 }
 
 std::tuple<at::Tensor, at::Tensor> branch_backward_cuda(const at::Tensor& grad_out, const at::Tensor& parents,
-                                                        const at::Tensor& index, const at::Tensor& soft, double tau) {
+                                                        const at::Tensor& index, const at::Tensor& soft, const at::Tensor& tau) {
   check_branch_inputs(parents, index, soft);
-  check_tau(tau);
+  check_tau_tensor(tau, parents.device());
   TORCH_CHECK_VALUE(grad_out.device() == parents.device(), "l2b_fast: grad_out is on ", grad_out.device(),
                     " but parents are on ", parents.device());
   const int64_t num_parents = parents.size(0), children = index.size(0);

@@ -33,10 +33,14 @@ __device__ __forceinline__ acc_t perturbed_logit(const scalar_t* logits, const a
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     sample_branches_kernel(const scalar_t* __restrict__ logits, const acc_t* __restrict__ noise,
-                           const int64_t* __restrict__ seed, acc_t tau, int64_t parents, int64_t children,
-                           scalar_t* __restrict__ soft, int64_t* __restrict__ index) {
+                           const int64_t* __restrict__ seed, const double* __restrict__ tau_value,
+                           int64_t parents, int64_t children, scalar_t* __restrict__ soft,
+                           int64_t* __restrict__ index) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (j >= children) return;
+  // Read from memory, not passed by value: a new temperature needs no new launch (CUDA graphs).
+  CUDA_KERNEL_ASSERT(isfinite(*tau_value) && *tau_value > 0.0);
+  const acc_t tau = static_cast<acc_t>(*tau_value);
   const uint64_t seed_value = noise == nullptr ? static_cast<uint64_t>(*seed) : 0;
   int64_t best = 0;
   acc_t top = perturbed_logit(logits, noise, seed_value, j);
@@ -58,7 +62,7 @@ __global__ void __launch_bounds__(kThreads)
   index[j] = best;
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_branches_cuda(const at::Tensor& logits, double tau,
+std::tuple<at::Tensor, at::Tensor> sample_branches_cuda(const at::Tensor& logits, const at::Tensor& tau,
                                                         const std::optional<at::Tensor>& noise,
                                                         const std::optional<at::Tensor>& seed) {
   check_sample_inputs(logits, tau, noise, seed);
@@ -69,6 +73,7 @@ std::tuple<at::Tensor, at::Tensor> sample_branches_cuda(const at::Tensor& logits
   at::Tensor soft = at::empty({parents, children}, logits.options());
   // Read in logits' own dtype: the in-kernel conversion to acc_t is the exact `.to(acc)` of the CPU path.
   const at::Tensor logits_c = logits.contiguous();
+  const at::Tensor tau_d = tau_as_double(tau);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = (children + kThreads - 1) / kThreads;
 
@@ -78,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> sample_branches_cuda(const at::Tensor& logits
     if (noise.has_value()) noise_acc = noise->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     sample_branches_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         logits_c.data_ptr<scalar_t>(), noise.has_value() ? noise_acc.data_ptr<acc_t>() : nullptr,
-        seed.has_value() ? seed->data_ptr<int64_t>() : nullptr, static_cast<acc_t>(tau), parents, children,
+        seed.has_value() ? seed->data_ptr<int64_t>() : nullptr, tau_d.data_ptr<double>(), parents, children,
         soft.data_ptr<scalar_t>(), index.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

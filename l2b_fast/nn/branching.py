@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from l2b_fast import ops
+from l2b_fast.ops import _validation
 
 MODES = ("search", "frozen", "eval")
 
@@ -23,8 +24,15 @@ class Branching(nn.Module):
 
     Args:
         parents, children: I and J.
-        tau: temperature used in search/frozen mode (a schedule updates it, see ``l2b_fast.train``).
+        tau: temperature used in search/frozen mode (a schedule updates it, see ``l2b_fast.train``): a finite
+            positive number, checked here and by the ``tau`` setter (``ValueError`` at once, not at the
+            next forward).
         backend: op backend (``None``: ``$L2B_BACKEND`` or the best available).
+
+    The temperature lives in the buffer ``tau_tensor`` (0-d float64, on the module's device), which the
+    kernels read from memory: setting ``tau`` fills it in place, so a schedule that changes it every step
+    neither recompiles a ``torch.compile``d step nor invalidates a captured CUDA graph. The buffer is not
+    persistent (``state_dict`` is unchanged, old checkpoints load); ``module.tau`` is the Python value.
     """
 
     def __init__(self, parents: int, children: int, *, tau: float = 1.0, backend: str | None = None, mode: str = "search"):
@@ -32,9 +40,26 @@ class Branching(nn.Module):
         if parents < 1 or children < 1:
             raise ValueError(f"a branching block needs >= 1 parent and child, got {parents} x {children}")
         self.logits = nn.Parameter(torch.zeros(parents, children))  # uniform sampling distribution
+        self.register_buffer("tau_tensor", torch.ones((), dtype=torch.float64), persistent=False)
         self.tau = tau
         self.backend = backend
         self.mode = mode
+
+    @property
+    def tau(self) -> float:
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self._tau = _validation.check_tau_value(value)
+        self.tau_tensor.fill_(self._tau)  # in place: compiled graphs and CUDA graphs keep reading this buffer
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # .half() / .to(dtype) cast floating buffers too: keep the temperature exact in float64.
+        if self.tau_tensor.dtype != torch.float64:
+            self.tau_tensor = torch.full((), self._tau, dtype=torch.float64, device=self.tau_tensor.device)
+        return self
 
     @property
     def mode(self) -> str:
@@ -50,9 +75,10 @@ class Branching(nn.Module):
         """``parents`` ``[I, *S]`` -> children's inputs ``[J, *S]``."""
         mode = self.mode if self.training else "eval"
         if mode == "eval":
-            return ops.branch(parents, self.logits, self.tau, training=False, backend=self.backend)
+            return ops.branch(parents, self.logits, self.tau_tensor, training=False, backend=self.backend)
+        # Frozen: detached logits, so the backward takes none of the I x J dot products (only the segment sum).
         logits = self.logits if mode == "search" else self.logits.detach()
-        return ops.branch(parents, logits, self.tau, generator=generator, backend=self.backend)
+        return ops.branch(parents, logits, self.tau_tensor, generator=generator, backend=self.backend)
 
     def probabilities(self) -> torch.Tensor:
         """Sampling distribution of every child over parents: softmax over dim 0 of the logits."""

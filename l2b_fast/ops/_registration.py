@@ -24,11 +24,13 @@ def _fake_straight_through_branch(parents, logits, index, soft, tau):
     return parents.new_empty_strided((index.shape[0], *parents.shape[1:]), children_strides(parents))
 
 
-def _fake_branch_backward(grad_out, parents, index, soft, tau):
-    return torch.empty_like(parents), torch.empty_like(soft, memory_format=torch.contiguous_format)
+def _fake_branch_backward(grad_out, parents, index, soft, tau, need_grad_parents=True, need_grad_logits=True):
+    grad_parents = torch.empty_like(parents) if need_grad_parents else parents.new_empty((0,))
+    grad_logits = torch.empty_like(soft, memory_format=torch.contiguous_format) if need_grad_logits else soft.new_empty((0,))
+    return grad_parents, grad_logits
 
 
-def softmax_backward(soft: torch.Tensor, grad_soft: torch.Tensor, tau: float) -> torch.Tensor:
+def softmax_backward(soft: torch.Tensor, grad_soft: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Gradient of the logits through soft = softmax_i((logits + noise) / tau)."""
     return soft * (grad_soft - (soft * grad_soft).sum(dim=0, keepdim=True)) / tau
 
@@ -39,22 +41,22 @@ def register(namespace: str) -> None:
     backward_op = ops.branch_backward
 
     def sample_setup_context(ctx, inputs, output):
-        ctx.tau = inputs[1]
-        ctx.save_for_backward(output[0])
+        ctx.save_for_backward(output[0], inputs[1])
 
     def sample_backward(ctx, grad_soft, grad_index):
-        (soft,) = ctx.saved_tensors
-        return softmax_backward(soft, grad_soft, ctx.tau).to(soft.dtype), None, None, None
+        soft, tau = ctx.saved_tensors
+        return softmax_backward(soft, grad_soft, tau).to(soft.dtype), None, None, None
 
     def branch_setup_context(ctx, inputs, output):
         parents, _logits, index, soft, tau = inputs
-        ctx.tau = tau
-        ctx.save_for_backward(parents, index, soft)
+        ctx.save_for_backward(parents, index, soft, tau)
 
     def branch_backward(ctx, grad_out):
-        parents, index, soft = ctx.saved_tensors
-        grad_parents, grad_logits = backward_op(grad_out, parents, index, soft, ctx.tau)
+        parents, index, soft, tau = ctx.saved_tensors
+        # Only what autograd needs: frozen (detached) logits skip the I x J dot products entirely,
+        # a parents tensor that needs no gradient (the network input) skips the segment sum.
         needs_parents, needs_logits = ctx.needs_input_grad[:2]
+        grad_parents, grad_logits = backward_op(grad_out, parents, index, soft, tau, needs_parents, needs_logits)
         return (grad_parents if needs_parents else None, grad_logits if needs_logits else None, None, None, None)
 
     qualified = f"{namespace}::"

@@ -11,17 +11,50 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_tau(tau) -> float:
-    if isinstance(tau, torch.Tensor):
-        if tau.numel() != 1:
-            raise ValueError(f"tau must be a number, got a tensor of shape {tuple(tau.shape)}")
-        tau = tau.item()
+def check_tau_value(tau) -> float:
+    """A Python temperature as a float, checked finite and positive."""
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise ValueError(f"tau must be a finite positive number, got {tau!r}")
+        raise ValueError(f"tau must be a finite positive number or a one-element floating tensor, got {tau!r}")
     tau = float(tau)
     if not (math.isfinite(tau) and tau > 0.0):
         raise ValueError(f"tau must be a finite positive number, got {tau}")
     return tau
+
+
+def as_tau_tensor(tau, device: torch.device) -> torch.Tensor:
+    """The temperature as the 0-d tensor on ``device`` that every backend reads (csrc/ops.cpp).
+
+    A tensor is used as it is (one element, floating, on ``device``): a schedule that updates it in place
+    changes no compiled graph and no captured CUDA graph. A Python number becomes a float64 tensor
+    (``torch.full``: a fill kernel, no host-to-device copy, so no synchronisation either).
+    """
+    if isinstance(tau, torch.Tensor):
+        if tau.numel() != 1:
+            raise ValueError(f"tau must be a number or a one-element tensor, got a tensor of shape {tuple(tau.shape)}")
+        if tau.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"tau must be a floating tensor, got {tau.dtype}")
+        if tau.device != device:
+            raise ValueError(f"tau is on {tau.device} but logits are on {device}")
+        tau = tau.detach().reshape(())
+        _check_positive_finite(tau)
+        return tau
+    if torch.compiler.is_compiling():
+        # A Python float that changes between calls is symbolic here: check it on the tensor, no graph break.
+        tensor = torch.full((), tau, dtype=torch.float64, device=device)
+        _check_positive_finite(tensor)
+        return tensor
+    return torch.full((), check_tau_value(tau), dtype=torch.float64, device=device)
+
+
+def _check_positive_finite(tau: torch.Tensor) -> None:
+    message = "tau must be a finite positive number"
+    if tau.device.type == "cpu" and not torch.compiler.is_compiling():
+        value = float(tau)
+        if not (math.isfinite(value) and value > 0.0):
+            raise ValueError(f"{message}, got {value}")
+    else:
+        # Device-side asynchronous check: no host synchronisation (raises at the next sync point).
+        torch._assert_async(torch.isfinite(tau) & (tau > 0), message)
 
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:

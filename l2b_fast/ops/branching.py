@@ -1,6 +1,6 @@
 """Public branching ops: ``sample_branches`` and ``branch``, dispatched to a backend.
 
-The maths (DESIGN.md section 1), for logits ``[I, J]`` (parents x children) and temperature tau:
+The maths, for logits ``[I, J]`` (parents x children) and temperature tau:
 ``z = (logits + gumbel noise) / tau``, ``index[j] = argmax_i z[i, j]``, ``soft[:, j] = softmax_i z[:, j]``;
 child j receives ``parents[index[j]]`` and the backward is the straight-through gumbel-softmax gradient.
 """
@@ -38,7 +38,7 @@ def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch
 
 def sample_branches(
     logits: torch.Tensor,
-    tau: float,
+    tau: float | torch.Tensor,
     *,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -48,7 +48,9 @@ def sample_branches(
 
     Args:
         logits: ``[I, J]`` connectivity logits (parents x children), fp16/bf16/fp32/fp64.
-        tau: temperature, a finite positive number.
+        tau: temperature, a finite positive number, or a one-element floating tensor on ``logits.device``
+            (read by the kernels from memory: a schedule that ``fill_``s it every step recompiles nothing and
+            keeps a captured CUDA graph valid; its value is checked by a device-side assert on CUDA).
         noise: optional ``[I, J]`` gumbel samples to use (reproducibility, tests); otherwise Philox noise is
             drawn from ``generator`` (or the default generator of ``logits.device``), identical on every backend.
         generator: ``torch.Generator`` the seed is drawn from.
@@ -59,8 +61,8 @@ def sample_branches(
         in logits' dtype (softmax over parents of ``(logits + noise) / tau``, differentiable w.r.t. logits;
         computed in fp32, fp64 for fp64 logits).
     """
-    tau = _validation.check_tau(tau)
     _validation.check_logits(logits)
+    tau = _validation.as_tau_tensor(tau, logits.device)
     _validation.check_noise(noise, logits)
     _validation.check_generator(generator)
     implementation = _implementation(backends.select(backend, logits.device))
@@ -71,7 +73,7 @@ def sample_branches(
 def branch(
     parents,
     logits: torch.Tensor,
-    tau: float,
+    tau: float | torch.Tensor,
     *,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -84,7 +86,7 @@ def branch(
         parents: ``[I, *S]`` tensor (contiguous or channels_last per parent), or a sequence of I tensors of
             shape S (stacked: one copy, so prefer writing the parents into one tensor).
         logits: ``[I, J]`` connectivity logits.
-        tau: temperature, a finite positive number.
+        tau: temperature, as in :func:`sample_branches` (a number or a one-element tensor).
         noise, generator, backend: as in :func:`sample_branches`.
         training: ``True`` samples ``index`` with gumbel noise and back-propagates the straight-through
             gumbel-softmax gradient to ``logits`` (exactly ``F.gumbel_softmax(hard=True)`` weights over all
@@ -94,11 +96,11 @@ def branch(
     Returns:
         ``[J, *S]`` tensor, ``out[j] = parents[index[j]]``, in the parents' layout.
     """
-    tau = _validation.check_tau(tau)
     parents = _validation.as_parents_tensor(parents)
     _validation.check_logits(logits, parents=parents.shape[0])
     if logits.device != parents.device:
         raise ValueError(f"logits are on {logits.device} but parents are on {parents.device}")
+    tau = _validation.as_tau_tensor(tau, logits.device)
     _validation.check_noise(noise, logits)
     _validation.check_generator(generator)
     if not training:

@@ -29,7 +29,7 @@ from l2b_fast.triton.sample_branches import (
     _next_pow2,
     _prev_pow2,
     _sm_count,
-    _split_tau,
+    _tau_pointer,
 )
 
 
@@ -108,7 +108,12 @@ def _branch_backward_partials_kernel(
     J,
     N,
     num_i_blocks,
-    tiles_per_program,
+    # Trip count as a constexpr: Triton 3.6's interpreter cannot take a runtime loop bound with numpy >= 2.4
+    # (it converts a 1-element array with int()); on the GPU it costs one compile per (N, grid) pair.
+    TILES_PER_PROGRAM: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    WRITE_GRAD_PARENTS: tl.constexpr,
+    COMPUTE_DOTS: tl.constexpr,
     ACC_F64: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -130,36 +135,44 @@ def _branch_backward_partials_kernel(
     # one_hot[i, j]: child j sampled parent i.
     one_hot = index[None, :] == rows_i.to(tl.int64)[:, None]
 
+    # Per-lane partial products, reduced across lanes once after the loop (not on every tile).
     if ACC_F64:
-        acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float64)
+        acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_N], dtype=tl.float64)
     else:
-        acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_N], dtype=tl.float32)
 
-    start = chunk.to(tl.int64) * tiles_per_program * BLOCK_N
-    for t in range(0, tiles_per_program):
+    start = chunk.to(tl.int64) * TILES_PER_PROGRAM * BLOCK_N
+    # num_stages: the loads of the next tiles are issued while this one is used (the pipeliner skips a
+    # loop without tl.dot unless asked).
+    for t in tl.range(0, TILES_PER_PROGRAM, num_stages=NUM_STAGES):
         offs = start + t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs < N
         mask_i = i_ok[:, None] & n_ok[None, :]
         mask_j = j_ok[:, None] & n_ok[None, :]
         g = tl.load(grad_ptr + base_j + offs[None, :], mask=mask_j, other=0.0)
-        y = tl.load(parents_ptr + base_i + offs[None, :], mask=mask_i, other=0.0)
         if ACC_F64:
             g = g.to(tl.float64)
-            y = y.to(tl.float64)
         else:
             g = g.to(tl.float32)
-            y = y.to(tl.float32)
         # grad_parents[i] = sum of the grad_out rows of the children that sampled parent i (a select,
         # not a multiply, so an inf/NaN in one child's gradient stays in its own parent).
-        seg = tl.sum(tl.where(one_hot[:, :, None], g[None, :, :], 0.0), axis=1)
-        tl.store(
-            grad_parents_ptr + base_i + offs[None, :], seg.to(grad_parents_ptr.dtype.element_ty), mask=mask_i
-        )
-        # G[i, j] += <grad_out[j], parents[i]> over this tile, for every pair.
-        acc += tl.sum(y[:, None, :] * g[None, :, :], axis=2)
+        if WRITE_GRAD_PARENTS:
+            seg = tl.sum(tl.where(one_hot[:, :, None], g[None, :, :], 0.0), axis=1)
+            tl.store(
+                grad_parents_ptr + base_i + offs[None, :], seg.to(grad_parents_ptr.dtype.element_ty), mask=mask_i
+            )
+        if COMPUTE_DOTS:
+            # G[i, j] += <grad_out[j], parents[i]> over this tile, for every pair (parents are read only here).
+            y = tl.load(parents_ptr + base_i + offs[None, :], mask=mask_i, other=0.0)
+            if ACC_F64:
+                y = y.to(tl.float64)
+            else:
+                y = y.to(tl.float32)
+            acc += y[:, None, :] * g[None, :, :]
 
-    out = partials_ptr + chunk.to(tl.int64) * I * J + rows_i[:, None] * J + rows_j[None, :]
-    tl.store(out, acc, mask=i_ok[:, None] & j_ok[None, :])
+    if COMPUTE_DOTS:
+        out = partials_ptr + chunk.to(tl.int64) * I * J + rows_i[:, None] * J + rows_j[None, :]
+        tl.store(out, tl.sum(acc, axis=2), mask=i_ok[:, None] & j_ok[None, :])
 
 
 @triton.jit
@@ -169,12 +182,10 @@ def _branch_backward_logits_kernel(
     grad_logits_ptr,  # [I, J] contiguous, soft's dtype
     I,
     J,
-    num_chunks,
     stride_si,
     stride_sj,
-    tau_hi,
-    tau_mid,
-    tau_lo,
+    tau_ptr,  # one float64
+    NUM_CHUNKS: tl.constexpr,  # constexpr: see TILES_PER_PROGRAM above
     OUT_F64: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -187,7 +198,7 @@ def _branch_backward_logits_kernel(
 
     G = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float64)
     ptrs = partials_ptr + pair
-    for _ in range(0, num_chunks):  # fixed order: deterministic
+    for _ in range(0, NUM_CHUNKS):  # fixed order: deterministic
         G += tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
         ptrs += I * J
 
@@ -195,7 +206,7 @@ def _branch_backward_logits_kernel(
     c = cols.to(tl.int64)[None, :]
     soft = tl.load(soft_ptr + r * stride_si + c * stride_sj, mask=mask, other=0.0).to(tl.float64)
     centre = tl.sum(soft * G, axis=0)
-    tau = (tl.cast(tau_hi, tl.float64) + tl.cast(tau_mid, tl.float64)) + tl.cast(tau_lo, tl.float64)
+    tau = tl.load(tau_ptr)
     grad = soft * (G - centre[None, :]) / tau
     if OUT_F64:
         out = grad
@@ -205,18 +216,34 @@ def _branch_backward_logits_kernel(
     tl.store(grad_logits_ptr + r * J + c, out, mask=mask)
 
 
+# Pipeline depth of the partials kernel's tile loop (loads of the next tiles in flight).
+_NUM_STAGES = 3
+_NUM_WARPS = 4
+# Bytes of the [BLOCK_I, BLOCK_J, BLOCK_N] accumulator per program (registers for the whole loop).
+_ACCUMULATOR_BYTES = 1 << 14
+
+
 def _partials_config(
-    num_parents: int, children: int, row: int, device: torch.device, block_n, block_i, num_chunks
+    num_parents: int,
+    children: int,
+    row: int,
+    acc_bytes: int,
+    interpreted: bool,
+    sm_count: int,
+    block_n=None,
+    block_i=None,
+    num_chunks=None,
 ) -> tuple[int, int, int, int, int]:
     """(BLOCK_I, BLOCK_N, num_i_blocks, num_chunks, tiles_per_program) of the partials kernel."""
     block_j = max(2, _next_pow2(children))
     block_i_all = max(2, _next_pow2(num_parents))
-    if _interpreted(device):
+    if interpreted:
         tile, n_min, n_max, programs = 1 << 18, 16, 1 << 14, 1
     else:
-        # BLOCK_I * BLOCK_J * BLOCK_N <= 16384: the [BLOCK_I, BLOCK_J, BLOCK_N] products of one tile
-        # stay in registers (64 per thread at 8 warps); about 4 programs per SM.
-        tile, n_min, n_max, programs = 1 << 14, 32, 512, 4 * _sm_count(device)
+        # The [BLOCK_I, BLOCK_J, BLOCK_N] accumulator lives in registers for the whole loop: 4096 fp32
+        # (2048 fp64) elements are 16 registers per thread at 8 warps, which leaves room for the
+        # pipelined tiles and 4 programs per SM (tools/triton_aot_report.py prints the counts).
+        tile, n_min, n_max, programs = _ACCUMULATOR_BYTES // acc_bytes, 32, 512, 4 * sm_count
     if block_n is None:
         block_n = max(n_min, min(n_max, _prev_pow2(max(1, tile // (block_i_all * block_j)))))
         block_n = min(block_n, max(n_min, _next_pow2(row)))
@@ -237,8 +264,10 @@ def branch_backward(
     parents: Tensor,
     index: Tensor,
     soft: Tensor,
-    tau: float,
+    tau: Tensor,
     *,
+    need_grad_parents: bool = True,
+    need_grad_logits: bool = True,
     _block_n: int | None = None,
     _block_i: int | None = None,
     _num_chunks: int | None = None,
@@ -247,7 +276,8 @@ def branch_backward(
 
     grad_parents[i] = sum over j with index[j] == i of grad_out[j] (parents' shape, strides, dtype);
     G[i, j] = <grad_out[j], parents[i]> for every pair (fp32 accumulation, fp64 for fp64 inputs);
-    grad_logits = soft * (G - sum_i soft * G) / tau in soft's dtype ([I, J], contiguous).
+    grad_logits = soft * (G - sum_i soft * G) / tau in soft's dtype ([I, J], contiguous). An output whose
+    ``need_*`` flag is False is neither computed nor written and comes back empty (shape [0]).
 
     ``grad_out`` is expected in the children layout (``parents``' strides with J rows, parents' dtype);
     anything else is copied into it first. The underscored arguments override the launch
@@ -256,10 +286,13 @@ def branch_backward(
     num_parents, children = parents.shape[0], index.shape[0]
     device = parents.device
     row = _row_numel(parents)
-    grad_parents = torch.empty_like(parents)
+    tau_arg = _tau_pointer(tau, device)
+    grad_parents = torch.empty_like(parents) if need_grad_parents else parents.new_empty((0,))
+    grad_logits = soft.new_empty((num_parents, children) if need_grad_logits else (0,))
     if children == 0 or row == 0:
-        grad_parents.zero_()
-        return grad_parents, torch.zeros(num_parents, children, dtype=soft.dtype, device=device)
+        return grad_parents.zero_(), grad_logits.zero_()
+    if not (need_grad_parents or need_grad_logits):
+        return grad_parents, grad_logits
     if grad_out.dtype != parents.dtype or not _has_children_layout(grad_out, parents):
         grad_out = torch.empty_strided(
             grad_out.shape, _children_strides(parents, children), dtype=parents.dtype, device=device
@@ -268,14 +301,11 @@ def branch_backward(
 
     acc_f64 = parents.dtype == torch.float64
     block_j = max(2, _next_pow2(children))
+    acc_dtype = torch.float64 if acc_f64 else torch.float32
     block_i, block_n, num_i_blocks, num_chunks, tiles_per_program = _partials_config(
-        num_parents, children, row, device, _block_n, _block_i, _num_chunks
+        num_parents, children, row, acc_dtype.itemsize, _interpreted(device), _sm_count(device), _block_n, _block_i, _num_chunks
     )
-    partials = torch.empty(
-        num_chunks, num_parents, children, dtype=torch.float64 if acc_f64 else torch.float32, device=device
-    )
-    grad_logits = torch.empty(num_parents, children, dtype=soft.dtype, device=device)
-    tau_hi, tau_mid, tau_lo = _split_tau(tau)
+    partials = torch.empty((num_chunks, num_parents, children) if need_grad_logits else (0,), dtype=acc_dtype, device=device)
 
     block_i2 = max(2, _next_pow2(num_parents))
     budget = 1 << 16 if _interpreted(device) else 2048
@@ -285,34 +315,36 @@ def branch_backward(
             grad_out,
             parents,
             index,
-            grad_parents,
-            partials,
+            grad_parents if need_grad_parents else parents,  # not written without the flag
+            partials if need_grad_logits else parents,
             num_parents,
             children,
             row,
             num_i_blocks,
-            tiles_per_program,
+            TILES_PER_PROGRAM=tiles_per_program,
+            NUM_STAGES=_NUM_STAGES,
+            WRITE_GRAD_PARENTS=need_grad_parents,
+            COMPUTE_DOTS=need_grad_logits,
             ACC_F64=acc_f64,
             BLOCK_I=block_i,
             BLOCK_J=block_j,
             BLOCK_N=block_n,
-            num_warps=8,
+            num_warps=_NUM_WARPS,
         )
-        _branch_backward_logits_kernel[(triton.cdiv(children, block_j2),)](
-            partials,
-            soft,
-            grad_logits,
-            num_parents,
-            children,
-            num_chunks,
-            soft.stride(0),
-            soft.stride(1),
-            tau_hi,
-            tau_mid,
-            tau_lo,
-            OUT_F64=soft.dtype == torch.float64,
-            BLOCK_I=block_i2,
-            BLOCK_J=block_j2,
-            num_warps=4,
-        )
+        if need_grad_logits:
+            _branch_backward_logits_kernel[(triton.cdiv(children, block_j2),)](
+                partials,
+                soft,
+                grad_logits,
+                num_parents,
+                children,
+                soft.stride(0),
+                soft.stride(1),
+                tau_arg,
+                NUM_CHUNKS=num_chunks,
+                OUT_F64=soft.dtype == torch.float64,
+                BLOCK_I=block_i2,
+                BLOCK_J=block_j2,
+                num_warps=4,
+            )
     return grad_parents, grad_logits

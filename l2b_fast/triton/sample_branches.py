@@ -8,7 +8,7 @@ exactly as csrc/philox.h ``gumbel_noise`` does; the seed is read on the device, 
 synchronises with the host. On the GPU, log / exp come from libdevice (``__nv_logf`` is what the CUDA
 kernel's ``logf`` compiles to; ``tl.log`` / ``tl.exp`` lower to fast approximations there).
 
-The helpers at the top (launch configuration, tau splitting, device guard) are shared with
+The helpers at the top (launch configuration, tau pointer, device guard) are shared with
 :mod:`l2b_fast.triton.branch`.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -52,19 +51,14 @@ def _prev_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n).bit_length() - 1)
 
 
-def _split_tau(tau: float) -> tuple[float, float, float]:
-    """tau as three fp32 values whose exact sum is the double ``tau``.
-
-    Triton passes Python floats as fp32; the fp64 paths rebuild the double as (hi + mid) + lo in fp64
-    (exact: 3 x 24 mantissa bits cover the 53 of a double). The fp32 paths use ``hi`` = fp32(tau),
-    which is the CPU kernels' ``static_cast<float>(tau)``.
-    """
-    tau = float(tau)
-    hi = float(np.float32(tau))
-    rest = tau - hi
-    mid = float(np.float32(rest))
-    lo = float(np.float32(rest - mid))
-    return hi, mid, lo
+def _tau_pointer(tau: Tensor, device: torch.device) -> Tensor:
+    """The temperature as one float64 on ``device``, which the kernels load (never a launch argument:
+    a changed value then needs no new launch or compile). Same checks as csrc/branch_checks.h."""
+    if tau.numel() != 1 or not tau.dtype.is_floating_point:
+        raise ValueError(f"l2b_fast: tau must be a one-element floating tensor, got {tau.dtype} of shape {tuple(tau.shape)}")
+    if tau.device != device:
+        raise ValueError(f"l2b_fast: tau is on {tau.device} but the other tensors are on {device}")
+    return tau.reshape(1).to(torch.float64)
 
 
 def _device_guard(device: torch.device):
@@ -99,9 +93,7 @@ def _sample_branches_kernel(
     stride_lj,
     stride_ni,
     stride_nj,
-    tau_hi,
-    tau_mid,
-    tau_lo,
+    tau_ptr,  # one float64
     HAS_NOISE: tl.constexpr,
     F64: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
@@ -146,13 +138,14 @@ def _sample_branches_kernel(
 
     # softmax((logits + noise) / tau) with the maximum subtracted before dividing by tau: the quotient
     # itself may overflow (huge logits, tiny tau), the shifted difference only reaches -inf (exp = 0).
+    tau = tl.load(tau_ptr)
     if F64:
-        tau = (tl.cast(tau_hi, tl.float64) + tl.cast(tau_mid, tl.float64)) + tl.cast(tau_lo, tl.float64)
         shifted = (perturbed - top[None, :]) / tau
     else:
-        # IEEE division (plain `/` is an approximate division for fp32 on NVIDIA GPUs).
+        # IEEE division (plain `/` is an approximate division for fp32 on NVIDIA GPUs); fp32(tau) as the
+        # CPU kernel's static_cast<float>(tau).
         diff = perturbed - top[None, :]
-        shifted = tl.math.div_rn(diff, tl.zeros_like(diff) + tau_hi)
+        shifted = tl.math.div_rn(diff, tl.zeros_like(diff) + tau.to(tl.float32))
     if USE_LIBDEVICE:
         e = libdevice.exp(shifted)
     else:
@@ -165,10 +158,11 @@ def _sample_branches_kernel(
     tl.store(soft_ptr + r * J + c, soft.to(soft_ptr.dtype.element_ty), mask=mask)
 
 
-def sample_branches(logits: Tensor, tau: float, noise: Tensor | None, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+def sample_branches(logits: Tensor, tau: Tensor, noise: Tensor | None, seed: Tensor | None) -> tuple[Tensor, Tensor]:
     """``index`` (int64 [J], first argmax over parents of logits + noise) and ``soft`` ([I, J], logits'
     dtype, softmax over parents of (logits + noise) / tau). Exactly one of ``noise`` ([I, J], any float
-    dtype, converted to the compute dtype) or ``seed`` (one int64 on logits' device) is given.
+    dtype, converted to the compute dtype) or ``seed`` (one int64 on logits' device) is given; ``tau`` is
+    a one-element floating tensor on logits' device.
 
     Inputs are assumed validated (csrc/branch_checks.h ``check_sample_inputs``).
     """
@@ -191,7 +185,7 @@ def sample_branches(logits: Tensor, tau: float, noise: Tensor | None, seed: Tens
     budget = 1 << 16 if _interpreted(device) else 4096
     block_j = max(2, min(_next_pow2(children), _prev_pow2(max(1, budget // block_i))))
     grid = (triton.cdiv(children, block_j),)
-    tau_hi, tau_mid, tau_lo = _split_tau(tau)
+    tau_arg = _tau_pointer(tau, device)
     with _device_guard(device):
         _sample_branches_kernel[grid](
             logits,
@@ -205,9 +199,7 @@ def sample_branches(logits: Tensor, tau: float, noise: Tensor | None, seed: Tens
             logits.stride(1),
             stride_ni,
             stride_nj,
-            tau_hi,
-            tau_mid,
-            tau_lo,
+            tau_arg,
             HAS_NOISE=has_noise,
             F64=logits.dtype == torch.float64,
             USE_LIBDEVICE=_use_libdevice(device),

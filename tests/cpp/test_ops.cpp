@@ -22,17 +22,17 @@ int main() {
   const int64_t parents = 3, children = 5;
   auto sample = c10::Dispatcher::singleton()
                     .findSchemaOrThrow("l2b_fast::sample_branches", "")
-                    .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, const std::optional<at::Tensor>&,
+                    .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                                               const std::optional<at::Tensor>&)>();
   auto forward = c10::Dispatcher::singleton()
                      .findSchemaOrThrow("l2b_fast::straight_through_branch", "")
-                     .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+                     .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
   auto backward = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("l2b_fast::branch_backward", "")
                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, double)>();
+                                                                const at::Tensor&, const at::Tensor&, bool, bool)>();
 
-  const double tau = 0.7;
+  const at::Tensor tau = at::scalar_tensor(0.7, at::kDouble);  // read by the kernels from memory
   const at::Tensor logits = at::randn({parents, children}, at::kDouble);
   const at::Tensor noise = at::randn({parents, children}, at::kDouble);
   auto [soft, index] = sample.call(logits, tau, noise, std::nullopt);
@@ -51,16 +51,22 @@ int main() {
   expect(at::equal(out, y.index_select(0, index)), "straight_through_branch gathers parents[index]");
 
   const at::Tensor grad = at::randn_like(out);
-  auto [grad_parents, grad_logits] = backward.call(grad, y, index, soft, tau);
+  auto [grad_parents, grad_logits] = backward.call(grad, y, index, soft, tau, true, true);
   const at::Tensor expected_parents = at::zeros_like(y).index_add_(0, index, grad);
   const at::Tensor dots = at::mm(y.reshape({parents, -1}), grad.reshape({children, -1}).t());
   const at::Tensor expected_logits = soft * (dots - (soft * dots).sum(0, true)) / tau;
   expect(at::allclose(grad_parents, expected_parents), "branch_backward segment sum");
   expect(at::allclose(grad_logits, expected_logits), "branch_backward logits gradient");
+  auto [parents_only, no_logits] = backward.call(grad, y, index, soft, tau, true, false);
+  expect(at::equal(parents_only, grad_parents) && no_logits.numel() == 0, "branch_backward without the logits gradient");
+
+  tau.fill_(0.35);  // the same tensor, a new temperature
+  auto [soft_c, index_c] = sample.call(logits, tau, noise, std::nullopt);
+  expect(at::allclose(soft_c, at::softmax((logits + noise) / 0.35, 0)), "a changed tau tensor is read again");
 
   bool raised = false;
   try {
-    sample.call(logits, -1.0, noise, std::nullopt);
+    sample.call(logits, at::scalar_tensor(-1.0, at::kDouble), noise, std::nullopt);
   } catch (const c10::ValueError&) {
     raised = true;
   }

@@ -1,0 +1,94 @@
+"""Compile the Triton backward kernel ahead of time for a GPU target, without a GPU, and report its cost.
+
+For each shape and dtype it uses the launch configuration ``l2b_fast.triton.branch`` would pick on that
+GPU (``--sms`` multiprocessors) and prints registers per thread, spilled bytes, shared memory, the
+programs per SM the registers allow, and whether the tile loop was software-pipelined (``cp.async`` in
+the PTX). Needs only Triton with its bundled ptxas/cuobjdump.
+
+Usage: python tools/triton_aot_report.py [--arch 90] [--sms 132] [--out report.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from l2b_fast.triton import branch
+
+SHAPES = [(5, 5, 64 * 64 * 32 * 32), (30, 40, 64 * 64 * 8 * 8), (5, 40, 64 * 64 * 8 * 8), (46, 46, 1 << 16), (1, 40, 1 << 16)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+REGISTERS_PER_SM = 65536
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG / STACK / SHARED of the kernel in a cubin, from the cuobjdump bundled with Triton."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", handle.name], capture_output=True, text=True, check=True).stdout
+    return {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK|SHARED):(\d+)", text)}
+
+
+def compile_partials(arch: int, sms: int, parents: int, children: int, numel: int, dtype: torch.dtype, dots: bool = True):
+    acc_bytes = 8 if dtype == torch.float64 else 4
+    block_i, block_n, _, num_chunks, tiles_per_program = branch._partials_config(parents, children, numel, acc_bytes, False, sms)
+    pointer = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}[dtype]
+    acc_pointer = "*fp64" if dtype == torch.float64 else "*fp32"
+    signature = {
+        "grad_ptr": pointer, "parents_ptr": pointer, "index_ptr": "*i64", "grad_parents_ptr": pointer,
+        "partials_ptr": acc_pointer, "I": "i32", "J": "i32", "N": "i32", "num_i_blocks": "i32",
+    }
+    constexprs = {
+        "TILES_PER_PROGRAM": tiles_per_program, "NUM_STAGES": branch._NUM_STAGES, "WRITE_GRAD_PARENTS": True,
+        "COMPUTE_DOTS": dots, "ACC_F64": dtype == torch.float64, "BLOCK_I": block_i,
+        "BLOCK_J": max(2, branch._next_pow2(children)), "BLOCK_N": block_n,
+    }
+    signature.update({name: "constexpr" for name in constexprs})
+    # What a launch specialises on: torch allocations are 16-byte aligned, N when 16 divides it.
+    divisible = [name for name in signature if name.endswith("_ptr")] + (["N"] if numel % 16 == 0 else [])
+    names = list(signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    source = triton.compiler.ASTSource(
+        fn=branch._branch_backward_partials_kernel, signature=signature, constexprs=constexprs, attrs=attrs
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": branch._NUM_WARPS})
+    usage = resource_usage(compiled.asm["cubin"])
+    threads = 32 * branch._NUM_WARPS
+    return {
+        "I": parents, "J": children, "N": numel, "BLOCK_I": block_i, "BLOCK_N": block_n, "programs": num_chunks,
+        "tiles_per_program": tiles_per_program, "registers": usage.get("reg"), "spill_bytes": usage.get("stack", 0),
+        "shared_bytes": compiled.metadata.shared,
+        "programs_per_sm_by_registers": REGISTERS_PER_SM // max(1, usage.get("reg", 1) * threads),
+        "pipelined": "cp.async" in compiled.asm["ptx"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability without the dot")
+    parser.add_argument("--sms", type=int, default=132, help="multiprocessors of the target GPU (H100/H200 SXM: 132)")
+    parser.add_argument("--out", type=Path, help="also write the rows as JSON")
+    args = parser.parse_args()
+    rows = []
+    for name, dtype in DTYPES.items():
+        for parents, children, numel in SHAPES:
+            row = {"dtype": name, **compile_partials(args.arch, args.sms, parents, children, numel, dtype)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"arch": args.arch, "sms": args.sms, "triton": triton.__version__, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
