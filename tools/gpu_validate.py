@@ -115,6 +115,7 @@ class Context:
         self.stage_deadline = self.deadline
         self.extra_paths: list[str] = []
         self.targets: dict = {}
+        self.digest = tree_digest()
 
     @property
     def has_cuda(self) -> bool:
@@ -274,6 +275,16 @@ def run_wheels(ctx: Context) -> Result:
         return status_of(rc, "pip install of the carried wheels")
     ctx.extra_paths.append(site)
     return Result("passed", f"{len(wheels)} wheels installed into {site} (on PYTHONPATH for the later stages)")
+
+
+def tree_digest() -> str:
+    """sha256 over the code a run checks (csrc, the package, tests, tools, setup.py): ties results to a
+    checkout where the device copy has no git metadata (`--dry-run` prints the same digest anywhere)."""
+    digest = hashlib.sha256()
+    files = [p for folder in ("csrc", "l2b_fast", "tests", "tools") for p in (REPO / folder).rglob("*") if p.is_file() and p.suffix in (".py", ".cpp", ".cu", ".h", ".sh", ".txt", ".toml")]
+    for path in sorted([*files, REPO / "setup.py"]):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def source_digest(ctx: Context, arch: str) -> str:
@@ -489,6 +500,7 @@ def write_summary(ctx: Context, rows: list[dict], dry_run: bool) -> dict:
     summary = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dry_run": dry_run,
+        "tree_digest": ctx.digest,
         "seconds": round(time.monotonic() - ctx.start, 1),
         "machine": {k: ctx.probe.get(k) for k in ("gpu", "capability", "sm_count", "gpu_memory_GiB", "python", "torch", "torch_cuda", "triton", "numpy")},
         "passed": not any(row["status"] in ("failed", "timeout") for row in rows),
@@ -525,7 +537,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = Context(args)
     selected = [stage for stage in STAGES if stage.name in args.stages]
-    print(f"gpu_validate: {len(selected)} stages -> {args.out}" + (" (dry run: nothing is run)" if args.dry_run else ""), flush=True)
+    print(f"gpu_validate: {len(selected)} stages -> {args.out}, code digest {ctx.digest}" + (" (dry run: nothing is run)" if args.dry_run else ""), flush=True)
     if not args.dry_run:
         ctx.probe = ctx.python_json(PROBE) or {"torch_error": f"{args.python} did not answer the probe"}
     rows, stopped = [], None
