@@ -188,3 +188,26 @@ def test_sanitizer_driver_runs_its_cases_on_cpu(capsys):
     assert capsys.readouterr().out.count(" ran in ") == 6
     with pytest.raises(SystemExit):
         gpu_sanitize.main(["--device", "cpu", "--cases", "nope"])
+
+
+def test_sanitizer_verdicts_from_exit_status_and_report(tmp_path):
+    """A stand-in compute-sanitizer: memcheck clean, racecheck reports errors, synccheck cannot run."""
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$2" in\n'
+        '  memcheck) echo "========= ERROR SUMMARY: 0 errors"; exit 0;;\n'
+        '  racecheck) echo "========= ERROR SUMMARY: 2 errors"; exit 86;;\n'
+        '  *) echo "========= Error: Device not supported"; exit 1;;\n'
+        "esac\n"
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = gpu_validate.Context(gpu_validate.parse_args(["--out", str(out)]))
+    ctx.probe = {"tools": {"compute-sanitizer": str(fake)}}
+    result = gpu_validate.run_sanitizer(ctx)
+    assert result.status == "failed"
+    assert "memcheck: clean (0 errors)" in result.note and "racecheck: 2 errors (errors found)" in result.note
+    assert "synccheck: unavailable" in result.note
+    assert (out / "sanitizer-racecheck.log").exists() and "--error-exitcode 86" in ctx.stage_commands[1]
