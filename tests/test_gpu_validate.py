@@ -211,3 +211,48 @@ def test_sanitizer_verdicts_from_exit_status_and_report(tmp_path):
     assert "memcheck: clean (0 errors)" in result.note and "racecheck: 2 errors (errors found)" in result.note
     assert "synccheck: unavailable" in result.note
     assert (out / "sanitizer-racecheck.log").exists() and "--error-exitcode 86" in ctx.stage_commands[1]
+
+
+FAKE_PYTHON = """#!/bin/sh
+# Stands in for the GPU machine's python3: -c answers the extension probe, -m pip and setup.py "build".
+state="{state}"
+case "$1" in
+  -c) if [ -f "$state/built" ]; then echo '{{"load_error": null, "cuda": {{"ref": null, "cpp": null, "triton": null}}}}';
+      else echo '{{"load_error": "ImportError", "cuda": {{"ref": null, "cpp": "not built", "triton": null}}}}'; fi;;
+  -m) echo pip >> "$state/calls"; [ -f "$state/pip_builds" ] && touch "$state/built"; exit "$(cat "$state/pip_rc")";;
+  setup.py) echo setup >> "$state/calls"; [ -f "$state/setup_fails" ] && exit 1; touch "$state/built";;
+esac
+"""
+
+
+@pytest.mark.parametrize(
+    "pip_rc, pip_builds, setup_fails, status, calls, how",
+    [
+        (0, True, False, "passed", ["pip"], "built with pip install -e ."),
+        (1, False, False, "passed", ["pip", "setup"], "pip install -e . exited with 1"),
+        (0, False, False, "passed", ["pip", "setup"], "left no CUDA kernels in the checkout"),
+        (0, False, True, "failed", ["pip", "setup"], "exit status 1"),
+    ],
+    ids=["pip", "pip-fails", "pip-builds-elsewhere", "nothing-builds"],
+)
+def test_build_stage_builds_in_place_when_pip_does_not(tmp_path, monkeypatch, pip_rc, pip_builds, setup_fails, status, calls, how):
+    state, out = tmp_path / "state", tmp_path / "out"
+    state.mkdir()
+    out.mkdir()
+    (state / "pip_rc").write_text(str(pip_rc))
+    for flag, name in ((pip_builds, "pip_builds"), (setup_fails, "setup_fails")):
+        if flag:
+            (state / name).touch()
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON.format(state=state))
+    python.chmod(0o755)
+    monkeypatch.setattr(gpu_validate, "BUILD_STAMP", tmp_path / "build" / "stamp.json")
+    ctx = gpu_validate.Context(gpu_validate.parse_args(["--out", str(out), "--python", str(python)]))
+    ctx.probe = {"capability": "9.0", "torch": "2.11.0+cu130"}
+    result = gpu_validate.run_build(ctx)
+    assert result.status == status and how in result.note
+    assert (state / "calls").read_text().split() == calls
+    if status == "passed":  # a second call on the same machine reuses the build
+        again = gpu_validate.run_build(ctx)
+        assert again.status == "passed" and "reused" in again.note
+        assert (state / "calls").read_text().split() == calls

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
+BUILD_STAMP = REPO / "build" / "gpu-validate-build.json"  # the sources the extension in the checkout was built from
 SANITIZER_ERROR_EXIT = 86  # compute-sanitizer --error-exitcode: errors were found
 RESERVE_S = 15  # left at the end for the summary and the bundle
 # Tests of sync-free, capturable, deterministic steps, by name (others' files included, when they exist).
@@ -296,22 +297,32 @@ def source_digest(ctx: Context, arch: str) -> str:
     return digest.hexdigest()
 
 
+def cpp_on_cuda(extension: dict | None) -> bool:
+    """The probe found the compiled extension with its CUDA kernels."""
+    return bool(extension) and extension["cuda"].get("cpp") is None
+
+
 def run_build(ctx: Context) -> Result:
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or ctx.probe["capability"]
-    stamp = REPO / "build" / "gpu-validate-build.json"
+    stamp = BUILD_STAMP
     digest = source_digest(ctx, arch)
     extension = ctx.python_json(EXTENSION_PROBE)
-    if stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest and extension and extension["cuda"].get("cpp") is None:
+    if stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest and cpp_on_cuda(extension):
         return Result("passed", f"reused the extension an earlier call built from these sources (sm {arch})")
     build_env = {"TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)), "L2B_BUILD_CUDA": "1"}
-    rc = ctx.sh([ctx.python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], "build.log", **build_env)
     how = "pip install -e ."
-    if rc is not None and rc != 0:  # e.g. the image's pip cannot make editable installs: build in place instead
-        rc = ctx.sh([ctx.python, "setup.py", "build_ext", "--inplace"], "build.log", **build_env)
-        how = "setup.py build_ext --inplace (pip install -e . failed)"
-    if rc != 0:
+    rc = ctx.sh([ctx.python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], "build.log", **build_env)
+    if rc is None:
         return status_of(rc, how)
-    extension = ctx.python_json(EXTENSION_PROBE)
+    extension = ctx.python_json(EXTENSION_PROBE) if rc == 0 else None
+    if not cpp_on_cuda(extension):
+        # pip failed, or put the extension where the checkout's package does not see it: build in place
+        why = f"pip install -e . exited with {rc}" if rc else "pip install -e . left no CUDA kernels in the checkout"
+        how = f"setup.py build_ext --inplace ({why})"
+        rc = ctx.sh([ctx.python, "setup.py", "build_ext", "--inplace"], "build.log", **build_env)
+        if rc != 0:
+            return status_of(rc, how)
+        extension = ctx.python_json(EXTENSION_PROBE)
     if not extension:
         return Result("failed", "the built package does not import (see build.log)")
     unavailable = {name: why for name, why in extension["cuda"].items() if why is not None}
