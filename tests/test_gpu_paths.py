@@ -11,8 +11,8 @@ the Triton kernels at least once, in fp16/bf16/fp32/fp64:
 - an odd N with data pointers one element off 16-byte alignment (the scalar, unvectorised kernels),
   channels_last parents, and a non-contiguous upstream gradient (copied into the children layout).
 
-On CPU the same checks run at reduced sizes on the C++ CPU kernels (``test_path_checks_on_cpu``), so
-the checking code itself is exercised by CI; the CUDA tests skip there. ``tools/gpu_validate.py`` runs
+On CPU the same checks run at reduced sizes on the C++ CPU kernels and the interpreted Triton kernels
+(``test_path_checks_on_cpu``), so the checking code itself is exercised by CI; the CUDA tests skip there. ``tools/gpu_validate.py`` runs
 this file first on a GPU machine.
 """
 
@@ -25,7 +25,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import CUDA, DTYPE_TOLERANCES
+from conftest import CUDA, DTYPE_TOLERANCES, fast_backends
 from l2b_fast import backends, ops
 
 
@@ -213,13 +213,13 @@ def test_cuda_backward_is_bitwise_deterministic(case, dtype, backend):
         assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{name} differs between two runs"
 
 
+@pytest.mark.parametrize("backend", fast_backends("cpu"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_path_checks_on_cpu(case, dtype):
-    """The same checks on the C++ CPU kernels at reduced sizes: CI runs the checking code itself."""
-    if backends.unavailable_reason("cpp", "cpu") is not None:
-        pytest.skip(backends.unavailable_reason("cpp", "cpu"))
-    check_against_reference(case, case.cpu_shape, dtype, "cpu", "cpp", case_seed("cpu", case.name, dtype))
+def test_path_checks_on_cpu(case, dtype, backend):
+    """The same checks at reduced sizes on the CPU backends (the C++ kernels; Triton's through its
+    interpreter where no GPU is present): CI runs the checking code itself."""
+    check_against_reference(case, case.cpu_shape, dtype, "cpu", backend, case_seed("cpu", case.name, dtype, backend))
 
 
 def test_cases_reach_the_paths_they_name():
