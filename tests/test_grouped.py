@@ -84,7 +84,7 @@ def reference_and_grouped(model: str, dtype=torch.float64, routing: str = "auto"
     grouped = copy.deepcopy(reference)
     grouped.set_execution("grouped")
     for block in grouped._grouped:
-        block.routing = routing
+        block.routing = "auto" if routing == "host" and not block.routable() else routing
     return reference, grouped
 
 
@@ -116,7 +116,7 @@ def assert_equivalent(reference, grouped, x, mode, tolerance, steps=2):
 
 
 @pytest.mark.parametrize("mode", ["search", "frozen", "eval"])
-@pytest.mark.parametrize("routing", ["auto", "gather"])
+@pytest.mark.parametrize("routing", ["auto", "host", "gather"])
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grouped_equals_per_child(model, routing, mode, dtype):
@@ -129,7 +129,7 @@ def test_grouped_equals_per_child(model, routing, mode, dtype):
         assert any(p.grad.abs().sum() > 0 for p in grouped.logits_parameters())
 
 
-@pytest.mark.parametrize("routing", ["auto", "gather"])
+@pytest.mark.parametrize("routing", ["auto", "host", "gather"])
 @pytest.mark.parametrize("model", ["cnn", "resnet"])
 def test_grouped_equals_per_child_channels_last(model, routing):
     reference, grouped = reference_and_grouped(model, torch.float64, routing)
@@ -138,19 +138,16 @@ def test_grouped_equals_per_child_channels_last(model, routing):
     assert_equivalent(reference, grouped, x, "search", TOLERANCES[torch.float64])
 
 
-def test_host_routing_is_what_auto_takes_on_cpu():
-    _, grouped = reference_and_grouped("resnet")
-    x = torch.randn(MODELS["resnet"][1], dtype=torch.float64)
-    parents = x.unsqueeze(0)
-    assert all(block.uses_host_routing(parents) for block in grouped._grouped)
-    _, gathered = reference_and_grouped("conv1d")
-    assert not gathered._grouped[0].uses_host_routing(parents)  # grouped conv first: gather
-    gathered._grouped[0].routing = "host"
+def test_routing_is_validated():
+    _, grouped = reference_and_grouped("conv1d")
+    x = torch.randn(MODELS["conv1d"][1], dtype=torch.float64)
+    assert not grouped._grouped[0].routable()  # a grouped convolution first: gathered
+    grouped._grouped[0].routing = "host"
     with pytest.raises(ValueError, match="host routing needs"):
-        gathered._grouped[0].uses_host_routing(parents)
-    gathered._grouped[0].routing = "fast"
+        grouped(x)
+    grouped._grouped[0].routing = "fast"
     with pytest.raises(ValueError, match="routing must be one of"):
-        gathered._grouped[0].uses_host_routing(parents)
+        grouped(x)
 
 
 def test_children_sharing_a_parent_read_it_once():

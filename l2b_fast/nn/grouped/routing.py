@@ -37,6 +37,7 @@ class RoutedInput:
     phantom: torch.Tensor | None  # search mode: receives the per-child input gradients
     groups: Groups
     children: int
+    zero_gradient_to: torch.Tensor | None = None  # soft of a one-parent block: its gradient is exactly 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,25 @@ def route(parents: torch.Tensor, soft: torch.Tensor, groups: Groups, layout: str
     return _Route.apply(parents, soft, groups, layout, positions)
 
 
+class _ZeroGradientTo(torch.autograd.Function):
+    """``weight`` unchanged; ``soft`` gets an exact zero gradient. With one parent, softmax over parents is
+    constant, so the logits' gradient is 0 whatever G is: the block skips the per-child input gradients
+    (and the dot products) and still hands the logits the zero gradient the gather would."""
+
+    @staticmethod
+    def forward(ctx, weight, soft):
+        ctx.soft_shape, ctx.soft_dtype = soft.shape, soft.dtype
+        return weight.view_as(weight)  # only read by the routed layers below, never modified in place
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_zeros(ctx.soft_shape, dtype=ctx.soft_dtype)
+
+
+def tie_zero_gradient(weight: torch.Tensor, routed: RoutedInput) -> torch.Tensor:
+    return weight if routed.zero_gradient_to is None else _ZeroGradientTo.apply(weight, routed.zero_gradient_to)
+
+
 def amp_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype the first layer would run in on its own (None: autocast off)."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
@@ -194,6 +214,7 @@ class _RoutedConv(torch.autograd.Function):
 
 def routed_conv(routed: RoutedInput, weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry) -> torch.Tensor:
     """``[B, J*Cout, *sp']``: child at position k convolved with its own weight (rows ``k*Cout...``)."""
+    weight = tie_zero_gradient(weight, routed)
     return _RoutedConv.apply(routed.phantom, routed.parents, weight, bias, routed.groups, geometry, routed.children)
 
 
@@ -247,6 +268,7 @@ class _RoutedLinear(torch.autograd.Function):
 
 def routed_linear(routed: RoutedInput, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``[J, *lead, out]``: child at position k's Linear (rows ``k*out...`` of ``weight``)."""
+    weight = tie_zero_gradient(weight, routed)
     return _RoutedLinear.apply(routed.phantom, routed.parents, weight, bias, routed.groups, routed.children)
 
 
