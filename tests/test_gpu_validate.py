@@ -256,3 +256,15 @@ def test_build_stage_builds_in_place_when_pip_does_not(tmp_path, monkeypatch, pi
         again = gpu_validate.run_build(ctx)
         assert again.status == "passed" and "reused" in again.note
         assert (state / "calls").read_text().split() == calls
+
+
+def test_data_bench_takes_the_measured_search_rate(tmp_path):
+    rows = [
+        {"model": "taskonomy_resnet34", "variant": "naive", "status": "ok", "images_per_s": 900.0},
+        {"model": "taskonomy_resnet34", "variant": "per_child", "status": "ok", "images_per_s": 410.5},
+        {"model": "taskonomy_resnet34", "variant": "grouped", "status": "ok", "images_per_s": 620.0},
+        {"model": "celeba_branch_vgg", "variant": "grouped", "status": "ok", "images_per_s": 9000.0},
+    ]
+    assert gpu_validate.search_rate(tmp_path) is None
+    (tmp_path / "search_cuda_nvidia-h200_gpu.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert gpu_validate.search_rate(tmp_path) == 620.0

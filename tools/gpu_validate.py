@@ -438,11 +438,25 @@ def run_search_bench(ctx: Context) -> Result:
     return status_of(rc, "l2b bench search")
 
 
+def search_rate(search_dir: Path) -> float | None:
+    """Images/s of the library's fastest Taskonomy search step measured by the search-bench stage."""
+    rates = [
+        row["images_per_s"]
+        for path in search_dir.glob("search_cuda_*.json")
+        for row in json.loads(path.read_text())["rows"]
+        if row.get("model") == "taskonomy_resnet34" and row.get("variant") in ("per_child", "grouped") and row.get("status") == "ok"
+    ]
+    return max(rates) if rates else None
+
+
 def run_data_bench(ctx: Context) -> Result:
     if ctx.output([ctx.python, "-c", "import webdataset"], 60) is None:
         return Result("skipped", "webdataset is not importable (carry it: --download-wheels gpu-wheels)")
-    rc = ctx.sh([ctx.python, "-m", "l2b_fast.bench.data_throughput", "--out", str(ctx.out / "data")], "data-bench.log")
-    return status_of(rc, "data throughput benchmark")
+    rate = search_rate(ctx.out / "search")  # the loader cores one GPU needs, at the rate measured above
+    extra = ["--gpu-samples-per-s", str(rate)] if rate else []
+    rc = ctx.sh([ctx.python, "-m", "l2b_fast.bench.data_throughput", "--out", str(ctx.out / "data"), *extra], "data-bench.log")
+    result = status_of(rc, "data throughput benchmark")
+    return Result(result.status, result.note or (f"cores per GPU at the measured {rate} images/s: see data-bench.log" if rate else ""))
 
 
 STAGES = [
