@@ -489,7 +489,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="tools/gpu_validate.py", description=__doc__.split("\n\n")[0], epilog="Stages: " + ", ".join(STAGE_NAMES),
     )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: $OUT/gpu-<date>, else a temporary folder)")
-    parser.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma-separated subset, always run in the order above (default: all)")
+    parser.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma-separated subset, always run in the fixed order listed below (default: all)")
     parser.add_argument("--time-limit", type=float, default=560, help="seconds for the whole run; stages that no longer fit are reported as not run (default 560)")
     parser.add_argument("--keep-going", action="store_true", help="after a failed correctness stage, still run the other correctness stages (never the benchmarks)")
     parser.add_argument("--dry-run", action="store_true", help="write and print the plan, run nothing")
