@@ -6,7 +6,7 @@ the Triton kernels at least once, in fp16/bf16/fp32/fp64:
 - 5 x 5 with N = 4M elements per parent: many tiles per thread block, i.e. the steady state of the
   cp.async pipeline, and the split-K reduction over hundreds of blocks;
 - 30 x 40 and 5 x 40: more pair blocks than the small (4 x 4) register tiles allow, the 8 x 8 pair-block
-  kernels; 46 x 46: more than 2048 pairs, the fallback;
+  kernels; 46 x 46: more than 2048 pairs, the fallback path past what one fused launch takes;
 - 1 x 1, 1 x 40, 40 x 1: a single parent, a single child;
 - an odd N with data pointers one element off 16-byte alignment (the scalar, unvectorised kernels),
   channels_last parents, and a non-contiguous upstream gradient (copied into the children layout).
