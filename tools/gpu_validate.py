@@ -563,11 +563,12 @@ def main(argv=None) -> int:
     ctx = Context(args)
     selected = [stage for stage in STAGES if stage.name in args.stages]
     print(f"gpu_validate: {len(selected)} stages -> {args.out}, code digest {ctx.digest}" + (" (dry run: nothing is run)" if args.dry_run else ""), flush=True)
+    probe_begin = time.monotonic()
     if not args.dry_run:
         ctx.probe = ctx.python_json(PROBE) or {"torch_error": f"{args.python} did not answer the probe"}
     rows, stopped = [], None
     for stage in selected:
-        begin = time.monotonic()
+        begin = probe_begin if stage.name == "env" else time.monotonic()  # the probe is the env stage's main work
         ctx.stage_commands = []
         if args.dry_run:
             kind = ("correctness" if stage.correctness else "setup or measurement") + (", needs a GPU" if stage.needs_gpu else "")
