@@ -200,8 +200,8 @@ def build_case(model: str, preset: Preset, device: torch.device, *, seed: int = 
     if preset.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     reference.eval()
-    with torch.no_grad():
-        shapes = {task: out.shape for task, out in reference(spec.example_input(batch, generator=generator)).items()}
+    with torch.no_grad():  # output shapes from one image: a full-size batch would take minutes on the CPU
+        shapes = {task: (batch, *out.shape[1:]) for task, out in reference(spec.example_input(1, generator=generator)).items()}
     targets = {task: torch.randn(shape, generator=generator).to(device) for task, shape in shapes.items()}
     return Case(model, spec, batch, state, x, targets)
 
@@ -434,7 +434,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
         stem = f"search_{args.device}_{slug}_{args.preset}"
         csv_path, json_path = report.write_results(rows, meta, args.out, stem, tags=("device", "torch", "triton", "cpu_threads", "date"))
-        png_path = plot(rows, args.out / f"{stem}.png", f"search step, {meta['device']} ({meta['cpu_threads']} threads), torch {meta['torch']}, preset {args.preset}")
+        png_path = plot(rows, args.out / f"{stem}.png", f"search step, {meta['device']} (threads={meta['cpu_threads']}), torch {meta['torch']}, preset {args.preset}")
         print(f"wrote {csv_path}, {json_path} and {png_path}")
     return 0
 
