@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import tarfile
 import time
@@ -132,15 +133,41 @@ def test_bundle_leaves_the_summaries_and_one_archive(tmp_path, monkeypatch):
         assert {"bench/branch.csv", "kernel-paths.log"} <= set(archive.getnames())
 
 
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return state != "Z"
+
+
 def test_a_command_over_its_budget_is_stopped_with_its_children(tmp_path):
     args = gpu_validate.parse_args(["--out", str(tmp_path)])
     tmp_path.mkdir(exist_ok=True)
     ctx = gpu_validate.Context(args)
-    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    pid_file = tmp_path / "grandchild.pid"
+    child = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    )
     begin = time.monotonic()
-    assert ctx.sh([sys.executable, "-c", child], "slow.log", timeout=1.5) is None
+    assert ctx.sh([sys.executable, "-c", child], "slow.log", timeout=3) is None
     assert time.monotonic() - begin < 30
     assert "stopped after" in (tmp_path / "slow.log").read_text()
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # killed with its group (a zombie until whoever adopted it reaps it)
+        if not running(grandchild):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the command's own child outlived the stop")
     assert ctx.sh([sys.executable, "-c", "raise SystemExit(3)"], "slow.log", timeout=30) == 3
 
 

@@ -178,16 +178,19 @@ class Context:
 
 def stop(process: subprocess.Popen) -> None:
     """Stop a timed-out command and everything it started (its own process group)."""
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is still there (workers, children)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def status_of(rc: int | None, what: str) -> Result:
@@ -210,6 +213,7 @@ def junit_counts(path: Path) -> dict:
 
 
 def pytest_command(ctx: Context, name: str, *selection: str) -> list[str]:
+    (ctx.out / f"{name}.xml").unlink(missing_ok=True)  # no stale counts from an earlier run into the same --out
     return [ctx.python, "-m", "pytest", *selection, "-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={ctx.out / (name + '.xml')}"]
 
 
