@@ -109,6 +109,7 @@ class Context:
         self.args = args
         self.out: Path = args.out
         self.python: str = args.python
+        self.digest = tree_digest()
         self.start = time.monotonic()
         self.deadline = self.start + args.time_limit
         self.probe: dict = {}
@@ -116,7 +117,6 @@ class Context:
         self.stage_deadline = self.deadline
         self.extra_paths: list[str] = []
         self.targets: dict = {}
-        self.digest = tree_digest()
 
     @property
     def has_cuda(self) -> bool:
