@@ -24,7 +24,6 @@ import time
 
 import torch
 
-from l2b_fast import backends
 from l2b_fast.bench.naive import branch_naive
 from l2b_fast.ops import branch
 
