@@ -1,6 +1,6 @@
 """Forward+backward time of every backend against the naive implementation, with achieved bandwidth.
 
-Bytes are the cost model's minimum (DESIGN.md section 2) for the fused op, N elements per parent:
+Bytes are the fewest the fused op must move (its cost model), N elements per parent:
 forward gather reads and writes J*N; the fused backward reads J*N (grad) + I*N (parents) and writes I*N.
 effective_GBps = those minimum bytes / measured time, for every implementation (the naive one moves ~3 I J N
 elements, so its real traffic is far higher); backward_GBps is the same for the fused backward op alone, to
