@@ -88,13 +88,17 @@ def reference_and_grouped(model: str, dtype=torch.float64, routing: str = "auto"
     return reference, grouped
 
 
-def step(net: TreeSupernet, x: torch.Tensor, mode: str, seed: int) -> dict[str, torch.Tensor]:
+def step(net: TreeSupernet, x: torch.Tensor, mode: str, seed: int, *, default_generator: bool = False) -> dict[str, torch.Tensor]:
     if mode == "eval":
         net.eval()
     else:
         net.train()
         net.set_mode(mode)
-    out = net(x, generator=torch.Generator().manual_seed(seed))
+    if default_generator:  # a compiled module takes no Generator argument
+        torch.manual_seed(seed)
+        out = net(x)
+    else:
+        out = net(x, generator=torch.Generator().manual_seed(seed))
     # a loss that weights every output element differently, so every gradient path is exercised
     loss = sum((v * torch.linspace(-1, 2, v.numel(), dtype=v.dtype).view_as(v)).sum() for v in out.values())
     loss.backward()
@@ -257,6 +261,45 @@ def test_treenet_from_grouped_supernet():
     expected, got = grouped(x), compact(x)
     for task in TASKS:
         torch.testing.assert_close(got[task], expected[task], atol=1e-12, rtol=1e-12)
+
+
+def test_synthetic_model_runs_grouped_including_bias_heads():
+    from l2b_fast import synthetic
+
+    torch.manual_seed(0)
+    blocks = synthetic.blocks(3, input_dim=6, hidden=5, output_dim=4, fc_blocks=2, nodes=3)
+    reference = TreeSupernet(blocks, TASKS, execution="per_child").double()
+    with torch.no_grad():
+        for node in reference.nodes[-1]:
+            node.bias.normal_()
+    grouped = copy.deepcopy(reference)
+    grouped.set_execution("auto")
+    assert grouped.executions == ["grouped"] * 3
+    assert_equivalent(reference, grouped, torch.randn(7, 6, dtype=torch.float64), "search", TOLERANCES[torch.float64])
+
+
+@pytest.mark.slow
+def test_grouped_cnn_search_step_compiles_fullgraph(monkeypatch):
+    """Under torch.compile the block starts from the gather (no host read of the index)."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's random numbers
+    blocks = [
+        BlockSpec(2, lambda b, j: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.ReLU())),
+        BlockSpec(3, lambda b, j: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))),
+    ]
+    torch.manual_seed(0)
+    reference = TreeSupernet(blocks, TASKS, execution="per_child")
+    grouped = copy.deepcopy(reference)
+    grouped.set_execution("grouped")
+    compiled = torch.compile(grouped, fullgraph=True)
+    x = torch.randn(2, 3, 6, 5)
+    expected = step(reference, x, "search", 0, default_generator=True)
+    got = step(compiled, x, "search", 0, default_generator=True)
+    for task in TASKS:
+        torch.testing.assert_close(got[task], expected[task], **TOLERANCES[torch.float32])
+    for p, q in zip(reference.parameters(), grouped.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, **TOLERANCES[torch.float32])
+    for b, c in zip(reference.buffers(), grouped.buffers()):
+        torch.testing.assert_close(c, b, **TOLERANCES[torch.float32])
 
 
 def test_dropout_is_random_per_child_and_position():

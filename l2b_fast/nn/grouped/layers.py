@@ -111,7 +111,8 @@ class ConvStep(Step):
 
 class BatchNormStep(Step):
     """BatchNorm over the J*C stacked channels: per-child statistics, each child's running buffers
-    updated exactly as its own module would (``momentum=None`` included)."""
+    updated exactly as its own module would. ``momentum=None`` (cumulative average, factor
+    1/num_batches_tracked) is applied from the counters as tensors: no host read (nn.BatchNorm reads them)."""
 
     layout = CHANNELS
 
@@ -120,29 +121,40 @@ class BatchNormStep(Step):
         modules = [self.modules[j] for j in order]
         bn = modules[0]
         training = common_training_flag(modules)
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        counting = training and bn.track_running_stats and bn.num_batches_tracked is not None
+        if counting:
             with torch.no_grad():
                 for module in modules:
                     module.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative average: a host read, as nn.BatchNorm does
-                counts = {int(module.num_batches_tracked) for module in modules}
-                if len(counts) != 1:
-                    raise ValueError(f"BatchNorm with momentum=None needs equal num_batches_tracked in every child, got {sorted(counts)}")
-                factor = 1.0 / counts.pop()
         bn_training = training or (bn.running_mean is None and bn.running_var is None)
         use_buffers = (not training or bn.track_running_stats) and bn.running_mean is not None
         mean = torch.cat([module.running_mean for module in modules]) if use_buffers else None
         var = torch.cat([module.running_var for module in modules]) if use_buffers else None
         weight = stacked_parameter(modules, range(len(modules)), "weight")
         bias = stacked_parameter(modules, range(len(modules)), "bias")
-        out = F.batch_norm(x.tensor, mean, var, weight, bias, bn_training, factor, bn.eps)
-        if use_buffers and bn_training:  # F.batch_norm updated the stacked copies: hand them back
+        cumulative = counting and bn.momentum is None and use_buffers
+        # Cumulative averages are updated below; F.batch_norm leaves the buffers alone with momentum 0.
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        out = F.batch_norm(x.tensor, mean, var, weight, bias, bn_training, momentum, bn.eps)
+        if cumulative:  # new tensors: F.batch_norm's backward saved the stacked ones
+            mean, var = self._cumulative_average(x.tensor, modules, mean, var)
+        if use_buffers and bn_training:  # the stacked copies were updated: hand them back
             with torch.no_grad():
                 for module, new_mean, new_var in zip(modules, mean.chunk(len(modules)), var.chunk(len(modules))):
                     module.running_mean.copy_(new_mean)
                     module.running_var.copy_(new_var)
         return x.with_tensor(out)
+
+    @staticmethod
+    @torch.no_grad()
+    def _cumulative_average(tensor, modules, mean, var):
+        dims = [0, *range(2, tensor.dim())]
+        data = tensor.detach()
+        counts = torch.stack([module.num_batches_tracked for module in modules])
+        factor = (1.0 / counts.to(mean.dtype)).repeat_interleave(mean.shape[0] // len(modules))
+        new_mean = (1 - factor) * mean + factor * data.mean(dims).to(mean.dtype)
+        new_var = (1 - factor) * var + factor * data.var(dims, correction=1).to(var.dtype)
+        return new_mean, new_var
 
 
 class LinearStep(Step):
@@ -228,6 +240,25 @@ class BasicBlockStep(Step):
         return self._rest(self.conv1.routed(routed_input, order), shortcut, order)
 
 
+class BiasStep(Step):
+    """``x + bias`` with the bias over the last dim (``l2b_fast.synthetic.Bias``, the paper's task heads)."""
+
+    layout = CHILDREN
+
+    def __call__(self, x, order):
+        x = x.to(CHILDREN)
+        bias = torch.stack([self.modules[j].bias for j in order])  # [J, F]
+        return x.with_tensor(x.tensor + bias.view(x.children, *[1] * (x.tensor.dim() - 2), -1))
+
+
+def library_steps() -> dict[type, type[Step]]:
+    """Steps for the library's modules outside ``l2b_fast.nn``, imported on first use (they import
+    ``l2b_fast.nn`` themselves)."""
+    from l2b_fast.synthetic import Bias
+
+    return {Bias: BiasStep}
+
+
 def module_signature(module: nn.Module) -> list:
     """What must agree between children for them to run as one: types, hyper-parameters, tensor metadata."""
     signature = []
@@ -263,6 +294,9 @@ def _steps(modules: list[nn.Module], where: str) -> list[Step]:
         if module.downsample is not None:
             _steps([m.downsample for m in modules], f"{where}.downsample")
         return [BasicBlockStep(modules)]
+    step = library_steps().get(kind)
+    if step is not None:
+        return [step(modules)]
     raise UnsupportedNodeError(f"{where} is a {kind.__module__}.{kind.__qualname__}, which grouped execution does not support")
 
 
