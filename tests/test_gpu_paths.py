@@ -154,7 +154,7 @@ def check_against_reference(case: PathCase, shape, dtype, device: str, backend: 
     _, ref_grad_parents, ref_grad_logits = run_branch(
         parents.double(), logits.double(), noise.double(), grad.double(), "ref"
     )
-    index = ((logits + noise) / TAU).argmax(0)
+    index = (logits + noise).argmax(0)  # the documented sample: argmax over parents of logits + noise
 
     # Forward: an exact copy of the sampled parent, in the parents' layout.
     assert out.dtype == dtype and out.shape == (case.children, *shape)
