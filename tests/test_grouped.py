@@ -142,6 +142,29 @@ def test_grouped_equals_per_child_channels_last(model, routing):
     assert_equivalent(reference, grouped, x, "search", TOLERANCES[torch.float64])
 
 
+@pytest.mark.parametrize(("node", "shape"), [
+    (lambda: BasicBlock(2, 2), (3, 2, 2, 4, 3)),  # conv1 and the identity read the parents
+    (lambda: BasicBlock(2, 3, stride=2), (2, 2, 2, 3, 3)),  # conv1 and the 1x1 downsample
+    (lambda: nn.Sequential(nn.Linear(3, 2, bias=False), nn.Tanh()), (3, 4, 3)),
+])
+def test_host_routed_block_passes_gradcheck(node, shape):
+    """Host routing in search mode: the parents' gradient (segment sums through the phantom) is the true
+    derivative of the outputs for the sampled index."""
+    from l2b_fast.nn import Branching
+    from l2b_fast.nn.grouped import GroupedBlock
+
+    torch.manual_seed(0)
+    nodes = nn.ModuleList(node() for _ in range(5)).double()
+    branching = Branching(shape[0], 5).double()
+    with torch.no_grad():
+        branching.logits.normal_()
+    block = GroupedBlock(nodes, 0)
+    block.routing = "host"
+    parents = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    run = lambda p: block(branching, p, torch.Generator().manual_seed(3))  # noqa: E731
+    assert torch.autograd.gradcheck(run, (parents,))
+
+
 def test_routing_is_validated():
     _, grouped = reference_and_grouped("conv1d")
     x = torch.randn(MODELS["conv1d"][1], dtype=torch.float64)
