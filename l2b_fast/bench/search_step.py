@@ -116,7 +116,8 @@ def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device,
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
     execution = "grouped" if name in ("grouped", "static_grouped") else "per_child"
     try:
-        supernet = spec.supernet(execution=execution)
+        with device:  # initialised where it runs: a full-size Taskonomy supernet takes seconds on one CPU core
+            supernet = spec.supernet(execution=execution)
     except (ValueError, NotImplementedError) as error:
         raise VariantUnavailable(f"{name}: {error}") from error
     supernet.load_state_dict(state)
@@ -133,7 +134,8 @@ def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device,
     else:
         model = NaiveSupernet(supernet) if name == "naive" else supernet
         weights, logits = supernet.weight_parameters(), supernet.logits_parameters()
-    model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     model.train()
     return Variant(name, model, weights, logits)
 
@@ -193,15 +195,17 @@ def build_case(model: str, preset: Preset, device: torch.device, *, seed: int = 
     spec = SPECS[model](**options)
     batch = batch or entry["batch"]
     torch.manual_seed(seed)
-    reference = spec.supernet(execution="per_child")
-    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    with device:
+        reference = spec.supernet(execution="per_child")
+    state = {k: v.clone() for k, v in reference.state_dict().items()}  # every variant starts from these weights
     generator = torch.Generator().manual_seed(seed)
     x = spec.example_input(batch, generator=generator).to(device)
     if preset.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     reference.eval()
-    with torch.no_grad():  # output shapes from one image: a full-size batch would take minutes on the CPU
-        shapes = {task: (batch, *out.shape[1:]) for task, out in reference(spec.example_input(1, generator=generator)).items()}
+    with torch.no_grad():  # output shapes from one image: a full-size batch would take minutes on a CPU
+        shapes = {task: (batch, *out.shape[1:]) for task, out in reference(spec.example_input(1, generator=generator).to(device)).items()}
+    del reference
     targets = {task: torch.randn(shape, generator=generator).to(device) for task, shape in shapes.items()}
     return Case(model, spec, batch, state, x, targets)
 
