@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -140,8 +141,8 @@ def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device,
     return Variant(name, model, weights, logits)
 
 
-def make_step(variant: Variant, x: torch.Tensor, targets: dict, amp_dtype: torch.dtype | None):
-    """One search step of ``variant`` as a closure: forward, loss, backward, both optimizer steps."""
+def make_step(variant: Variant, x: torch.Tensor, targets: dict, amp_dtype: torch.dtype | None) -> tuple[Callable[[], None], list]:
+    """One search step of ``variant`` as a closure (forward, loss, backward, both optimizer steps), and its optimizers."""
     weights_optimizer = torch.optim.Adam(variant.weights, lr=1e-4)
     logits_optimizer = torch.optim.Adam(variant.logits, lr=1e-3) if variant.logits else None
     model = variant.model
@@ -157,8 +158,7 @@ def make_step(variant: Variant, x: torch.Tensor, targets: dict, amp_dtype: torch
             logits_optimizer.step()
             logits_optimizer.zero_grad(set_to_none=True)
 
-    step.optimizers = [o for o in (weights_optimizer, logits_optimizer) if o is not None]
-    return step
+    return step, [o for o in (weights_optimizer, logits_optimizer) if o is not None]
 
 
 def resident_bytes(variant: Variant, optimizers) -> int:
@@ -220,17 +220,17 @@ def time_variants(case: Case, variants: list[str], preset: Preset, device: torch
         except VariantUnavailable as error:
             skipped[name] = str(error)
             continue
-        steps[name] = (variant, make_step(variant, case.x, case.targets, amp_dtype))
+        steps[name] = (variant, *make_step(variant, case.x, case.targets, amp_dtype))
     order = list(steps)
     for round_index in range(warmup):
         for name in order:
             steps[name][1]()
     synchronize(device)
-    for name, (variant, step) in steps.items():
-        resident[name] = resident_bytes(variant, step.optimizers)
+    for name, (variant, _, optimizers) in steps.items():
+        resident[name] = resident_bytes(variant, optimizers)
     peaks = {}
     if device.type == "cuda":
-        for name, (_, step) in steps.items():
+        for name, (_, step, _) in steps.items():
             synchronize(device)
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -275,7 +275,7 @@ def _memory_probe_main(request: dict) -> int:
     device = torch.device("cpu")
     case = build_case(request["model"], preset, device, seed=request["seed"], batch=request["batch"], width=request["width"])
     variant = build_variant(request["variant"], case.spec, case.state, device, preset.channels_last)
-    step = make_step(variant, case.x, case.targets, getattr(torch, preset.amp_dtype) if preset.amp_dtype else None)
+    step, _ = make_step(variant, case.x, case.targets, getattr(torch, preset.amp_dtype) if preset.amp_dtype else None)
     step()
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
