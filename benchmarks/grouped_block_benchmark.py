@@ -1,10 +1,12 @@
-"""One branching block, forward + backward in search (or frozen) mode: per_child against grouped (host and gather routing).
+"""One branching block, forward + backward in search (or frozen) mode: per_child against grouped
+(routing auto, gather, host).
 
 Variants run interleaved, round by round, so a shared machine's noise hits them alike; medians are
 reported with the ratios, of wall time and of the process's CPU time (steadier on a shared machine:
-time spent descheduled does not count). Writes ``grouped_block_<device>.{csv,json}`` tagged with device, versions, config.
+time spent descheduled does not count). Writes ``grouped_block_<device>_<mode>.{csv,json}`` tagged with device, versions,
+config and thread count.
 
-    python benchmarks/grouped_block_benchmark.py --out benchmarks/results [--device cuda] [--repeat 15]
+    python benchmarks/grouped_block_benchmark.py --out benchmarks/results [--device cuda] [--mode frozen]
 """
 
 from __future__ import annotations
@@ -75,14 +77,12 @@ def main(argv=None):
     for name in wanted:
         nodes, branching, parents = make_block(CASES[name], device)
         branching.mode = args.mode
-        grouped_host, grouped_gather = GroupedBlock(nodes, 0), GroupedBlock(nodes, 0)
-        grouped_gather.routing = "gather"
-        variants = {
-            "per_child": lambda gen: run_per_child(0, branching, nodes, parents, gen),
-            "grouped_gather": lambda gen: grouped_gather(branching, parents, gen),
-        }
-        if device.type == "cpu":
-            variants["grouped_host"] = lambda gen: grouped_host(branching, parents, gen)
+        grouped = {routing: GroupedBlock(nodes, 0) for routing in ("auto", "gather", "host")}
+        for routing, block in grouped.items():
+            block.routing = routing
+        variants = {"per_child": lambda gen: run_per_child(0, branching, nodes, parents, gen)}
+        for routing in ("auto", "gather", "host") if device.type == "cpu" else ("auto",):  # host: CPU only
+            variants[f"grouped_{routing}"] = lambda gen, block=grouped[routing]: block(branching, parents, gen)
 
         def step(forward, seed):
             out = forward(torch.Generator(device=device).manual_seed(seed))

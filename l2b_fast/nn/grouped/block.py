@@ -16,6 +16,13 @@ from l2b_fast.nn.grouped.stacked import CHANNELS, CHILDREN, Stacked, to_children
 ROUTINGS = ("auto", "host", "gather")
 
 
+def positions_of(order: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``positions[j]``: where child j sits, for ``order[k]`` = the child at position k."""
+    positions = torch.empty(len(order), dtype=torch.int64)
+    positions[torch.tensor(list(order))] = torch.arange(len(order))
+    return positions.to(device)
+
+
 class GroupedBlock:
     """The grouped execution of one block's nodes (a strategy object: it holds no parameters).
 
@@ -26,12 +33,13 @@ class GroupedBlock:
     - ``"gather"``: the children's inputs are gathered by the branching op through the device-side index
       (no host synchronisation: CUDA, CUDA graphs, ``torch.compile``), then stacked in channels.
 
-    ``"auto"`` takes ``host`` for CPU tensors in eager mode when the first layer can be routed (Conv with
-    ``groups=1`` and zero padding, Linear, BasicBlock), no per-child input gradient is needed (one parent,
-    or logits without gradient: frozen, eval) and the children share parents (at most J/2 distinct), and
-    ``gather`` otherwise. Measured on a 2-core CPU: one grouped convolution over all J children is as fast
-    as or faster than one convolution per distinct parent once most parents are distinct, and the
-    per-child input gradients of a searched block cost host routing more than the gather's copy.
+    ``"auto"`` takes ``host`` for blocks with one parent (CPU tensors, eager mode, a first layer that
+    can be routed: Conv with ``groups=1`` and zero padding, Linear, BasicBlock): all children read the
+    one parent through one layer with concatenated weights, and since the logits' gradient of a single
+    parent is exactly 0, no per-child input gradient is computed. Everything else takes ``gather``:
+    measured on a 2-core CPU (``benchmarks/grouped_block_benchmark.py``), one grouped convolution over
+    all J children was as fast as or faster than one convolution per distinct parent, and in search mode
+    the per-child input gradients cost host routing more than the gather's copy.
     """
 
     def __init__(self, nodes: Sequence[nn.Module], block: int):
@@ -52,26 +60,24 @@ class GroupedBlock:
     def __call__(self, branching: Branching, parents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``parents`` ``[I, *S]`` -> the J children's outputs ``[J, *S']``, as the per-child execution."""
         self.check_routing()
-        host_possible = parents.device.type == "cpu" and not torch.compiler.is_compiling() and self.routable()
-        started = None
-        if self.routing == "host" or (self.routing == "auto" and host_possible):
-            started = self._start_on_host(branching, parents, generator, force=self.routing == "host")
-        if started is None:  # gather through the branching op: device-side index, no host sync
-            started = Stacked(branching(parents, generator=generator), CHILDREN, self.children), range(self.children), self.steps
-        stacked, order, rest = started
+        host = self.routing == "host" or (
+            self.routing == "auto" and branching.logits.shape[0] == 1 and self.routable()
+            and parents.device.type == "cpu" and not torch.compiler.is_compiling()
+        )
+        if host:
+            stacked, order = self._start_on_host(branching, parents, generator)
+            rest = self.steps[1:]
+        else:  # gather through the branching op: device-side index, no host sync
+            stacked, order, rest = Stacked(branching(parents, generator=generator), CHILDREN, self.children), range(self.children), self.steps
         for step in rest:
             stacked = step(stacked, order)
         return self._children_outputs(stacked, order)
 
-    def _start_on_host(self, branching: Branching, parents: torch.Tensor, generator, force: bool):
-        """Sample (or argmax) with the index on the host; returns (stacked, order, remaining steps), or
-        None, before drawing from ``generator``, where ``auto`` leaves a searched block to the gather."""
+    def _start_on_host(self, branching: Branching, parents: torch.Tensor, generator) -> tuple[Stacked, list[int]]:
+        """Sample (or argmax) with the index on the host and run the first layer from the parents."""
         mode = branching.mode if branching.training else "eval"
-        parents_count = branching.logits.shape[0]
         # One parent: softmax over parents is constant, the logits' gradient exactly 0 without G.
-        child_gradients = mode == "search" and branching.logits.requires_grad and parents_count > 1
-        if child_gradients and not force:
-            return None
+        child_gradients = mode == "search" and branching.logits.requires_grad and branching.logits.shape[0] > 1
         soft = None
         if mode == "eval":  # as ops.branch(training=False): argmax, no noise
             index = branching.logits.detach().argmax(dim=0)
@@ -79,28 +85,18 @@ class GroupedBlock:
             logits = branching.logits if mode == "search" else branching.logits.detach()
             index, soft = ops.sample_branches(logits, branching.tau, generator=generator, backend=branching.backend)
         order, groups = routing.group_positions(index.tolist())
-        if not force and 2 * len(groups) > self.children:
-            # Mostly distinct parents: one grouped launch beats one per parent. No logits gradient is
-            # needed here, so the gather is a plain index_select (segment-sum backward).
-            return Stacked(parents.index_select(0, index.to(parents.device)), CHILDREN, self.children), range(self.children), self.steps
         first = self.steps[0]
         if child_gradients:
-            positions = torch.empty(self.children, dtype=torch.int64)
-            positions[torch.tensor(order)] = torch.arange(self.children)
-            phantom = routing.route(parents, soft, groups, first.routed_layout, positions.to(parents.device))
+            phantom = routing.route(parents, soft, groups, first.routed_layout, positions_of(order, parents.device))
             routed = routing.RoutedInput(parents.detach(), phantom, groups, self.children)
         else:
             zero_gradient_to = soft if soft is not None and soft.requires_grad else None
             routed = routing.RoutedInput(parents, None, groups, self.children, zero_gradient_to)
-        return first.routed(routed, order), order, self.steps[1:]
+        return first.routed(routed, order), order
 
     def _children_outputs(self, stacked: Stacked, order: Sequence[int]) -> torch.Tensor:
         """``[J, *S']`` in child order (positions put back in the same copy that un-stacks the channels)."""
-        positions = None
-        if list(order) != list(range(self.children)):
-            positions = torch.empty(self.children, dtype=torch.int64)
-            positions[torch.tensor(list(order))] = torch.arange(self.children)
-            positions = positions.to(stacked.tensor.device)
+        positions = None if list(order) == list(range(self.children)) else positions_of(order, stacked.tensor.device)
         if stacked.layout == CHANNELS:
             return to_children(stacked.tensor, self.children, positions)
         return stacked.tensor if positions is None else stacked.tensor.index_select(0, positions)
