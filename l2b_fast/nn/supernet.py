@@ -77,7 +77,7 @@ def stack_outputs(block: int, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
 def run_per_child(block: int, branching: Branching, nodes: nn.ModuleList, parents: torch.Tensor, generator) -> torch.Tensor:
     """The reference execution: gather every child's input ``[J, *S]``, then run the nodes one by one."""
     inputs = branching(parents, generator=generator)
-    return stack_outputs(block, [node(inputs[j]) for j, node in enumerate(nodes)])
+    return stack_outputs(block, [node(x) for node, x in zip(nodes, inputs.unbind(0))])  # unbind: one backward, not J zero-filled selects
 
 
 class TreeSupernet(nn.Module):
@@ -147,7 +147,7 @@ class TreeSupernet(nn.Module):
                 parents = run_per_child(block, branching, nodes, parents, generator)
             else:
                 parents = grouped(branching, parents, generator)
-        return {task: self.heads[task](parents[k]) for k, task in enumerate(self.tasks)}
+        return {task: self.heads[task](x) for task, x in zip(self.tasks, parents.unbind(0))}
 
     def set_tau(self, tau: float) -> None:
         for branching in self.branchings:
