@@ -163,3 +163,22 @@ def test_single_parent_with_arbitrary_leading_stride(device, backend):
     torch.testing.assert_close(out, y.expand(3, 4, 5))
     torch.testing.assert_close(grad_y, grad.sum(0, keepdim=True))
     torch.testing.assert_close(grad_logits, torch.zeros_like(grad_logits))  # one parent: softmax is constant
+
+
+@pytest.mark.parametrize("device, backend", [case for case in backend_cases() if case.values[1] == "triton"])
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float64, 1e-10, 1e-10), (torch.bfloat16, 1.6e-2, 1.6e-2)])
+def test_triton_backward_many_tiles_per_program(device, backend, dtype, atol, rtol):
+    """Small tiles force the GPU-like launch: several tiles per program (the pipelined loop), several
+    chunks (partials summed in order) and parent blocks; the interpreter's default is one tile."""
+    from l2b_fast.ops import _triton  # noqa: F401  (defines torch.ops.l2b_fast_triton)
+    from l2b_fast.triton import branch as triton_branch
+
+    y, logits, noise, grad = make_case(5, 3, (7, 13), dtype, device, seed=21)
+    tau = torch.tensor(0.7, dtype=torch.float64, device=device)
+    soft, index = torch.ops.l2b_fast_triton.sample_branches(logits, tau, noise, None)
+    grad_parents, grad_logits = triton_branch.branch_backward(
+        grad, y, index, soft, tau, _block_n=16, _block_i=2, _num_chunks=2
+    )
+    _, ref_grad_y, ref_grad_logits = reference(y, logits, noise, grad, 0.7)
+    torch.testing.assert_close(grad_parents.double(), ref_grad_y, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad_logits.double(), ref_grad_logits, atol=max(atol, 1e-5), rtol=max(rtol, 1e-5))
