@@ -1,0 +1,156 @@
+"""Two CPU ranks under a real ``torchrun`` (gloo, env:// rendezvous): shared trees, identical weights, frozen
+logits under DDP, rank-0-only files, exact resume after a crash, every evaluation sample counted once.
+
+The ranks run once (a module fixture launches this file under torchrun); each test checks part of what they
+saved. The global RNG is seeded differently on each rank, so equal trees can only come from the shared
+per-step seed, not from identical RNG states.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_stream_trainer import MSE, TASKS, Killed, _kill_after, config, make_batches, tiny_supernet  # noqa: E402
+
+from l2b_fast.nn import Branching  # noqa: E402
+from l2b_fast.train import StreamTrainer, distributed  # noqa: E402
+
+WORLD = 2
+PER_RANK = 3  # samples per rank and batch; the global batch is WORLD * PER_RANK
+
+
+def _rank_part(batches: list, rank: int) -> list:
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    return [(x[rows], {t: y[t][rows] for t in TASKS}) for x, y in batches]
+
+
+def _record_trees(net) -> list:
+    """Each training forward's sampled parent per child of every block with more than one parent (deduced from
+    which parent each child's input equals)."""
+    records = []
+
+    def hook(module, args, output):
+        if module.training and module.mode != "eval":
+            parents = args[0]
+            records.append([next(i for i in range(parents.shape[0]) if torch.equal(output[j], parents[i])) for j in range(output.shape[0])])
+
+    for module in net.modules():
+        if isinstance(module, Branching) and module.logits.shape[0] > 1:
+            module.register_forward_hook(hook)
+    return records
+
+
+def run_rank(out: Path) -> None:
+    context = distributed.setup("cpu")
+    rank = context.rank
+    assert (context.world_size, context.backend, context.distributed) == (WORLD, "gloo", True)
+    torch.manual_seed(1000 + rank)  # different global RNG states on the ranks
+    results = {}
+
+    # A user-wrapped DDP supernet: warmup (frozen logits) then search, with accumulation.
+    global_batches = make_batches(4, WORLD * PER_RANK, seed=3)
+    net = tiny_supernet(seed=0)
+    trees = _record_trees(net)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=False)
+    settings = dict(epochs=2, warmup_epochs=1, accumulation=2, log_every=1)
+    trainer = StreamTrainer(ddp, MSE, _rank_part(global_batches, rank), config(**settings), out / f"wrapped-rank{rank}")
+    warm_logits = []
+    trainer.fit(on_step=lambda t: warm_logits.append([b.logits.detach().clone() for b in net.branchings]) if t.step == 2 else None)
+    results.update(trees=trees, state=net.state_dict(), warm_logits=warm_logits[0], wrapped_files=sorted(os.listdir(out / "wrapped-rank0")) if rank == 0 else None)
+    if rank == 0:  # one process on the global batches: what the two ranks together must compute
+        single = StreamTrainer(tiny_supernet(seed=0), MSE, global_batches, config(**settings), out / "single", context=distributed.DistContext())
+        single.fit()
+        results["single_state"] = single.module.state_dict()
+
+    # Crash and exact resume; the trainer wraps the model itself. Dropout differs per rank.
+    cfg = config(epochs=3, accumulation=2, checkpoint_every=2)
+    own = make_batches(5, PER_RANK, seed=20 + rank)
+    whole = StreamTrainer(tiny_supernet(dropout=0.2), MSE, own, cfg, out / "whole")
+    whole.fit()
+    part = StreamTrainer(tiny_supernet(dropout=0.2), MSE, own, cfg, out / "part")
+    try:
+        part.fit(on_step=_kill_after(5))
+    except Killed:
+        pass
+    torch.manual_seed(777 + rank)
+    resumed = StreamTrainer(tiny_supernet(seed=5 + rank, dropout=0.2), MSE, own, cfg, out / "part")
+    resumed.fit(resume=True)
+    results.update(whole=whole.module.state_dict(), resumed=resumed.module.state_dict(), resumed_step=resumed.step)
+
+    # Evaluation: ranks hold different numbers of samples (8 + 1 and 2), each counted once.
+    val = [make_batches(2, 4, seed=30)[0], make_batches(2, 4, seed=30)[1], make_batches(1, 1, seed=31)[0]] if rank == 0 else make_batches(1, 2, seed=32)
+    evaluation = whole.evaluate(val)
+    results.update(val_samples=evaluation.samples, val_losses=evaluation.losses)
+    if rank == 0:
+        everything = val + make_batches(1, 2, seed=32)
+        alone = StreamTrainer(whole.module, MSE, own, cfg, out / "alone", context=distributed.DistContext())
+        results["val_alone"] = alone.evaluate(everything).losses
+    torch.save(results, out / f"rank{rank}.pt")
+    distributed.cleanup()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("torchrun")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", __file__, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))}
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
+    results = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    results[0]["out"] = out
+    return results
+
+
+def test_ranks_sample_the_same_tree_every_step(ranks):
+    trees = [result["trees"] for result in ranks]
+    assert len(trees[0]) == 2 * 4 * 2  # 2 epochs x 4 batches x 2 blocks with several parents
+    assert trees[0] == trees[1]
+    assert len({tuple(tree) for tree in trees[0]}) > 2  # the trees do change from step to step
+    steps = [trees[0][k:k + 2] for k in range(0, len(trees[0]), 2)]
+    assert steps[0::2] == steps[1::2]  # both accumulated batches of a step route through one tree
+
+
+def test_ddp_wrapped_supernet_keeps_its_logits_frozen_in_warmup(ranks):
+    for result in ranks:
+        assert all(torch.equal(logits, torch.zeros_like(logits)) for logits in result["warm_logits"])
+        assert any(value.abs().sum() > 0 for key, value in result["state"].items() if key.endswith(".logits"))
+
+
+def test_ranks_end_identical_and_equal_one_process_on_the_global_batch(ranks):
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+        torch.testing.assert_close(value, ranks[0]["single_state"][key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_only_rank_zero_writes(ranks):
+    out = ranks[0]["out"]
+    assert {"log.csv", "epochs.csv", "checkpoints"} <= set(ranks[0]["wrapped_files"])
+    assert not (out / "wrapped-rank1").exists()
+
+
+def test_crashed_distributed_run_resumes_exactly(ranks):
+    out = ranks[0]["out"]
+    for result in ranks:
+        assert result["resumed_step"] == 9
+        for key, value in result["whole"].items():
+            assert torch.equal(value, result["resumed"][key]), key
+    for name in ("log.csv", "epochs.csv"):
+        assert (out / "whole" / name).read_text() == (out / "part" / name).read_text()
+
+
+def test_evaluation_counts_every_sample_once(ranks):
+    assert ranks[0]["val_samples"] == ranks[1]["val_samples"] == 11
+    for task, value in ranks[0]["val_alone"].items():
+        assert ranks[0]["val_losses"][task] == pytest.approx(value, rel=1e-12)
+        assert ranks[1]["val_losses"][task] == ranks[0]["val_losses"][task]
+
+
+if __name__ == "__main__":  # one rank, started by torchrun from the fixture above
+    run_rank(Path(sys.argv[1]))
