@@ -153,6 +153,20 @@ def test_channels_last_matches_contiguous(tmp_path):
     assert_same_state(plain.module, last.module, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.slow  # dynamo's tracing takes ~10 s on this 2-core machine
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    """``compile`` (dynamo with the eager backend: tracing, graph breaks and guards without codegen time)."""
+    batches = make_batches(3, 4, seed=12)
+    eager = StreamTrainer(tiny_supernet(), MSE, batches, config(epochs=2), tmp_path / "eager")
+    compiled = StreamTrainer(tiny_supernet(), MSE, batches, config(epochs=2, compile={"backend": "eager"}), tmp_path / "compiled")
+    assert compiled.model is not compiled.module and unwrap_model(compiled.model) is compiled.module
+    eager.fit()
+    compiled.fit()
+    assert_same_state(eager.module, compiled.module, rtol=1e-12, atol=1e-14)
+    saved = torch.load(compiled.checkpoint_path, weights_only=False)["model"]
+    assert list(saved) == list(compiled.module.state_dict())  # no wrapper prefixes in checkpoints
+
+
 # ------------------------------------------------------------------------------------------- schedules and logs
 def test_learning_rate_schedules():
     cosine = lr_schedules.from_config({"kind": "cosine", "warmup_steps": 2, "min_factor": 0.1})
