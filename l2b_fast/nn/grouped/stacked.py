@@ -40,27 +40,69 @@ class Stacked:
         return Stacked(tensor, self.layout, self.children)
 
 
+def _channels_layout_like(children_major: torch.Tensor) -> torch.memory_format:
+    """channels_last for the stack where the children are channels_last (2-d, C > 1), else contiguous."""
+    per_child = children_major[0]
+    if per_child.dim() == 4 and per_child.shape[1] > 1 and per_child.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _children_major_like(channel_stacked: torch.Tensor, children: int) -> torch.Tensor:
+    """An empty ``[J, B, C, *sp]`` whose children have the stack's layout (channels_last or contiguous)."""
+    batch, jc, *spatial = channel_stacked.shape
+    channels_last = len(spatial) == 2 and jc // children > 1 and channel_stacked.is_contiguous(memory_format=torch.channels_last)
+    per_child = torch.empty((batch, jc // children, *spatial), device="meta", memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.empty_strided((children, *per_child.shape), (per_child.numel(), *per_child.stride()), dtype=channel_stacked.dtype, device=channel_stacked.device)
+
+
+class _ToChannels(torch.autograd.Function):
+    """One copy each way; the backward writes the gradient straight into the children's layout (a
+    reshape would copy twice where the layouts differ, e.g. channels_last)."""
+
+    @staticmethod
+    def forward(ctx, children_major):
+        ctx.save_for_backward(torch.empty_like(children_major, device="meta"))
+        j, b, c, *spatial = children_major.shape
+        out = torch.empty((b, j * c, *spatial), dtype=children_major.dtype, device=children_major.device, memory_format=_channels_layout_like(children_major))
+        out.view(b, j, c, *spatial).copy_(children_major.transpose(0, 1))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (like,) = ctx.saved_tensors
+        j, b, c, *spatial = like.shape
+        out = torch.empty_strided(like.shape, like.stride(), dtype=grad.dtype, device=grad.device)
+        out.transpose(0, 1).copy_(grad.view(b, j, c, *spatial))
+        return out
+
+
+class _ToChildren(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, channel_stacked, children):
+        ctx.save_for_backward(torch.empty_like(channel_stacked, device="meta"))
+        ctx.children = children
+        b, jc, *spatial = channel_stacked.shape
+        out = _children_major_like(channel_stacked, children)
+        out.copy_(channel_stacked.view(b, children, jc // children, *spatial).transpose(0, 1))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (like,) = ctx.saved_tensors
+        b, jc, *spatial = like.shape
+        out = torch.empty_strided(like.shape, like.stride(), dtype=grad.dtype, device=grad.device)
+        out.view(b, ctx.children, jc // ctx.children, *spatial).transpose(0, 1).copy_(grad)
+        return out, None
+
+
 def to_channels(children_major: torch.Tensor) -> torch.Tensor:
     """``[J, B, C, *sp]`` -> ``[B, J*C, *sp]`` (one copy), channels_last kept where the children had it."""
-    j, b, c, *spatial = children_major.shape
-    moved = children_major.transpose(0, 1)  # [B, J, C, *sp]
-    if len(spatial) == 2 and children_major[0].is_contiguous(memory_format=torch.channels_last) and c > 1:
-        out = torch.empty((b, j * c, *spatial), dtype=moved.dtype, device=moved.device, memory_format=torch.channels_last)
-        out.view(b, j, c, *spatial).copy_(moved)  # channels_last [B, J*C, H, W] splits into [B, J, C, H, W]
-        return out
-    return moved.reshape(b, j * c, *spatial)
+    return _ToChannels.apply(children_major)
 
 
 def to_children(channel_stacked: torch.Tensor, children: int, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, J*C, *sp]`` -> ``[J, B, C, *sp]`` (one copy), taking positions ``positions`` if given (the
-    inverse of the children's order), each child's activation channels_last if the stack was."""
-    b, jc, *spatial = channel_stacked.shape
-    moved = channel_stacked.view(b, children, jc // children, *spatial).transpose(0, 1)  # [J, B, C, *sp]
-    if positions is not None:
-        moved = moved.index_select(0, positions)
-    if len(spatial) == 2 and channel_stacked.is_contiguous(memory_format=torch.channels_last) and jc // children > 1:
-        per_child = torch.empty((b, jc // children, *spatial), device=moved.device, memory_format=torch.channels_last)
-        out = torch.empty_strided((children, *per_child.shape), (per_child.numel(), *per_child.stride()), dtype=moved.dtype, device=moved.device)
-        out.copy_(moved)
-        return out
-    return moved.contiguous()
+    """``[B, J*C, *sp]`` -> ``[J, B, C, *sp]`` (one copy; two with ``positions``, child j taken from
+    position ``positions[j]``), each child's activation channels_last if the stack was."""
+    out = _ToChildren.apply(channel_stacked, children)
+    return out if positions is None else out.index_select(0, positions)
