@@ -47,6 +47,7 @@ def test_steady_state_pipeline(emulator, dtype, timing):
         ("misaligned scalar path", 3, 7, 1031, {"misaligned": True}, {"vectorised": 0}),
         ("no parents gradient", 4, 6, 2000, {"need_grad_parents": False}, {"launches": 1}),
         ("segment sum alone", 4, 6, 2000, {"need_grad_logits": False}, {"launches": 0}),
+        ("segment sum alone, misaligned", 4, 6, 2001, {"need_grad_logits": False, "misaligned": True}, {"launches": 0}),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -1,9 +1,11 @@
-"""Compile the Triton backward kernel ahead of time for a GPU target, without a GPU, and report its cost.
+"""Compile the Triton kernels ahead of time for a GPU target, without a GPU, and report their cost.
 
-For each shape and dtype it uses the launch configuration ``l2b_fast.triton.branch`` would pick on that
-GPU (``--sms`` multiprocessors) and prints registers per thread, spilled bytes, shared memory, the
-programs per SM the registers allow, and whether the tile loop was software-pipelined (``cp.async`` in
-the PTX). Needs only Triton with its bundled ptxas/cuobjdump.
+For the backward's partials kernel, each shape and dtype uses the launch configuration
+``l2b_fast.triton.branch`` would pick on that GPU (``--sms`` multiprocessors) and prints registers per
+thread, spilled bytes, shared memory, the programs per SM the registers allow, and whether the tile loop
+was software-pipelined (``cp.async`` in the PTX). The logits and sampling kernels are compiled too (with
+libdevice, as on the GPU), so a Triton version that cannot lower them fails here. Needs only Triton with
+its bundled ptxas/cuobjdump.
 
 Usage: python tools/triton_aot_report.py [--arch 90] [--sms 132] [--out report.json]
 """
@@ -73,6 +75,35 @@ def compile_partials(arch: int, sms: int, parents: int, children: int, numel: in
     }
 
 
+def compile_small_kernels(arch: int) -> list[dict]:
+    """The logits-gradient and sampling kernels in fp32 and fp64 at a 30 x 40 block: registers and spills."""
+    from l2b_fast.triton import sample_branches
+
+    rows = []
+    for f64 in (False, True):
+        float_pointer = "*fp64" if f64 else "*fp32"
+        logits_kernel = (
+            branch._branch_backward_logits_kernel,
+            {"partials_ptr": float_pointer, "soft_ptr": float_pointer, "grad_logits_ptr": float_pointer, "I": "i32",
+             "J": "i32", "stride_si": "i32", "stride_sj": "i32", "tau_ptr": "*fp64"},
+            {"NUM_CHUNKS": 35, "OUT_F64": f64, "BLOCK_I": 32, "BLOCK_J": 64},
+        )
+        sample_kernel = (
+            sample_branches._sample_branches_kernel,
+            {"logits_ptr": float_pointer, "noise_ptr": float_pointer, "seed_ptr": "*i64", "index_ptr": "*i64",
+             "soft_ptr": float_pointer, "I": "i32", "J": "i32", "stride_li": "i32", "stride_lj": "i32",
+             "stride_ni": "i32", "stride_nj": "i32", "tau_ptr": "*fp64"},
+            {"HAS_NOISE": False, "F64": f64, "USE_LIBDEVICE": True, "BLOCK_I": 32, "BLOCK_J": 64},
+        )
+        for fn, signature, constexprs in (logits_kernel, sample_kernel):
+            signature = {**signature, **{name: "constexpr" for name in constexprs}}
+            source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+            usage = resource_usage(compiled.asm["cubin"])
+            rows.append({"kernel": fn.__name__, "f64": f64, "registers": usage.get("reg"), "spill_bytes": usage.get("stack", 0)})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability without the dot")
@@ -85,8 +116,12 @@ def main() -> int:
             row = {"dtype": name, **compile_partials(args.arch, args.sms, parents, children, numel, dtype)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    small = compile_small_kernels(args.arch)
+    for row in small:
+        print(json.dumps(row), flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"arch": args.arch, "sms": args.sms, "triton": triton.__version__, "rows": rows}, indent=1))
+        report = {"arch": args.arch, "sms": args.sms, "triton": triton.__version__, "partials": rows, "other_kernels": small}
+        args.out.write_text(json.dumps(report, indent=1))
     return 0
 
 

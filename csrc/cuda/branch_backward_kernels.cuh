@@ -320,23 +320,31 @@ __global__ void __launch_bounds__(kThreads, (fused_min_blocks<scalar_t, MI, MJ>(
 }
 
 
-// Segment sum alone (no logits gradient wanted, e.g. frozen logits): one thread per element of
-// grad_parents[i], children summed in increasing j as in the fused kernel.
-template <typename scalar_t>
+// Segment sum alone (no logits gradient wanted, e.g. frozen logits): one thread per VEC elements of
+// grad_parents[i] (16-byte loads and stores when VEC > 1: numel % VEC == 0, aligned rows), children summed
+// in increasing j as in the fused kernel.
+template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     segment_sum_kernel(const scalar_t* __restrict__ grad, const int* __restrict__ offsets,
                        const int* __restrict__ order, scalar_t* __restrict__ grad_parents, int parents, int64_t numel) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t vectors = numel / VEC;
   for (int64_t i = blockIdx.y; i < parents; i += gridDim.y) {
     const int first = offsets[i], last = offsets[i + 1];
-    for (int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; n < numel;
-         n += static_cast<int64_t>(gridDim.x) * kThreads) {
-      acc_t sum = acc_t(0);
-      if (first < last) {
-        sum = to_acc<acc_t>(grad[order[first] * numel + n]);
-        for (int m = first + 1; m < last; ++m) sum += to_acc<acc_t>(grad[order[m] * numel + n]);
+    for (int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; v < vectors;
+         v += static_cast<int64_t>(gridDim.x) * kThreads) {
+      acc_t sum[VEC];
+#pragma unroll
+      for (int d = 0; d < VEC; ++d) sum[d] = acc_t(0);
+      for (int m = first; m < last; ++m) {
+        const auto g = *reinterpret_cast<const Vec<scalar_t, VEC>*>(grad + order[m] * numel + v * VEC);
+#pragma unroll
+        for (int d = 0; d < VEC; ++d) sum[d] = m == first ? to_acc<acc_t>(g.v[d]) : sum[d] + to_acc<acc_t>(g.v[d]);
       }
-      grad_parents[i * numel + n] = static_cast<scalar_t>(sum);
+      Vec<scalar_t, VEC> out;
+#pragma unroll
+      for (int d = 0; d < VEC; ++d) out.v[d] = static_cast<scalar_t>(sum[d]);
+      store_vector(grad_parents + i * numel + v * VEC, out);
     }
   }
 }

@@ -254,11 +254,14 @@ void launch_segment_sum(const at::Tensor& grad, const at::Tensor& index, at::Ten
   list_children_kernel<<<static_cast<unsigned>((num_parents + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
       index.data_ptr<int64_t>(), num_parents, children, offsets, offsets + num_parents + 1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t chunks = std::min<int64_t>((numel + kThreads - 1) / kThreads, int64_t{1} << 16);
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool vectorised = numel % kVec == 0 && aligned16(grad.data_ptr()) && aligned16(grad_parents.data_ptr());
+  const int64_t vectors = vectorised ? numel / kVec : numel;
+  const int64_t chunks = std::min<int64_t>((vectors + kThreads - 1) / kThreads, int64_t{1} << 16);
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(std::min(num_parents, 65535)));
-  segment_sum_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(grad.data_ptr<scalar_t>(), offsets,
-                                                               offsets + num_parents + 1,
-                                                               grad_parents.data_ptr<scalar_t>(), num_parents, numel);
+  auto kernel = vectorised ? &segment_sum_kernel<scalar_t, kVec> : &segment_sum_kernel<scalar_t, 1>;
+  kernel<<<grid, kThreads, 0, stream>>>(grad.data_ptr<scalar_t>(), offsets, offsets + num_parents + 1,
+                                        grad_parents.data_ptr<scalar_t>(), num_parents, numel);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

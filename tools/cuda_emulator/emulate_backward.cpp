@@ -62,10 +62,17 @@ void run_segment_sum(const at::Tensor& grad, const int64_t* index, scalar_t* gra
   std::vector<int> lists(static_cast<size_t>(parents) + 1 + children, -1);
   l2b_emu::launch(dim3{static_cast<unsigned>((parents + kThreads - 1) / kThreads), 1, 1}, kThreads, 0, gpu.timing,
                   list_children_kernel, index, parents, children, lists.data(), lists.data() + parents + 1);
-  const int64_t chunks = std::min<int64_t>((numel + kThreads - 1) / kThreads, 4);  // grid-stride loop covers the rest
-  l2b_emu::launch(dim3{static_cast<unsigned>(chunks), static_cast<unsigned>(parents), 1}, kThreads, 0, gpu.timing,
-                  segment_sum_kernel<scalar_t>, grad.data_ptr<scalar_t>(), static_cast<const int*>(lists.data()),
-                  static_cast<const int*>(lists.data() + parents + 1), grad_parents, parents, numel);
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool vectorised = numel % kVec == 0 && aligned16(grad.data_ptr()) && aligned16(grad_parents);
+  const dim3 grid{4, static_cast<unsigned>(parents), 1};  // few blocks: the grid-stride loop covers the rest
+  const int* offsets = lists.data();
+  if (vectorised) {
+    l2b_emu::launch(grid, kThreads, 0, gpu.timing, segment_sum_kernel<scalar_t, kVec>, grad.data_ptr<scalar_t>(),
+                    offsets, offsets + parents + 1, grad_parents, parents, numel);
+  } else {
+    l2b_emu::launch(grid, kThreads, 0, gpu.timing, segment_sum_kernel<scalar_t, 1>, grad.data_ptr<scalar_t>(), offsets,
+                    offsets + parents + 1, grad_parents, parents, numel);
+  }
 }
 
 // grad [J, N] and parents [I, N] (flat rows, any alignment), index int64 [J]. Returns grad_parents ([I, N],

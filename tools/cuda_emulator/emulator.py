@@ -99,6 +99,7 @@ CASES = [
     ("40x1", 40, 1, 1000, {}),
     ("no parents gradient, 5x5", 5, 5, 9000, {"need_grad_parents": False}),
     ("segment sum alone (frozen logits), 5x5", 5, 5, 9000, {"need_grad_logits": False}),
+    ("segment sum alone, odd N, misaligned", 5, 7, 3001, {"need_grad_logits": False, "misaligned": True}),
 ]
 # (grad_parents, G): grad_parents is rounded to the dtype once; G accumulates exact products in fp32 (fp64).
 TOLERANCE = {torch.float64: (1e-13, 1e-12), torch.float32: (1e-6, 1e-5), torch.float16: (1e-3, 1e-5), torch.bfloat16: (8e-3, 1e-5)}
