@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_stream_trainer import MSE, TASKS, Killed, _kill_after, config, make_batches, tiny_supernet  # noqa: E402
+from test_stream_trainer import HIDDEN, IN, MSE, TASKS, Killed, _kill_after, config, make_batches, tiny_supernet  # noqa: E402
 
-from l2b_fast.nn import Branching  # noqa: E402
+from l2b_fast import datasets  # noqa: E402
+from l2b_fast.nn import BlockSpec, Branching, TreeSupernet  # noqa: E402
 from l2b_fast.train import StreamTrainer, distributed  # noqa: E402
 
 WORLD = 2
@@ -45,6 +47,17 @@ def _record_trees(net) -> list:
         if isinstance(module, Branching) and module.logits.shape[0] > 1:
             module.register_forward_hook(hook)
     return records
+
+
+def _attribute_batches(sizes: list[int], seed: int) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, IN, generator=generator, dtype=torch.float64), {"attributes": torch.randint(0, 2, (size, 40), generator=generator).double()}) for size in sizes]
+
+
+def _attribute_supernet(tasks) -> TreeSupernet:
+    torch.manual_seed(0)
+    blocks = [BlockSpec(2, lambda b, j: nn.Linear(IN, HIDDEN)), BlockSpec(len(tasks), lambda b, j: nn.Linear(HIDDEN, 1))]
+    return TreeSupernet(blocks, tasks).double()
 
 
 def run_rank(out: Path) -> None:
@@ -92,6 +105,17 @@ def run_rank(out: Path) -> None:
         everything = val + make_batches(1, 2, seed=32)
         alone = StreamTrainer(whole.module, MSE, own, cfg, out / "alone", context=distributed.DistContext())
         results["val_alone"] = alone.evaluate(everything).losses
+
+    # A data set's metrics (CelebA accuracy, whose accumulator has counts only) over uneven ranks: 3 + 3 and 2 samples.
+    celeba = datasets.get("celeba", attributes=("Smiling", "Male", "Young"))
+    val = _attribute_batches([3, 3], seed=40) if rank == 0 else _attribute_batches([2], seed=41)
+    evaluator = StreamTrainer(_attribute_supernet(celeba.tasks), celeba, val, config(epochs=1), out / "celeba")
+    evaluation = evaluator.evaluate(val)
+    results.update(celeba_samples=(evaluation.samples, evaluation.metrics.samples), celeba=evaluation.metrics.compute(), celeba_losses=evaluation.losses)
+    if rank == 0:
+        alone = StreamTrainer(_attribute_supernet(celeba.tasks), celeba, val, config(epochs=1), out / "celeba-alone", context=distributed.DistContext())
+        everything = alone.evaluate(val + _attribute_batches([2], seed=41))
+        results.update(celeba_alone=everything.metrics.compute(), celeba_alone_losses=everything.losses)
     torch.save(results, out / f"rank{rank}.pt")
     distributed.cleanup()
 
@@ -150,6 +174,14 @@ def test_evaluation_counts_every_sample_once(ranks):
     for task, value in ranks[0]["val_alone"].items():
         assert ranks[0]["val_losses"][task] == pytest.approx(value, rel=1e-12)
         assert ranks[1]["val_losses"][task] == ranks[0]["val_losses"][task]
+
+
+def test_metrics_are_summed_over_ranks(ranks):
+    for result in ranks:
+        assert result["celeba_samples"] == (8, 8)
+        assert result["celeba"] == ranks[0]["celeba_alone"]
+        for task, value in ranks[0]["celeba_alone_losses"].items():
+            assert result["celeba_losses"][task] == pytest.approx(value, rel=1e-12)
 
 
 if __name__ == "__main__":  # one rank, started by torchrun from the fixture above
