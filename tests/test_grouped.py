@@ -338,3 +338,29 @@ def test_dropout_is_random_per_child_and_position():
     assert not torch.equal(masks[0], masks[1])
     fraction = torch.stack(masks).float().mean().item()
     assert 0.35 < fraction < 0.65
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", ["cnn", "resnet"])
+def test_grouped_on_cuda_equals_per_child_without_host_sync(model):
+    """On CUDA every block starts from the gather (device-side index): no host synchronisation."""
+    reference, grouped = reference_and_grouped(model, torch.float32)
+    reference.cuda(), grouped.cuda()
+    x = torch.randn(MODELS[model][1], device="cuda")
+    reference.train(), grouped.train()
+    torch.manual_seed(0)
+    expected = reference(x)
+    torch.manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = grouped(x)
+        sum(v.square().sum() for v in got.values()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    sum(v.square().sum() for v in expected.values()).backward()
+    for task in TASKS:
+        torch.testing.assert_close(got[task], expected[task], atol=1e-3, rtol=1e-3)
+    for p, q in zip(reference.parameters(), grouped.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-3, rtol=1e-3)
