@@ -167,6 +167,18 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
     assert list(saved) == list(compiled.module.state_dict())  # no wrapper prefixes in checkpoints
 
 
+def test_prepare_batch_turns_raw_batches_into_inputs_and_targets(tmp_path):
+    batches = make_batches(3, 4, seed=13)
+    raw = [({"x": x, **y},) for x, y in batches]  # e.g. the raw Taskonomy batches, normalised where the model runs
+    prepare = lambda batch, device: (batch[0]["x"].to(device), {t: batch[0][t].to(device) for t in TASKS})
+    plain = StreamTrainer(tiny_supernet(), MSE, batches, config(epochs=2), tmp_path / "plain")
+    prepared = StreamTrainer(tiny_supernet(), MSE, raw, config(epochs=2), tmp_path / "prepared", val_data=raw, prepare_batch=prepare)
+    plain.fit()
+    prepared.fit()
+    assert_same_state(plain.module, prepared.module)
+    assert prepared.evaluate(raw).samples == 12
+
+
 # ------------------------------------------------------------------------------------------- schedules and logs
 def test_learning_rate_schedules():
     cosine = lr_schedules.from_config({"kind": "cosine", "warmup_steps": 2, "min_factor": 0.1})

@@ -258,6 +258,9 @@ class StreamTrainer:
             passes its own part (every sample on exactly one rank, as the eval loaders do).
         context: from :func:`l2b_fast.train.distributed.setup`; default: the initialised process group (if
             any) and ``device`` (default: the model's device).
+        prepare_batch: ``prepare_batch(batch, device) -> (inputs, targets[, masks])`` for batches of another
+            shape, e.g. raw Taskonomy batches normalised on the GPU:
+            ``lambda batch, device: protocol.to_targets_batch(batch[0], device)``.
 
     Exact resume (``fit(resume=True)``) restores the model, optimizers, gradient scaler, step and epoch, every
     rank's RNG states (torch, CUDA, numpy, python) and the position in the epoch's data: the trainer puts back
@@ -283,12 +286,15 @@ class StreamTrainer:
         val_data: Iterable | Callable[[], Iterable] | None = None,
         context: distributed.DistContext | None = None,
         device: str | torch.device | None = None,
+        prepare_batch: Callable[[object, torch.device], tuple] | None = None,
     ):
         if not isinstance(config, StreamConfig):
             raise TypeError(f"config must be a StreamConfig, got {type(config).__name__}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = config
+        if context is not None and device is not None and distributed.resolve_device(device, context.local_rank) != context.device:
+            raise ValueError(f"device {device!r} differs from the context's {context.device}; give one of them")
         self.context = context or self._default_context(model, device)
         self.device = self.context.device
         self.out_dir = Path(out_dir)
@@ -306,6 +312,9 @@ class StreamTrainer:
         if val_data is not None:
             _check_data(val_data, "val_data")
         self.data, self.val_data = data, val_data
+        if prepare_batch is not None and not callable(prepare_batch):
+            raise TypeError(f"prepare_batch must be callable, got {type(prepare_batch).__name__}")
+        self.prepare_batch = prepare_batch
         self._takes_skip = self._factory and "skip" in inspect.signature(data).parameters
         self.model = self._prepare_model(model)
         self._forward_kwargs_generator = self.searching and "generator" in inspect.signature(self.module.forward).parameters
@@ -475,6 +484,15 @@ class StreamTrainer:
         limit = self.config.batches_per_epoch
         return iterator if limit is None else itertools.islice(iterator, max(0, limit - skip))
 
+    def _prepare(self, batch) -> tuple:
+        """A loader's batch -> ``(inputs, targets, masks)`` on the device (``prepare_batch`` first, if given)."""
+        if self.prepare_batch is not None:
+            batch = self.prepare_batch(batch, self.device)
+        inputs, targets, masks = (_to_device(part, self.device) for part in _split_batch(batch))
+        if self.config.channels_last and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs, targets, masks
+
     # ----------------------------------------------------------------------------- logging
     def _probability_row(self) -> dict[str, float]:
         row = {}
@@ -513,8 +531,6 @@ class StreamTrainer:
 
     def _forward_losses(self, inputs, targets, masks, frozen: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted loss (a scalar, for backward) and the detached per-task losses (float64 [tasks])."""
-        if self.config.channels_last and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             if self._forward_kwargs_generator:
                 self._generator.manual_seed(distributed.step_seed(self.config.seed, self.step))
@@ -595,7 +611,7 @@ class StreamTrainer:
         in_step = 0
         batches = self._epoch_batches(epoch, self.batch_in_epoch)
         for batch, is_last in _lookahead(batches):
-            inputs, targets, masks = (_to_device(part, self.device) for part in _split_batch(batch))
+            inputs, targets, masks = self._prepare(batch)
             if in_step == 0:
                 tau = self.tau(self.step, epoch)
                 for branching in self.branchings:
@@ -630,7 +646,7 @@ class StreamTrainer:
             if stop_after_steps is not None and self.step >= stop_after_steps:
                 return True
         if self.batch_in_epoch == 0:
-            raise ValueError(f"epoch {epoch}: the data gave no batch")
+            raise ValueError(f"epoch {epoch}: the data gave no batch (an iterator or generator is used up after one pass: pass a factory data(epoch))")
         return False
 
     def _log_step(self, epoch: int, tau: float, lr: float, task_losses: torch.Tensor) -> None:
@@ -695,9 +711,7 @@ class StreamTrainer:
         sums = torch.zeros(len(self.tasks) + 1, dtype=torch.float64, device=self.device)  # per task, then samples
         try:
             for batch in source:
-                inputs, targets, masks = (_to_device(part, self.device) for part in _split_batch(batch))
-                if self.config.channels_last and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                inputs, targets, masks = self._prepare(batch)
                 with self._autocast():
                     outputs = self.module(inputs)
                     losses = self.losses(outputs, targets, masks)
