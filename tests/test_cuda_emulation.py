@@ -28,8 +28,10 @@ def emulator():
     return module
 
 
-@pytest.mark.parametrize("timing", ["at_wait", "at_issue", "random"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    "dtype, timing",
+    [(torch.float32, "at_wait"), (torch.float32, "at_issue"), (torch.float32, "random"), (torch.bfloat16, "random"), (torch.float64, "random")],
+)
 def test_steady_state_pipeline(emulator, dtype, timing):
     """Many tiles per block: every stage of the cp.async ring is refilled while others are read."""
     plan, parents_error, dots_error = emulator.check(5, 5, 20 * 1024 + 40, dtype, timing=timing)  # N % 8 == 0: vectorised
