@@ -124,8 +124,7 @@ class BatchNormStep(Step):
         counting = training and bn.track_running_stats and bn.num_batches_tracked is not None
         if counting:
             with torch.no_grad():
-                for module in modules:
-                    module.num_batches_tracked.add_(1)
+                torch._foreach_add_([module.num_batches_tracked for module in modules], 1)
         bn_training = training or (bn.running_mean is None and bn.running_var is None)
         use_buffers = (not training or bn.track_running_stats) and bn.running_mean is not None
         mean = torch.cat([module.running_mean for module in modules]) if use_buffers else None
@@ -138,11 +137,12 @@ class BatchNormStep(Step):
         out = F.batch_norm(x.tensor, mean, var, weight, bias, bn_training, momentum, bn.eps)
         if cumulative:  # new tensors: F.batch_norm's backward saved the stacked ones
             mean, var = self._cumulative_average(x.tensor, modules, mean, var)
-        if use_buffers and bn_training:  # the stacked copies were updated: hand them back
+        if use_buffers and bn_training:  # the stacked copies were updated: hand them back, one launch
             with torch.no_grad():
-                for module, new_mean, new_var in zip(modules, mean.chunk(len(modules)), var.chunk(len(modules))):
-                    module.running_mean.copy_(new_mean)
-                    module.running_var.copy_(new_var)
+                torch._foreach_copy_(
+                    [module.running_mean for module in modules] + [module.running_var for module in modules],
+                    [*mean.chunk(len(modules)), *var.chunk(len(modules))],
+                )
         return x.with_tensor(out)
 
     @staticmethod
