@@ -179,6 +179,26 @@ def test_prepare_batch_turns_raw_batches_into_inputs_and_targets(tmp_path):
     assert prepared.evaluate(raw).samples == 12
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_mixed_precision_channels_last_and_resume(tmp_path, precision):
+    """On the GPU: autocast, channels_last, accumulation, the CUDA generator's tree, and resume after a crash."""
+    cfg = config(epochs=2, accumulation=2, checkpoint_every=1, precision=precision, channels_last=True)
+    batches = _image_batches(5)
+    whole = StreamTrainer(_conv_supernet(0), MSE, batches, cfg, tmp_path / "whole", device="cuda")
+    assert whole.device.type == "cuda" and whole._generator.device.type == "cuda"
+    whole.fit()
+    part = StreamTrainer(_conv_supernet(0), MSE, batches, cfg, tmp_path / "part", device="cuda")
+    with pytest.raises(Killed):
+        part.fit(on_step=_kill_after(4))
+    resumed = StreamTrainer(_conv_supernet(3), MSE, batches, cfg, tmp_path / "part", device="cuda")
+    resumed.fit(resume=True)
+    # cuDNN may pick other algorithms in a new trainer: equal up to rounding, not bit for bit.
+    assert_same_state(whole.module, resumed.module, rtol=1e-4, atol=1e-5)
+    assert all(torch.isfinite(p).all() for p in resumed.module.parameters())
+
+
 # ------------------------------------------------------------------------------------------- schedules and logs
 def test_learning_rate_schedules():
     cosine = lr_schedules.from_config({"kind": "cosine", "warmup_steps": 2, "min_factor": 0.1})
