@@ -4,7 +4,8 @@
     l2b search --preset synthetic-a --seed 0 --out runs/a --resume   # continue a killed run
     l2b retrain --tree runs/a/tree.json                         # from scratch, into runs/a/retrain
     l2b show runs/a/tree.json                                   # text + picture
-    l2b presets [--print NAME]                                  # list presets / print one to copy and edit
+    l2b presets [--print NAME]                                  # list presets with what each is / print one to copy and edit
+    l2b --version
     l2b data taskonomy --root RAW --split tiny --out shards/    # raw Taskonomy -> webdataset shards
     l2b data celeba --root RAW --out shards/                    # raw CelebA (any usual layout) -> shards
     l2b data synthetic-taskonomy --out shards/ --n 2000         # the embedded default data
@@ -17,10 +18,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from importlib import resources
 from pathlib import Path
 
 import torch
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device ``name`` if this torch can use it; else ``ValueError`` in one line."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"--device {name!r} is not available: {why} (torch {torch.__version__}); use --device cpu")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as error:  # e.g. a missing device index or backend
+        first_sentence = str(error).splitlines()[0].split(". ")[0]
+        raise ValueError(f"--device {name!r} is not available in this torch {torch.__version__} ({first_sentence})") from None
+    return device
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +58,10 @@ def _add_conversion_options(parser: argparse.ArgumentParser, dataset: str) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from l2b_fast import __version__
+
     parser = argparse.ArgumentParser(prog="l2b", description="Learning to Branch: search a multi-task tree, retrain it, show it.")
+    parser.add_argument("--version", action="version", version=f"l2b_fast {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     search = commands.add_parser("search", help="train the supernet, derive and prune the tree", description="Train the tree supernet with gumbel-softmax branching, derive the tree (argmax, paper Eq. 7), prune it and write OUT/tree.json, OUT/tree.png/.svg, OUT/probabilities.png/.svg, logs, checkpoints and OUT/summary.json.")
@@ -57,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     retrain_source.add_argument("--preset", help="config preset (default: the config saved next to the tree)")
     retrain_source.add_argument("--config", type=Path, help="config TOML file")
     retrain.add_argument("--out", type=Path, default=None, help="output directory (default: <tree dir>/retrain)")
+    retrain.add_argument("--no-baselines", action="store_true", help="train only the tree, not the two baselines (all tasks sharing every layer; every task alone)")
     _add_common(retrain)
 
     show = commands.add_parser("show", help="print a tree and draw it", description="Print a tree.json as text and write its picture (PNG and SVG).")
@@ -81,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         synthetic_parser.add_argument("--samples-per-shard", type=int, default=1000)
         synthetic_parser.add_argument("--overwrite", action="store_true", help="replace the shard set already in OUT (its shards, manifest and logs are deleted first; other files make it refuse)")
 
-    presets = commands.add_parser("presets", help="list presets or print one", description="List the built-in presets, or print one to copy and edit.")
+    presets = commands.add_parser("presets", help="list presets (with what each is) or print one", description="List the built-in presets with a line on what each one is, or print one to copy and edit.")
     presets.add_argument("--print", dest="print_name", metavar="NAME", help="print this preset's TOML")
 
     from l2b_fast.bench import search_step
@@ -144,11 +165,12 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.command == "presets":
         if args.print_name:
-            if args.print_name not in experiment.preset_names():
-                raise ValueError(f"unknown preset {args.print_name!r}; choose from {', '.join(experiment.preset_names())}")
-            print((resources.files("l2b_fast.presets") / f"{args.print_name}.toml").read_text(), end="")
+            print(experiment.preset_text(args.print_name), end="")
         else:
-            print("\n".join(experiment.preset_names()))
+            descriptions = experiment.preset_descriptions()
+            width = max(map(len, descriptions))
+            for name, description in descriptions.items():
+                print(f"{name.ljust(width)}  {description}".rstrip())
         return 0
     if args.command == "data":
         return _data(args)
@@ -167,14 +189,16 @@ def run(args) -> int:
         return 0
     if args.command == "search":
         config = experiment.load_config(preset=args.preset, path=args.config)
-        args.out.mkdir(parents=True, exist_ok=True)
+        check_device(args.device)  # before anything is written
         _refuse_to_clobber(args.out, args)
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         summary = experiment.search(config, args.out, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device)
         from l2b_fast import viz
 
         print(viz.tree_text(json.loads((args.out / "tree.json").read_text())))
         print(f"supernet parameters {summary['supernet_parameters']:,}, derived tree {summary['tree_parameters']:,}; {summary['seconds']} s")
+        print(learning_line(summary))
         if summary["outcome_holds"] is not None:
             print(f"expected outcome ({summary['expected']}) {'holds' if summary['outcome_holds'] else 'does NOT hold'}")
         print(f"wrote {args.out}/tree.json, tree.png, tree.svg, probabilities.png, log.csv, summary.json")
@@ -183,13 +207,25 @@ def run(args) -> int:
         tree = Tree.load(args.tree)
         config = _config_for(args)
         out = args.out or args.tree.parent / "retrain"
+        check_device(args.device)
         _refuse_to_clobber(out, args)
-        summary = experiment.retrain(config, tree, out, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device)
+        summary = experiment.retrain(config, tree, out, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device, baselines=not args.no_baselines)
         final = summary["final"]
         print(f"retrained tree: {summary['parameters']:,} parameters, train loss {final['loss']:.4f}" + (f", validation loss {final['val_loss']:.4f}" if "val_loss" in final else "") + f"; {summary['seconds']} s")
-        print(f"wrote {out}/retrain_summary.json, log.csv, epochs.csv")
+        print(experiment.retrain_table(summary), end="")
+        print(f"wrote {out}/retrain_summary.json, log.csv, epochs.csv" + ("" if args.no_baselines else ", baselines/"))
         return 0
     raise AssertionError(args.command)
+
+
+def learning_line(summary: dict) -> str:
+    """One line: did every task learn (final loss below the threshold), and which did not."""
+    threshold, split = summary["learned_threshold"], summary["task_losses_split"]
+    if summary["all_tasks_learned"]:
+        worst = max(summary["task_losses"].values())
+        return f"all {len(summary['task_losses'])} tasks learned ({split} loss < {threshold:g}; worst {worst:.3f}; predicting the mean scores 1)"
+    missed = ", ".join(f"{task} {summary['task_losses'][task]:.3f}" for task in summary["tasks_not_learned"])
+    return f"NOT every task learned ({split} loss >= {threshold:g}): {missed}"
 
 
 def main(argv=None) -> int:

@@ -2,13 +2,17 @@
 
 Outputs of ``search`` in ``out``: ``tree.json`` (pruned derived tree), ``tree.png``/``tree.svg``,
 ``probabilities.png``/``.svg`` (branching probabilities over training), ``log.csv``, ``epochs.csv``,
-``checkpoints/last.pt`` and ``summary.json`` (losses, parameter counts, timing, the expected-outcome check).
+``checkpoints/last.pt`` and ``summary.json`` (losses, per-task validation losses and whether every task
+learned, parameter counts, timing, numerics, the expected-outcome check). ``retrain`` trains the derived
+tree from scratch beside two baselines of the same node widths (all tasks sharing every layer, every task
+alone) and writes ``retrain_summary.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 import tomllib
@@ -24,9 +28,23 @@ from l2b_fast.train import TrainConfig, Trainer
 from l2b_fast.tree import Tree, derive
 from l2b_fast.viz import task_group
 
+DEFAULT_LEARNED_THRESHOLD = 0.5  # a task learned when its final loss on z-scored targets is below this
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
 
 def preset_names() -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in resources.files("l2b_fast.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def preset_descriptions() -> dict[str, str]:
+    """``{preset: its one-line description}`` (the ``description`` key of each preset)."""
+    return {name: load_config(preset=name).get("description", "") for name in preset_names()}
+
+
+def preset_text(name: str) -> str:
+    if name not in preset_names():
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(preset_names())}")
+    return (resources.files("l2b_fast.presets") / f"{name}.toml").read_text()
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None) -> dict:
@@ -34,9 +52,7 @@ def load_config(preset: str | None = None, path: str | Path | None = None) -> di
     if (preset is None) == (path is None):
         raise ValueError("give exactly one of a preset name or a config file")
     if preset is not None:
-        if preset not in preset_names():
-            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(preset_names())}")
-        text, source = (resources.files("l2b_fast.presets") / f"{preset}.toml").read_text(), f"preset {preset}"
+        text, source = preset_text(preset), f"preset {preset}"
     else:
         path = Path(path)
         if not path.is_file():
@@ -52,7 +68,17 @@ def load_config(preset: str | None = None, path: str | Path | None = None) -> di
     if config["data"].get("kind") != "synthetic":
         raise ValueError(f"{source}: data kind {config['data'].get('kind')!r} is not supported (supported: synthetic)")
     config.setdefault("name", Path(source).stem)
+    dtype = config["model"].get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"{source}: [model] dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    threshold = config.get("learned_threshold", DEFAULT_LEARNED_THRESHOLD)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        raise ValueError(f"{source}: learned_threshold must be a positive number, got {threshold!r}")
     return config
+
+
+def model_dtype(config: dict) -> torch.dtype:
+    return DTYPES[config["model"].get("dtype", "float32")]
 
 
 def _groups(config: dict) -> list[synthetic.TaskGroup]:
@@ -67,17 +93,24 @@ def build_data(config: dict, seed: int):
     inputs, targets = synthetic.make_tasks(
         _groups(config),
         data.get("samples", 8000),
+        input_dim=data.get("input_dim", 200),
+        output_dim=data.get("output_dim", 100),
         b_var=data.get("b_var", 10.0),
         delta_var=data.get("delta_var", 2.0),
+        phi=data.get("phi"),
         standardise=data.get("standardise", True),
         seed=seed,
+        dtype=model_dtype(config),
     )
     return synthetic.split(inputs, targets, data.get("validation_fraction", 0.1))
 
 
 def build_blocks(config: dict, tasks: list[str]):
-    model = config["model"]
-    return synthetic.blocks(len(tasks), hidden=model.get("hidden", 100), fc_blocks=model.get("fc_blocks", 4), nodes=model.get("nodes", 3))
+    model, data = config["model"], config["data"]
+    return synthetic.blocks(
+        len(tasks), input_dim=data.get("input_dim", 200), hidden=model.get("hidden", 100), output_dim=data.get("output_dim", 100),
+        fc_blocks=model.get("fc_blocks", 4), nodes=model.get("nodes", 3),
+    )
 
 
 def train_config(section: dict, seed: int, progress: bool) -> TrainConfig:
@@ -92,6 +125,40 @@ def mse_losses(tasks: list[str]) -> dict:
     return {task: nn.functional.mse_loss for task in tasks}
 
 
+def numerics() -> dict:
+    """What decides the last bits of a run on this CPU (recorded in the summaries)."""
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "MKL_CBWR": os.environ.get("MKL_CBWR"),
+        "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def learning_report(final: dict[str, float], tasks: list[str], threshold: float) -> dict:
+    """Per-task final losses (validation when there is a validation split) and whether each task learned:
+    its loss on z-scored targets below ``threshold`` (predicting the mean scores 1)."""
+    split = "validation" if all(f"val_{task}" in final for task in tasks) else "training"
+    losses = {task: final[f"val_{task}"] if split == "validation" else final[task] for task in tasks}
+    not_learned = [task for task in tasks if not losses[task] < threshold]
+    return {
+        "task_losses_split": split,
+        "task_losses": losses,
+        "group_losses": _group_means(losses),
+        "learned_threshold": threshold,
+        "all_tasks_learned": not not_learned,
+        "tasks_not_learned": not_learned,
+    }
+
+
+def _group_means(losses: dict[str, float]) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for task, value in losses.items():
+        groups.setdefault(task_group(task), []).append(value)
+    return {group: sum(values) / len(values) for group, values in groups.items()}
+
+
 def search(config: dict, out: str | Path, *, seed: int = 0, resume: bool = False, progress: bool = True, device: str = "cpu") -> dict:
     """Trains the supernet, derives and prunes the tree, writes the outputs; returns the summary."""
     out = Path(out)
@@ -99,7 +166,7 @@ def search(config: dict, out: str | Path, *, seed: int = 0, resume: bool = False
     tasks = list(train.targets)
     blocks = build_blocks(config, tasks)
     torch.manual_seed(seed)
-    supernet = TreeSupernet(blocks, tasks)
+    supernet = TreeSupernet(blocks, tasks).to(model_dtype(config))
     trainer = Trainer(supernet, mse_losses(tasks), train, train_config(config["search"], seed, progress), out, val_data=val, device=device)
     started = time.time()
     final = trainer.fit(resume=resume)
@@ -110,11 +177,13 @@ def search(config: dict, out: str | Path, *, seed: int = 0, resume: bool = False
         "seed": seed,
         "seconds": round(time.time() - started, 1),
         "final": final,
+        **learning_report(final, tasks, config.get("learned_threshold", DEFAULT_LEARNED_THRESHOLD)),
         "supernet_parameters": parameter_count(supernet),
         "tree_parameters": parameter_count(TreeNet(tree, blocks)),
         "probabilities": [p.tolist() for p in supernet.probabilities()],
         "expected": config.get("expected"),
         "outcome_holds": check_outcome(tree, config["expected"]) if config.get("expected") else None,
+        "numerics": {"dtype": str(model_dtype(config)).removeprefix("torch."), **numerics()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _draw(tree, out, config["name"])
@@ -131,22 +200,83 @@ def _draw(tree: Tree, out: Path, name: str) -> None:
         print(f"no pictures ({error}); tree.json and logs are written", file=sys.stderr)
 
 
-def retrain(config: dict, tree: Tree, out: str | Path, *, seed: int = 0, resume: bool = False, progress: bool = True, device: str = "cpu") -> dict:
-    """Trains the derived tree from scratch (fresh initialisation) and reports test-time losses."""
+RETRAIN_MODELS = ("learned_tree", "all_shared", "independent")
+RETRAIN_DESCRIPTIONS = {
+    "learned_tree": "the searched tree",
+    "all_shared": "all tasks share every layer",
+    "independent": "every task alone",
+}
+
+
+def baseline_trees(tasks: list[str], fc_layers: int) -> dict[str, Tree]:
+    """The two trees a learned tree is compared with, over the same node widths: every task on one
+    shared trunk (one node per layer), and every task alone (one path per task)."""
+    return {"all_shared": Tree.all_shared(tasks, fc_layers), "independent": Tree.independent(tasks, fc_layers)}
+
+
+def retrain(
+    config: dict, tree: Tree, out: str | Path, *, seed: int = 0, resume: bool = False, progress: bool = True, device: str = "cpu",
+    baselines: bool = True,
+) -> dict:
+    """Trains the derived tree from scratch (fresh initialisation) and reports its final losses, beside
+    the same training of the two baselines (``baselines=True``): ``out`` holds the tree's logs,
+    ``out/baselines/<name>/`` each baseline's, ``out/retrain_summary.json`` all three."""
     out = Path(out)
     train, val = build_data(config, seed)
     if list(train.targets) != tree.tasks:
         raise ValueError(f"the tree's tasks {tree.tasks} do not match the config's tasks {list(train.targets)}")
-    torch.manual_seed(seed + 1)
-    net = TreeNet(tree, build_blocks(config, tree.tasks))
+    models = {"learned_tree": (tree, out)}
+    if baselines:
+        for name, baseline in baseline_trees(tree.tasks, len(tree.parents) - 1).items():
+            models[name] = (baseline, out / "baselines" / name)
     section = config.get("retrain", config["search"])
     section = {k: v for k, v in section.items() if k not in ("lr_logits", "weight_decay_logits", "tau", "warmup_epochs")}
-    trainer = Trainer(net, mse_losses(tree.tasks), train, train_config(section, seed, progress), out, val_data=val, device=device)
-    started = time.time()
-    final = trainer.fit(resume=resume)
-    summary = {"name": config["name"], "seed": seed, "seconds": round(time.time() - started, 1), "final": final, "parameters": parameter_count(net)}
+    threshold = config.get("learned_threshold", DEFAULT_LEARNED_THRESHOLD)
+    results = {}
+    for name, (model_tree, model_out) in models.items():
+        torch.manual_seed(seed + 1)
+        net = TreeNet(model_tree, build_blocks(config, tree.tasks)).to(model_dtype(config))
+        trainer = Trainer(net, mse_losses(tree.tasks), train, train_config(section, seed, progress), model_out, val_data=val, device=device)
+        started = time.time()
+        # a baseline the killed run had not reached yet starts afresh; the learned tree must resume
+        final = trainer.fit(resume=resume and (name == "learned_tree" or (model_out / "checkpoints" / "last.pt").is_file()))
+        results[name] = {
+            "description": RETRAIN_DESCRIPTIONS[name],
+            "tree": model_tree.to_dict(),
+            "parameters": parameter_count(net),
+            "seconds": round(time.time() - started, 1),
+            "final": final,
+            **learning_report(final, tree.tasks, threshold),
+        }
+    learned = results["learned_tree"]
+    summary = {
+        "name": config["name"],
+        "seed": seed,
+        "seconds": learned["seconds"],
+        "final": learned["final"],
+        "parameters": learned["parameters"],
+        "models": results,
+        "numerics": {"dtype": str(model_dtype(config)).removeprefix("torch."), **numerics()},
+    }
     (out / "retrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def retrain_table(summary: dict) -> str:
+    """The retrained models side by side: parameters, mean final loss, per-group means, seconds."""
+    models = summary["models"]
+    groups = list(next(iter(models.values()))["group_losses"])
+    split = next(iter(models.values()))["task_losses_split"]
+    header = ["model", "parameters", f"{split} loss (mean)", *groups, "all learned", "seconds"]
+    rows = [header]
+    for name, result in models.items():
+        losses = result["task_losses"]
+        rows.append([
+            f"{name} ({result['description']})", f"{result['parameters']:,}", f"{sum(losses.values()) / len(losses):.4f}",
+            *(f"{result['group_losses'][g]:.4f}" for g in groups), "yes" if result["all_tasks_learned"] else "no", f"{result['seconds']:g}",
+        ])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths))) for row in rows) + "\n"
 
 
 # ----------------------------------------------------------------------------------- expected outcomes

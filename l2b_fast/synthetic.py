@@ -53,11 +53,13 @@ def make_tasks(
     phi: float | None = None,
     standardise: bool = True,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Inputs Z [samples, input_dim] ~ N(0, 1) and targets {task: [samples, output_dim]}.
+    """Inputs Z [samples, input_dim] ~ N(0, 1) and targets {task: [samples, output_dim]} in ``dtype``.
 
     ``standardise`` z-scores every output of every task over the samples (so tasks with large ranges do
-    not dominate the L2 loss); it also removes pure output multipliers.
+    not dominate the L2 loss); it also removes pure output multipliers. The data is drawn and computed in
+    float64 and then cast, so one seed gives the same tasks in every dtype and on every CPU.
     """
     for group in groups:
         if group.activation not in ACTIVATIONS:
@@ -67,19 +69,24 @@ def make_tasks(
     names = task_names(groups)
     if len(set(names)) != len(names):
         raise ValueError(f"task groups give duplicate task names: {names}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     generator = torch.Generator().manual_seed(seed)
     phi = float(input_dim) if phi is None else phi
-    z = torch.randn(samples, input_dim, generator=generator)
-    base = torch.randn(output_dim, input_dim, generator=generator) * math.sqrt(b_var)
+    if not phi > 0:
+        raise ValueError(f"phi must be positive, got {phi}")
+    double = torch.float64
+    z = torch.randn(samples, input_dim, generator=generator, dtype=double)
+    base = torch.randn(output_dim, input_dim, generator=generator, dtype=double) * math.sqrt(b_var)
     targets = {}
     for group in groups:
         for s in range(group.tasks):
-            delta = torch.randn(output_dim, input_dim, generator=generator) * math.sqrt(delta_var)
+            delta = torch.randn(output_dim, input_dim, generator=generator, dtype=double) * math.sqrt(delta_var)
             value = (group.multiplier or 1.0) * ACTIVATIONS[group.activation](z @ (base + delta).T / phi)
             if standardise:
                 value = (value - value.mean(0)) / value.std(0).clamp_min(1e-8)
-            targets[f"{group.name}-{s}"] = value
-    return z, targets
+            targets[f"{group.name}-{s}"] = value.to(dtype)
+    return z.to(dtype), targets
 
 
 def split(inputs: torch.Tensor, targets: dict[str, torch.Tensor], validation_fraction: float) -> tuple[TensorTaskData, TensorTaskData | None]:

@@ -60,6 +60,17 @@ class Tree:
         origin = [[self.node_origin(layer, n) for n in nodes] for layer, nodes in enumerate(kept)]
         return Tree(list(self.tasks), parents, origin)
 
+    @classmethod
+    def all_shared(cls, tasks: list[str], layers: int) -> Tree:
+        """Every task on one trunk: one node in each of ``layers`` layers, then the task layer."""
+        return cls(list(tasks), [[0]] * layers + [[0] * len(tasks)])
+
+    @classmethod
+    def independent(cls, tasks: list[str], layers: int) -> Tree:
+        """Every task alone: one path of ``layers`` nodes per task, branching at the input."""
+        paths = list(range(len(tasks)))
+        return cls(list(tasks), [[0] * len(tasks)] + [paths] * layers)
+
     def to_dict(self) -> dict:
         layers = []
         for layer, parents in enumerate(self.parents):
