@@ -207,6 +207,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _random_celeba_batch(batch):
+    generator = torch.Generator().manual_seed(5)
+    dataset = datasets.get("celeba")
+    targets, _ = dataset.task_targets({"attributes": (torch.rand(batch, 40, generator=generator) < 0.4).float()})
+    return {task: torch.randn(batch, 1, generator=generator) for task in dataset.tasks}, targets
+
+
 def _reduce_rank(rank, world, port, out_path):
     import torch.distributed as dist
 
@@ -220,8 +227,13 @@ def _reduce_rank(rank, world, port, out_path):
         else:
             mine.update(split(outputs, 2, 5), split(targets, 2, 5), split(masks, 2, 5))
         mine.all_reduce()
+        celeba_outputs, celeba_targets = _random_celeba_batch(5)
+        celeba = datasets.get("celeba").metrics()  # no float sums: an empty table must reduce too
+        rows = (0, 2) if rank == 0 else (2, 5)
+        celeba.update(split(celeba_outputs, *rows), split(celeba_targets, *rows))
+        celeba.all_reduce()
         if rank == 0:
-            torch.save({"values": mine.compute(), "samples": mine.samples}, out_path)
+            torch.save({"values": mine.compute(), "samples": mine.samples, "celeba": celeba.compute(), "celeba_samples": celeba.samples}, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -232,7 +244,10 @@ def test_all_reduce_over_two_gloo_ranks_equals_one_pass(tmp_path):
     reduced = torch.load(out)
     whole = T.Taskonomy().metrics()
     whole.update(*random_taskonomy_batch(5, 3, 3, torch.float64, seed=11))
-    assert reduced["samples"] == 5
+    assert reduced["samples"] == 5 and reduced["celeba_samples"] == 5
+    celeba = datasets.get("celeba").metrics()
+    celeba.update(*_random_celeba_batch(5))
+    assert reduced["celeba"] == celeba.compute()
     for task, values in whole.compute().items():
         for name, value in values.items():
             assert reduced["values"][task][name] == pytest.approx(value, rel=1e-12), (task, name)

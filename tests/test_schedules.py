@@ -32,3 +32,6 @@ def test_from_config():
         schedules.from_config({"kind": "linear", "start": 1.0, "end": -1.0})
     with pytest.raises(ValueError):
         schedules.from_config("fast")
+    for bad in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite and positive"):
+            schedules.from_config(bad)

@@ -127,6 +127,8 @@ class MetricAccumulator(abc.ABC):
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
         for state in (self.sums, self.counts):  # one flat tensor per dtype: two collectives in all
             names = list(state)
+            if not names:  # e.g. a data set with no float sums: nothing to reduce
+                continue
             flat = torch.cat([state[name].reshape(-1).to(device) for name in names])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
             offset = 0

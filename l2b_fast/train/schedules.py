@@ -72,6 +72,8 @@ SCHEDULES = {"constant": Constant, "inverse_sqrt": InverseSqrt, "epoch_decay": E
 def from_config(config: dict | float | int):
     """A schedule from ``{"kind": name, **parameters}`` (or a bare number: constant)."""
     if isinstance(config, (int, float)) and not isinstance(config, bool):
+        if not (math.isfinite(config) and config > 0):
+            raise ValueError(f"a constant temperature must be finite and positive, got {config!r}")
         return Constant(float(config))
     if not isinstance(config, dict) or "kind" not in config:
         raise ValueError(f'a temperature schedule is a number or {{"kind": one of {sorted(SCHEDULES)}, ...}}, got {config!r}')
