@@ -364,3 +364,29 @@ def test_grouped_on_cuda_equals_per_child_without_host_sync(model):
         torch.testing.assert_close(got[task], expected[task], atol=1e-3, rtol=1e-3)
     for p, q in zip(reference.parameters(), grouped.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-3, rtol=1e-3)
+
+
+def test_auto_leaves_large_cpu_blocks_per_child(monkeypatch):
+    from l2b_fast.nn.grouped import block as grouped_block
+
+    torch.manual_seed(0)
+    auto = TreeSupernet(cnn_blocks(), TASKS, execution="auto").double()
+    reference = copy.deepcopy(auto)
+    reference.set_execution("per_child")
+    calls = []
+    original = grouped_block.GroupedBlock.__call__
+    monkeypatch.setattr(grouped_block.GroupedBlock, "__call__", lambda self, *args: calls.append(self.block) or original(self, *args))
+    x = torch.randn(MODELS["cnn"][1], dtype=torch.float64)  # 891 elements per child in block 0, 1485 in block 1
+    step(auto, x, "search", 0)
+    assert calls == [0, 1, 2]
+    monkeypatch.setattr(grouped_block, "CPU_GROUPING_MAX_ELEMENTS", 1000)
+    calls.clear()
+    expected, got = step(reference, x, "search", 1), step(auto, x, "search", 1)
+    assert calls == [0, 2]  # block 1's children read 1485 elements each: per child
+    for task in TASKS:
+        torch.testing.assert_close(got[task], expected[task])
+    explicit = copy.deepcopy(auto)
+    explicit.set_execution("grouped")
+    calls.clear()
+    step(explicit, x, "search", 2)
+    assert calls == [0, 1, 2]  # execution="grouped" always groups

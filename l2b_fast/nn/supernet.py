@@ -95,7 +95,8 @@ class TreeSupernet(nn.Module):
         execution: how each block runs its children (a strategy: parameters and ``state_dict`` are the
             same for all): ``"per_child"`` runs the J nodes one after another on gathered inputs (the
             reference); ``"grouped"`` runs all J children of a block as one batched launch per layer;
-            ``"auto"`` groups every block whose nodes are supported and runs the others per child.
+            ``"auto"`` groups every block whose nodes are supported and runs the others per child (and,
+            on CPU, blocks whose per-child inputs are large, where grouping measured slower).
     """
 
     def __init__(
@@ -130,7 +131,7 @@ class TreeSupernet(nn.Module):
             grouped = None
             if wanted != "per_child":
                 try:
-                    grouped = GroupedBlock(nodes, block)
+                    grouped = GroupedBlock(nodes, block, automatic=wanted == "auto")
                 except UnsupportedNodeError as error:
                     if wanted == "grouped":
                         raise UnsupportedNodeError(f"execution='grouped': {error}") from None
@@ -143,7 +144,7 @@ class TreeSupernet(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         parents = x.unsqueeze(0)
         for block, (branching, nodes, grouped) in enumerate(zip(self.branchings, self.nodes, self._grouped)):
-            if grouped is None:
+            if grouped is None or not grouped.worth_grouping(parents):
                 parents = run_per_child(block, branching, nodes, parents, generator)
             else:
                 parents = grouped(branching, parents, generator)
