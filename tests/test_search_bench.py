@@ -82,4 +82,4 @@ def test_every_variant_computes_the_same_function():
         got = variant.model.double()(x)
         for task in spec.tasks:
             torch.testing.assert_close(got[task], expected[task], msg=f"{name} {task}")
-        assert bool(variant.logits) == (name in ("naive", "per_child", "grouped"))
+        assert bool(variant.logits) == (name in ("naive", "per_child", "grouped", "auto"))

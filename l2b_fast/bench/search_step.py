@@ -7,6 +7,7 @@ Variants, all starting from the same weights and run on the same batch:
   weighted sum over all parents, one node at a time (``l2b_fast.bench.naive.NaiveSupernet``);
 - ``per_child``: ``TreeSupernet(execution="per_child")``: the fused branching op, nodes one by one;
 - ``grouped``: ``TreeSupernet(execution="grouped")``: every block's children as one batched launch per layer;
+- ``auto``: ``TreeSupernet(execution="auto")``, the library's default: grouped where it measured faster;
 - ``static``: the floor: the same nodes with every child hard-wired to one parent (child j of a block
   reads parent j mod I) and no branching at all, run as a ``TreeNet`` (one node at a time, no logits);
 - ``static_grouped``: the same floor run the grouped way: ``execution="grouped"`` with every block in
@@ -48,7 +49,7 @@ from l2b_fast.models import SPECS, ModelSpec
 from l2b_fast.nn import TreeNet
 from l2b_fast.tree import Tree
 
-VARIANTS = ("naive", "per_child", "grouped", "static", "static_grouped")
+VARIANTS = ("naive", "per_child", "grouped", "auto", "static", "static_grouped")
 MODELS = tuple(SPECS)
 
 
@@ -115,7 +116,7 @@ def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device,
     """The variant's module, loaded with ``state`` (the common initial weights), and its parameter groups."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-    execution = "grouped" if name in ("grouped", "static_grouped") else "per_child"
+    execution = {"grouped": "grouped", "static_grouped": "grouped", "auto": "auto"}.get(name, "per_child")
     try:
         with device:  # initialised where it runs: a full-size Taskonomy supernet takes seconds on one CPU core
             supernet = spec.supernet(execution=execution)
