@@ -24,8 +24,12 @@ $(BUILT): $(DEPS) setup.py pyproject.toml $(CSRC)
 	MAX_JOBS=2 $(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
+# MKL_CBWR / ATEN_CPU_CAPABILITY: the same BLAS and PyTorch kernels on AVX2 and AVX-512 CPUs (AMD EPYC,
+# Intel Xeon), so the run does not depend on the machine's vector width (docs/design.md, section 5).
+DEMO_ENV := MKL_CBWR=AVX2 ATEN_CPU_CAPABILITY=avx2
+
 demo: $(BUILT)
-	$(BIN)/l2b search --preset synthetic-a --seed 0 --out runs/synthetic-a --threads 1 --overwrite
+	$(DEMO_ENV) $(BIN)/l2b search --preset synthetic-a --seed 0 --out runs/synthetic-a --threads 1 --overwrite
 
 op-demo: $(BUILT)
 	$(BIN)/python -m l2b_fast.demo

@@ -2,7 +2,7 @@
 
 Per child: ``F.gumbel_softmax(hard=True)`` over the parents, then a weighted sum over ALL stacked parents.
 Same value and gradients as ``l2b_fast.ops.branch`` in distribution, at ~3 I J N bytes per step
-(DESIGN.md section 2) plus O(J) small launches. :class:`NaiveSupernet` runs a whole supernet that way.
+(docs/design.md, section 2) plus O(J) small launches. :class:`NaiveSupernet` runs a whole supernet that way.
 """
 
 from __future__ import annotations
