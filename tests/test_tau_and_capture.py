@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import CUDA, backend_cases, gumbel
+from conftest import CUDA, backend_cases, gumbel, runnable_backends
 from l2b_fast import ops
 from l2b_fast.nn import BlockSpec, Branching, TreeSupernet
 
@@ -205,6 +205,19 @@ def test_search_step_compiles_once_over_a_tau_schedule(device, backend):
     assert compiled_graphs > 0 and len(graphs) == compiled_graphs, "a changing tau recompiled the step"
     for eager, compiled in zip(*[losses + params for losses, params in runs]):
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_fullgraph_recompiles_for_a_new_batch_size():
+    """A new batch size recompiles with dynamic shapes; the parents' layout check must not sort
+    symbolic strides (that broke fullgraph)."""
+    torch._dynamo.reset()
+    net = _tiny_supernet("cpp" if "cpp" in runnable_backends("cpu") else "ref", "cpu")
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    for batch in (4, 6, 7):
+        outputs = compiled(torch.randn(batch, 6))
+        assert all(out.shape[0] == batch for out in outputs.values())
+        sum(out.sum() for out in outputs.values()).backward()
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------------------
