@@ -52,6 +52,9 @@ def test_bad_arguments_fail_clearly(capsys):
     assert "mnist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         search_step.main(["--variants", "fast", "--no-memory"])
+    spec = celeba_deep_wide_spec(width=1 / 8, input_size=32)
+    with pytest.raises(ValueError, match="fast"):
+        search_step.build_variant("fast", spec, {}, torch.device("cpu"), channels_last=False)
 
 
 @pytest.mark.skipif(not search_step.cpu_memory_supported(), reason="needs Linux /proc/self/clear_refs")
