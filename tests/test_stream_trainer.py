@@ -186,7 +186,7 @@ def test_cuda_mixed_precision_channels_last_and_resume(tmp_path, precision):
     cfg = config(epochs=2, accumulation=2, checkpoint_every=1, precision=precision, channels_last=True)
     batches = _image_batches(5)
     whole = StreamTrainer(_conv_supernet(0), MSE, batches, cfg, tmp_path / "whole", device="cuda")
-    assert whole.device.type == "cuda" and whole._generator.device.type == "cuda"
+    assert whole.device.type == "cuda" and whole._step_seed.device.type == "cuda"
     whole.fit()
     part = StreamTrainer(_conv_supernet(0), MSE, batches, cfg, tmp_path / "part", device="cuda")
     with pytest.raises(Killed):

@@ -71,14 +71,16 @@ class Branching(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {value!r}")
         self._mode = value
 
-    def forward(self, parents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``parents`` ``[I, *S]`` -> children's inputs ``[J, *S]``."""
+    def forward(self, parents: torch.Tensor, generator: torch.Generator | None = None, *, seed: torch.Tensor | None = None) -> torch.Tensor:
+        """``parents`` ``[I, *S]`` -> children's inputs ``[J, *S]``. The sample's noise comes from ``generator``
+        or from ``seed`` (an int64 one-element tensor on the logits' device: no graph break under
+        ``torch.compile``, see :func:`l2b_fast.ops.sample_branches`); neither: the device's default generator."""
         mode = self.mode if self.training else "eval"
         if mode == "eval":
-            return ops.branch(parents, self.logits, self.tau_tensor, training=False, backend=self.backend)
+            return ops.branch(parents, self.logits, self.tau_tensor, training=False, generator=generator, seed=seed, backend=self.backend)
         # Frozen: detached logits, so the backward takes none of the I x J dot products (only the segment sum).
         logits = self.logits if mode == "search" else self.logits.detach()
-        return ops.branch(parents, logits, self.tau_tensor, generator=generator, backend=self.backend)
+        return ops.branch(parents, logits, self.tau_tensor, generator=generator, seed=seed, backend=self.backend)
 
     def probabilities(self) -> torch.Tensor:
         """Sampling distribution of every child over parents: softmax over dim 0 of the logits."""

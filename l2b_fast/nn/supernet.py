@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from l2b_fast.nn.branching import Branching
+from l2b_fast.ops import _validation
+from l2b_fast.ops.branching import derive_seed
 from l2b_fast.nn.grouped import GroupedBlock, UnsupportedNodeError
 
 NodeFactory = Callable[[int, int], nn.Module]  # (block index, child index) -> node
@@ -74,9 +76,9 @@ def stack_outputs(block: int, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(outputs))
 
 
-def run_per_child(block: int, branching: Branching, nodes: nn.ModuleList, parents: torch.Tensor, generator) -> torch.Tensor:
+def run_per_child(block: int, branching: Branching, nodes: nn.ModuleList, parents: torch.Tensor, generator, seed=None) -> torch.Tensor:
     """The reference execution: gather every child's input ``[J, *S]``, then run the nodes one by one."""
-    inputs = branching(parents, generator=generator)
+    inputs = branching(parents, generator=generator, seed=seed)
     return stack_outputs(block, [node(x) for node, x in zip(nodes, inputs.unbind(0))])  # unbind: one backward, not J zero-filled selects
 
 
@@ -141,13 +143,21 @@ class TreeSupernet(nn.Module):
         if fallbacks:  # once, here, not on every forward
             warnings.warn("execution='auto' runs these blocks per child: " + "; ".join(fallbacks), GroupedFallbackWarning, stacklevel=3)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, *, seed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{task: output}``. Sampling noise (search and frozen modes): every block draws its own seed from
+        ``generator`` (default: the device's default generator), or, with ``seed`` (one step seed, an int64
+        one-element tensor on the logits' device), block b samples with ``ops.derive_seed(seed, b)``: derived
+        on the device, so a ``torch.compile(fullgraph=True)``d step that ``fill_``s ``seed`` compiles once
+        and a CUDA graph replays it with each step's seed. The same seed gives the same tree for every
+        execution and backend."""
+        _validation.check_seed(seed, generator=generator, device=self.branchings[0].logits.device)
         parents = x.unsqueeze(0)
         for block, (branching, nodes, grouped) in enumerate(zip(self.branchings, self.nodes, self._grouped)):
+            block_seed = None if seed is None else derive_seed(seed, block)
             if grouped is None or not grouped.worth_grouping(parents):
-                parents = run_per_child(block, branching, nodes, parents, generator)
+                parents = run_per_child(block, branching, nodes, parents, generator, block_seed)
             else:
-                parents = grouped(branching, parents, generator)
+                parents = grouped(branching, parents, generator, block_seed)
         return {task: self.heads[task](x) for task, x in zip(self.tasks, parents.unbind(0))}
 
     def set_tau(self, tau: float) -> None:

@@ -100,6 +100,25 @@ def check_generator(generator) -> None:
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
 
+def check_seed(seed, *, generator=None, noise=None, device: torch.device) -> None:
+    """``seed``: None, or the Philox seed itself as an int64 tensor of one element on ``device`` (read by the
+    kernels from memory, so a step that ``fill_``s it compiles once and replays in a CUDA graph)."""
+    if seed is None:
+        return
+    if not isinstance(seed, torch.Tensor):
+        raise TypeError(f"seed must be an int64 tensor of one element, got {type(seed).__name__} (a Python int: use a torch.Generator)")
+    if generator is not None:
+        raise ValueError("give either seed or generator, not both")
+    if noise is not None:
+        raise ValueError("give either seed or noise, not both (noise replaces the sampling)")
+    if seed.dtype != torch.int64:
+        raise ValueError(f"seed must be an int64 tensor, got {seed.dtype}")
+    if seed.numel() != 1:
+        raise ValueError(f"seed must have one element, got a tensor of shape {tuple(seed.shape)}")
+    if seed.device != device:
+        raise ValueError(f"seed is on {seed.device} but logits are on {device}")
+
+
 def _dense(tensor: torch.Tensor) -> bool:
     """No gaps and no overlaps: some permutation of the dimensions is contiguous."""
     if tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)):

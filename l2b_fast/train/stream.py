@@ -11,9 +11,15 @@ The logits are found by the model itself: the ``logits`` parameters of the ``Bra
 unwrapped module (under DistributedDataParallel and ``torch.compile``), never by looking for methods on the
 wrapper, so a DDP-wrapped supernet keeps its logits frozen during warmup.
 
-One tree per optimizer step: every forward of a step (each accumulated batch, on every rank) samples with a
-generator seeded by :func:`~l2b_fast.train.distributed.step_seed` (run seed, step), so all ranks route
-through the same tree without communicating, and accumulating k batches equals one batch k times larger.
+One tree per optimizer step: every forward of a step (each accumulated batch, on every rank) samples from
+:func:`~l2b_fast.train.distributed.step_seed` (run seed, step), so all ranks route through the same tree
+without communicating, and accumulating k batches equals one batch k times larger. A model whose forward
+takes ``seed=`` (``TreeSupernet``) gets it as a persistent int64 device tensor that is ``fill_``ed before
+each step: no host synchronisation, and a compiled model (``compile={"fullgraph": True}``, or
+``{"mode": "reduce-overhead"}`` for CUDA graphs) reads the new seed and the new temperature (the
+``Branching.tau_tensor`` buffers) from memory, so it compiles once for the whole run. A model whose
+forward only takes ``generator=`` gets a ``torch.Generator`` seeded with the same value (drawing from it
+breaks a compiled graph, so fullgraph needs ``seed=``). Eager and compiled runs sample the same trees.
 """
 
 from __future__ import annotations
@@ -61,7 +67,9 @@ class StreamConfig:
     constant). ``tau``: see :mod:`l2b_fast.train.schedules` (``{"kind": "epoch_decay", ...}`` decays per epoch,
     as the paper does for CelebA and Taskonomy). ``precision``: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"``
     (autocast and a GradScaler). ``compile``: ``torch.compile`` the model (True, or a dict of its keyword
-    arguments). ``checkpoint_every``: steps between checkpoints (0: only at the end of each epoch; epochs always
+    arguments: ``{"fullgraph": True}`` makes any graph break an error; ``{"mode": "reduce-overhead"}`` replays
+    the compiled forward and backward as CUDA graphs; the step seed and tau are device tensors, so neither
+    recompiles nor re-records). ``checkpoint_every``: steps between checkpoints (0: only at the end of each epoch; epochs always
     end with one).
     """
 
@@ -334,10 +342,15 @@ class StreamTrainer:
         self.prepare_batch = prepare_batch
         self._takes_skip = self._factory and "skip" in inspect.signature(data).parameters
         self.model = self._prepare_model(model)
-        self._forward_kwargs_generator = self.searching and "generator" in inspect.signature(self.module.forward).parameters
-        if self.searching and not self._forward_kwargs_generator and self.context.distributed:
-            raise ValueError(f"{type(self.module).__name__}.forward takes no generator=: ranks would sample different trees (TreeSupernet takes one)")
-        self._generator = torch.Generator(device=self.device) if self.searching else None
+        forward_parameters = inspect.signature(self.module.forward).parameters
+        # The step's sampling seed: an int64 device tensor where the forward takes seed= (compiles fullgraph,
+        # CUDA-graph safe), else a generator; both filled from (run seed, step), the same on every rank.
+        self._forward_takes_seed = self.searching and "seed" in forward_parameters
+        self._forward_kwargs_generator = self.searching and not self._forward_takes_seed and "generator" in forward_parameters
+        if self.searching and not (self._forward_takes_seed or self._forward_kwargs_generator) and self.context.distributed:
+            raise ValueError(f"{type(self.module).__name__}.forward takes neither seed= nor generator=: ranks would sample different trees (TreeSupernet takes both)")
+        self._step_seed = torch.zeros(1, dtype=torch.int64, device=self.device) if self._forward_takes_seed else None
+        self._generator = torch.Generator(device=self.device) if self._forward_kwargs_generator else None
         self._build_optimizers()
         self.tau = schedules.from_config(config.tau)
         self.lr_schedule = lr_schedules.from_config(config.lr_schedule)
@@ -549,7 +562,10 @@ class StreamTrainer:
     def _forward_losses(self, inputs, targets, masks, frozen: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted loss (a scalar, for backward) and the detached per-task losses (float64 [tasks])."""
         with self._autocast():
-            if self._forward_kwargs_generator:
+            if self._forward_takes_seed:
+                self._step_seed.fill_(distributed.step_seed(self.config.seed, self.step))  # in place: a fill kernel, no sync
+                outputs = self.model(inputs, seed=self._step_seed)
+            elif self._forward_kwargs_generator:
                 self._generator.manual_seed(distributed.step_seed(self.config.seed, self.step))
                 outputs = self.model(inputs, generator=self._generator)
             else:

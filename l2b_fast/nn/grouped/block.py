@@ -67,23 +67,24 @@ class GroupedBlock:
         if self.routing == "host" and not self.routable():
             raise ValueError(f"block {self.block}: host routing needs a first layer that reads the parents directly (Conv with groups=1, Linear, BasicBlock)")
 
-    def __call__(self, branching: Branching, parents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``parents`` ``[I, *S]`` -> the J children's outputs ``[J, *S']``, as the per-child execution."""
+    def __call__(self, branching: Branching, parents: torch.Tensor, generator: torch.Generator | None = None, seed: torch.Tensor | None = None) -> torch.Tensor:
+        """``parents`` ``[I, *S]`` -> the J children's outputs ``[J, *S']``, as the per-child execution
+        (sampling from ``generator`` or the int64 ``seed`` tensor, as :meth:`Branching.forward`)."""
         self.check_routing()
         host = self.routing == "host" or (
             self.routing == "auto" and branching.logits.shape[0] == 1 and self.routable()
             and parents.device.type == "cpu" and not torch.compiler.is_compiling()
         )
         if host:
-            stacked, order = self._start_on_host(branching, parents, generator)
+            stacked, order = self._start_on_host(branching, parents, generator, seed)
             rest = self.steps[1:]
         else:  # gather through the branching op: device-side index, no host sync
-            stacked, order, rest = Stacked(branching(parents, generator=generator), CHILDREN, self.children), range(self.children), self.steps
+            stacked, order, rest = Stacked(branching(parents, generator=generator, seed=seed), CHILDREN, self.children), range(self.children), self.steps
         for step in rest:
             stacked = step(stacked, order)
         return self._children_outputs(stacked, order)
 
-    def _start_on_host(self, branching: Branching, parents: torch.Tensor, generator) -> tuple[Stacked, list[int]]:
+    def _start_on_host(self, branching: Branching, parents: torch.Tensor, generator, seed) -> tuple[Stacked, list[int]]:
         """Sample (or argmax) with the index on the host and run the first layer from the parents."""
         mode = branching.mode if branching.training else "eval"
         # One parent: softmax over parents is constant, the logits' gradient exactly 0 without G.
@@ -93,7 +94,7 @@ class GroupedBlock:
             index = branching.logits.detach().argmax(dim=0)
         else:
             logits = branching.logits if mode == "search" else branching.logits.detach()
-            index, soft = ops.sample_branches(logits, branching.tau, generator=generator, backend=branching.backend)
+            index, soft = ops.sample_branches(logits, branching.tau, generator=generator, seed=seed, backend=branching.backend)
         order, groups = routing.group_positions(index.tolist())
         first = self.steps[0]
         if child_gradients:
