@@ -166,6 +166,61 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
     assert list(saved) == list(compiled.module.state_dict())  # no wrapper prefixes in checkpoints
 
 
+COUNTING_BACKEND = "l2b_test_counting"  # by name: the config (compile options included) goes into checkpoints
+_COUNTED_COMPILES: set = set()
+
+
+@torch._dynamo.register_backend(name=COUNTING_BACKEND)
+def _counting_backend(graph_module, example_inputs):
+    compile_id = torch._guards.CompileContext.current_compile_id()  # restarts of one analysis share the id
+    _COUNTED_COMPILES.add((compile_id.frame_id, compile_id.frame_compile_id))
+    return graph_module.forward
+
+
+def test_compiled_search_is_fullgraph_and_samples_the_eager_trees(tmp_path):
+    """``compile={"fullgraph": True}``: the step seed is a device tensor filled in place and tau changes every
+    step (inverse_sqrt), yet nothing breaks the graph and the only recompile is warmup's end (frozen ->
+    search mode); the compiled run trains exactly as the eager one, so it sampled the same trees."""
+    from torch._dynamo.utils import counters
+
+    _COUNTED_COMPILES.clear()
+    batches = make_batches(3, 4, seed=14)
+    settings = dict(epochs=2, tau={"kind": "inverse_sqrt", "tau0": 5.0})
+    eager = StreamTrainer(tiny_supernet(), MSE, batches, config(**settings), tmp_path / "eager")
+    compiled = StreamTrainer(tiny_supernet(), MSE, batches, config(**settings, compile={"backend": COUNTING_BACKEND, "fullgraph": True}), tmp_path / "compiled")
+    assert compiled._step_seed is not None and compiled._generator is None  # TreeSupernet takes seed=
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        eager.fit()
+        compiled.fit()
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+        assert len(_COUNTED_COMPILES) == 2, f"{len(_COUNTED_COMPILES)} compiles: expected one per mode (frozen warmup, search)"
+    finally:
+        torch._dynamo.reset()
+    assert_same_state(eager.module, compiled.module, rtol=1e-12, atol=1e-14)
+
+
+def test_model_with_generator_only_still_samples_per_step(tmp_path):
+    """A forward that takes ``generator=`` but no ``seed=`` keeps the seeded generator: reproducible runs."""
+
+    class GeneratorOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_supernet()
+            self.tasks = self.net.tasks
+
+        def forward(self, x, generator=None):
+            return self.net(x, generator)
+
+    batches = make_batches(3, 4, seed=15)
+    runs = [StreamTrainer(GeneratorOnly(), MSE, batches, config(epochs=2), tmp_path / str(i)) for i in range(2)]
+    assert runs[0]._generator is not None and runs[0]._step_seed is None
+    for run in runs:
+        run.fit()
+    assert_same_state(runs[0].module, runs[1].module)
+
+
 def test_prepare_batch_turns_raw_batches_into_inputs_and_targets(tmp_path):
     batches = make_batches(3, 4, seed=13)
     raw = [({"x": x, **y},) for x, y in batches]  # e.g. the raw Taskonomy batches, normalised where the model runs
