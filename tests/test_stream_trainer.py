@@ -201,6 +201,25 @@ def test_compiled_search_is_fullgraph_and_samples_the_eager_trees(tmp_path):
     assert_same_state(eager.module, compiled.module, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_reduce_overhead_compile_replays_cuda_graphs_like_eager(tmp_path):
+    """``compile={"mode": "reduce-overhead", "fullgraph": True}`` on the GPU: inductor with CUDA graphs, the
+    step seed and tau as device tensors read at replay; same trees and (up to inductor's rounding) weights as eager."""
+    batches = [(x.cuda(), {t: y.cuda() for t, y in targets.items()}) for x, targets in make_batches(3, 4, seed=16)]
+    settings = dict(epochs=2, tau={"kind": "inverse_sqrt", "tau0": 5.0})
+    eager = StreamTrainer(tiny_supernet(), MSE, batches, config(**settings), tmp_path / "eager", device="cuda")
+    compiled = StreamTrainer(tiny_supernet(), MSE, batches, config(**settings, compile={"mode": "reduce-overhead", "fullgraph": True}), tmp_path / "compiled", device="cuda")
+    torch._dynamo.reset()
+    try:
+        eager.fit()
+        compiled.fit()
+    finally:
+        torch._dynamo.reset()
+    assert_same_state(eager.module, compiled.module, rtol=1e-9, atol=1e-11)
+
+
 def test_model_with_generator_only_still_samples_per_step(tmp_path):
     """A forward that takes ``generator=`` but no ``seed=`` keeps the seeded generator: reproducible runs."""
 
