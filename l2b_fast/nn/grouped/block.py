@@ -34,7 +34,8 @@ class GroupedBlock:
     - ``"gather"``: the children's inputs are gathered by the branching op through the device-side index
       (no host synchronisation: CUDA, CUDA graphs, ``torch.compile``), then stacked in channels.
 
-    ``"auto"`` takes ``host`` for blocks with one parent (CPU tensors, eager mode, a first layer that
+    Under ``torch.compile`` a block always gathers (``host`` needs the index on the host, which would break
+    the graph). ``"auto"`` takes ``host`` for blocks with one parent (CPU tensors, eager mode, a first layer that
     can be routed: Conv with ``groups=1`` and zero padding, Linear, BasicBlock): all children read the
     one parent through one layer with concatenated weights, and since the logits' gradient of a single
     parent is exactly 0, no per-child input gradient is computed. Everything else takes ``gather``:
@@ -71,10 +72,12 @@ class GroupedBlock:
         """``parents`` ``[I, *S]`` -> the J children's outputs ``[J, *S']``, as the per-child execution
         (sampling from ``generator`` or the int64 ``seed`` tensor, as :meth:`Branching.forward`)."""
         self.check_routing()
-        host = self.routing == "host" or (
-            self.routing == "auto" and branching.logits.shape[0] == 1 and self.routable()
-            and parents.device.type == "cpu" and not torch.compiler.is_compiling()
-        )
+        # Host routing groups the children by their sampled parent in Python (a sort of index.tolist()):
+        # data-dependent control flow that would break a compiled graph, so compiled code always gathers
+        # (the same values: both routings give the per-child results).
+        host = not torch.compiler.is_compiling() and (self.routing == "host" or (
+            self.routing == "auto" and branching.logits.shape[0] == 1 and self.routable() and parents.device.type == "cpu"
+        ))
         if host:
             stacked, order = self._start_on_host(branching, parents, generator, seed)
             rest = self.steps[1:]
