@@ -35,12 +35,26 @@ def test_derive_seed_matches_the_python_mix_and_separates_streams():
         ops.derive_seed(torch.tensor([1]), -1)
 
 
+@pytest.mark.slow  # inductor's C++ compile: ~5-15 s on this 2-core machine
+def test_derive_seed_wraps_the_same_under_inductor():
+    """Compiled models derive block seeds in generated code: int64 overflow must wrap there as in eager,
+    or compiled and eager runs would sample different trees."""
+    torch._dynamo.reset()
+    try:
+        derive_all = torch.compile(lambda seed: torch.cat([ops.derive_seed(seed, block) for block in range(4)]), fullgraph=True)
+        for seed in INT64_EDGES:
+            assert derive_all(torch.tensor([seed])).tolist() == [derive_seed_value(seed, block) for block in range(4)]
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("device, backend", backend_cases(include_ref=True))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_seed_tensor_sampling_is_reproducible_and_matches_the_reference(device, backend, dtype):
+@pytest.mark.parametrize("parents_count, children", [(5, 7), (3, 1), (2, 9)])
+def test_seed_tensor_sampling_is_reproducible_and_matches_the_reference(device, backend, dtype, parents_count, children):
     generator = torch.Generator().manual_seed(3)
-    logits = torch.randn(5, 7, generator=generator, dtype=dtype).to(device)
-    parents = torch.randn(5, 3, 11, generator=generator, dtype=dtype).to(device)
+    logits = torch.randn(parents_count, children, generator=generator, dtype=dtype).to(device)
+    parents = torch.randn(parents_count, 3, 11, generator=generator, dtype=dtype).to(device)
     tau = torch.tensor(0.7, dtype=torch.float64, device=device)
     samples = []
     for value in (42, 42, -(2**62) + 5):
