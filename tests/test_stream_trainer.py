@@ -220,6 +220,35 @@ def test_cuda_reduce_overhead_compile_replays_cuda_graphs_like_eager(tmp_path):
     assert_same_state(eager.module, compiled.module, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile_options", [False, {"fullgraph": True}], ids=["eager", "compiled"])
+def test_cuda_search_steps_between_logs_have_no_sync_debug_error(tmp_path, compile_options):
+    """Steps between two log rows (new tau, new step seed, forward, backward, both optimizers) under
+    ``set_sync_debug_mode("error")``: nothing waits for the GPU. The first step (compiles, allocations) and the
+    epoch's end (logs, checkpoint) run outside the checked region."""
+    batches = [(x.cuda(), {t: y.cuda() for t, y in targets.items()}) for x, targets in make_batches(5, 4, seed=17)]
+    cfg = config(epochs=1, warmup_epochs=0, log_every=1000, tau={"kind": "inverse_sqrt", "tau0": 5.0}, compile=compile_options)
+    trainer = StreamTrainer(tiny_supernet(dtype=torch.float32), MSE, batches, cfg, tmp_path, device="cuda")
+    checked = []
+
+    def on_step(run):
+        if run.step == 1:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        elif run.step == 4:
+            torch.cuda.set_sync_debug_mode("default")
+        checked.append(run.step)
+
+    torch._dynamo.reset()
+    try:
+        trainer.fit(on_step=on_step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch._dynamo.reset()
+    assert checked == [1, 2, 3, 4, 5]
+
+
 def test_model_with_generator_only_still_samples_per_step(tmp_path):
     """A forward that takes ``generator=`` but no ``seed=`` keeps the seeded generator: reproducible runs."""
 
