@@ -40,6 +40,16 @@ def fast_backends(device: str) -> list[str]:
     return [name for name in runnable_backends(device) if name != "ref"]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models are launch-bound: on a loaded 2-core machine a second intra-op thread only adds
+    synchronisation (measured up to ~30x slower). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param

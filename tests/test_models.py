@@ -15,13 +15,7 @@ from l2b_fast.nn import TreeNet, parameter_count
 from l2b_fast.tree import derive
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are launch-bound: on a loaded 2-core machine, two OpenMP threads make them ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Tiny versions: a few channels, small inputs, few children (odd sizes where the model allows them).

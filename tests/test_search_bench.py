@@ -13,13 +13,7 @@ from l2b_fast.bench import search_step
 from l2b_fast.models import celeba_deep_wide_spec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are launch-bound: on a loaded 2-core machine, two OpenMP threads make them far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_smoke_run_writes_tagged_csv_json_and_plot(tmp_path, capsys):
