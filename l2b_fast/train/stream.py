@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from l2b_fast.nn.branching import Branching
 from l2b_fast.train import distributed, lr_schedules, schedules
+from l2b_fast.train.checkpoints import atomic_save, read_checkpoint
 from l2b_fast.train.logs import RunLogs
 from l2b_fast.train.trainer import _Progress
 
@@ -258,13 +259,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _atomic_save(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)  # a kill leaves the old or the new checkpoint, never half of one
-
-
 class StreamTrainer:
     """Trains ``model`` on the batches of ``data``, in one process or as one rank of a DDP job.
 
@@ -457,18 +451,13 @@ class StreamTrainer:
         """Collective under DDP (every rank calls it at the same step): rank 0 writes ``checkpoints/last.pt``."""
         ranks = distributed.all_gather_objects(self._rank_state()) if self.context.distributed else [self._rank_state()]
         if self.context.is_main:
-            _atomic_save({**self.state_dict(), "ranks": ranks}, self.checkpoint_path)
+            atomic_save({**self.state_dict(), "ranks": ranks}, self.checkpoint_path)
         return self.checkpoint_path
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
         path = Path(path or self.checkpoint_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as error:  # truncated or foreign file
-            raise ValueError(f"cannot read checkpoint {path}: {error}") from error
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        state = read_checkpoint(path, self.device)
+        if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a checkpoint of the streaming trainer")
         saved = {k: v for k, v in state["config"].items() if k != "progress"}
         current = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "progress"}

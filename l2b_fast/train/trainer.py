@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import os
 import random
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from l2b_fast.train import schedules
+from l2b_fast.train.checkpoints import atomic_save, read_checkpoint
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -155,20 +155,10 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(self.state_dict(), temporary)
-        os.replace(temporary, self.checkpoint_path)  # atomic: a kill leaves the old or the new file
-        return self.checkpoint_path
+        return atomic_save(self.state_dict(), self.checkpoint_path)
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
-        path = Path(path or self.checkpoint_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as error:  # truncated or foreign file
-            raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+        state = read_checkpoint(path or self.checkpoint_path, self.device)
         saved = {k: v for k, v in state["config"].items() if k != "progress"}
         current = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "progress"}
         if saved != current:
