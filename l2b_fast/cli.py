@@ -4,6 +4,9 @@
     l2b search --preset synthetic-a --seed 0 --out runs/a --resume   # continue a killed run
     l2b retrain --tree runs/a/tree.json                         # from scratch, into runs/a/retrain
     l2b show runs/a/tree.json                                   # text + picture
+    l2b search --preset taskonomy-resnet34 --data shards/ --out runs/t [--set search.epochs=5 ...]   # CelebA/Taskonomy presets
+    l2b retrain --tree runs/t/tree.json                         # at the preset's retrain size, into runs/t/retrain
+    l2b eval runs/t --split test                                # the paper's table; writes runs/t/eval.json
     l2b presets [--print NAME]                                  # list presets with what each is / print one to copy and edit
     l2b --version
     l2b data taskonomy --root RAW --split tiny --out shards/    # raw Taskonomy -> webdataset shards
@@ -49,6 +52,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if OUT holds a run (its checkpoint and logs are replaced)")
 
 
+def _add_stream_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=None, help="CelebA/Taskonomy presets: shard directory of `l2b data ...` (default for search: small synthetic shards made in OUT/synthetic-data; for retrain: the search's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config setting by its dotted key, value as TOML (repeatable), e.g. --set search.epochs=3 --set model.width=0.5")
+
+
 def _add_conversion_options(parser: argparse.ArgumentParser, dataset: str) -> None:
     parser.add_argument("--root", type=Path, required=True, help=f"raw {dataset} directory")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -69,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", help="a built-in preset (see `l2b presets`)")
     source.add_argument("--config", type=Path, help="a TOML config file (e.g. an edited copy of a preset)")
     search.add_argument("--out", type=Path, required=True, help="output directory")
+    _add_stream_options(search)
     _add_common(search)
 
     retrain = commands.add_parser("retrain", help="train the derived tree from scratch", description="Build the derived tree's network with fresh weights and train it (config from the search directory unless given).")
@@ -78,7 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     retrain_source.add_argument("--config", type=Path, help="config TOML file")
     retrain.add_argument("--out", type=Path, default=None, help="output directory (default: <tree dir>/retrain)")
     retrain.add_argument("--no-baselines", action="store_true", help="train only the tree, not the two baselines (all tasks sharing every layer; every task alone)")
+    _add_stream_options(retrain)
     _add_common(retrain)
+
+    evaluate = commands.add_parser("eval", help="test a retrained tree: the paper's table", description="Evaluate the retrained tree of RUN (a search folder holding retrain/, or a retrain folder) on a split of the shards; print the paper's table with our row and write RUN/eval.json (CelebA and Taskonomy presets).")
+    evaluate.add_argument("run", type=Path, help="the search (or retrain) output directory")
+    evaluate.add_argument("--data", type=Path, default=None, help="shard directory (default: the one the search used)")
+    evaluate.add_argument("--split", default="test", help="split of the shards (default test)")
+    evaluate.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    evaluate.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
     show = commands.add_parser("show", help="print a tree and draw it", description="Print a tree.json as text and write its picture (PNG and SVG).")
     show.add_argument("tree", type=Path, help="tree.json")
@@ -117,11 +134,84 @@ def _config_for(args) -> dict:
     from l2b_fast import experiment
 
     if getattr(args, "preset", None) or getattr(args, "config", None):
-        return experiment.load_config(preset=args.preset, path=args.config)
+        return experiment.load_config(preset=args.preset, path=args.config, overrides=args.overrides)
     saved = args.tree.parent / "config.json"
     if not saved.is_file():
         raise FileNotFoundError(f"no config.json next to {args.tree}: give --preset or --config")
-    return json.loads(saved.read_text())
+    config = experiment.apply_overrides(json.loads(saved.read_text()), args.overrides)
+    if experiment.is_streaming(config):
+        from l2b_fast import pipeline
+
+        pipeline.check_config(config, str(saved))
+    return config
+
+
+def _recorded_data(folder: Path) -> Path:
+    """The shard directory a search (or retrain) in ``folder`` used, from its summary; ValueError if none."""
+    for summary in (folder / "summary.json", folder / "retrain_summary.json", folder.parent / "summary.json"):
+        if summary.is_file():
+            return Path(json.loads(summary.read_text())["data"])
+    raise ValueError(f"no summary.json in {folder} names the shards: give --data DIR")
+
+
+def _is_main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _stream_search(args, config: dict) -> int:
+    from l2b_fast import pipeline, viz
+
+    if args.data is not None:
+        pipeline.check_data(config, args.data, ("train",))  # before anything is written
+    if args.device != "auto":
+        check_device(args.device)
+    _refuse_to_clobber(args.out, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if _is_main_rank():
+        (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    data = args.data or pipeline.make_synthetic_data(config, args.out / "synthetic-data", args.seed)
+    summary = pipeline.search(config, args.out, data, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device)
+    if _is_main_rank():
+        timing = summary["timing"]
+        print(viz.tree_text(json.loads((args.out / "tree.json").read_text())))
+        print(f"supernet parameters {summary['supernet_parameters']:,}, derived tree {summary['tree_parameters']:,}; {timing['seconds']} s, {timing['images_per_second']} images/s")
+        print(f"wrote {args.out}/tree.json, tree.png, tree.svg, probabilities.png, log.csv, epochs.csv, summary.json")
+    return 0
+
+
+def _stream_retrain(args, config: dict, tree) -> int:
+    from l2b_fast import pipeline
+
+    data = args.data or _recorded_data(args.tree.parent)
+    pipeline.check_data(config, data, ("train",))
+    out = args.out or args.tree.parent / "retrain"
+    if args.device != "auto":
+        check_device(args.device)
+    _refuse_to_clobber(out, args)
+    summary = pipeline.retrain(config, tree, out, data, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device)
+    if _is_main_rank():
+        final, timing = summary["final"], summary["timing"]
+        print(f"retrained tree: {summary['parameters']:,} parameters, train loss {final['loss']:.4f}" + (f", validation loss {final['val_loss']:.4f}" if "val_loss" in final else "") + f"; {timing['seconds']} s, {timing['images_per_second']} images/s")
+        print(f"wrote {out}/retrain_summary.json, log.csv, epochs.csv, checkpoints/last.pt")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from l2b_fast import pipeline
+
+    folder = pipeline.trained_run(args.run)
+    data = args.data or _recorded_data(folder)
+    if args.device != "auto":
+        check_device(args.device)
+    result = pipeline.evaluate(args.run, data, split=args.split, device=args.device)
+    if _is_main_rank():
+        print(result["table"])
+        if result["manifest_samples"] is not None and result["manifest_samples"] != result["samples"]:
+            print(f"warning: evaluated {result['samples']} samples, the manifest lists {result['manifest_samples']} ({result['skipped_samples']} skipped)")
+        print(f"wrote {args.run}/eval.json")
+    return 0
 
 
 def _data(args) -> int:
@@ -187,8 +277,14 @@ def run(args) -> int:
         for path in viz.draw_tree(tree.to_dict(), stem, title=args.tree.parent.name):
             print(f"wrote {path}")
         return 0
+    if args.command == "eval":
+        return _evaluate(args)
     if args.command == "search":
-        config = experiment.load_config(preset=args.preset, path=args.config)
+        config = experiment.load_config(preset=args.preset, path=args.config, overrides=args.overrides)
+        if experiment.is_streaming(config):
+            return _stream_search(args, config)
+        if args.data is not None:
+            raise ValueError(f"--data is for the CelebA and Taskonomy presets; {config['name']} makes its own data")
         check_device(args.device)  # before anything is written
         _refuse_to_clobber(args.out, args)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +302,8 @@ def run(args) -> int:
     if args.command == "retrain":
         tree = Tree.load(args.tree)
         config = _config_for(args)
+        if experiment.is_streaming(config):
+            return _stream_retrain(args, config, tree)
         out = args.out or args.tree.parent / "retrain"
         check_device(args.device)
         _refuse_to_clobber(out, args)

@@ -17,6 +17,7 @@ import sys
 import time
 import tomllib
 from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -47,8 +48,9 @@ def preset_text(name: str) -> str:
     return (resources.files("l2b_fast.presets") / f"{name}.toml").read_text()
 
 
-def load_config(preset: str | None = None, path: str | Path | None = None) -> dict:
-    """A preset by name, or a TOML file (e.g. an edited copy of a preset)."""
+def load_config(preset: str | None = None, path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict:
+    """A preset by name, or a TOML file (e.g. an edited copy of a preset), with ``overrides`` (``KEY=VALUE``,
+    :func:`apply_overrides`) applied before it is checked."""
     if (preset is None) == (path is None):
         raise ValueError("give exactly one of a preset name or a config file")
     if preset is not None:
@@ -65,15 +67,55 @@ def load_config(preset: str | None = None, path: str | Path | None = None) -> di
     for section in ("data", "model", "search"):
         if section not in config:
             raise ValueError(f"{source}: missing [{section}] section")
-    if config["data"].get("kind") != "synthetic":
-        raise ValueError(f"{source}: data kind {config['data'].get('kind')!r} is not supported (supported: synthetic)")
+    apply_overrides(config, overrides)
     config.setdefault("name", Path(source).stem)
+    if is_streaming(config):  # CelebA / Taskonomy shards: l2b_fast.pipeline
+        from l2b_fast import pipeline
+
+        pipeline.check_config(config, source)
+        return config
+    if config["data"].get("kind") != "synthetic":
+        raise ValueError(f"{source}: data kind {config['data'].get('kind')!r} is not supported (supported: synthetic, celeba, taskonomy)")
     dtype = config["model"].get("dtype", "float32")
     if dtype not in DTYPES:
         raise ValueError(f"{source}: [model] dtype {dtype!r} is not one of {sorted(DTYPES)}")
     threshold = config.get("learned_threshold", DEFAULT_LEARNED_THRESHOLD)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
         raise ValueError(f"{source}: learned_threshold must be a positive number, got {threshold!r}")
+    return config
+
+
+STREAMING_KINDS = ("celeba", "taskonomy")
+
+
+def is_streaming(config: dict) -> bool:
+    """True for a config of shard data (run by :mod:`l2b_fast.pipeline`), False for the synthetic experiment."""
+    return config.get("data", {}).get("kind") in STREAMING_KINDS
+
+
+def apply_overrides(config: dict, assignments: Sequence[str]) -> dict:
+    """Sets each ``"dotted.key=VALUE"`` in ``config`` (in place; returned). The key must exist already (a typo
+    is a ValueError naming it); VALUE is read as a TOML value (``3``, ``1e-4``, ``true``, ``[64, 64]``,
+    ``{kind = "constant"}``, ``"text"``), a bare word that is not one as a string (``--set model.branching=stage``)."""
+    for assignment in assignments:
+        key, equals, text = assignment.partition("=")
+        key = key.strip()
+        if not equals or not key:
+            raise ValueError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key, e.g. search.epochs=3")
+        *parents, leaf = key.split(".")
+        table = config
+        for depth, part in enumerate(parents):
+            table = table.get(part) if isinstance(table, dict) else None
+            if not isinstance(table, dict):
+                raise ValueError(f"--set {key}: unknown key ({'.'.join(parents[: depth + 1])} is not a table of the config)")
+        if not isinstance(table, dict) or leaf not in table:
+            known = ", ".join(sorted(k for k in table if not isinstance(table[k], dict))) if isinstance(table, dict) else ""
+            raise ValueError(f"--set {key}: unknown key" + (f"; keys here: {known}" if known else ""))
+        try:
+            value = tomllib.loads(f"value = {text.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        table[leaf] = value
     return config
 
 
