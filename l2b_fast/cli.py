@@ -171,7 +171,7 @@ def _stream_search(args, config: dict) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if _is_main_rank():
         (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    data = args.data or pipeline.make_synthetic_data(config, args.out / "synthetic-data", args.seed)
+    data = args.data or pipeline.make_synthetic_data(config, args.out / "synthetic-data", args.seed, args.device)
     summary = pipeline.search(config, args.out, data, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device)
     if _is_main_rank():
         timing = summary["timing"]

@@ -140,12 +140,13 @@ def _split_totals(manifest: Mapping) -> str:
     return ", ".join(f"{name} {entry['total']}" for name, entry in manifest["splits"].items()) or "none"
 
 
-def make_synthetic_data(config: Mapping, out_dir: str | Path, seed: int) -> Path:
+def make_synthetic_data(config: Mapping, out_dir: str | Path, seed: int, device: str = "cpu") -> Path:
     """Small synthetic shards of the config's kind (its ``[synthetic]`` section) in ``out_dir``, written by rank
-    0 while the other ranks wait; an existing complete set is reused (resume)."""
+    0 while the other ranks wait (under ``torchrun``); an existing complete set is reused (resume)."""
     out_dir = Path(out_dir)
     section = config.get("synthetic", {})
-    if distributed.is_main_process() and not (out_dir / "manifest.json").is_file():
+    context = distributed.setup(device)  # the process group, so that only rank 0 writes
+    if context.is_main and not (out_dir / "manifest.json").is_file():
         samples = int(section.get("samples", 200))
         DATA_KINDS[config["data"]["kind"]]().generate(out_dir, samples, int(section.get("size", 64)), seed=seed, samples_per_shard=max(1, samples // 8), overwrite=True)
     distributed.barrier()

@@ -4,6 +4,10 @@ command makes itself, and one clear line with exit 2 (and no run folder) for eac
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +76,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
         _fails_cleanly(search + ["--device", "cuda"], "--device 'cuda' is not available", capsys, run)
     _fails_cleanly(["search", "--preset", "synthetic-a", "--out", str(run), "--data", str(tmp_path / "faces")], "--data is for the CelebA and Taskonomy presets", capsys, run)
     _fails_cleanly(["eval", str(run)], "holds no retrained tree", capsys, run)
+
+
+def test_torchrun_two_ranks_search(tmp_path):
+    """`torchrun ... l2b search`: two gloo ranks train one supernet; rank 0 alone makes the data and writes."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "l2b_fast.cli",
+               "search", "--preset", "celeba-vgg", "--out", str(run), "--quiet", *_sets("celeba-vgg")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))}
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["environment"]["world_size"] == 2
+    assert finished.stdout.count("wrote ") == 1  # one rank prints
+    rows = (run / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and sum(row.startswith("step,") for row in rows) == 1  # one writer
+    assert len(rows) - 1 == summary["timing"]["images"] // 8  # a row per step; batch 8 over both ranks
