@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from l2b_fast import datasets
 from l2b_fast.models import SPECS
@@ -70,6 +72,25 @@ def _celeba() -> DataKind:
 
 
 DATA_KINDS: dict[str, Callable[[], DataKind]] = {"taskonomy": _taskonomy, "celeba": _celeba}
+
+
+class ToInputSize(nn.Module):
+    """Runs ``net`` and resizes every dense prediction (``[B, C, H, W]``) whose side differs from the input's to
+    the input's (bilinear): a model whose output stride does not divide the image size (e.g. the Taskonomy
+    ResNet's 8 at 36 x 36) still predicts at the targets' resolution. Other outputs pass unchanged. ``tasks``
+    and the sampling ``seed=`` / ``generator=`` of a supernet pass through."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.tasks = net.tasks
+
+    def forward(self, inputs: torch.Tensor, *, seed: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict:
+        options = {name: value for name, value in (("seed", seed), ("generator", generator)) if value is not None}
+        outputs = self.net(inputs, **options)
+        size = inputs.shape[-2:]
+        return {task: F.interpolate(out, size=size, mode="bilinear", align_corners=False) if out.dim() == 4 and out.shape[-2:] != size else out
+                for task, out in outputs.items()}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -219,7 +240,7 @@ def search(config: Mapping, out: str | Path, data_dir: str | Path, *, seed: int 
     torch.manual_seed(seed)
     supernet = spec.supernet(execution=config["model"].get("execution", "auto"))
     trainer = StreamTrainer(
-        supernet, data, _train_data(config, section, data_dir, manifest, seed, context.world_size), stream_config(section, seed, progress), out,
+        ToInputSize(supernet), data, _train_data(config, section, data_dir, manifest, seed, context.world_size), stream_config(section, seed, progress), out,
         val_data=_val_data(config, data_dir, manifest, section["size"]), context=context,
     )
     steps_before, started = trainer.step if not resume else 0, time.perf_counter()
@@ -268,7 +289,7 @@ def retrain(config: Mapping, tree: Tree, out: str | Path, data_dir: str | Path, 
     torch.manual_seed(seed + 1)
     net = spec.treenet(tree)
     trainer = StreamTrainer(
-        net, data, _train_data(config, section, data_dir, manifest, seed, context.world_size), stream_config(section, seed, progress), out,
+        ToInputSize(net), data, _train_data(config, section, data_dir, manifest, seed, context.world_size), stream_config(section, seed, progress), out,
         val_data=_val_data(config, data_dir, manifest, section["size"]), context=context,
     )
     started = time.perf_counter()
@@ -313,7 +334,7 @@ def evaluate(run: str | Path, data_dir: str | Path, *, split: str = "test", devi
     context = distributed.setup(device)
     data = dataset(config)
     size = config["retrain"]["size"]
-    net = model_spec(config, data.tasks, size).treenet(Tree.load(folder / "tree.json"))
+    net = ToInputSize(model_spec(config, data.tasks, size).treenet(Tree.load(folder / "tree.json")))
     net.load_state_dict(read_checkpoint(folder / "checkpoints" / "last.pt", "cpu")["model"])
     net.to(context.device).eval()
     metrics = data.metrics()

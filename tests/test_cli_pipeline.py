@@ -22,7 +22,8 @@ COMMON = ["search.size=32", "retrain.size=32", "search.epochs=2", "search.warmup
           "data.eval_batch_size=2", "synthetic.size=32", "search.log_every=1", "retrain.log_every=1"]
 TINY = {
     "taskonomy-resnet34": COMMON + ["synthetic.samples=20", "model.width=0.0625", "model.aspp_channels=8", "model.children=2",
-                                    "model.branching=stage", "search.batch_size=4", "retrain.batch_size=4"],
+                                    "model.branching=stage", "search.batch_size=4", "retrain.batch_size=4",
+                                    "retrain.size=36"],  # 36 is no multiple of the output stride 8: predictions are resized
     "celeba-vgg": COMMON + ["synthetic.samples=20", "model.width=0.125", "model.children=[2, 2, 2, 2, 2, 2, 2, 40]", "search.batch_size=8", "retrain.batch_size=8"],
 }
 

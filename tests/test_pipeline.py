@@ -99,3 +99,30 @@ def test_search_retrain_evaluate_through_the_api(tmp_path):
     assert "LearnToBranch-Deep-Wide" in result["table"] and "ours (celeba-deepwide, test, 4 samples)" in result["table"]
     with pytest.raises(ValueError, match="do not match"):
         pipeline.retrain(config, Tree(["a"], [[0]]), tmp_path / "other", data, progress=False)
+
+
+class _Dense(torch.nn.Module):
+    """Outputs at half the input's side (an output stride of 2), a vector task, and records its options."""
+
+    tasks = ("dense", "vector")
+
+    def forward(self, inputs, generator=None, *, seed=None):
+        self.options = {"generator": generator, "seed": seed}
+        return {"dense": inputs[:, :, ::2, ::2] * 2, "vector": inputs.mean(dim=(2, 3))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("side", [6, 7, 9])
+def test_dense_predictions_are_resized_to_the_input(side, dtype):
+    inner = _Dense()
+    net = pipeline.ToInputSize(inner)
+    inputs = torch.randn(2, 3, side, side + 1, dtype=dtype)
+    seed = torch.tensor([5])
+    outputs = net(inputs, seed=seed)
+    assert inner.options["seed"] is seed and inner.options["generator"] is None and net.tasks == inner.tasks
+    reference = torch.nn.functional.interpolate(inputs[:, :, ::2, ::2] * 2, size=(side, side + 1), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(outputs["dense"], reference)
+    torch.testing.assert_close(outputs["vector"], inputs.mean(dim=(2, 3)))
+    same_size = {"dense": inputs}
+    inner.forward = lambda x, **options: same_size
+    assert net(inputs)["dense"] is inputs  # already at the input's size: untouched
