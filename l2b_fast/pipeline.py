@@ -212,8 +212,18 @@ def _val_data(config: Mapping, data_dir: Path, manifest: Mapping, size):
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def _throughput(trainer: StreamTrainer, section: Mapping, steps_before: int, seconds: float) -> dict:
-    images = (trainer.step - steps_before) * section["batch_size"] * trainer.config.accumulation
+class _StepCounter:
+    """Counts the optimizer steps this process ran (a resumed run's earlier steps are not timed)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def __call__(self, trainer: StreamTrainer) -> None:
+        self.steps += 1
+
+
+def _throughput(trainer: StreamTrainer, section: Mapping, steps: int, seconds: float) -> dict:
+    images = steps * section["batch_size"] * trainer.config.accumulation
     result = {"seconds": round(seconds, 2), "images": images, "images_per_second": round(images / seconds, 2) if seconds > 0 else None}
     if trainer.device.type == "cuda":
         result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 3)
@@ -243,9 +253,9 @@ def search(config: Mapping, out: str | Path, data_dir: str | Path, *, seed: int 
         ToInputSize(supernet), data, _train_data(config, section, data_dir, manifest, seed, context.world_size), stream_config(section, seed, progress), out,
         val_data=_val_data(config, data_dir, manifest, section["size"]), context=context,
     )
-    steps_before, started = trainer.step if not resume else 0, time.perf_counter()
-    final = trainer.fit(resume=resume)
-    timing = _throughput(trainer, section, steps_before, time.perf_counter() - started)
+    counter, started = _StepCounter(), time.perf_counter()
+    final = trainer.fit(resume=resume, on_step=counter)
+    timing = _throughput(trainer, section, counter.steps, time.perf_counter() - started)
     tree = derive(supernet).pruned()
     summary = {
         "name": config["name"],
@@ -292,14 +302,14 @@ def retrain(config: Mapping, tree: Tree, out: str | Path, data_dir: str | Path, 
         ToInputSize(net), data, _train_data(config, section, data_dir, manifest, seed, context.world_size), stream_config(section, seed, progress), out,
         val_data=_val_data(config, data_dir, manifest, section["size"]), context=context,
     )
-    started = time.perf_counter()
-    final = trainer.fit(resume=resume)
+    counter, started = _StepCounter(), time.perf_counter()
+    final = trainer.fit(resume=resume, on_step=counter)
     summary = {
         "name": config["name"],
         "seed": seed,
         "data": str(data_dir),
         "final": final,
-        "timing": _throughput(trainer, section, 0, time.perf_counter() - started),
+        "timing": _throughput(trainer, section, counter.steps, time.perf_counter() - started),
         "parameters": parameter_count(net),
         "environment": _environment(context),
     }
