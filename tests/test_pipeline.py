@@ -29,6 +29,8 @@ def test_presets_hold_the_papers_settings(name):
         assert (search["size"], retrain["size"]) == (128, 256) and config["model"]["children"] == 5
     else:
         assert search["size"] == retrain["size"] == [218, 178]
+    for section in (search, retrain):  # every training setting is one the streaming trainer takes
+        assert pipeline.stream_config(section, seed=0, progress=False).epochs == section["epochs"]
     # the preset's model at its search size builds (on the meta device: no memory for the full model)
     with torch.device("meta"):
         spec = pipeline.model_spec(config, pipeline.dataset(config).tasks, search["size"])
