@@ -345,7 +345,10 @@ def evaluate(run: str | Path, data_dir: str | Path, *, split: str = "test", devi
     data = dataset(config)
     size = config["retrain"]["size"]
     net = ToInputSize(model_spec(config, data.tasks, size).treenet(Tree.load(folder / "tree.json")))
-    net.load_state_dict(read_checkpoint(folder / "checkpoints" / "last.pt", "cpu")["model"])
+    try:
+        net.load_state_dict(read_checkpoint(folder / "checkpoints" / "last.pt", "cpu")["model"])
+    except RuntimeError as error:  # weights of another tree, model or width
+        raise ValueError(f"{folder}/checkpoints/last.pt does not fit the tree and model of {folder}/config.json ({str(error).splitlines()[0]})") from None
     net.to(context.device).eval()
     metrics = data.metrics()
     loader = _eval_loader(config, data_dir, split, size)
