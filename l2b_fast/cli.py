@@ -330,10 +330,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        status = run(args)
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"l2b {args.command}: error: {error}", file=sys.stderr)
         return 2
+    if "l2b_fast.train.distributed" in sys.modules:  # under torchrun: the trainers are gone, close the group
+        sys.modules["l2b_fast.train.distributed"].cleanup()
+    return status
 
 
 if __name__ == "__main__":

@@ -117,6 +117,8 @@ def run_rank(out: Path) -> None:
         everything = alone.evaluate(val + _attribute_batches([2], seed=41))
         results.update(celeba_alone=everything.metrics.compute(), celeba_alone_losses=everything.losses)
     torch.save(results, out / f"rank{rank}.pt")
+    # DDP reducers must die before the process group (see distributed.cleanup), not at the return.
+    del ddp, trainer, whole, part, resumed, evaluator
     distributed.cleanup()
 
 

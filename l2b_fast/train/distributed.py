@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import os
 
 import torch
@@ -121,8 +122,16 @@ def _select_cuda(device: torch.device) -> None:
 
 
 def cleanup() -> None:
-    """Destroys the default process group if one is initialised (call at the end of a torchrun script)."""
+    """Destroys the default process group if one is initialised (call at the end of a torchrun script).
+
+    Drop DistributedDataParallel models (and the trainers holding them) before: a DDP reducer that outlives
+    the process group destroys it while holding the GIL, and gloo's worker threads can need the GIL to free
+    their last tensors, a deadlock at exit (pytorch/pytorch#56297). The barrier lets every rank's pending
+    collectives finish first.
+    """
     if dist.is_available() and dist.is_initialized():
+        barrier()
+        gc.collect()  # reducers held only by reference cycles die here, while the process group is alive
         dist.destroy_process_group()
 
 

@@ -702,22 +702,6 @@ class StreamTrainer:
         return result
 
     # ----------------------------------------------------------------------------- evaluation
-    def _all_reduce_metrics(self, metrics) -> None:
-        """Sums a metric accumulator's ``sums`` and ``counts`` over the ranks, one collective per non-empty
-        table (``MetricAccumulator.all_reduce`` fails on an empty table, e.g. CelebA's float sums)."""
-        device = self.device if self.context.backend == "nccl" else torch.device("cpu")
-        for state in (metrics.sums, metrics.counts):
-            if not state:
-                continue
-            names = list(state)
-            flat = torch.cat([state[name].reshape(-1).to(device) for name in names])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for name in names:
-                size = state[name].numel()
-                state[name] = flat[offset:offset + size].view(state[name].shape).to(state[name].device)
-                offset += size
-
     @torch.no_grad()
     def evaluate(self, data: Iterable | Callable[[], Iterable]) -> Evaluation:
         """Losses (means over samples) and the data set's metrics over ``data``, summed over all ranks.
@@ -747,7 +731,7 @@ class StreamTrainer:
         if self.context.distributed:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
             if metrics is not None:
-                self._all_reduce_metrics(metrics)
+                metrics.all_reduce()
         samples = int(sums[-1].item())
         means = (sums[:-1] / max(samples, 1)).tolist() if samples else [math.nan] * len(self.tasks)
         losses = dict(zip(self.tasks, means))
