@@ -6,6 +6,17 @@ import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
+
+
+def probability_row(probabilities: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Every branching probability as ``p.b<block>.i<parent>.j<child>``: one ``[I, J]`` matrix per block."""
+    row = {}
+    for b, matrix in enumerate(probabilities):
+        rows, cols = matrix.shape
+        row.update({f"p.b{b}.i{i}.j{j}": matrix[i, j].item() for j in range(cols) for i in range(rows)})
+    return row
+
 
 class RunLogs:
     """CSV files in ``out_dir`` with fixed columns, e.g. ``{"log.csv": [...], "epochs.csv": [...]}``.

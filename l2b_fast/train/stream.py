@@ -42,8 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from l2b_fast.nn.branching import Branching
 from l2b_fast.train import distributed, lr_schedules, schedules
-from l2b_fast.train.checkpoints import atomic_save, read_checkpoint
-from l2b_fast.train.logs import RunLogs
+from l2b_fast.train.checkpoints import atomic_save, read_checkpoint, rng_state, set_rng_state
+from l2b_fast.train.logs import RunLogs, probability_row
 from l2b_fast.train.trainer import _Progress
 
 __all__ = ["StreamConfig", "StreamTrainer", "Evaluation", "unwrap_model", "branching_modules"]
@@ -242,23 +242,6 @@ def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:
     return model
 
 
-def _rng_state(device: torch.device) -> dict:
-    """This process's RNG states: CPU torch, python, numpy, and the CUDA generator of its own device only
-    (``get_rng_state_all`` would touch every GPU of the node from every rank)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 class StreamTrainer:
     """Trains ``model`` on the batches of ``data``, in one process or as one rank of a DDP job.
 
@@ -429,7 +412,7 @@ class StreamTrainer:
     # ----------------------------------------------------------------------------- checkpoints
     def _rank_state(self) -> dict:
         """What differs between ranks: RNG states (now and at the epoch's start) and the epoch's loss sums."""
-        return {"rng": _rng_state(self.device), "epoch_rng": self._epoch_rng, "epoch_sums": self._epoch_sums.cpu()}
+        return {"rng": rng_state(self.device), "epoch_rng": self._epoch_rng, "epoch_sums": self._epoch_sums.cpu()}
 
     def state_dict(self) -> dict:
         """The state shared by all ranks, and this rank's own under ``ranks`` (:meth:`save_checkpoint` gathers every rank's)."""
@@ -475,7 +458,7 @@ class StreamTrainer:
         own = state["ranks"][self.context.rank]
         self._epoch_sums = own["epoch_sums"].to(self.device)
         self._epoch_rng = own["epoch_rng"]
-        _set_rng_state(own["rng"], self.device)
+        set_rng_state(own["rng"], self.device)
 
     # ----------------------------------------------------------------------------- data
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator:
@@ -484,10 +467,10 @@ class StreamTrainer:
         if resuming:
             if self._epoch_rng is None:
                 raise ValueError("the checkpoint holds no RNG state of the epoch's start: it cannot be resumed mid-epoch")
-            current = _rng_state(self.device)
-            _set_rng_state(self._epoch_rng, self.device)  # the state the iterable was created with
+            current = rng_state(self.device)
+            set_rng_state(self._epoch_rng, self.device)  # the state the iterable was created with
         else:
-            self._epoch_rng = _rng_state(self.device)
+            self._epoch_rng = rng_state(self.device)
         if self._takes_skip:
             source, to_drop = self.data(epoch, skip=skip), 0
         else:
@@ -499,7 +482,7 @@ class StreamTrainer:
             except StopIteration:
                 raise ValueError(f"epoch {epoch}: the data gave {dropped} batches on resume, but the checkpoint had used {skip}") from None
         if resuming:
-            _set_rng_state(current, self.device)  # where training left off (the checkpoint's states on resume)
+            set_rng_state(current, self.device)  # where training left off (the checkpoint's states on resume)
         limit = self.config.batches_per_epoch
         return iterator if limit is None else itertools.islice(iterator, max(0, limit - skip))
 
@@ -514,12 +497,7 @@ class StreamTrainer:
 
     # ----------------------------------------------------------------------------- logging
     def _probability_row(self) -> dict[str, float]:
-        row = {}
-        for b, branching in enumerate(self.branchings):
-            probabilities = branching.probabilities()
-            rows, cols = probabilities.shape
-            row.update({f"p.b{b}.i{i}.j{j}": probabilities[i, j].item() for j in range(cols) for i in range(rows)})
-        return row
+        return probability_row([branching.probabilities() for branching in self.branchings])
 
     def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.context.distributed:
@@ -689,9 +667,9 @@ class StreamTrainer:
         self._check_finite(result["loss"], f"in epoch {self.epoch}")
         row = {"step": self.step, "epoch": self.epoch, "train_loss": result["loss"], **{f"train_loss.{t}": means[k] for k, t in enumerate(self.tasks)}}
         if self.val_data is not None:
-            rng = _rng_state(self.device)  # evaluation must not shift the training random streams
+            rng = rng_state(self.device)  # evaluation must not shift the training random streams
             evaluation = self.evaluate(self.val_data)
-            _set_rng_state(rng, self.device)
+            set_rng_state(rng, self.device)
             row["val_loss"], row["val_samples"] = evaluation.losses["loss"], evaluation.samples
             row.update({f"val_loss.{t}": evaluation.losses[t] for t in self.tasks})
             if evaluation.metrics is not None:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from l2b_fast.train import schedules
-from l2b_fast.train.checkpoints import atomic_save, read_checkpoint
+from l2b_fast.train.checkpoints import atomic_save, read_checkpoint, rng_state, set_rng_state
+from l2b_fast.train.logs import probability_row
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -83,21 +84,6 @@ class TrainConfig:
         schedules.from_config(self.tau)  # validates
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
     """Trains ``model`` (a ``TreeSupernet`` or any module returning ``{task: output}``) on ``data``.
 
@@ -150,7 +136,7 @@ class Trainer:
             "logits_optimizer": self.logits_optimizer.state_dict() if self.logits_optimizer else None,
             "step": self.step,
             "epoch_loss_sums": dict(self.epoch_loss_sums),
-            "rng": _rng_state(),
+            "rng": rng_state(self.device),
             "config": dataclasses.asdict(self.config),
         }
 
@@ -170,17 +156,12 @@ class Trainer:
             self.logits_optimizer.load_state_dict(state["logits_optimizer"])
         self.step = state["step"]
         self.epoch_loss_sums = dict(state["epoch_loss_sums"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)
 
     # ----------------------------------------------------------------------------- logging
     def _probability_row(self) -> dict[str, float]:
         """Every branching probability as ``p.b<block>.i<parent>.j<child>`` (empty when not searching)."""
-        row = {}
-        if self.searching:
-            for b, probabilities in enumerate(self.model.probabilities()):
-                rows, cols = probabilities.shape
-                row.update({f"p.b{b}.i{i}.j{j}": probabilities[i, j].item() for j in range(cols) for i in range(rows)})
-        return row
+        return probability_row(self.model.probabilities()) if self.searching else {}
 
     def _open_logs(self, resume: bool) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -314,9 +295,9 @@ class Trainer:
         result = {"loss": sum(self.alpha[t] * means[t] for t in self.tasks), **means}
         row = {"step": self.step, "epoch": epoch, "train_loss": result["loss"], **{f"train_loss.{t}": means[t] for t in self.tasks}}
         if self.val_data is not None:
-            rng = _rng_state()  # evaluation must not shift the training random streams
+            rng = rng_state(self.device)  # evaluation must not shift the training random streams
             val = self.evaluate(self.val_data)
-            _set_rng_state(rng)
+            set_rng_state(rng, self.device)
             row["val_loss"] = val["loss"]
             row.update({f"val_loss.{t}": val[t] for t in self.tasks})
             result.update({f"val_{k}": v for k, v in val.items()})
