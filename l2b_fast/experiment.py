@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 import tomllib
 from importlib import resources
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2b_fast import synthetic
+from l2b_fast import synthetic, viz
 from l2b_fast.nn import TreeNet, TreeSupernet, parameter_count
 from l2b_fast.train import TrainConfig, Trainer
 from l2b_fast.tree import Tree, derive
@@ -228,18 +227,8 @@ def search(config: dict, out: str | Path, *, seed: int = 0, resume: bool = False
         "numerics": {"dtype": str(model_dtype(config)).removeprefix("torch."), **numerics()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _draw(tree, out, config["name"])
+    viz.draw_search_pictures(tree.to_dict(), out, config["name"])
     return summary
-
-
-def _draw(tree: Tree, out: Path, name: str) -> None:
-    from l2b_fast import viz
-
-    try:
-        viz.draw_tree(tree.to_dict(), out / "tree", title=name)
-        viz.draw_probability_heatmaps(out / "log.csv", out / "probabilities", title=f"{name}: branching probabilities", tasks=tree.tasks)
-    except ImportError as error:  # matplotlib missing: the tree and logs are still written
-        print(f"no pictures ({error}); tree.json and logs are written", file=sys.stderr)
 
 
 RETRAIN_MODELS = ("learned_tree", "all_shared", "independent")

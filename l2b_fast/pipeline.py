@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2b_fast import datasets
+from l2b_fast import datasets, viz
 from l2b_fast.models import SPECS
 from l2b_fast.nn import parameter_count
 from l2b_fast.train import distributed
@@ -271,19 +270,9 @@ def search(config: Mapping, out: str | Path, data_dir: str | Path, *, seed: int 
     if context.is_main:
         tree.save(out / "tree.json")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _draw(tree, out, config["name"])
+        viz.draw_search_pictures(tree.to_dict(), out, config["name"])
     distributed.barrier()
     return summary
-
-
-def _draw(tree: Tree, out: Path, name: str) -> None:
-    from l2b_fast import viz
-
-    try:
-        viz.draw_tree(tree.to_dict(), out / "tree", title=name)
-        viz.draw_probability_heatmaps(out / "log.csv", out / "probabilities", title=f"{name}: branching probabilities", tasks=tree.tasks)
-    except (ImportError, ValueError) as error:  # no matplotlib, or no logged row yet: the tree and logs are written
-        print(f"no pictures ({error}); tree.json and logs are written", file=sys.stderr)
 
 
 def retrain(config: Mapping, tree: Tree, out: str | Path, data_dir: str | Path, *, seed: int = 0, resume: bool = False, progress: bool = True, device: str = "cpu") -> dict:

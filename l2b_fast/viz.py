@@ -22,6 +22,7 @@ import csv
 import math
 import re
 from collections.abc import Sequence
+import sys
 from pathlib import Path
 
 from l2b_fast.tree import validate_tree  # the schema lives with the Tree; re-exported here
@@ -444,3 +445,14 @@ def draw_probability_heatmaps(
         heading += f"  (single-parent block{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))} omitted: constant 1)"
     figure.suptitle(heading, fontsize=11, x=0.02, y=1 - 0.15 / total, ha="left", va="top")
     return _save(figure, path_stem)
+
+
+def draw_search_pictures(tree: dict, out: str | Path, name: str) -> None:
+    """A search's pictures in ``out``: the tree and the branching probabilities of ``out/log.csv``. Without
+    matplotlib, or before any logged row, says so on stderr: the tree and logs are what a search must leave."""
+    out = Path(out)
+    try:
+        draw_tree(tree, out / "tree", title=name)
+        draw_probability_heatmaps(out / "log.csv", out / "probabilities", title=f"{name}: branching probabilities", tasks=tree["tasks"])
+    except (ImportError, ValueError) as error:
+        print(f"no pictures ({error}); tree.json and logs are written", file=sys.stderr)
