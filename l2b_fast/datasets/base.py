@@ -54,6 +54,15 @@ class PaperRow:
     source: str
 
 
+def ordered_subset(chosen, known: tuple[str, ...], error: str) -> tuple[str, ...]:
+    """``chosen`` (one name or several, distinct, non-empty, all in ``known``) in ``known``'s order;
+    otherwise ``ValueError(f"{error}; got [...]")``."""
+    names = (chosen,) if isinstance(chosen, str) else tuple(chosen)
+    if not names or len(set(names)) != len(names) or any(name not in known for name in names):
+        raise ValueError(f"{error}; got {list(names)}")
+    return tuple(name for name in known if name in names)
+
+
 def check_prediction(task: str, pred: torch.Tensor, channels: int, spatial: tuple[int, ...] | None) -> None:
     """ValueError unless ``pred`` is a floating tensor [B, channels, *spatial] (``spatial`` None: [B, channels])."""
     if not isinstance(pred, torch.Tensor) or not pred.is_floating_point():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from l2b_fast.data.synthetic_celeba import ATTRIBUTES
 
-from .base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, check_prediction
+from .base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, check_prediction, ordered_subset
 
 __all__ = ["ATTRIBUTES", "CelebA", "CelebAMetrics", "PAPER_ROWS"]
 
@@ -50,11 +50,8 @@ class CelebA(MultiTaskDataset):
     paper_rows = PAPER_ROWS
 
     def __post_init__(self):
-        chosen = (self.attributes,) if isinstance(self.attributes, str) else tuple(self.attributes)
-        unknown = [name for name in chosen if name not in ATTRIBUTES]
-        if unknown or not chosen or len(set(chosen)) != len(chosen):
-            raise ValueError(f"attributes must be distinct CelebA attributes (e.g. {ATTRIBUTES[0]}, {ATTRIBUTES[20]}); got {list(chosen)}")
-        object.__setattr__(self, "attributes", tuple(name for name in ATTRIBUTES if name in chosen))
+        chosen = ordered_subset(self.attributes, ATTRIBUTES, f"attributes must be distinct CelebA attributes (e.g. {ATTRIBUTES[0]}, {ATTRIBUTES[20]})")
+        object.__setattr__(self, "attributes", chosen)
 
     @property
     def task_specs(self) -> tuple[TaskSpec, ...]:

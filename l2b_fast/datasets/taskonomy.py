@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from l2b_fast.data.synthetic_taskonomy import CLASSES as OBJECT_CLASSES
 from l2b_fast.data.transforms import TASKS
 
-from .base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, check_prediction
+from .base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, check_prediction, ordered_subset
 
 __all__ = [
     "TASKS",
@@ -155,11 +155,7 @@ class Taskonomy(MultiTaskDataset):
     paper_rows = PAPER_ROWS
 
     def __post_init__(self):
-        tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
-        unknown = [task for task in tasks if task not in TASKS]
-        if unknown or not tasks or len(set(tasks)) != len(tasks):
-            raise ValueError(f"tasks must be distinct Taskonomy tasks out of {', '.join(TASKS)}; got {list(tasks)}")
-        object.__setattr__(self, "tasks", tuple(task for task in TASKS if task in tasks))
+        object.__setattr__(self, "tasks", ordered_subset(self.tasks, TASKS, f"tasks must be distinct Taskonomy tasks out of {', '.join(TASKS)}"))
         weights = self.class_weights
         if isinstance(weights, (str, Path)):
             weights = load_class_weights(weights)
