@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from l2b_fast.bench import report
+from l2b_fast.bench.branch_benchmark import step_peak_bytes, synchronize
 from l2b_fast.bench.naive import NaiveSupernet
 from l2b_fast.models import SPECS, ModelSpec
 from l2b_fast.nn import TreeNet
@@ -171,11 +172,6 @@ def resident_bytes(variant: Variant, optimizers) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclasses.dataclass
 class Case:
     """A model of a preset, built: spec, common initial weights, batch and targets."""
@@ -229,15 +225,8 @@ def time_variants(case: Case, variants: list[str], preset: Preset, device: torch
     synchronize(device)
     for name, (variant, _, optimizers) in steps.items():
         resident[name] = resident_bytes(variant, optimizers)
-    peaks = {}
-    if device.type == "cuda":
-        for name, (_, step, _) in steps.items():
-            synchronize(device)
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            step()
-            synchronize(device)
-            peaks[name] = torch.cuda.max_memory_allocated(device) - before
+    # CPU peaks come from a fresh process per variant (probe_cpu_step_memory), not from the allocator here.
+    peaks = {name: step_peak_bytes(step, device) for name, (_, step, _) in steps.items()} if device.type == "cuda" else {}
     times = {name: [] for name in order}
     for round_index in range(repeat):
         shift = round_index % max(1, len(order))
