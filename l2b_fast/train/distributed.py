@@ -20,6 +20,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from l2b_fast.ops.branching import derive_seed_value
+
 __all__ = ["DistContext", "setup", "cleanup", "resolve_device", "step_seed", "all_gather_objects", "barrier", "is_main_process"]
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -157,10 +159,8 @@ _MASK64 = (1 << 64) - 1
 
 
 def _splitmix64(value: int) -> int:
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
+    """One SplitMix64 step as an unsigned 64-bit int: the ops' per-block seed mixing for stream 0."""
+    return derive_seed_value(value, 0) & _MASK64
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
