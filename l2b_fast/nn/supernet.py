@@ -12,7 +12,7 @@ from torch import nn
 from l2b_fast.nn.branching import Branching
 from l2b_fast.ops import _validation
 from l2b_fast.ops.branching import derive_seed
-from l2b_fast.nn.grouped import GroupedBlock, UnsupportedNodeError
+from l2b_fast.nn.grouped import CONV_BACKENDS, GroupedBlock, UnsupportedNodeError
 
 NodeFactory = Callable[[int, int], nn.Module]  # (block index, child index) -> node
 EXECUTIONS = ("auto", "grouped", "per_child")
@@ -99,6 +99,9 @@ class TreeSupernet(nn.Module):
             reference); ``"grouped"`` runs all J children of a block as one batched launch per layer;
             ``"auto"`` groups every block whose nodes are supported and runs the others per child (and,
             on CPU, blocks whose per-child inputs are large, where grouping measured slower).
+        conv_backend: the first convolution of grouped blocks that gather (CUDA): ``"cudnn"`` (default) or
+            ``"triton"`` (reads the parents through the sampled index; unmeasured on a GPU so far, see
+            :class:`~l2b_fast.nn.grouped.GroupedBlock`); also :meth:`set_conv_backend`.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class TreeSupernet(nn.Module):
         tau: float = 1.0,
         backend: str | None = None,
         execution: str = "auto",
+        conv_backend: str = "cudnn",
     ):
         super().__init__()
         check_execution(execution)
@@ -120,6 +124,7 @@ class TreeSupernet(nn.Module):
         self.nodes = nn.ModuleList(nn.ModuleList(spec.node(b, j) for j in range(spec.children)) for b, spec in enumerate(blocks))
         self.heads = make_heads(self.tasks, heads)
         self._block_executions = [spec.execution for spec in blocks]
+        self.set_conv_backend(conv_backend)
         self.set_execution(execution)
 
     def set_execution(self, execution: str) -> None:
@@ -133,7 +138,7 @@ class TreeSupernet(nn.Module):
             grouped = None
             if wanted != "per_child":
                 try:
-                    grouped = GroupedBlock(nodes, block, automatic=wanted == "auto")
+                    grouped = GroupedBlock(nodes, block, automatic=wanted == "auto", conv_backend=self.conv_backend)
                 except UnsupportedNodeError as error:
                     if wanted == "grouped":
                         raise UnsupportedNodeError(f"execution='grouped': {error}") from None
@@ -159,6 +164,16 @@ class TreeSupernet(nn.Module):
             else:
                 parents = grouped(branching, parents, generator, block_seed)
         return {task: self.heads[task](x) for task, x in zip(self.tasks, parents.unbind(0))}
+
+    def set_conv_backend(self, conv_backend: str) -> None:
+        """The first convolution of every grouped block that gathers: ``"cudnn"`` or ``"triton"`` (kept
+        across :meth:`set_execution`)."""
+        if conv_backend not in CONV_BACKENDS:
+            raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {conv_backend!r}")
+        self.conv_backend = conv_backend
+        for grouped in getattr(self, "_grouped", []):
+            if grouped is not None:
+                grouped.conv_backend = conv_backend
 
     def set_tau(self, tau: float) -> None:
         for branching in self.branchings:

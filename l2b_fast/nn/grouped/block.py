@@ -9,11 +9,12 @@ from torch import nn
 
 from l2b_fast import ops
 from l2b_fast.nn.branching import Branching
-from l2b_fast.nn.grouped import routing
+from l2b_fast.nn.grouped import indexed, routing
 from l2b_fast.nn.grouped.layers import Step, plan_steps
 from l2b_fast.nn.grouped.stacked import CHANNELS, CHILDREN, Stacked, to_children
 
 ROUTINGS = ("auto", "host", "gather")
+CONV_BACKENDS = ("cudnn", "triton")  # the first convolution of a gathered block (see GroupedBlock)
 CPU_GROUPING_MAX_ELEMENTS = 131072  # per-child input elements up to which execution="auto" groups on CPU
 
 
@@ -42,14 +43,22 @@ class GroupedBlock:
     measured on a 2-core CPU (``benchmarks/grouped_block_benchmark.py``), one grouped convolution over
     all J children was as fast as or faster than one convolution per distinct parent, and in search mode
     the per-child input gradients cost host routing more than the gather's copy.
+
+    ``conv_backend`` (gathered blocks whose first layer is a Conv2d with groups=1 and zero padding):
+    ``"cudnn"`` (default) gathers and stacks the children, then runs one ``groups=J`` convolution;
+    ``"triton"`` runs the Triton implicit-GEMM convolution that reads the parents through the sampled
+    index (:mod:`l2b_fast.nn.grouped.indexed`: no gathered copy, no re-stack). CUDA tensors only (CPU
+    under ``TRITON_INTERPRET=1``, for tests); fp64 and other first layers keep the cudnn path. Not a
+    default anywhere until a GPU has measured it.
     """
 
-    def __init__(self, nodes: Sequence[nn.Module], block: int, *, automatic: bool = False):
+    def __init__(self, nodes: Sequence[nn.Module], block: int, *, automatic: bool = False, conv_backend: str = "cudnn"):
         self.block = block
         self.automatic = automatic  # chosen by execution="auto": may leave large CPU blocks per child
         self.children = len(nodes)
         self.steps: list[Step] = plan_steps(nodes, block)
         self.routing = "auto"
+        self.conv_backend = conv_backend
 
     def worth_grouping(self, parents: torch.Tensor) -> bool:
         """False where ``auto`` should run this block per child: on CPU, children whose inputs exceed
@@ -65,6 +74,8 @@ class GroupedBlock:
     def check_routing(self) -> None:
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.conv_backend not in CONV_BACKENDS:
+            raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {self.conv_backend!r}")
         if self.routing == "host" and not self.routable():
             raise ValueError(f"block {self.block}: host routing needs a first layer that reads the parents directly (Conv with groups=1, Linear, BasicBlock)")
 
@@ -78,9 +89,14 @@ class GroupedBlock:
         host = not torch.compiler.is_compiling() and (self.routing == "host" or (
             self.routing == "auto" and branching.logits.shape[0] == 1 and self.routable() and parents.device.type == "cpu"
         ))
+        started = None
+        if not host and self.conv_backend == "triton" and self.steps:  # the first conv reads through the index
+            started = indexed.start_block(self.steps[0], self.block, branching, parents, generator, seed)
         if host:
             stacked, order = self._start_on_host(branching, parents, generator, seed)
             rest = self.steps[1:]
+        elif started is not None:
+            stacked, order, rest = started, range(self.children), self.steps[1:]
         else:  # gather through the branching op: device-side index, no host sync
             stacked, order, rest = Stacked(branching(parents, generator=generator, seed=seed), CHILDREN, self.children), range(self.children), self.steps
         for step in rest:

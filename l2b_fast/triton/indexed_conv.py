@@ -1,0 +1,390 @@
+"""Triton implicit-GEMM 2-D convolution of J children, child j reading parent ``index[j]`` in place.
+
+The grouped execution's cuDNN path gathers a ``[J, *S]`` copy of the parents, re-stacks it in channels
+and runs one ``groups=J`` convolution. These kernels skip both copies: every program loads its child's
+parent through the device-side ``index`` (no host read, so CUDA graphs and ``torch.compile`` keep
+working) and gathers the convolution window straight from it (implicit GEMM: the im2col matrix is never
+written).
+
+Shapes: ``parents [I, B, C, H, W]`` (any strides: contiguous and channels_last parents are read in
+place), ``index`` int64 ``[J]``, ``weight [J, Co, C, KH, KW]``, ``bias [J, Co]``; zero padding, any
+stride, dilation and kernel size, one group per child. Three kernels, one launcher each:
+
+- forward: ``out [B, J*Co, Ho, Wo]``, the channel-stacked layout of the grouped path (child j's channels
+  at ``[j*Co, (j+1)*Co)``). GEMM per child: M = B*Ho*Wo output pixels, N = Co, K = C*KH*KW.
+- input gradient: ``grad_children [J, B, C, H, W]``, the gradient of each child's (virtual) gathered
+  input; the transposed convolution as an implicit GEMM over M = B*H*W input pixels, N = C,
+  K = Co*KH*KW, where a (pixel, tap) pair that no output position reaches (stride > 1, borders) is masked.
+- weight gradient: ``[J, Co, C, KH, KW]``, GEMM over the output pixels, split into chunks written to
+  fp32 partials that are summed in a fixed order (deterministic, no atomics), reading the parents
+  through the index again.
+
+Accumulation is fp32; fp16/bf16/fp32 inputs (fp32 products in IEEE precision, not TF32, so they match a
+float32 reference). Loop trip counts are constexpr: Triton 3.6's interpreter cannot take a runtime loop
+bound with numpy >= 2.4 (see :mod:`l2b_fast.triton.branch`); on the GPU that is one compile per layer shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from l2b_fast.triton.sample_branches import _device_guard, _interpreted, _next_pow2, _sm_count
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Stride, zero padding and dilation of a 2-D convolution, (height, width) each."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    def output_size(self, height: int, width: int, kernel: tuple[int, int]) -> tuple[int, int]:
+        return tuple(
+            (size + 2 * pad - dil * (k - 1) - 1) // st + 1
+            for size, pad, dil, k, st in zip((height, width), self.padding, self.dilation, kernel, self.stride)
+        )
+
+
+def _upcast(dtype: torch.dtype, interpreted: bool) -> bool:
+    # Triton's interpreter multiplies bf16 tiles wrongly in tl.dot (numpy has no bf16): give it fp32 tiles.
+    return interpreted and dtype == torch.bfloat16
+
+
+def _dot_precision(dtype: torch.dtype, interpreted: bool) -> str:
+    # fp32 products in IEEE precision (TF32 would differ from a float32 reference by ~1e-3); ignored for
+    # fp16/bf16, whose products are exact in the fp32 accumulator.
+    return "ieee" if dtype == torch.float32 or _upcast(dtype, interpreted) else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward: out[b, j*Co + n, oh, ow] = bias[j, n] + sum_{c, r, s} parents[index[j], b, c, ih, iw] * w[j, n, c, r, s]
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _indexed_conv_forward_kernel(
+    x_ptr, index_ptr, w_ptr, bias_ptr, out_ptr,
+    B, C, H, W, Co, Ho, Wo,
+    sx_i, sx_b, sx_c, sx_h, sx_w,
+    sw_j, sw_o, sw_c, sw_h, sw_w,
+    so_b, so_c, so_h, so_w,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    K_TILES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    child = tl.program_id(2)
+    parent = tl.load(index_ptr + child)  # int64: the parent's offset cannot overflow
+    x_parent = x_ptr + parent * sx_i
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < B * Ho * Wo
+    ow = offs_m % Wo
+    oh = (offs_m // Wo) % Ho
+    b = offs_m // (Wo * Ho)
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    x_rows = x_parent + b.to(tl.int64)[:, None] * sx_b
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Co
+    w_cols = w_ptr + child.to(tl.int64) * sw_j + offs_n[None, :] * sw_o
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for t in range(K_TILES):
+        # K = (c, r, s) flattened, the weight's own order: a 3-channel first layer fills K with its taps.
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < C * KH * KW
+        c = offs_k // (KH * KW)
+        r = (offs_k // KW) % KH
+        s = offs_k % KW
+        ih = ih0[:, None] + (r * DH)[None, :]
+        iw = iw0[:, None] + (s * DW)[None, :]
+        a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_rows + c[None, :] * sx_c + ih * sx_h + iw * sx_w, mask=a_ok, other=0.0)
+        w = tl.load(w_cols + (c * sw_c + r * sw_h + s * sw_w)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + child * Co + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = (
+        out_ptr + b.to(tl.int64)[:, None] * so_b + (child * Co + offs_n)[None, :] * so_c
+        + (oh * so_h + ow * so_w)[:, None]
+    )  # fmt: skip
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input gradient: grad_children[j, b, c, ih, iw] = sum_{n, r, s} grad_out[b, j*Co + n, oh, ow] * w[j, n, c, r, s]
+# over the (oh, ow) with oh * SH - PH + r * DH = ih (and the same for the width)
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _indexed_conv_input_grad_kernel(
+    g_ptr, w_ptr, dx_ptr,
+    B, C, H, W, Co, Ho, Wo,
+    sg_b, sg_c, sg_h, sg_w,
+    sw_j, sw_o, sw_c, sw_h, sw_w,
+    sd_j, sd_b, sd_c, sd_h, sd_w,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    K_TILES: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    child = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < B * H * W
+    iw = offs_m % W
+    ih = (offs_m // W) % H
+    b = offs_m // (W * H)
+    g_rows = g_ptr + b.to(tl.int64)[:, None] * sg_b + child.to(tl.int64) * Co * sg_c
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels
+    n_ok = offs_n < C
+    w_cols = w_ptr + child.to(tl.int64) * sw_j + offs_n[None, :] * sw_c
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for t in range(K_TILES):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)  # K = (output channel, r, s)
+        k_ok = offs_k < Co * KH * KW
+        o = offs_k // (KH * KW)
+        r = (offs_k // KW) % KH
+        s = offs_k % KW
+        h_num = ih[:, None] + PH - (r * DH)[None, :]  # = oh * SH where an output position reads ih
+        w_num = iw[:, None] + PW - (s * DW)[None, :]
+        # Negative numerators are masked first: // and % round differently there on GPU and interpreter.
+        h_ok = (h_num >= 0) & (h_num % SH == 0) & (h_num // SH < Ho)
+        w_ok = (w_num >= 0) & (w_num % SW == 0) & (w_num // SW < Wo)
+        oh = tl.where(h_ok, h_num // SH, 0)
+        ow = tl.where(w_ok, w_num // SW, 0)
+        a_ok = m_ok[:, None] & k_ok[None, :] & h_ok & w_ok
+        a = tl.load(g_rows + o[None, :] * sg_c + oh * sg_h + ow * sg_w, mask=a_ok, other=0.0)
+        w = tl.load(w_cols + (o * sw_o + r * sw_h + s * sw_w)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+    dx = (
+        dx_ptr + child.to(tl.int64) * sd_j + b.to(tl.int64)[:, None] * sd_b + offs_n[None, :] * sd_c
+        + (ih * sd_h + iw * sd_w)[:, None]
+    )  # fmt: skip
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weight gradient: grad_w[j, n, c, r, s] = sum_{b, oh, ow} grad_out[b, j*Co + n, oh, ow] * parents[index[j], b, c, ih, iw]
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _indexed_conv_weight_grad_kernel(
+    g_ptr, x_ptr, index_ptr, partials_ptr,
+    B, C, H, W, Co, Ho, Wo, J,
+    sg_b, sg_c, sg_h, sg_w,
+    sx_i, sx_b, sx_c, sx_h, sx_w,
+    num_k_blocks,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    M_TILES_PER_SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_nk = tl.program_id(0)
+    split = tl.program_id(1)
+    child = tl.program_id(2)
+    pid_n = pid_nk // num_k_blocks
+    pid_k = pid_nk % num_k_blocks
+    parent = tl.load(index_ptr + child)
+    x_parent = x_ptr + parent * sx_i
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
+    n_ok = offs_n < Co
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # (c, r, s)
+    k_ok = offs_k < C * KH * KW
+    c = offs_k // (KH * KW)
+    r = (offs_k // KW) % KH
+    s = offs_k % KW
+    g_cols = g_ptr + (child.to(tl.int64) * Co + offs_n)[:, None] * sg_c
+
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for t in range(M_TILES_PER_SPLIT):
+        offs_m = (split * M_TILES_PER_SPLIT + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < B * Ho * Wo
+        ow = offs_m % Wo
+        oh = (offs_m // Wo) % Ho
+        b = offs_m // (Wo * Ho)
+        g = tl.load(
+            g_cols + (b.to(tl.int64) * sg_b + oh * sg_h + ow * sg_w)[None, :],
+            mask=n_ok[:, None] & m_ok[None, :], other=0.0,
+        )  # fmt: skip
+        ih = (oh * SH - PH)[:, None] + (r * DH)[None, :]
+        iw = (ow * SW - PW)[:, None] + (s * DW)[None, :]
+        x_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x = tl.load(
+            x_parent + b.to(tl.int64)[:, None] * sx_b + c[None, :] * sx_c + ih * sx_h + iw * sx_w,
+            mask=x_ok, other=0.0,
+        )  # fmt: skip
+        if UPCAST:
+            g, x = g.to(tl.float32), x.to(tl.float32)
+        acc = tl.dot(g, x, acc, input_precision=PRECISION)
+
+    k_total = C * KH * KW
+    out = partials_ptr + ((split * J + child).to(tl.int64) * Co + offs_n[:, None]) * k_total + offs_k[None, :]
+    tl.store(out, acc, mask=n_ok[:, None] & k_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _blocks(rows: int, cols: int, depth: int, interpreted: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of a GEMM with ``rows`` x ``cols`` outputs and ``depth`` terms.
+
+    tl.dot needs every block >= 16. The interpreter pays per program, so it takes few, large blocks; the
+    GPU sizes are a plain starting point, not tuned (no GPU has measured these kernels yet)."""
+    if interpreted:
+        return (
+            max(16, min(_next_pow2(rows), 256)),
+            max(16, min(_next_pow2(cols), 64)),
+            max(16, min(_next_pow2(depth), 64)),
+        )
+    return 64, max(16, min(_next_pow2(cols), 64)), 32
+
+
+def _num_warps(interpreted: bool) -> int:
+    return 1 if interpreted else 4
+
+
+def empty_output(parents: Tensor, weight_shape: torch.Size, geometry: Geometry) -> Tensor:
+    """The forward's output ``[B, J*Co, Ho, Wo]``, channels_last where the parents are (per parent, C > 1),
+    as the cudnn path's output is (also the operator's fake kernel)."""
+    _, batch, channels, height, width = parents.shape
+    children, out_channels, _, kh, kw = weight_shape
+    channels_last = channels > 1 and parents[0].is_contiguous(memory_format=torch.channels_last)
+    return torch.empty(
+        (batch, children * out_channels, *geometry.output_size(height, width, (kh, kw))), dtype=parents.dtype,
+        device=parents.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+    )  # fmt: skip
+
+
+def conv_forward(parents: Tensor, index: Tensor, weight: Tensor, bias: Tensor | None, geometry: Geometry) -> Tensor:
+    """``out [B, J*Co, Ho, Wo]``: child j's convolution of ``parents[index[j]]`` in channels ``[j*Co, (j+1)*Co)``.
+
+    The output is channels_last where the parents are (per parent, C > 1), as the cuDNN path gives."""
+    _, batch, channels, height, width = parents.shape
+    children, out_channels, _, kh, kw = weight.shape
+    out = empty_output(parents, weight.shape, geometry)
+    out_h, out_w = out.shape[2:]
+    if out.numel() == 0:
+        return out
+    interpreted = _interpreted(parents.device)
+    rows, depth = batch * out_h * out_w, channels * kh * kw
+    block_m, block_n, block_k = _blocks(rows, out_channels, depth, interpreted)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_channels, block_n), children)
+    with _device_guard(parents.device):
+        _indexed_conv_forward_kernel[grid](
+            parents, index, weight, bias if bias is not None else weight, out,
+            batch, channels, height, width, out_channels, out_h, out_w,
+            *parents.stride(), *weight.stride(), *out.stride(),
+            *geometry.stride, *geometry.padding, *geometry.dilation, kh, kw,
+            K_TILES=triton.cdiv(depth, block_k),
+            HAS_BIAS=bias is not None,
+            PRECISION=_dot_precision(parents.dtype, interpreted),
+            UPCAST=_upcast(parents.dtype, interpreted),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=_num_warps(interpreted),
+        )  # fmt: skip
+    return out
+
+
+def conv_input_grad(grad_out: Tensor, weight: Tensor, like_parents: Tensor, geometry: Geometry, children_strides: tuple[int, ...]) -> Tensor:
+    """``grad_children [J, B, C, H, W]`` (strides ``children_strides``, the parents' dtype): each child's
+    gradient of its gathered input, the transposed convolution of its slice of ``grad_out``."""
+    _, batch, channels, height, width = like_parents.shape
+    children, out_channels, _, kh, kw = weight.shape
+    out_h, out_w = grad_out.shape[2:]
+    grad_children = torch.empty_strided(
+        (children, batch, channels, height, width), children_strides, dtype=like_parents.dtype, device=like_parents.device
+    )
+    if grad_children.numel() == 0:
+        return grad_children
+    if grad_out.numel() == 0:
+        return grad_children.zero_()
+    interpreted = _interpreted(grad_out.device)
+    rows, depth = batch * height * width, out_channels * kh * kw
+    block_m, block_n, block_k = _blocks(rows, channels, depth, interpreted)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_n), children)
+    with _device_guard(grad_out.device):
+        _indexed_conv_input_grad_kernel[grid](
+            grad_out, weight, grad_children,
+            batch, channels, height, width, out_channels, out_h, out_w,
+            *grad_out.stride(), *weight.stride(), *grad_children.stride(),
+            *geometry.stride, *geometry.padding, *geometry.dilation, kh, kw,
+            K_TILES=triton.cdiv(depth, block_k),
+            PRECISION=_dot_precision(grad_out.dtype, interpreted),
+            UPCAST=_upcast(grad_out.dtype, interpreted),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=_num_warps(interpreted),
+        )  # fmt: skip
+    return grad_children
+
+
+def conv_weight_grad(grad_out: Tensor, parents: Tensor, index: Tensor, weight_shape: torch.Size, geometry: Geometry) -> Tensor:
+    """``grad_weight [J, Co, C, KH, KW]`` in fp32 (the caller casts): sum over the output pixels of
+    ``grad_out`` times the window of ``parents[index[j]]``, split in chunks summed in a fixed order."""
+    _, batch, channels, height, width = parents.shape
+    children, out_channels, _, kh, kw = weight_shape
+    out_h, out_w = grad_out.shape[2:]
+    depth, rows = channels * kh * kw, batch * out_h * out_w
+    if rows == 0 or grad_out.numel() == 0:
+        return torch.zeros(tuple(weight_shape), dtype=torch.float32, device=parents.device)
+    interpreted = _interpreted(parents.device)
+    block_m, block_n, block_k = _blocks(rows, out_channels, depth, interpreted)
+    if not interpreted:
+        block_m = 32  # the reduction dim: smaller tiles, more of them, more splits to fill the GPU
+    num_n, num_k, m_tiles = triton.cdiv(out_channels, block_n), triton.cdiv(depth, block_k), triton.cdiv(rows, block_m)
+    # Few output tiles (a 3-channel first layer has 1-2 per child) and many pixels: split the pixels so
+    # about four programs per SM run; the fp32 partials are summed afterwards in split order.
+    target = 1 if interpreted else 4 * _sm_count(parents.device)
+    splits = max(1, min(m_tiles, triton.cdiv(target, num_n * num_k * children)))
+    tiles_per_split = triton.cdiv(m_tiles, splits)
+    splits = triton.cdiv(m_tiles, tiles_per_split)
+    partials = torch.empty((splits, children, out_channels, depth), dtype=torch.float32, device=parents.device)
+    with _device_guard(parents.device):
+        _indexed_conv_weight_grad_kernel[(num_n * num_k, splits, children)](
+            grad_out, parents, index, partials,
+            batch, channels, height, width, out_channels, out_h, out_w, children,
+            *grad_out.stride(), *parents.stride(),
+            num_k,
+            *geometry.stride, *geometry.padding, *geometry.dilation, kh, kw,
+            M_TILES_PER_SPLIT=tiles_per_split,
+            PRECISION=_dot_precision(parents.dtype, interpreted),
+            UPCAST=_upcast(parents.dtype, interpreted),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=_num_warps(interpreted),
+        )  # fmt: skip
+    grad_weight = partials[0] if splits == 1 else partials.sum(dim=0)
+    return grad_weight.view(tuple(weight_shape))

@@ -1,0 +1,313 @@
+"""The Triton convolution that reads the parents through the sampled index (``conv_backend="triton"``).
+
+Without a GPU the kernels run in Triton's interpreter at tiny sizes (conftest sets TRITON_INTERPRET=1),
+held to the pure-PyTorch reference: the output, the weight and bias gradients, the parents' gradient and
+the logits' gradient, on fresh random inputs. Tests named ``*cuda*`` run the compiled kernels on a GPU at
+realistic first-layer sizes and skip without one (tools/gpu_validate.py runs them in its kernel stage).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from l2b_fast import backends, ops
+from l2b_fast.nn import BlockSpec, TreeSupernet
+from l2b_fast.nn.grouped import indexed
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = backends.TRITON_INSTALLED and backends.triton_interpreting()
+interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs the kernels in Triton's interpreter (CPU, TRITON_INTERPRET=1)")
+needs_cuda = pytest.mark.skipif(not (CUDA and backends.TRITON_INSTALLED), reason="needs a CUDA device and Triton")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (kernel, stride, padding, dilation): 1x1 and 3x3, strided, padded, dilated, an even kernel with stride 3.
+GEOMETRIES = [(3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), (3, 2, 2, 2), (2, 3, 0, 1), ((1, 3), (2, 1), (0, 1), (1, 2))]
+TAU = 1.3
+
+
+def make_inputs(num_parents, children, batch, channels, out_channels, size, kernel, *, dtype, device="cpu", seed=0, bias=True):
+    generator = torch.Generator().manual_seed(seed)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    rand = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    parents = rand(num_parents, batch, channels, *size).to(device, dtype)
+    logits = rand(num_parents, children).to(device, torch.float32)
+    weight = (rand(children, out_channels, channels, kh, kw) / (channels * kh * kw) ** 0.5).to(device, dtype)
+    bias_tensor = rand(children, out_channels).to(device, dtype) if bias else None
+    index, soft = ops.sample_branches(logits, TAU, generator=torch.Generator(device).manual_seed(seed + 1))
+    return parents, logits, index, soft, weight, bias_tensor
+
+
+def run(function, parents, logits, index, soft, weight, bias, geometry, grad_seed=7):
+    """Output and gradients (parents, logits, weight, bias) of ``function`` for a fixed random upstream gradient."""
+    kernel, stride, padding, dilation = geometry
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (parents, logits, weight, bias)]
+    out = function(leaves[0], leaves[1], index, soft, TAU, leaves[2], leaves[3], stride=stride, padding=padding, dilation=dilation)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], upstream)
+    return out, grads
+
+
+def as_reference(tensors):
+    return [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+def assert_matches_reference(inputs, geometry, atol, rtol):
+    parents, logits, index, soft, weight, bias = inputs
+    out, grads = run(indexed.indexed_conv2d, *inputs, geometry)
+    ref_out, ref_grads = run(indexed.indexed_conv2d_ref, *as_reference(inputs), geometry)
+    scale = lambda t: float(t.detach().abs().max()) or 1.0  # noqa: E731  error relative to the tensor's range
+    torch.testing.assert_close(out.double(), ref_out, atol=atol * scale(ref_out), rtol=rtol)
+    for name, got, expected in zip(("parents", "logits", "weight", "bias"), grads, ref_grads):
+        torch.testing.assert_close(got.double(), expected, atol=atol * scale(expected), rtol=rtol, msg=lambda m: f"grad {name}: {m}")
+
+
+@interpreted_only
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "k{}s{}p{}d{}".format(*g))
+def test_matches_reference_fp32(geometry):
+    inputs = make_inputs(2, 3, 2, 3, 4, (7, 6), geometry[0], dtype=torch.float32, seed=len(str(geometry)))
+    assert_matches_reference(inputs, geometry, atol=1e-5, rtol=1e-5)
+
+
+@interpreted_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matches_reference_half_precision(dtype):
+    inputs = make_inputs(3, 4, 2, 5, 6, (5, 7), 3, dtype=dtype, seed=3, bias=dtype == torch.float16)
+    tolerance = 4e-3 if dtype == torch.float16 else 3e-2
+    assert_matches_reference(inputs, (3, 1, 1, 1), atol=tolerance, rtol=tolerance)
+
+
+@interpreted_only
+def test_channels_last_parents_and_one_parent():
+    parents, *rest = make_inputs(1, 3, 2, 4, 5, (6, 5), 3, dtype=torch.float32, seed=5)
+    channels_last = torch.stack([p.contiguous(memory_format=torch.channels_last) for p in parents])
+    assert channels_last[0].is_contiguous(memory_format=torch.channels_last)
+    assert_matches_reference((channels_last, *rest), (3, 1, 1, 1), atol=1e-5, rtol=1e-5)
+    out = indexed.indexed_conv2d(channels_last, *rest[:3], TAU, *rest[3:], padding=1)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # as the cudnn path's output
+
+
+@interpreted_only
+def test_frozen_logits_skip_the_dots_and_input_without_grad_skips_the_input_gradient(monkeypatch):
+    parents, logits, index, soft, weight, bias = make_inputs(3, 4, 2, 3, 4, (5, 5), 3, dtype=torch.float32, seed=9)
+    calls = []
+    real = indexed._branch_backward_op
+
+    def recording(device):
+        op = real(device)
+
+        def call(*args):
+            calls.append(args[-2:])  # (need_grad_parents, need_grad_logits)
+            return op(*args)
+
+        return call
+
+    monkeypatch.setattr(indexed, "_branch_backward_op", recording)
+    frozen_parents = parents.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    out = indexed.indexed_conv2d(frozen_parents, logits, index, soft, TAU, w, bias, padding=1)  # logits need no grad
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, [frozen_parents, w], upstream)
+    assert calls == [(True, False)]
+    ref_parents = parents.double().requires_grad_(True)
+    ref_out = indexed.indexed_conv2d_ref(ref_parents, logits.double(), index, soft.double(), TAU, weight.double(), bias.double(), padding=1)
+    torch.testing.assert_close(got[0].double(), torch.autograd.grad(ref_out, ref_parents, upstream.double())[0], atol=1e-5, rtol=1e-5)
+
+    calls.clear()
+    w = weight.clone().requires_grad_(True)
+    out = indexed.indexed_conv2d(parents, logits, index, soft, TAU, w, None, padding=1)  # the network input
+    out.backward(torch.randn_like(out))
+    assert calls == [] and w.grad is not None  # no input gradient at all
+
+
+@interpreted_only
+def test_opcheck():
+    parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 5), 3, dtype=torch.float32, seed=11)
+    parents.requires_grad_(True), logits.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True)
+    tau = torch.tensor(TAU, dtype=torch.float64)
+    torch.library.opcheck(
+        indexed._indexed_conv2d_op, (parents, logits, index, soft, tau, weight, bias, [2, 1], [1, 0], [1, 2]),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+@interpreted_only
+def test_bad_inputs_raise_clear_errors(monkeypatch):
+    parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 5), 3, dtype=torch.float32)
+    call = lambda **changed: indexed.indexed_conv2d(  # noqa: E731
+        *[changed.get(name, value) for name, value in zip(("parents", "logits", "index", "soft"), (parents, logits, index, soft))],
+        TAU, changed.get("weight", weight), changed.get("bias", bias), **changed.get("geometry", {}),
+    )
+    with pytest.raises(TypeError, match="float64"):
+        call(parents=parents.double(), weight=weight.double(), bias=bias.double())
+    with pytest.raises(TypeError, match="weight is torch.float16"):
+        call(weight=weight.half())
+    with pytest.raises(ValueError, match=r"\[I, B, C, H, W\]"):
+        call(parents=parents[:, 0])
+    with pytest.raises(ValueError, match="input channels"):
+        call(weight=weight[:, :, :2])  # a per-child groups > 1 weight
+    with pytest.raises(ValueError, match="children"):
+        call(weight=weight[:2], bias=bias[:2])
+    with pytest.raises(ValueError, match="bias"):
+        call(bias=bias[:, :2])
+    with pytest.raises(ValueError, match="int64"):
+        call(index=index.int())
+    with pytest.raises(ValueError, match="stride"):
+        call(geometry={"stride": 0})
+    with pytest.raises(ValueError, match="padding"):
+        call(geometry={"padding": (1, 1, 1)})
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: say what to use
+    with pytest.raises(backends.BackendUnavailableError, match="cudnn"):
+        call()
+
+
+# --- the grouped block with conv_backend="triton" equals per_child ------------------------------------------
+
+TASKS = ["a", "b", "c"]
+
+
+def conv_blocks():
+    """Every block starts with a Conv2d (bias or not, strided, dilated, 1x1); the last starts with a ReLU (cudnn path)."""
+    return [
+        BlockSpec(2, lambda b, j: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())),
+        BlockSpec(3, lambda b, j: nn.Sequential(nn.Conv2d(4, 5, 3, stride=2, padding=2, dilation=2, bias=False), nn.BatchNorm2d(5), nn.ReLU())),
+        BlockSpec(2, lambda b, j: nn.Sequential(nn.Conv2d(5, 3, 1), nn.Tanh())),
+        BlockSpec(3, lambda b, j: nn.Sequential(nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1))),
+    ]
+
+
+def supernets(dtype, device="cpu"):
+    torch.manual_seed(0)
+    reference = TreeSupernet(conv_blocks(), TASKS, execution="per_child").to(device, dtype)
+    with torch.no_grad():
+        for branching in reference.branchings:
+            branching.logits.normal_()
+    triton_net = copy.deepcopy(reference)
+    triton_net.set_execution("grouped")
+    triton_net.set_conv_backend("triton")
+    for block in triton_net._grouped:
+        block.routing = "gather"
+    return reference, triton_net
+
+
+def search_step(net, x, mode, seed):
+    net.eval() if mode == "eval" else (net.train(), net.set_mode(mode))
+    out = net(x, generator=torch.Generator(x.device).manual_seed(seed))
+    loss = sum((v * torch.linspace(-1, 2, v.numel(), dtype=v.dtype, device=v.device).view_as(v)).sum() for v in out.values())
+    loss.backward()
+    return out
+
+
+def assert_same_step(reference, other, x, mode, tolerance):
+    expected, got = search_step(reference, x, mode, 1), search_step(other, x, mode, 1)
+    for task in TASKS:
+        torch.testing.assert_close(got[task], expected[task], **tolerance)
+    for (name, p), (_, q) in zip(reference.named_parameters(), other.named_parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+        else:
+            torch.testing.assert_close(q.grad, p.grad, **tolerance, msg=lambda m: f"{name}: {m}")
+    for (name, b), (_, c) in zip(reference.named_buffers(), other.named_buffers()):
+        torch.testing.assert_close(c, b, **tolerance, msg=lambda m: f"{name}: {m}")
+
+
+@interpreted_only
+@pytest.mark.parametrize("mode", ["search", "frozen", "eval"])
+def test_grouped_triton_equals_per_child(mode, monkeypatch):
+    reference, triton_net = supernets(torch.float32)
+    started = []
+    real = indexed.start_block
+
+    def recording(step, block, *args):
+        result = real(step, block, *args)
+        started.append((block, result is not None))
+        return result
+
+    monkeypatch.setattr(indexed, "start_block", recording)
+    x = torch.randn(2, 3, 9, 7)
+    assert_same_step(reference, triton_net, x, mode, {"atol": 2e-4, "rtol": 2e-4})
+    assert started == [(0, True), (1, True), (2, True), (3, False)]  # block 3 (a ReLU first) gathers
+    if mode == "search":
+        assert all(p.grad.abs().sum() > 0 for p in triton_net.logits_parameters()[1:])
+
+
+@interpreted_only
+def test_grouped_triton_leaves_fp64_to_cudnn_and_is_selectable():
+    reference, triton_net = supernets(torch.float64)
+    assert_same_step(reference, triton_net, torch.randn(2, 3, 9, 7, dtype=torch.float64), "search", {"atol": 1e-10, "rtol": 1e-10})
+    triton_net.set_execution("auto")  # the choice survives a new execution
+    assert all(block.conv_backend == "triton" for block in triton_net._grouped if block is not None)
+    assert TreeSupernet(conv_blocks(), TASKS, conv_backend="triton").conv_backend == "triton"
+    with pytest.raises(ValueError, match="conv_backend"):
+        triton_net.set_conv_backend("cuda")
+    with pytest.raises(ValueError, match="conv_backend"):
+        TreeSupernet(conv_blocks(), TASKS, conv_backend="fast")
+
+
+def test_triton_conv_backend_on_cpu_without_interpreter_names_the_alternative(monkeypatch):
+    _, triton_net = supernets(torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(backends.BackendUnavailableError, match="block 0: conv_backend='triton'.*cudnn"):
+        triton_net(torch.randn(2, 3, 9, 7))
+
+
+# --- compiled kernels on a GPU -------------------------------------------------------------------------------
+
+# (I, J, B, C, Co, H, W, kernel, stride, padding): first layers of the paper's models and a strided one.
+CUDA_SHAPES = {
+    "taskonomy_stem": (1, 2, 8, 3, 64, 128, 128, 7, 2, 3),
+    "taskonomy_block": (5, 5, 16, 64, 64, 32, 32, 3, 1, 1),
+    "celeba_vgg": (3, 5, 16, 32, 32, 56, 48, 3, 1, 1),
+    "strided_odd": (2, 3, 5, 24, 40, 33, 29, 3, 2, 1),
+}
+CUDA_TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(CUDA_SHAPES))
+def test_cuda_kernels_match_reference(shape, dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # an fp32 reference, not TF32
+    num_parents, children, batch, channels, out_channels, height, width, kernel, stride, padding = CUDA_SHAPES[shape]
+    inputs = make_inputs(num_parents, children, batch, channels, out_channels, (height, width), kernel, dtype=dtype, device="cuda")
+    parents, logits, index, soft, weight, bias = inputs
+    geometry = (kernel, stride, padding, 1)
+    out, grads = run(indexed.indexed_conv2d, *inputs, geometry)
+    # fp32 reference on the same (rounded) inputs: fp64 convolutions are slow on a GPU
+    ref_out, ref_grads = run(indexed.indexed_conv2d_ref, *[t.float() if t is not None and t.is_floating_point() else t for t in inputs], geometry)
+    tol = CUDA_TOLERANCE[dtype]
+    for name, got, expected in zip(("out", "parents", "logits", "weight", "bias"), (out, *grads), (ref_out, *ref_grads)):
+        torch.testing.assert_close(got.float(), expected, atol=tol * float(expected.detach().abs().max()), rtol=tol, msg=lambda m: f"{shape} {name}: {m}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["search", "frozen", "eval"])
+def test_cuda_grouped_triton_equals_per_child(mode):
+    torch.backends.cudnn.allow_tf32, previous = False, torch.backends.cudnn.allow_tf32
+    try:
+        reference, triton_net = supernets(torch.float32, "cuda")
+        x = torch.randn(4, 3, 33, 31, device="cuda")
+        assert_same_step(reference, triton_net, x, mode, {"atol": 2e-4, "rtol": 2e-4})
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
+@needs_cuda
+def test_cuda_forward_reads_the_index_on_the_device():
+    """No host synchronisation: the index stays on the GPU (sync debug mode raises on a sync)."""
+    inputs = make_inputs(3, 4, 4, 16, 16, (20, 20), 3, dtype=torch.bfloat16, device="cuda")
+    parents, logits, index, soft, weight, bias = inputs
+    leaves = [parents.requires_grad_(True), logits.requires_grad_(True), weight.requires_grad_(True)]
+    indexed.indexed_conv2d(parents, logits, index, soft, TAU, weight, bias, padding=1)  # compile outside the check
+    tau = torch.tensor(TAU, dtype=torch.float64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = indexed.indexed_conv2d(parents, logits, index, soft, tau, weight, bias, padding=1)
+        torch.autograd.grad(out.float().square().sum(), leaves)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
