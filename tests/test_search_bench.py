@@ -34,7 +34,7 @@ def test_smoke_run_writes_tagged_csv_json_and_plot(tmp_path, capsys):
     assert float(measured["naive"]["vs_naive"]) == 1.0
     for row in rows:
         if row["status"] != "ok":  # grouped execution not built yet: reported, never faked
-            assert row["variant"] in ("grouped", "static_grouped") and row["note"]
+            assert row["variant"] in ("grouped", "grouped_triton", "static_grouped") and row["note"]
     meta = json.loads((tmp_path / f"{stem}.json").read_text())["meta"]
     assert meta["torch"] == torch.__version__ and meta["preset"]["name"] == "tiny"
     assert meta["config"]["repeat"] == 1

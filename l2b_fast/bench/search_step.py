@@ -7,6 +7,9 @@ Variants, all starting from the same weights and run on the same batch:
   weighted sum over all parents, one node at a time (``l2b_fast.bench.naive.NaiveSupernet``);
 - ``per_child``: ``TreeSupernet(execution="per_child")``: the fused branching op, nodes one by one;
 - ``grouped``: ``TreeSupernet(execution="grouped")``: every block's children as one batched launch per layer;
+- ``grouped_triton``: ``grouped`` with ``conv_backend="triton"``: a gathered block's first convolution reads
+  the parents through the sampled index (Triton implicit GEMM) instead of cuDNN on a gathered copy; CUDA only
+  (skipped with a note elsewhere);
 - ``auto``: ``TreeSupernet(execution="auto")``, the library's default: grouped where it measured faster;
 - ``static``: the floor: the same nodes with every child hard-wired to one parent (child j of a block
   reads parent j mod I) and no branching at all, run as a ``TreeNet`` (one node at a time, no logits);
@@ -50,7 +53,7 @@ from l2b_fast.models import SPECS, ModelSpec
 from l2b_fast.nn import TreeNet
 from l2b_fast.tree import Tree
 
-VARIANTS = ("naive", "per_child", "grouped", "auto", "static", "static_grouped")
+VARIANTS = ("naive", "per_child", "grouped", "grouped_triton", "auto", "static", "static_grouped")
 MODELS = tuple(SPECS)
 
 
@@ -117,13 +120,17 @@ def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device,
     """The variant's module, loaded with ``state`` (the common initial weights), and its parameter groups."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-    execution = {"grouped": "grouped", "static_grouped": "grouped", "auto": "auto"}.get(name, "per_child")
+    execution = {"grouped": "grouped", "grouped_triton": "grouped", "static_grouped": "grouped", "auto": "auto"}.get(name, "per_child")
+    if name == "grouped_triton" and device.type != "cuda":
+        raise VariantUnavailable(f"{name}: the Triton convolution runs on CUDA only (device {device.type})")
     try:
         with device:  # initialised where it runs: a full-size Taskonomy supernet takes seconds on one CPU core
             supernet = spec.supernet(execution=execution)
     except (ValueError, NotImplementedError) as error:
         raise VariantUnavailable(f"{name}: {error}") from error
     supernet.load_state_dict(state)
+    if name == "grouped_triton":
+        supernet.set_conv_backend("triton")
     if name == "static":
         model = TreeNet.from_supernet(supernet, static_tree(spec))
         weights, logits = list(model.parameters()), []
