@@ -5,7 +5,7 @@ Search (a model holding :class:`~l2b_fast.nn.Branching` blocks, e.g. a ``TreeSup
 ``TreeNet`` or any module returning ``{task: output}``) alike: two optimizers (weights, logits; Adam with
 the paper's L2 weight decay or AdamW), warmup epochs with frozen logits, temperature and learning-rate
 schedules, task weights, mixed precision (bf16, or fp16 with gradient scaling), channels_last, gradient
-accumulation, ``torch.compile``, CSV/TensorBoard logs, progress, atomic checkpoints and exact resume.
+accumulation, ``torch.compile``, a whole-step CUDA graph (``cuda_graph``), CSV/TensorBoard logs, progress, atomic checkpoints and exact resume.
 
 The logits are found by the model itself: the ``logits`` parameters of the ``Branching`` modules of the
 unwrapped module (under DistributedDataParallel and ``torch.compile``), never by looking for methods on the
@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from l2b_fast.nn.branching import Branching
-from l2b_fast.train import distributed, lr_schedules, schedules
+from l2b_fast.train import distributed, graphed_step, lr_schedules, schedules
 from l2b_fast.train.checkpoints import atomic_save, read_checkpoint, rng_state, set_rng_state
 from l2b_fast.train.logs import RunLogs, probability_row
 from l2b_fast.train.trainer import _Progress
@@ -70,7 +70,10 @@ class StreamConfig:
     (autocast and a GradScaler). ``compile``: ``torch.compile`` the model (True, or a dict of its keyword
     arguments: ``{"fullgraph": True}`` makes any graph break an error; ``{"mode": "reduce-overhead"}`` replays
     the compiled forward and backward as CUDA graphs; the step seed and tau are device tensors, so neither
-    recompiles nor re-records). ``checkpoint_every``: steps between checkpoints (0: only at the end of each epoch; epochs always
+    recompiles nor re-records). ``cuda_graph``: capture the whole step (forward, loss, backward, both optimizers'
+    steps) in a CUDA graph and replay it every step (:mod:`l2b_fast.train.graphed_step`: one graph for warmup, one
+    for the search; a batch of another shape runs eagerly); CUDA only, one process, ``accumulation=1``, fp32 or
+    bf16, a forward taking ``seed=``. ``checkpoint_every``: steps between checkpoints (0: only at the end of each epoch; epochs always
     end with one).
     """
 
@@ -90,6 +93,7 @@ class StreamConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool | dict = False
+    cuda_graph: bool = False
     checkpoint_every: int = 0
     log_every: int = 10
     seed: int = 0
@@ -112,6 +116,10 @@ class StreamConfig:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.compile, (bool, dict)):
             raise ValueError(f"compile must be True/False or a dict of torch.compile options, got {self.compile!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
+        if self.cuda_graph:
+            graphed_step.check_config(self)
         for name in ("lr_weights", "lr_logits", "weight_decay_weights", "weight_decay_logits"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
@@ -233,6 +241,13 @@ def _lookahead(iterator: Iterator) -> Iterator[tuple[object, bool]]:
     yield current, True
 
 
+def _set_lr(group: dict, value: float) -> None:
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(value)  # in place: a captured optimizer step reads it from memory (no sync)
+    else:
+        group["lr"] = value
+
+
 def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:
     while not isinstance(model, DistributedDataParallel):
         inner = getattr(model, "_orig_mod", None)  # torch.compile's wrapper
@@ -329,6 +344,7 @@ class StreamTrainer:
         self._step_seed = torch.zeros(1, dtype=torch.int64, device=self.device) if self._forward_takes_seed else None
         self._generator = torch.Generator(device=self.device) if self._forward_kwargs_generator else None
         self._build_optimizers()
+        self.graphed_step = graphed_step.GraphedStep(self) if config.cuda_graph else None  # ValueError off CUDA
         self.tau = schedules.from_config(config.tau)
         self.lr_schedule = lr_schedules.from_config(config.lr_schedule)
         self.lr_schedule_logits = lr_schedules.from_config(config.lr_schedule_logits)
@@ -442,7 +458,8 @@ class StreamTrainer:
         state = read_checkpoint(path, self.device)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a checkpoint of the streaming trainer")
-        saved = {k: v for k, v in state["config"].items() if k != "progress"}
+        defaults = {field.name: field.default for field in dataclasses.fields(StreamConfig) if field.default is not dataclasses.MISSING}
+        saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k != "progress"}  # newer settings: their defaults
         current = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "progress"}
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])
@@ -459,6 +476,8 @@ class StreamTrainer:
         self._epoch_sums = own["epoch_sums"].to(self.device)
         self._epoch_rng = own["epoch_rng"]
         set_rng_state(own["rng"], self.device)
+        if self.graphed_step is not None:
+            self.graphed_step.reset()  # new optimizer state and param groups: capture again
 
     # ----------------------------------------------------------------------------- data
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator:
@@ -515,11 +534,11 @@ class StreamTrainer:
     def _set_learning_rates(self, epoch: int) -> float:
         factor = self.lr_schedule(self.step, epoch, self.total_steps)
         for group in self.weight_optimizer.param_groups:
-            group["lr"] = self.config.lr_weights * factor
+            _set_lr(group, self.config.lr_weights * factor)
         if self.logits_optimizer is not None:
             logits_factor = self.lr_schedule_logits(self.step, epoch, self.total_steps)
             for group in self.logits_optimizer.param_groups:
-                group["lr"] = self.config.lr_logits * logits_factor
+                _set_lr(group, self.config.lr_logits * logits_factor)
         return self.config.lr_weights * factor
 
     def _autocast(self):
@@ -530,8 +549,7 @@ class StreamTrainer:
         """Weighted loss (a scalar, for backward) and the detached per-task losses (float64 [tasks])."""
         with self._autocast():
             if self._forward_takes_seed:
-                self._step_seed.fill_(distributed.step_seed(self.config.seed, self.step))  # in place: a fill kernel, no sync
-                outputs = self.model(inputs, seed=self._step_seed)
+                outputs = self.model(inputs, seed=self._step_seed)  # filled at the step's start (_run_epoch)
             elif self._forward_kwargs_generator:
                 self._generator.manual_seed(distributed.step_seed(self.config.seed, self.step))
                 outputs = self.model(inputs, generator=self._generator)
@@ -617,20 +635,26 @@ class StreamTrainer:
                 for branching in self.branchings:
                     branching.tau = tau
                 lr = self._set_learning_rates(epoch)
-                self.weight_optimizer.zero_grad(set_to_none=True)
-                if self.logits_optimizer is not None:
-                    self.logits_optimizer.zero_grad(set_to_none=True)
+                if self._forward_takes_seed:  # in place: a fill kernel, no sync; compiled and captured steps read it
+                    self._step_seed.fill_(distributed.step_seed(config.seed, self.step))
+                if self.graphed_step is None:  # a graph's replays overwrite its own gradients
+                    self.weight_optimizer.zero_grad(set_to_none=True)
+                    if self.logits_optimizer is not None:
+                        self.logits_optimizer.zero_grad(set_to_none=True)
                 group_losses.zero_()
             in_step += 1
             synchronise = in_step == config.accumulation or is_last
             no_sync = self.ddp.no_sync() if self.ddp is not None and not synchronise else contextlib.nullcontext()
-            with no_sync:
-                loss, task_losses = self._forward_losses(inputs, targets, masks, frozen)
-                self.scaler.scale(loss / config.accumulation).backward()
-            group_losses += task_losses
-            if not synchronise:
-                continue
-            self._optimizer_step(in_step, frozen)
+            if self.graphed_step is not None:  # accumulation 1: forward, backward and both optimizers' steps
+                group_losses += self.graphed_step(inputs, targets, masks, frozen)
+            else:
+                with no_sync:
+                    loss, task_losses = self._forward_losses(inputs, targets, masks, frozen)
+                    self.scaler.scale(loss / config.accumulation).backward()
+                group_losses += task_losses
+                if not synchronise:
+                    continue
+                self._optimizer_step(in_step, frozen)
             self._epoch_sums += group_losses
             self.batch_in_epoch += in_step
             self.step += 1
