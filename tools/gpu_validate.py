@@ -14,8 +14,9 @@ Stages, in this order; a failed correctness stage (marked *) stops the run befor
   kernel-paths* tests/test_gpu_paths.py: compiled Triton and CUDA kernels against fp64 on every path;
                 tests/test_indexed_conv.py -k cuda: the index-reading Triton convolution against its reference
   sanitizer*    compute-sanitizer memcheck, racecheck, synccheck over tools/gpu_sanitize.py (if installed)
-  determinism*  tests selected by name: bitwise-identical backward runs, CUDA-graph capture and replay,
-                sync-free steps, torch.compile over a changing tau without recompiles
+  determinism*  tests selected by name: bitwise-identical backward runs, CUDA-graph capture and replay
+                (the ops', and the trainer's whole step: all of tests/test_graphed_step.py), sync-free steps,
+                torch.compile over a changing tau without recompiles
   test-suite*   the whole `pytest tests`, on the GPU
   op-bench      python -m l2b_fast.bench in fp32 and bf16 (copy bandwidth in the same run), plot, targets
   search-bench  l2b bench search, when this checkout has it

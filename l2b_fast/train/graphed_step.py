@@ -189,7 +189,9 @@ class GraphedStep:
         self._zero_grad()  # backward creates the gradients in the graph's private pool
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: other threads (a DataLoader's pin-memory thread) may call CUDA during the capture,
+            # as with inductor's CUDA graphs; the autograd engine's kernels still go to the capturing stream.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._graph_losses = self._step(*self._buffers, frozen)
         except RuntimeError as error:
             self._ready = False
