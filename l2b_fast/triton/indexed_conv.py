@@ -263,19 +263,24 @@ def _indexed_conv_weight_grad_kernel(
 def _blocks(rows: int, cols: int, depth: int, interpreted: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) of a GEMM with ``rows`` x ``cols`` outputs and ``depth`` terms.
 
-    tl.dot needs every block >= 16. The interpreter pays per program, so it takes few, large blocks; the
-    GPU sizes are a plain starting point, not tuned (no GPU has measured these kernels yet)."""
+    tl.dot needs every block >= 16. The interpreter pays per program, so it takes few, large blocks. On the
+    GPU the index arithmetic of the gathered [BLOCK_M, BLOCK_K] window costs the registers: compiled for
+    sm_90 without a GPU (Triton 3.9, a 32-channel 3x3 layer), BLOCK_K = 32 took 232-255 registers per
+    thread at 4 warps and spilled in fp32, BLOCK_K = 16 took 96 (bf16) / 124 (fp32) and no spills. Not
+    tuned on a GPU: no GPU has run these kernels yet."""
     if interpreted:
         return (
             max(16, min(_next_pow2(rows), 256)),
             max(16, min(_next_pow2(cols), 64)),
             max(16, min(_next_pow2(depth), 64)),
         )
-    return 64, max(16, min(_next_pow2(cols), 64)), 32
+    return 64, max(16, min(_next_pow2(cols), 64)), 16
 
 
-def _num_warps(interpreted: bool) -> int:
-    return 1 if interpreted else 4
+def _num_warps(interpreted: bool, block_rows: int, block_cols: int) -> int:
+    # 8 warps for 64 x 64 output tiles: at 4 the fp32 accumulator and the pipelined gathers reached 255
+    # registers per thread and spilled (sm_90 compile, Triton 3.9).
+    return 1 if interpreted else (8 if block_rows * block_cols >= 64 * 64 else 4)
 
 
 def empty_output(parents: Tensor, weight_shape: torch.Size, geometry: Geometry) -> Tensor:
@@ -315,7 +320,7 @@ def conv_forward(parents: Tensor, index: Tensor, weight: Tensor, bias: Tensor | 
             PRECISION=_dot_precision(parents.dtype, interpreted),
             UPCAST=_upcast(parents.dtype, interpreted),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=_num_warps(interpreted),
+            num_warps=_num_warps(interpreted, block_m, block_n),
         )  # fmt: skip
     return out
 
@@ -347,7 +352,7 @@ def conv_input_grad(grad_out: Tensor, weight: Tensor, like_parents: Tensor, geom
             PRECISION=_dot_precision(grad_out.dtype, interpreted),
             UPCAST=_upcast(grad_out.dtype, interpreted),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=_num_warps(interpreted),
+            num_warps=_num_warps(interpreted, block_m, block_n),
         )  # fmt: skip
     return grad_children
 
@@ -384,7 +389,7 @@ def conv_weight_grad(grad_out: Tensor, parents: Tensor, index: Tensor, weight_sh
             PRECISION=_dot_precision(parents.dtype, interpreted),
             UPCAST=_upcast(parents.dtype, interpreted),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=_num_warps(interpreted),
+            num_warps=_num_warps(interpreted, block_m, block_n),
         )  # fmt: skip
     grad_weight = partials[0] if splits == 1 else partials.sum(dim=0)
     return grad_weight.view(tuple(weight_shape))
