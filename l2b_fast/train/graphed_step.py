@@ -140,6 +140,8 @@ class GraphedStep:
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), dtype=dtype, device=self.trainer.device)
             group["capturable"] = self.capture  # torch's Adam refuses capturable=True for CPU tensors
+        if self.capture:  # the eager steps before a capture are meant: no "capturable=True, run uncaptured" warning
+            optimizer._warned_capturable_if_run_uncaptured = True
 
     def _release_graph(self) -> None:
         if self._graph is not None:
