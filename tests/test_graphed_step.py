@@ -221,7 +221,7 @@ def test_cuda_graph_replays_have_no_host_sync(tmp_path):
     """The trainer's whole step between two on_step calls (tau, lr and seed writes, the batch copy, the replay,
     the device-side loss sums) under ``set_sync_debug_mode("error")``: nothing waits for the GPU."""
     data = epoch_batches((4,) * 8, seed=40, dtype=torch.float32, device="cuda")
-    cfg = config(epochs=1, warmup_epochs=0, log_every=1000, cuda_graph=True)
+    cfg = config(epochs=1, warmup_epochs=0, batches_per_epoch=8, log_every=1000, cuda_graph=True)
     trainer = StreamTrainer(tiny_supernet(dtype=torch.float32), MSE, data, cfg, tmp_path, device="cuda")
     checked = []
 
