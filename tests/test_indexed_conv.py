@@ -248,6 +248,29 @@ def test_grouped_triton_leaves_fp64_to_cudnn_and_is_selectable():
         TreeSupernet(conv_blocks(), TASKS, conv_backend="fast")
 
 
+@interpreted_only
+def test_grouped_triton_under_autocast_computes_in_the_autocast_dtype(monkeypatch):
+    reference, triton_net = supernets(torch.float32)
+    dtypes = []
+    real = indexed._indexed_conv2d_op
+    monkeypatch.setattr(indexed, "_indexed_conv2d_op", lambda parents, *args: dtypes.append(parents.dtype) or real(parents, *args))
+    x = torch.randn(2, 3, 9, 7)
+    outputs = []
+    for net in (reference, triton_net):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x, generator=torch.Generator().manual_seed(0))
+            loss = sum(v.float().square().mean() for v in out.values())
+        loss.backward()
+        outputs.append(out)
+    assert dtypes == [torch.bfloat16] * 3
+    for task in TASKS:
+        torch.testing.assert_close(outputs[1][task].float(), outputs[0][task].float(), atol=0.1, rtol=0.1)
+    for p, q in zip(reference.parameters(), triton_net.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if q.grad is not None:
+            assert q.grad.dtype == q.dtype and torch.isfinite(q.grad).all()
+
+
 def test_triton_conv_backend_on_cpu_without_interpreter_names_the_alternative(monkeypatch):
     _, triton_net = supernets(torch.float32)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
