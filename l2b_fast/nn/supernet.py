@@ -138,7 +138,7 @@ class TreeSupernet(nn.Module):
             grouped = None
             if wanted != "per_child":
                 try:
-                    grouped = GroupedBlock(nodes, block, automatic=wanted == "auto", conv_backend=self.conv_backend)
+                    grouped = GroupedBlock(nodes, block, automatic=wanted == "auto", conv_backend=getattr(self, "conv_backend", "cudnn"))
                 except UnsupportedNodeError as error:
                     if wanted == "grouped":
                         raise UnsupportedNodeError(f"execution='grouped': {error}") from None
