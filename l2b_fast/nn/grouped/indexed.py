@@ -226,7 +226,7 @@ def indexed_conv2d_ref(
 
 def indexable(step, parents: Tensor) -> bool:
     """A block whose first layer the Triton convolution computes: one Conv2d per child with groups=1,
-    zero padding given as numbers, batched 2-D inputs in a supported dtype (else the cudnn path runs)."""
+    zero padding given as numbers, batched 2-D inputs (else the cudnn path runs; dtypes checked apart)."""
     conv = step.modules[0]
     return (
         type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
