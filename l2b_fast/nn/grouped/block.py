@@ -44,10 +44,11 @@ class GroupedBlock:
     all J children was as fast as or faster than one convolution per distinct parent, and in search mode
     the per-child input gradients cost host routing more than the gather's copy.
 
-    ``conv_backend`` (gathered blocks whose first layer is a Conv2d with groups=1 and zero padding):
-    ``"cudnn"`` (default) gathers and stacks the children, then runs one ``groups=J`` convolution;
+    ``conv_backend`` (gathered blocks whose first layer is a Conv2d with groups=1 and zero padding, or a
+    BasicBlock): ``"cudnn"`` (default) gathers and stacks the children, then runs one ``groups=J`` convolution;
     ``"triton"`` runs the Triton implicit-GEMM convolution that reads the parents through the sampled
-    index (:mod:`l2b_fast.nn.grouped.indexed`: no gathered copy, no re-stack). CUDA tensors only (CPU
+    index (:mod:`l2b_fast.nn.grouped.indexed`: no gathered copy, no re-stack; a BasicBlock's conv1 and
+    1x1 downsample both read through it, an identity shortcut still gathers). CUDA tensors only (CPU
     under ``TRITON_INTERPRET=1``, for tests); fp64 and other first layers keep the cudnn path. Not a
     default anywhere until a GPU has measured it.
     """

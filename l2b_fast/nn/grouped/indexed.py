@@ -13,6 +13,10 @@ backward returns the logits' gradient (the softmax backward applied), not the gr
 logits are the differentiable input and ``soft`` (sampled without gradient) is data. Detached logits
 (``"frozen"`` mode) mean no I x J dot products at all.
 
+A residual :class:`~l2b_fast.nn.BasicBlock` starts the same way: its conv1 and its 1x1 downsample each read
+the parents through the one sample; an identity shortcut takes the children's inputs from the library's
+straight-through branching op with that same sample (see :func:`start_block` for why the gradients add up).
+
 Both directions are ``torch.library`` custom ops with fake kernels and registered autograd, as the
 branching ops: opaque to ``torch.compile`` (a compiled step does not trace into Triton launchers) and
 checked by ``opcheck``. Importing this module does not import Triton; the kernels are loaded on first use.
@@ -27,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from l2b_fast import backends, ops
-from l2b_fast.nn.grouped.stacked import CHANNELS, Stacked
+from l2b_fast.nn.grouped.layers import BasicBlockStep
+from l2b_fast.nn.grouped.stacked import CHANNELS, Stacked, to_channels
 from l2b_fast.ops import _validation
 from l2b_fast.ops._registration import children_strides
 
@@ -81,15 +86,25 @@ def check_inputs(parents: Tensor, index: Tensor, weight: Tensor, bias: Tensor | 
             raise TypeError(f"indexed_conv2d: {name} is {tensor.dtype} but parents are {parents.dtype}")
 
 
-def _branch_backward_op(device: torch.device):
-    """The fused straight-through backward: the compiled ``cpp`` kernels where they run, else Triton's."""
+def _branch_ops(device: torch.device):
+    """The fused branching operators: the compiled ``cpp`` kernels where they run, else Triton's."""
     if backends.unavailable_reason("cpp", device.type) is None:
         from l2b_fast.ops import _cpp  # noqa: F401  registers the fakes and autograd of torch.ops.l2b_fast
 
-        return torch.ops.l2b_fast.branch_backward
+        return torch.ops.l2b_fast
     from l2b_fast.ops import _triton  # noqa: F401  defines torch.ops.l2b_fast_triton
 
-    return torch.ops.l2b_fast_triton.branch_backward
+    return torch.ops.l2b_fast_triton
+
+
+def _branch_backward_op(device: torch.device):
+    """The fused straight-through backward (segment sums; the I x J dot products when asked)."""
+    return _branch_ops(device).branch_backward
+
+
+def _straight_through_branch_op(device: torch.device):
+    """The branching op for a sample already drawn: ``[J, *S]`` children, straight-through backward."""
+    return _branch_ops(device).straight_through_branch
 
 
 def _geometry(stride, padding, dilation):
@@ -224,20 +239,35 @@ def indexed_conv2d_ref(
     )  # fmt: skip
 
 
+def _indexable_conv(conv: nn.Module) -> bool:
+    """One Conv2d the Triton convolution computes: groups=1, zero padding given as numbers."""
+    return type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
 def indexable(step, parents: Tensor) -> bool:
-    """A block whose first layer the Triton convolution computes: one Conv2d per child with groups=1,
-    zero padding given as numbers, batched 2-D inputs (else the cudnn path runs; dtypes checked apart)."""
-    conv = step.modules[0]
-    return (
-        type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str) and parents.dim() == 5
-    )  # fmt: skip
+    """A block whose first layer reads the parents through the index: a Conv2d per child, or a BasicBlock
+    whose conv1 and 1x1 downsample (if any) are such convolutions; batched 2-D inputs (else the cudnn
+    path runs; dtypes checked apart)."""
+    if parents.dim() != 5:
+        return False
+    if isinstance(step, BasicBlockStep):
+        shortcut = [] if step.downsample is None else [step.downsample[0].modules[0]]
+        return all(_indexable_conv(conv) for conv in [step.conv1.modules[0], *shortcut])
+    return _indexable_conv(step.modules[0])
 
 
 def start_block(step, block: int, branching, parents: Tensor, generator, seed) -> Stacked | None:
     """The block's first convolution from the parents through the index, or None where it does not
     apply (the caller gathers instead). Samples exactly as the branching module does (same generator
-    draw or seed, same index), so the result equals the gathered path's."""
+    draw or seed, same index), so the result equals the gathered path's.
+
+    For a BasicBlock this is the whole block: conv1 and a 1x1 downsample each read the parents through
+    the index, an identity shortcut takes the children's inputs from the straight-through branching op
+    with the same ``index`` and ``soft`` (no second draw), and the rest runs grouped as on the other
+    paths. Each of those consumers hands its per-child input gradient ``g_c`` to ``branch_backward`` on
+    its own, and autograd adds what they return. That is exactly the gather's gradient for the summed
+    ``g = sum_c g_c``: the parents' segment sums are linear in ``g``, and so is the logits' gradient
+    (``G[i, j] = <g[j], parents[i]>``, then the softmax backward, linear in ``G``)."""
     reason = unavailable_reason(parents.device)
     if reason is not None:
         raise backends.BackendUnavailableError(f"block {block}: conv_backend='triton' cannot run: {reason}")
@@ -257,13 +287,26 @@ def start_block(step, block: int, branching, parents: Tensor, generator, seed) -
         logits = branching.logits if mode == "search" else branching.logits.detach()
         with torch.no_grad():  # the branching op samples without gradient too; the logits get theirs below
             index, soft = ops.sample_branches(logits.detach(), tau, generator=generator, seed=seed, backend=branching.backend)
-    conv = step.modules[0]
-    weight, bias = stacked_conv_weights(step.modules)
-    if autocast:  # what F.conv2d does under autocast: compute in the autocast dtype
-        parents, weight = parents.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    out = indexed_conv2d(parents, logits, index, soft, tau, weight, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
-    return Stacked(out, CHANNELS, len(step.modules))
+    # What F.conv2d does under autocast: compute in the autocast dtype (the shortcut keeps the parents' dtype).
+    compute_parents = parents.to(dtype) if autocast else parents
+
+    def convolution(modules: Sequence[nn.Module]) -> Stacked:
+        conv = modules[0]
+        weight, bias = stacked_conv_weights(modules)
+        if autocast:
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        out = indexed_conv2d(compute_parents, logits, index, soft, tau, weight, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        return Stacked(out, CHANNELS, len(modules))
+
+    if not isinstance(step, BasicBlockStep):
+        return convolution(step.modules)
+    order = range(len(step.modules))
+    if step.downsample is None:  # the children's inputs themselves, as the gathered path stacks them
+        children = _straight_through_branch_op(parents.device)(parents, logits, index, soft, tau)
+        shortcut = Stacked(to_channels(children), CHANNELS, len(step.modules))
+    else:
+        shortcut = step.downsample[1](convolution(step.downsample[0].modules), order)
+    return step.finish(convolution(step.conv1.modules), shortcut, order)
 
 
 def stacked_conv_weights(modules: Sequence[nn.Module]) -> tuple[Tensor, Tensor | None]:

@@ -223,21 +223,23 @@ class BasicBlockStep(Step):
             self.downsample = (ConvStep([s[0] for s in shortcut]), BatchNormStep([s[1] for s in shortcut]))
         self.routable = self.conv1.routable and (self.downsample is None or self.downsample[0].routable)
 
-    def _rest(self, body: Stacked, shortcut: Stacked, order) -> Stacked:
+    def finish(self, body: Stacked, shortcut: Stacked, order) -> Stacked:
+        """Everything after conv1 (bn1, ReLU, conv2, bn2, + shortcut, ReLU): the same for every start
+        (gathered, host-routed, or read through the index: :mod:`l2b_fast.nn.grouped.indexed`)."""
         body = self.bn2(self.conv2(body.with_tensor(F.relu(self.bn1(body, order).tensor)), order), order)
         return body.with_tensor(F.relu(body.tensor + shortcut.tensor))
 
     def __call__(self, x, order):
         x = x.to(CHANNELS)
         shortcut = x if self.downsample is None else self.downsample[1](self.downsample[0](x, order), order)
-        return self._rest(self.conv1(x, order), shortcut, order)
+        return self.finish(self.conv1(x, order), shortcut, order)
 
     def routed(self, routed_input, order):
         if self.downsample is None:
             shortcut = Stacked(routing.routed_identity(routed_input), CHANNELS, routed_input.children)
         else:
             shortcut = self.downsample[1](self.downsample[0].routed(routed_input, order), order)
-        return self._rest(self.conv1.routed(routed_input, order), shortcut, order)
+        return self.finish(self.conv1.routed(routed_input, order), shortcut, order)
 
 
 class BiasStep(Step):

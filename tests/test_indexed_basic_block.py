@@ -1,0 +1,146 @@
+"""``conv_backend="triton"`` on blocks of residual BasicBlocks (the Taskonomy ResNet's nodes).
+
+conv1 and a 1x1 downsample read the parents through the sampled index; an identity shortcut takes the
+children's inputs from the straight-through branching op with the same sample. Held to ``per_child``
+(same seed) on outputs, every parameter gradient (logits included) and the BatchNorm running buffers.
+Without a GPU the kernels run in Triton's interpreter at tiny sizes; ``*cuda*`` tests run the compiled
+kernels at Taskonomy-like sizes and skip without one.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from l2b_fast.nn import BasicBlock, BlockSpec, TreeSupernet
+from l2b_fast.nn.grouped import indexed
+from test_indexed_conv import TASKS, assert_same_step, interpreted_only, needs_cuda, search_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def basic_blocks():
+    """Identity and downsample shortcuts, stride 1 and 2, a dilated block, two BasicBlocks in one node."""
+    return [
+        BlockSpec(2, lambda b, j: BasicBlock(4, 4)),  # one parent (the input), identity
+        BlockSpec(3, lambda b, j: BasicBlock(4, 6, stride=2)),  # 2 -> 3, strided 1x1 downsample
+        BlockSpec(2, lambda b, j: BasicBlock(6, 6, dilation=2)),  # 3 -> 2, identity
+        BlockSpec(3, lambda b, j: nn.Sequential(BasicBlock(6, 5), BasicBlock(5, 5))),  # stride-1 downsample first
+    ]
+
+
+def supernets(blocks, dtype, device="cpu"):
+    torch.manual_seed(0)
+    reference = TreeSupernet(blocks, TASKS, execution="per_child").to(device, dtype)
+    with torch.no_grad():
+        for branching in reference.branchings:
+            branching.logits.normal_()
+    triton_net = copy.deepcopy(reference)
+    triton_net.set_execution("grouped")
+    triton_net.set_conv_backend("triton")
+    for block in triton_net._grouped:
+        block.routing = "gather"  # block 0 (one parent) would be routed on the host
+    return reference, triton_net
+
+
+def record_calls(monkeypatch):
+    """Which blocks start through the index, how many indexed convolutions and straight-through gathers run."""
+    calls = {"started": [], "convolutions": 0, "gathers": 0}
+    real_start, real_conv, real_gather = indexed.start_block, indexed.indexed_conv2d, indexed._straight_through_branch_op
+
+    def start(step, block, *args):
+        result = real_start(step, block, *args)
+        calls["started"].append((block, result is not None))
+        return result
+
+    def convolution(*args, **kwargs):
+        calls["convolutions"] += 1
+        return real_conv(*args, **kwargs)
+
+    def gather(device):
+        op = real_gather(device)
+        return lambda *args: calls.__setitem__("gathers", calls["gathers"] + 1) or op(*args)
+
+    monkeypatch.setattr(indexed, "start_block", start)
+    monkeypatch.setattr(indexed, "indexed_conv2d", convolution)
+    monkeypatch.setattr(indexed, "_straight_through_branch_op", gather)
+    return calls
+
+
+@interpreted_only
+@pytest.mark.parametrize("mode", ["search", "frozen", "eval"])
+def test_basic_blocks_through_the_index_equal_per_child(mode, monkeypatch):
+    reference, triton_net = supernets(basic_blocks(), torch.float32)
+    calls = record_calls(monkeypatch)
+    x = torch.randn(2, 4, 7, 7)
+    assert_same_step(reference, triton_net, x, mode, {"atol": 2e-4, "rtol": 2e-4})
+    assert calls["started"] == [(0, True), (1, True), (2, True), (3, True)]
+    # conv1 of every block, plus the downsample convolutions of blocks 1 and 3; identity: blocks 0 and 2
+    assert (calls["convolutions"], calls["gathers"]) == (6, 2)
+    if mode == "search":  # the two consumers' logits gradients summed: nonzero and equal to per_child's
+        assert all(p.grad.abs().sum() > 0 for p in triton_net.logits_parameters()[1:])
+
+
+@interpreted_only
+def test_basic_blocks_channels_last():
+    blocks = [BlockSpec(3, lambda b, j: BasicBlock(4, 6, stride=2)), BlockSpec(3, lambda b, j: BasicBlock(6, 6))]
+    reference, triton_net = supernets(blocks, torch.float32)
+    x = torch.randn(2, 4, 6, 5).contiguous(memory_format=torch.channels_last)
+    reference.to(memory_format=torch.channels_last), triton_net.to(memory_format=torch.channels_last)
+    expected, got = search_step(reference, x, "search", 3), search_step(triton_net, x, "search", 3)
+    for task in TASKS:
+        torch.testing.assert_close(got[task], expected[task], atol=2e-4, rtol=2e-4)
+    for (name, p), (_, q) in zip(reference.named_parameters(), triton_net.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=2e-4, rtol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+@interpreted_only
+def test_basic_blocks_in_fp64_keep_the_cudnn_path(monkeypatch):
+    reference, triton_net = supernets(basic_blocks(), torch.float64)
+    calls = record_calls(monkeypatch)
+    assert_same_step(reference, triton_net, torch.randn(2, 4, 7, 7, dtype=torch.float64), "search", {"atol": 1e-10, "rtol": 1e-10})
+    assert calls["started"] == [(0, False), (1, False), (2, False), (3, False)]
+    assert (calls["convolutions"], calls["gathers"]) == (0, 0)
+
+
+# --- compiled kernels on a GPU -------------------------------------------------------------------------------
+
+
+def taskonomy_like_blocks():
+    """ResNet-34 layer1/layer2-like nodes at 1/4 resolution: 5 children, identity and strided downsample."""
+    return [
+        BlockSpec(5, lambda b, j: BasicBlock(64, 64)),
+        BlockSpec(5, lambda b, j: BasicBlock(64, 128, stride=2)),
+        BlockSpec(3, lambda b, j: BasicBlock(128, 128, dilation=2)),
+    ]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["search", "frozen"])
+def test_cuda_basic_blocks_through_the_index_equal_per_child(mode, dtype):
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # an fp32 reference, not TF32
+    try:
+        reference, triton_net = supernets(taskonomy_like_blocks(), torch.float32, "cuda")
+        x = torch.randn(8, 64, 32, 32, device="cuda")
+        if dtype == torch.float32:
+            assert_same_step(reference, triton_net, x, mode, {"atol": 2e-3, "rtol": 2e-3})
+            return
+        outputs = []
+        for net in (reference, triton_net):
+            with torch.autocast("cuda", dtype=dtype):
+                outputs.append(search_step(net, x, mode, 1))
+        for task in TASKS:
+            torch.testing.assert_close(outputs[1][task].float(), outputs[0][task].float(), atol=0.1, rtol=0.1)
+        for (name, p), (_, q) in zip(reference.named_parameters(), triton_net.named_parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                assert torch.isfinite(q.grad).all(), name
+                scale = float(p.grad.abs().max()) or 1.0
+                torch.testing.assert_close(q.grad, p.grad, atol=0.1 * scale, rtol=0.1, msg=lambda m: f"{name}: {m}")
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
