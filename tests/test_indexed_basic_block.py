@@ -106,6 +106,25 @@ def test_basic_blocks_in_fp64_keep_the_cudnn_path(monkeypatch):
     assert (calls["convolutions"], calls["gathers"]) == (0, 0)
 
 
+@interpreted_only
+def test_basic_blocks_step_compiles_fullgraph_with_a_seed_tensor():
+    """The identity shortcut's straight-through op and the indexed convolutions trace as one graph
+    (aot_eager: dynamo and AOT autograd) with a seed tensor, and match eager."""
+    _, eager = supernets(basic_blocks()[:2], torch.float32)  # identity, then downsample
+    compiled_net = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_net, fullgraph=True, backend="aot_eager")
+    x, seed = torch.randn(2, 4, 5, 5), torch.tensor([5])
+    outputs = []
+    for module in (eager, compiled):
+        out = module(x, seed=seed)
+        sum((v * torch.linspace(-1, 2, v.numel()).view_as(v)).sum() for v in out.values()).backward()
+        outputs.append(out)
+    for task in TASKS:
+        torch.testing.assert_close(outputs[1][task], outputs[0][task], atol=1e-5, rtol=1e-5)
+    for (name, p), (_, q) in zip(eager.named_parameters(), compiled_net.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 # --- compiled kernels on a GPU -------------------------------------------------------------------------------
 
 
