@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from l2b_fast.models import taskonomy_resnet34
 from l2b_fast.nn import BasicBlock, BlockSpec, TreeSupernet
 from l2b_fast.nn.grouped import indexed
 from test_indexed_conv import TASKS, assert_same_step, interpreted_only, needs_cuda, search_step
@@ -123,6 +124,35 @@ def test_basic_blocks_step_compiles_fullgraph_with_a_seed_tensor():
         torch.testing.assert_close(outputs[1][task], outputs[0][task], atol=1e-5, rtol=1e-5)
     for (name, p), (_, q) in zip(eager.named_parameters(), compiled_net.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@interpreted_only
+def test_taskonomy_resnet34_with_the_triton_backend_equals_per_child(monkeypatch):
+    """The library's Taskonomy model (branching after every residual block, tiny width): the stem's Conv2d
+    and all 16 BasicBlock blocks start through the index. 34 layers of train-mode BatchNorm over 2x2 maps
+    make the fp32 gradients ill-conditioned (per_child's own differ from fp64 by up to ~1e-3 of a tensor's
+    range), so errors are relative to each tensor's range; a wrong gradient path is off by O(1)."""
+    torch.manual_seed(0)
+    reference = taskonomy_resnet34(width=1 / 16, children=2, branching="block", input_size=16, aspp_channels=32, dropout=0.0, execution="per_child")
+    with torch.no_grad():
+        for branching in reference.branchings:
+            branching.logits.normal_()
+    triton_net = copy.deepcopy(reference)
+    triton_net.set_execution("grouped")
+    triton_net.set_conv_backend("triton")
+    for block in triton_net._grouped:
+        block.routing = "gather"
+    calls = record_calls(monkeypatch)
+    x = torch.randn(2, 3, 16, 16)
+    expected, got = search_step(reference, x, "search", 1), search_step(triton_net, x, "search", 1)
+    assert calls["started"] == [(block, True) for block in range(17)]
+    scale = lambda t: float(t.detach().abs().max()) or 1.0  # noqa: E731
+    for task in expected:
+        torch.testing.assert_close(got[task], expected[task], atol=1e-4 * scale(expected[task]), rtol=1e-4)
+    for (name, p), (_, q) in zip(reference.named_parameters(), triton_net.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=2e-3 * scale(p.grad), rtol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
 # --- compiled kernels on a GPU -------------------------------------------------------------------------------
