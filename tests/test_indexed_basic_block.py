@@ -71,6 +71,60 @@ def record_calls(monkeypatch):
     return calls
 
 
+def assert_close_in_range(reference, other, expected, got, tolerance):
+    """Outputs, parameter gradients and floating buffers, each error relative to the tensor's range
+    (ill-conditioned fp32 gradients, where elementwise tolerances mislead)."""
+    scale = lambda t: float(t.detach().abs().max()) or 1.0  # noqa: E731
+    close = lambda a, b, what: torch.testing.assert_close(  # noqa: E731
+        a.double(), b.double(), atol=tolerance * scale(b), rtol=tolerance, msg=lambda m: f"{what}: {m}"
+    )
+    for task in expected:
+        assert got[task].dtype == expected[task].dtype, task
+        close(got[task], expected[task], task)
+    for (name, p), (_, q) in zip(reference.named_parameters(), other.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            close(q.grad, p.grad, name)
+    for (name, b), (_, c) in zip(reference.named_buffers(), other.named_buffers()):
+        if b.is_floating_point():
+            close(c, b, name)
+        else:  # num_batches_tracked
+            assert torch.equal(c, b), name
+
+
+def bf16_errors(reference, triton_net, x, mode):
+    """Relative L2 errors of per_child's and the triton path's bf16-autocast steps against per_child's
+    fp32 step: outputs, logits' gradients and the other gradients, each group one vector. (Per tensor,
+    bf16 with train-mode BatchNorm is too noisy to compare: per_child's own gradients were up to 0.3 of
+    a tensor's range off the fp32 ones at these sizes.)"""
+    fp32_net = copy.deepcopy(reference)
+    fp32_out = search_step(fp32_net, x, mode, 1)
+    flat = lambda tensors: torch.cat([t.detach().double().flatten() for t in tensors]) if tensors else None  # noqa: E731
+
+    def vectors(net, out):
+        grads = [(name, p.grad) for name, p in net.named_parameters() if p.grad is not None]
+        return {
+            "outputs": flat(list(out.values())),
+            "logits": flat([g for name, g in grads if name.endswith("logits")]),
+            "weights": flat([g for name, g in grads if not name.endswith("logits")]),
+        }
+
+    expected = vectors(fp32_net, fp32_out)
+    errors = {}
+    for name, net in (("per_child", reference), ("triton", triton_net)):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            got = vectors(net, search_step(net, x, mode, 1))
+        errors[name] = {group: float((got[group] - v).norm() / v.norm()) for group, v in expected.items() if v is not None and v.norm() > 0}
+    return errors
+
+
+def assert_as_accurate_as_per_child(errors):
+    """The triton path's bf16 step at most twice per_child's error (+0.02) in every group: measured on
+    CPU, the two errors were within a factor 2.1 of each other (0.8% on outputs, 2-12% on gradients)."""
+    for group, per_child_error in errors["per_child"].items():
+        assert errors["triton"][group] <= 2 * per_child_error + 0.02, (group, errors)
+
+
 @interpreted_only
 @pytest.mark.parametrize("mode", ["search", "frozen", "eval"])
 def test_basic_blocks_through_the_index_equal_per_child(mode, monkeypatch):
@@ -105,6 +159,20 @@ def test_basic_blocks_in_fp64_keep_the_cudnn_path(monkeypatch):
     assert_same_step(reference, triton_net, torch.randn(2, 4, 7, 7, dtype=torch.float64), "search", {"atol": 1e-10, "rtol": 1e-10})
     assert calls["started"] == [(0, False), (1, False), (2, False), (3, False)]
     assert (calls["convolutions"], calls["gathers"]) == (0, 0)
+
+
+@interpreted_only
+def test_basic_blocks_under_autocast_compute_the_convolutions_in_the_autocast_dtype(monkeypatch):
+    reference, triton_net = supernets(basic_blocks()[1:], torch.float32)  # block 2: identity with 3 parents
+    dtypes = []
+    real = indexed._indexed_conv2d_op
+    monkeypatch.setattr(indexed, "_indexed_conv2d_op", lambda parents, *args: dtypes.append(parents.dtype) or real(parents, *args))
+    errors = bf16_errors(reference, triton_net, torch.randn(4, 4, 9, 9), "search")
+    assert dtypes == [torch.bfloat16] * 5  # conv1 of every block, the downsamples of the first and last
+    assert set(errors["per_child"]) == {"outputs", "logits", "weights"}
+    assert_as_accurate_as_per_child(errors)
+    for p in triton_net.parameters():
+        assert p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()
 
 
 @interpreted_only
@@ -146,13 +214,7 @@ def test_taskonomy_resnet34_with_the_triton_backend_equals_per_child(monkeypatch
     x = torch.randn(2, 3, 16, 16)
     expected, got = search_step(reference, x, "search", 1), search_step(triton_net, x, "search", 1)
     assert calls["started"] == [(block, True) for block in range(17)]
-    scale = lambda t: float(t.detach().abs().max()) or 1.0  # noqa: E731
-    for task in expected:
-        torch.testing.assert_close(got[task], expected[task], atol=1e-4 * scale(expected[task]), rtol=1e-4)
-    for (name, p), (_, q) in zip(reference.named_parameters(), triton_net.named_parameters()):
-        assert (p.grad is None) == (q.grad is None), name
-        if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, atol=2e-3 * scale(p.grad), rtol=2e-3, msg=lambda m: f"{name}: {m}")
+    assert_close_in_range(reference, triton_net, expected, got, 2e-3)
 
 
 # --- compiled kernels on a GPU -------------------------------------------------------------------------------
@@ -169,27 +231,17 @@ def taskonomy_like_blocks():
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mode", ["search", "frozen"])
+@pytest.mark.parametrize("mode", ["search", "frozen", "eval"])
 def test_cuda_basic_blocks_through_the_index_equal_per_child(mode, dtype):
     previous = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # an fp32 reference, not TF32
     try:
         reference, triton_net = supernets(taskonomy_like_blocks(), torch.float32, "cuda")
         x = torch.randn(8, 64, 32, 32, device="cuda")
-        if dtype == torch.float32:
-            assert_same_step(reference, triton_net, x, mode, {"atol": 2e-3, "rtol": 2e-3})
-            return
-        outputs = []
-        for net in (reference, triton_net):
-            with torch.autocast("cuda", dtype=dtype):
-                outputs.append(search_step(net, x, mode, 1))
-        for task in TASKS:
-            torch.testing.assert_close(outputs[1][task].float(), outputs[0][task].float(), atol=0.1, rtol=0.1)
-        for (name, p), (_, q) in zip(reference.named_parameters(), triton_net.named_parameters()):
-            assert (p.grad is None) == (q.grad is None), name
-            if p.grad is not None:
-                assert torch.isfinite(q.grad).all(), name
-                scale = float(p.grad.abs().max()) or 1.0
-                torch.testing.assert_close(q.grad, p.grad, atol=0.1 * scale, rtol=0.1, msg=lambda m: f"{name}: {m}")
+        if dtype == torch.bfloat16:  # autocast: both against per_child's fp32 step
+            assert_as_accurate_as_per_child(bf16_errors(reference, triton_net, x, mode))
+        else:
+            expected, got = search_step(reference, x, mode, 1), search_step(triton_net, x, mode, 1)
+            assert_close_in_range(reference, triton_net, expected, got, 2e-3)
     finally:
         torch.backends.cudnn.allow_tf32 = previous
