@@ -12,7 +12,8 @@ Stages, in this order; a failed correctness stage (marked *) stops the run befor
   build*        the extension with its CUDA kernels for this GPU's architecture (reused if built from the
                 same sources by an earlier call on the same machine)
   kernel-paths* tests/test_gpu_paths.py: compiled Triton and CUDA kernels against fp64 on every path;
-                tests/test_indexed_conv.py -k cuda: the index-reading Triton convolution against its reference
+                tests/test_indexed_conv.py, tests/test_indexed_basic_block.py -k cuda: the index-reading Triton
+                convolution against its reference, and supernets using it against per_child
   sanitizer*    compute-sanitizer memcheck, racecheck, synccheck over tools/gpu_sanitize.py (if installed)
   determinism*  tests selected by name: bitwise-identical backward runs, CUDA-graph capture and replay
                 (the ops', and the trainer's whole step: all of tests/test_graphed_step.py), sync-free steps,
@@ -346,7 +347,7 @@ def workers(ctx: Context, most: int) -> list[str]:
 
 
 def run_kernel_paths(ctx: Context) -> Result:
-    rc = ctx.sh(pytest_command(ctx, "kernel-paths", "tests/test_gpu_paths.py", "tests/test_indexed_conv.py", "-x", "-k", "cuda", *workers(ctx, 4)), "kernel-paths.log")
+    rc = ctx.sh(pytest_command(ctx, "kernel-paths", "tests/test_gpu_paths.py", "tests/test_indexed_conv.py", "tests/test_indexed_basic_block.py", "-x", "-k", "cuda", *workers(ctx, 4)), "kernel-paths.log")
     return pytest_result(ctx, "kernel-paths", rc, skips_fail=True)
 
 
@@ -469,7 +470,7 @@ STAGES = [
     Stage("env", "machine, versions, tools", 60, True, False, "nvidia-smi; python probe of torch/CUDA/triton/numpy; compute-sanitizer/nvcc --version", run_env),
     Stage("wheels", "carried test dependencies", 120, False, False, "pip install --no-index --no-deps --target /tmp/... gpu-wheels/*.whl", run_wheels),
     Stage("build", "extension with CUDA kernels", 420, True, True, "CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=<this GPU> MAX_JOBS=<cores> pip install --no-build-isolation --no-deps -e .", run_build),
-    Stage("kernel-paths", "compiled Triton + CUDA vs fp64, every path", 240, True, True, "pytest tests/test_gpu_paths.py tests/test_indexed_conv.py -x -k cuda (no skips allowed)", run_kernel_paths),
+    Stage("kernel-paths", "compiled Triton + CUDA vs fp64, every path", 240, True, True, "pytest tests/test_gpu_paths.py tests/test_indexed_conv.py tests/test_indexed_basic_block.py -x -k cuda (no skips allowed)", run_kernel_paths),
     Stage("sanitizer", "memcheck, racecheck, synccheck", 240, True, True, "compute-sanitizer --tool {memcheck,racecheck,synccheck} python tools/gpu_sanitize.py", run_sanitizer),
     Stage("determinism", "bitwise runs, CUDA graphs, compile-once", 240, True, True, f"pytest tests -k '{DETERMINISM_TESTS}'", run_determinism),
     Stage("test-suite", "the whole test suite on the GPU", 360, True, True, "pytest tests [-n 8 with pytest-xdist]", run_test_suite),
