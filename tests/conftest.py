@@ -105,3 +105,21 @@ hidden = {hidden}
 {table(search)}
 """
     return text + (f"[retrain]\n{table(retrain)}\n" if retrain else "")
+
+
+def assert_compiled_step_matches_eager(eager: torch.nn.Module, x: torch.Tensor, seed: torch.Tensor, tasks, *, tol: float = 1e-5) -> None:
+    """A search step of ``eager`` and of a ``torch.compile(fullgraph=True, backend="aot_eager")`` copy (dynamo and
+    AOT autograd, no inductor C++ compile) with the same seed tensor: same outputs, same gradients."""
+    import copy
+
+    compiled_net = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_net, fullgraph=True, backend="aot_eager")
+    outputs = []
+    for module in (eager, compiled):
+        out = module(x, seed=seed)
+        sum((v * torch.linspace(-1, 2, v.numel()).view_as(v)).sum() for v in out.values()).backward()
+        outputs.append(out)
+    for task in tasks:
+        torch.testing.assert_close(outputs[1][task], outputs[0][task], atol=tol, rtol=tol)
+    for (name, p), (_, q) in zip(eager.named_parameters(), compiled_net.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")

@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_compiled_step_matches_eager
 from torch import nn
 
 from l2b_fast.models import taskonomy_resnet34
@@ -39,12 +40,17 @@ def supernets(blocks, dtype, device="cpu"):
     with torch.no_grad():
         for branching in reference.branchings:
             branching.logits.normal_()
+    return reference, triton_copy(reference)
+
+
+def triton_copy(reference):
+    """A grouped copy of a per_child supernet whose blocks all gather and start through the index."""
     triton_net = copy.deepcopy(reference)
     triton_net.set_execution("grouped")
     triton_net.set_conv_backend("triton")
     for block in triton_net._grouped:
         block.routing = "gather"  # block 0 (one parent) would be routed on the host
-    return reference, triton_net
+    return triton_net
 
 
 def record_calls(monkeypatch):
@@ -180,18 +186,7 @@ def test_basic_blocks_step_compiles_fullgraph_with_a_seed_tensor():
     """The identity shortcut's straight-through op and the indexed convolutions trace as one graph
     (aot_eager: dynamo and AOT autograd) with a seed tensor, and match eager."""
     _, eager = supernets(basic_blocks()[:2], torch.float32)  # identity, then downsample
-    compiled_net = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_net, fullgraph=True, backend="aot_eager")
-    x, seed = torch.randn(2, 4, 5, 5), torch.tensor([5])
-    outputs = []
-    for module in (eager, compiled):
-        out = module(x, seed=seed)
-        sum((v * torch.linspace(-1, 2, v.numel()).view_as(v)).sum() for v in out.values()).backward()
-        outputs.append(out)
-    for task in TASKS:
-        torch.testing.assert_close(outputs[1][task], outputs[0][task], atol=1e-5, rtol=1e-5)
-    for (name, p), (_, q) in zip(eager.named_parameters(), compiled_net.named_parameters()):
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert_compiled_step_matches_eager(eager, torch.randn(2, 4, 5, 5), torch.tensor([5]), TASKS)
 
 
 @interpreted_only
@@ -205,11 +200,7 @@ def test_taskonomy_resnet34_with_the_triton_backend_equals_per_child(monkeypatch
     with torch.no_grad():
         for branching in reference.branchings:
             branching.logits.normal_()
-    triton_net = copy.deepcopy(reference)
-    triton_net.set_execution("grouped")
-    triton_net.set_conv_backend("triton")
-    for block in triton_net._grouped:
-        block.routing = "gather"
+    triton_net = triton_copy(reference)
     calls = record_calls(monkeypatch)
     x = torch.randn(2, 3, 16, 16)
     expected, got = search_step(reference, x, "search", 1), search_step(triton_net, x, "search", 1)

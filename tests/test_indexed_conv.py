@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_compiled_step_matches_eager
 from torch import nn
 
 from l2b_fast import backends, ops
@@ -276,18 +277,7 @@ def test_grouped_triton_step_compiles_fullgraph_with_a_seed_tensor():
     """The custom ops are opaque to dynamo: a search step with a seed tensor traces as one graph
     (aot_eager: dynamo and AOT autograd, without inductor's C++ compile) and matches eager."""
     _, eager = supernets(torch.float32)
-    compiled_net = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_net, fullgraph=True, backend="aot_eager")
-    x, seed = torch.randn(2, 3, 9, 7), torch.tensor([5])
-    outputs = []
-    for module in (eager, compiled):
-        out = module(x, seed=seed)
-        sum((v * torch.linspace(-1, 2, v.numel()).view_as(v)).sum() for v in out.values()).backward()
-        outputs.append(out)
-    for task in TASKS:
-        torch.testing.assert_close(outputs[1][task], outputs[0][task], atol=1e-5, rtol=1e-5)
-    for (name, p), (_, q) in zip(eager.named_parameters(), compiled_net.named_parameters()):
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert_compiled_step_matches_eager(eager, torch.randn(2, 3, 9, 7), torch.tensor([5]), TASKS)
 
 
 def test_triton_conv_backend_on_cpu_without_interpreter_names_the_alternative(monkeypatch):
