@@ -113,7 +113,11 @@ def test_frozen_logits_skip_the_dots_and_input_without_grad_skips_the_input_grad
     out = indexed.indexed_conv2d(frozen_parents, logits, index, soft, TAU, w, bias, padding=1)  # logits need no grad
     upstream = torch.randn_like(out)
     got = torch.autograd.grad(out, [frozen_parents, w], upstream)
-    assert calls == [(True, False)]
+    assert calls == []  # the parent-major kernel writes grad_parents itself: no dX, no branch_backward
+    monkeypatch.setattr(indexed, "FUSED_BACKWARD", False)
+    torch.autograd.grad(indexed.indexed_conv2d(frozen_parents, logits, index, soft, TAU, w, bias, padding=1), frozen_parents, upstream)
+    assert calls == [(True, False)]  # the reference path: segment sums only
+    monkeypatch.setattr(indexed, "FUSED_BACKWARD", True)
     ref_parents = parents.double().requires_grad_(True)
     ref_out = indexed.indexed_conv2d_ref(ref_parents, logits.double(), index, soft.double(), TAU, weight.double(), bias.double(), padding=1)
     torch.testing.assert_close(got[0].double(), torch.autograd.grad(ref_out, ref_parents, upstream.double())[0], atol=1e-5, rtol=1e-5)
@@ -125,10 +129,79 @@ def test_frozen_logits_skip_the_dots_and_input_without_grad_skips_the_input_grad
     assert calls == [] and w.grad is not None  # no input gradient at all
 
 
+def straight_through_grads(function, parents, logits, index, soft, weight, bias, geometry, mode):
+    """(grad_parents, grad_logits or None) of ``function`` for a fixed upstream gradient; frozen: detached logits."""
+    kernel, stride, padding, dilation = geometry
+    parents = parents.detach().requires_grad_(True)
+    logits = logits.detach().requires_grad_(mode == "search")
+    out = function(parents, logits, index, soft, TAU, weight, bias, stride=stride, padding=padding, dilation=dilation)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, [parents, logits] if mode == "search" else [parents], upstream)
+    return grads if mode == "search" else (grads[0], None)
+
+
+# (I, index, C, Co, size, geometry): odd sizes, stride 2 with dilation 2, one parent, parent 1 picked by no child.
+FUSED_CASES = {
+    "strided_dilated_unpicked_parent": (3, [2, 0, 2, 0, 2], 5, 3, (7, 5), (3, 2, 2, 2)),
+    "one_parent": (1, [0, 0, 0], 3, 6, (5, 6), (3, 1, 1, 1)),
+    "even_kernel_stride3": (2, [1, 1], 4, 5, (6, 7), (2, 3, 0, 1)),
+}
+FUSED_TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
 @interpreted_only
-def test_opcheck():
+@pytest.mark.parametrize("mode", ["search", "frozen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_straight_through_backward_matches_the_reference_path(case, dtype, mode, monkeypatch):
+    """The fused backward (frozen: parent-major kernel; search: dots in the input gradient's epilogue) equals
+    the dX + branch_backward path and the pure-PyTorch reference, and is bitwise deterministic."""
+    num_parents, index, channels, out_channels, size, geometry = FUSED_CASES[case]
+    children = len(index)
+    parents, logits, _, soft, weight, bias = make_inputs(num_parents, children, 2, channels, out_channels, size, geometry[0], dtype=dtype, seed=len(case))
+    index = torch.tensor(index)
+    inputs = (parents, logits, index, soft, weight, bias)
+    fused = straight_through_grads(indexed.indexed_conv2d, *inputs, geometry, mode)
+    again = straight_through_grads(indexed.indexed_conv2d, *inputs, geometry, mode)
+    monkeypatch.setattr(indexed, "FUSED_BACKWARD", False)
+    reference_path = straight_through_grads(indexed.indexed_conv2d, *inputs, geometry, mode)
+    pytorch = straight_through_grads(indexed.indexed_conv2d_ref, *as_reference(inputs), geometry, mode)
+    tol = FUSED_TOLERANCE[dtype]
+    for name, got, repeat, path, expected in zip(("parents", "logits"), fused, again, reference_path, pytorch):
+        if expected is None:
+            assert got is None
+            continue
+        assert got.dtype == path.dtype and got.shape == path.shape and got.stride() == path.stride(), name
+        assert torch.equal(got, repeat), f"grad {name}: two runs differ"
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got.double(), path.double(), atol=tol * scale, rtol=tol, msg=lambda m: f"grad {name} vs dX + branch_backward: {m}")
+        torch.testing.assert_close(got.double(), expected, atol=tol * scale, rtol=tol, msg=lambda m: f"grad {name} vs reference: {m}")
+    unpicked = [i for i in range(num_parents) if i not in index.tolist()]
+    assert all(fused[0][i].abs().max() == 0 for i in unpicked)
+
+
+@interpreted_only
+def test_search_mode_without_a_parents_gradient_writes_no_dx(monkeypatch):
+    """Logits that need a gradient over parents that do not (the network input): only the dots, no dX."""
+    parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 6), 3, dtype=torch.float32, seed=13)
+    written = []
+    real = indexed._kernels().conv_input_grad
+    monkeypatch.setattr(indexed._kernels(), "conv_input_grad", lambda *args, **kw: written.append(kw.get("write_children", True)) or real(*args, **kw))
+    logits = logits.clone().requires_grad_(True)
+    out = indexed.indexed_conv2d(parents, logits, index, soft, TAU, weight, bias, padding=1)
+    upstream = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, logits, upstream)
+    assert written == [False]
+    ref_logits = logits.detach().double().requires_grad_(True)
+    ref_out = indexed.indexed_conv2d_ref(parents.double(), ref_logits, index, soft.double(), TAU, weight.double(), bias.double(), padding=1)
+    torch.testing.assert_close(got.double(), torch.autograd.grad(ref_out, ref_logits, upstream.double())[0], atol=1e-5, rtol=1e-5)
+
+
+@interpreted_only
+@pytest.mark.parametrize("mode", ["search", "frozen"])
+def test_opcheck(mode):
     parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 5), 3, dtype=torch.float32, seed=11)
-    parents.requires_grad_(True), logits.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True)
+    parents.requires_grad_(True), logits.requires_grad_(mode == "search"), weight.requires_grad_(True), bias.requires_grad_(True)
     tau = torch.tensor(TAU, dtype=torch.float64)
     torch.library.opcheck(
         indexed._indexed_conv2d_op, (parents, logits, index, soft, tau, weight, bias, [2, 1], [1, 0], [1, 2]),
@@ -313,6 +386,30 @@ def test_cuda_kernels_match_reference(shape, dtype, monkeypatch):
     tol = CUDA_TOLERANCE[dtype]
     for name, got, expected in zip(("out", "parents", "logits", "weight", "bias"), (out, *grads), (ref_out, *ref_grads)):
         torch.testing.assert_close(got.float(), expected, atol=tol * float(expected.detach().abs().max()), rtol=tol, msg=lambda m: f"{shape} {name}: {m}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["search", "frozen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", ["taskonomy_block", "celeba_vgg_strided_odd"])
+def test_cuda_fused_straight_through_backward_matches_the_reference_path(shape, dtype, mode, monkeypatch):
+    """Compiled fused backward (parent-major in frozen mode, epilogue dots in search mode) against the
+    dX + branch_backward path, with a parent no child picked; two runs bitwise identical."""
+    num_parents, children, batch, channels, out_channels, height, width, kernel, stride, padding = CUDA_SHAPES[shape]
+    parents, logits, _, soft, weight, bias = make_inputs(num_parents, children, batch, channels, out_channels, (height, width), kernel, dtype=dtype, device="cuda")
+    index = torch.tensor([(j % 2) * (num_parents - 1) for j in range(children)], device="cuda")  # parent 1 unpicked
+    inputs, geometry = (parents, logits, index, soft, weight, bias), (kernel, stride, padding, 1)
+    fused = straight_through_grads(indexed.indexed_conv2d, *inputs, geometry, mode)
+    again = straight_through_grads(indexed.indexed_conv2d, *inputs, geometry, mode)
+    monkeypatch.setattr(indexed, "FUSED_BACKWARD", False)
+    reference_path = straight_through_grads(indexed.indexed_conv2d, *inputs, geometry, mode)
+    tol = CUDA_TOLERANCE[dtype]
+    for name, got, repeat, expected in zip(("parents", "logits"), fused, again, reference_path):
+        if expected is None:
+            continue
+        assert torch.equal(got, repeat), f"{shape} grad {name}: two runs differ"
+        torch.testing.assert_close(got.float(), expected.float(), atol=tol * float(expected.abs().max()), rtol=tol, msg=lambda m: f"{shape} grad {name}: {m}")
+    assert fused[0][1].abs().max() == 0
 
 
 @needs_cuda

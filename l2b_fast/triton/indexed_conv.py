@@ -15,6 +15,10 @@ stride, dilation and kernel size, one group per child. Three kernels, one launch
 - input gradient: ``grad_children [J, B, C, H, W]``, the gradient of each child's (virtual) gathered
   input; the transposed convolution as an implicit GEMM over M = B*H*W input pixels, N = C,
   K = Co*KH*KW, where a (pixel, tap) pair that no output position reaches (stride > 1, borders) is masked.
+  The straight-through backward rides on it: the child-major kernel can add the logits' dot products
+  ``G[i, j] = <dX_j, parents[i]>`` in its epilogue (fp32 per-tile partials ``[tiles, I, J]``, summed in tile
+  order) and skip writing dX; a parent-major variant sums, per parent, the transposed convolutions of the
+  children that sampled it (the index compared on the device) and writes ``grad_parents`` directly.
 - weight gradient: ``[J, Co, C, KH, KW]``, GEMM over the output pixels, split into chunks written to
   fp32 partials that are summed in a fixed order (deterministic, no atomics), reading the parents
   through the index again.
@@ -136,35 +140,22 @@ def _indexed_conv_forward_kernel(
 
 
 @triton.jit
-def _indexed_conv_input_grad_kernel(
-    g_ptr, w_ptr, dx_ptr,
-    B, C, H, W, Co, Ho, Wo,
+def _transposed_conv_tile(
+    acc, g_ptr, w_ptr, child, b, ih, iw, m_ok, offs_n, n_ok,
+    Co, Ho, Wo,
     sg_b, sg_c, sg_h, sg_w,
     sw_j, sw_o, sw_c, sw_h, sw_w,
-    sd_j, sd_b, sd_c, sd_h, sd_w,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     K_TILES: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    child = tl.program_id(2)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < B * H * W
-    iw = offs_m % W
-    ih = (offs_m // W) % H
-    b = offs_m // (W * H)
-    g_rows = g_ptr + b.to(tl.int64)[:, None] * sg_b + child.to(tl.int64) * Co * sg_c
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels
-    n_ok = offs_n < C
-    w_cols = w_ptr + child.to(tl.int64) * sw_j + offs_n[None, :] * sw_c
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    """``acc`` plus child ``child``'s input gradient at the pixels (b, ih, iw) and channels offs_n."""
+    child = tl.cast(child, tl.int64)  # tl.cast: a loop counter is a Python int in the interpreter
+    g_rows = g_ptr + b.to(tl.int64)[:, None] * sg_b + child * Co * sg_c
+    w_cols = w_ptr + child * sw_j + offs_n[None, :] * sw_c
     for t in range(K_TILES):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)  # K = (output channel, r, s)
         k_ok = offs_k < Co * KH * KW
@@ -184,12 +175,110 @@ def _indexed_conv_input_grad_kernel(
         if UPCAST:
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
 
-    dx = (
-        dx_ptr + child.to(tl.int64) * sd_j + b.to(tl.int64)[:, None] * sd_b + offs_n[None, :] * sd_c
-        + (ih * sd_h + iw * sd_w)[:, None]
+
+@triton.jit
+def _indexed_conv_input_grad_kernel(
+    g_ptr, w_ptr, dx_ptr, x_ptr, dots_ptr,
+    B, C, H, W, Co, Ho, Wo, J,
+    sg_b, sg_c, sg_h, sg_w,
+    sw_j, sw_o, sw_c, sw_h, sw_w,
+    sd_j, sd_b, sd_c, sd_h, sd_w,
+    sx_i, sx_b, sx_c, sx_h, sx_w,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    K_TILES: tl.constexpr,
+    WRITE_DX: tl.constexpr,
+    NUM_PARENTS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Child-major: program (pixel tile, channel tile, child j) computes its tile of dX_j; writes it
+    (WRITE_DX) and, with NUM_PARENTS > 0, the tile's share of G[i, j] = <dX_j, parents[i]> for every
+    parent to ``dots[tile, i, j]`` (fp32, summed over tiles afterwards in a fixed order)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    child = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < B * H * W
+    iw = offs_m % W
+    ih = (offs_m // W) % H
+    b = offs_m // (W * H)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels
+    n_ok = offs_n < C
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _transposed_conv_tile(
+        acc, g_ptr, w_ptr, child, b, ih, iw, m_ok, offs_n, n_ok, Co, Ho, Wo,
+        sg_b, sg_c, sg_h, sg_w, sw_j, sw_o, sw_c, sw_h, sw_w,
+        SH, SW, PH, PW, DH, DW, KH, KW, K_TILES, PRECISION, UPCAST, BLOCK_K,
     )  # fmt: skip
-    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    if WRITE_DX:
+        dx = (
+            dx_ptr + child.to(tl.int64) * sd_j + b.to(tl.int64)[:, None] * sd_b + offs_n[None, :] * sd_c
+            + (ih * sd_h + iw * sd_w)[:, None]
+        )  # fmt: skip
+        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if NUM_PARENTS > 0:
+        # The epilogue of the logits' gradient: the fp32 tile just computed times the same tile of every
+        # parent (I <= a few dozen), instead of a second pass that reads dX and the parents again.
+        tile_ok = m_ok[:, None] & n_ok[None, :]
+        x_tile = x_ptr + b.to(tl.int64)[:, None] * sx_b + offs_n[None, :] * sx_c + (ih * sx_h + iw * sx_w)[:, None]
+        dots = dots_ptr + ((pid_m * tl.num_programs(1) + pid_n).to(tl.int64) * NUM_PARENTS) * J + child
+        for _ in range(NUM_PARENTS):
+            x = tl.load(x_tile, mask=tile_ok, other=0.0).to(tl.float32)
+            tl.store(dots, tl.sum(tl.sum(acc * x, axis=1), axis=0))
+            x_tile += sx_i
+            dots += J
+
+
+@triton.jit
+def _indexed_conv_parent_grad_kernel(
+    g_ptr, w_ptr, index_ptr, dp_ptr,
+    B, C, H, W, Co, Ho, Wo,
+    sg_b, sg_c, sg_h, sg_w,
+    sw_j, sw_o, sw_c, sw_h, sw_w,
+    sp_i, sp_b, sp_c, sp_h, sp_w,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    K_TILES: tl.constexpr,
+    NUM_CHILDREN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Parent-major: program (pixel tile, channel tile, parent i) sums the transposed convolutions of the
+    children with index[j] == i (read on the device, in child order: deterministic) in one fp32
+    accumulator and writes grad_parents[i]: no per-child dX, no segment-sum pass; unpicked parents get 0."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    parent = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < B * H * W
+    iw = offs_m % W
+    ih = (offs_m // W) % H
+    b = offs_m // (W * H)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for child in range(NUM_CHILDREN):
+        if tl.load(index_ptr + child) == parent:
+            acc = _transposed_conv_tile(
+                acc, g_ptr, w_ptr, child, b, ih, iw, m_ok, offs_n, n_ok, Co, Ho, Wo,
+                sg_b, sg_c, sg_h, sg_w, sw_j, sw_o, sw_c, sw_h, sw_w,
+                SH, SW, PH, PW, DH, DW, KH, KW, K_TILES, PRECISION, UPCAST, BLOCK_K,
+            )  # fmt: skip
+    dp = (
+        dp_ptr + parent.to(tl.int64) * sp_i + b.to(tl.int64)[:, None] * sp_b + offs_n[None, :] * sp_c
+        + (ih * sp_h + iw * sp_w)[:, None]
+    )  # fmt: skip
+    tl.store(dp, acc.to(dp_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,36 +414,82 @@ def conv_forward(parents: Tensor, index: Tensor, weight: Tensor, bias: Tensor | 
     return out
 
 
-def conv_input_grad(grad_out: Tensor, weight: Tensor, like_parents: Tensor, geometry: Geometry, children_strides: tuple[int, ...]) -> Tensor:
-    """``grad_children [J, B, C, H, W]`` (strides ``children_strides``, the parents' dtype): each child's
-    gradient of its gathered input, the transposed convolution of its slice of ``grad_out``."""
-    _, batch, channels, height, width = like_parents.shape
+def _input_grad_launch(grad_out: Tensor, weight: Tensor, parents: Tensor, geometry: Geometry):
+    """(grid, launch arguments shared by both input-gradient kernels) over the parents' pixels and channels."""
+    num_parents, batch, channels, height, width = parents.shape
     children, out_channels, _, kh, kw = weight.shape
     out_h, out_w = grad_out.shape[2:]
-    grad_children = torch.empty_strided(
-        (children, batch, channels, height, width), children_strides, dtype=like_parents.dtype, device=like_parents.device
-    )
-    if grad_children.numel() == 0:
-        return grad_children
-    if grad_out.numel() == 0:
-        return grad_children.zero_()
     interpreted = _interpreted(grad_out.device)
     rows, depth = batch * height * width, out_channels * kh * kw
     block_m, block_n, block_k = _blocks(rows, channels, depth, interpreted)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_n), children)
-    with _device_guard(grad_out.device):
-        _indexed_conv_input_grad_kernel[grid](
-            grad_out, weight, grad_children,
-            batch, channels, height, width, out_channels, out_h, out_w,
-            *grad_out.stride(), *weight.stride(), *grad_children.stride(),
-            *geometry.stride, *geometry.padding, *geometry.dilation, kh, kw,
-            K_TILES=triton.cdiv(depth, block_k),
-            PRECISION=_dot_precision(grad_out.dtype, interpreted),
-            UPCAST=_upcast(grad_out.dtype, interpreted),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=_num_warps(interpreted, block_m, block_n),
+    tiles = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_n))
+    options = dict(
+        K_TILES=triton.cdiv(depth, block_k),
+        PRECISION=_dot_precision(grad_out.dtype, interpreted),
+        UPCAST=_upcast(grad_out.dtype, interpreted),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=_num_warps(interpreted, block_m, block_n),
+    )  # fmt: skip
+    sizes = (batch, channels, height, width, out_channels, out_h, out_w)
+    taps = (*geometry.stride, *geometry.padding, *geometry.dilation, kh, kw)
+    return tiles, sizes, taps, options
+
+
+def conv_input_grad(
+    grad_out: Tensor, weight: Tensor, parents: Tensor, geometry: Geometry, children_strides: tuple[int, ...],
+    *, dots: bool = False, write_children: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """Child-major input gradient: ``(grad_children, G)``.
+
+    ``grad_children [J, B, C, H, W]`` (strides ``children_strides``, the parents' dtype; None unless
+    ``write_children``): each child's gradient of its gathered input, the transposed convolution of its
+    slice of ``grad_out``. ``G [I, J]`` float64 (None unless ``dots``): ``G[i, j] = <dX_j, parents[i]>``,
+    computed in the kernel's epilogue from the fp32 tile of dX_j, per tile partials summed in tile order."""
+    num_parents, batch, channels, height, width = parents.shape
+    children = weight.shape[0]
+    grad_children = None
+    if write_children:
+        grad_children = torch.empty_strided(
+            (children, batch, channels, height, width), children_strides, dtype=parents.dtype, device=parents.device
         )  # fmt: skip
-    return grad_children
+    if children * batch * channels * height * width == 0 or grad_out.numel() == 0:
+        zeros = torch.zeros((num_parents, children), dtype=torch.float64, device=parents.device) if dots else None
+        return (grad_children.zero_() if write_children else None), zeros
+    tiles, sizes, taps, options = _input_grad_launch(grad_out, weight, parents, geometry)
+    partials = torch.empty((tiles[0] * tiles[1], num_parents, children) if dots else (0,), dtype=torch.float32, device=parents.device)
+    unused = parents.new_empty((0,))  # a pointer argument the constexpr flags leave unread
+    with _device_guard(grad_out.device):
+        _indexed_conv_input_grad_kernel[(*tiles, children)](
+            grad_out, weight, grad_children if write_children else unused, parents, partials,
+            *sizes, children,
+            *grad_out.stride(), *weight.stride(), *(grad_children.stride() if write_children else (0,) * 5), *parents.stride(),
+            *taps,
+            WRITE_DX=write_children,
+            NUM_PARENTS=num_parents if dots else 0,
+            **options,
+        )  # fmt: skip
+    return grad_children, (partials.sum(dim=0, dtype=torch.float64) if dots else None)
+
+
+def conv_parents_grad(grad_out: Tensor, weight: Tensor, parents: Tensor, index: Tensor, geometry: Geometry) -> Tensor:
+    """Parent-major input gradient: ``grad_parents`` (the parents' shape, strides and dtype), the sum over
+    the children that sampled each parent of their transposed convolutions, without a per-child dX."""
+    grad_parents = torch.empty_like(parents)
+    if grad_parents.numel() == 0:
+        return grad_parents
+    if grad_out.numel() == 0 or weight.shape[0] == 0:
+        return grad_parents.zero_()
+    tiles, sizes, taps, options = _input_grad_launch(grad_out, weight, parents, geometry)
+    with _device_guard(grad_out.device):
+        _indexed_conv_parent_grad_kernel[(*tiles, parents.shape[0])](
+            grad_out, weight, index, grad_parents,
+            *sizes,
+            *grad_out.stride(), *weight.stride(), *grad_parents.stride(),
+            *taps,
+            NUM_CHILDREN=weight.shape[0],
+            **options,
+        )  # fmt: skip
+    return grad_parents
 
 
 def conv_weight_grad(grad_out: Tensor, parents: Tensor, index: Tensor, weight_shape: torch.Size, geometry: Geometry) -> Tensor:

@@ -2,10 +2,12 @@
 
 The ``cudnn`` start of a gathered block copies the children's inputs twice (the branching op's gather
 ``[J, *S]``, then the re-stack in channels) before one ``groups=J`` convolution. Here the Triton kernels of
-:mod:`l2b_fast.triton.indexed_conv` read ``parents[index[j]]`` in place instead, and the backward hands
-each child's input gradient to the library's fused straight-through backward (``branch_backward``: the
-parents' segment sums and, only in search mode, the I x J dot products and the softmax backward to the
-logits), exactly what the gather's backward would get.
+:mod:`l2b_fast.triton.indexed_conv` read ``parents[index[j]]`` in place instead. The backward gives what
+the gather's backward would, its straight-through part riding on the input-gradient kernels: in frozen mode
+a parent-major kernel sums each parent's children's transposed convolutions straight into ``grad_parents``
+(no per-child dX); in search mode the child-major kernel computes the I x J dot products in its epilogue
+(then the softmax backward to the logits) and writes dX only for ``branch_backward``'s segment sums.
+``FUSED_BACKWARD = False`` selects the reference path: every child's dX, then ``branch_backward`` for all.
 
 The operator takes ``(parents, logits, index, soft, tau, weight, bias, stride, padding, dilation)``, like
 the branching op ``straight_through_branch`` takes ``(parents, logits, index, soft, tau)``: the fused
@@ -34,9 +36,13 @@ from l2b_fast import backends, ops
 from l2b_fast.nn.grouped.layers import BasicBlockStep
 from l2b_fast.nn.grouped.stacked import CHANNELS, Stacked, to_channels
 from l2b_fast.ops import _validation
-from l2b_fast.ops._registration import children_strides
+from l2b_fast.ops._registration import children_strides, softmax_backward
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# True: the backward's straight-through part rides on the input-gradient kernels (frozen: the parent-major
+# kernel writes grad_parents; search: the I x J dots in the child-major kernel's epilogue). False: each
+# child's dX, then branch_backward, the reference the tests hold the fused paths to.
+FUSED_BACKWARD = True
 INSTALL_HINT = "pip install 'triton>=3.6,<3.10'"
 
 
@@ -134,11 +140,21 @@ def _indexed_conv2d_backward_op(
     kernels, geometry, index = _kernels(), _geometry(stride, padding, dilation), index.contiguous()
     empty = lambda like: like.new_empty((0,))  # noqa: E731  one each: outputs must not alias
     grad_parents, grad_logits = empty(parents), empty(soft)
-    if need_grad_parents or need_grad_logits:
-        grad_children = kernels.conv_input_grad(grad_out, weight, parents, geometry, children_strides(parents))
+    if not FUSED_BACKWARD and (need_grad_parents or need_grad_logits):  # the reference: dX, then branch_backward
+        grad_children, _ = kernels.conv_input_grad(grad_out, weight, parents, geometry, children_strides(parents))
         grad_parents, grad_logits = _branch_backward_op(parents.device)(
             grad_children, parents, index, soft, tau, need_grad_parents, need_grad_logits
         )
+    elif need_grad_logits:  # search: the dots in the input gradient's epilogue; dX only for the segment sums
+        grad_children, dots = kernels.conv_input_grad(
+            grad_out, weight, parents, geometry, children_strides(parents), dots=True, write_children=need_grad_parents
+        )
+        if need_grad_parents:
+            grad_parents, _ = _branch_backward_op(parents.device)(grad_children, parents, index, soft, tau, True, False)
+        # branch_backward's softmax backward, in float64 as its kernels compute it
+        grad_logits = softmax_backward(soft.double(), dots, tau.double()).float().to(soft.dtype).contiguous()
+    elif need_grad_parents:  # frozen: each parent sums its children's transposed convolutions, no dX at all
+        grad_parents = kernels.conv_parents_grad(grad_out, weight, parents, index, geometry)
     grad_weight = kernels.conv_weight_grad(grad_out, parents, index, weight.shape, geometry).to(weight.dtype) if need_grad_weight else empty(weight)
     grad_bias = empty(weight)
     if need_grad_bias:  # fp32 sums, as the weight gradient
