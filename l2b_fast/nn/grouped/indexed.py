@@ -280,8 +280,9 @@ def start_block(step, block: int, branching, parents: Tensor, generator, seed) -
     For a BasicBlock this is the whole block: conv1 and a 1x1 downsample each read the parents through
     the index, an identity shortcut takes the children's inputs from the straight-through branching op
     with the same ``index`` and ``soft`` (no second draw), and the rest runs grouped as on the other
-    paths. Each of those consumers hands its per-child input gradient ``g_c`` to ``branch_backward`` on
-    its own, and autograd adds what they return. That is exactly the gather's gradient for the summed
+    paths. Each of those consumers turns its per-child input gradient ``g_c`` into the parents' and logits'
+    gradients on its own (``branch_backward``'s computation, fused into the convolution's backward or not),
+    and autograd adds what they return. That is exactly the gather's gradient for the summed
     ``g = sum_c g_c``: the parents' segment sums are linear in ``g``, and so is the logits' gradient
     (``G[i, j] = <g[j], parents[i]>``, then the softmax backward, linear in ``G``)."""
     reason = unavailable_reason(parents.device)
