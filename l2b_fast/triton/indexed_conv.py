@@ -68,6 +68,18 @@ def _dot_precision(dtype: torch.dtype, interpreted: bool) -> str:
     return "ieee" if dtype == torch.float32 or _upcast(dtype, interpreted) else "tf32"
 
 
+@triton.jit
+def _child_fastest(J, num_inner):
+    """(outer tile, inner tile, child) of a 1-D grid in which the child varies fastest: the J programs of
+    one tile run side by side, so children that sampled the same parent (and, in the epilogue, every
+    parent's tile) find its data in L2 instead of reading it once per child; a 1-D grid also has no
+    65535 limit on the tile count."""
+    pid = tl.program_id(0)
+    child = pid % J
+    tile = pid // J
+    return tile // num_inner, tile % num_inner, child
+
+
 # ---------------------------------------------------------------------------------------------------
 # Forward: out[b, j*Co + n, oh, ow] = bias[j, n] + sum_{c, r, s} parents[index[j], b, c, ih, iw] * w[j, n, c, r, s]
 # ---------------------------------------------------------------------------------------------------
@@ -76,7 +88,7 @@ def _dot_precision(dtype: torch.dtype, interpreted: bool) -> str:
 @triton.jit
 def _indexed_conv_forward_kernel(
     x_ptr, index_ptr, w_ptr, bias_ptr, out_ptr,
-    B, C, H, W, Co, Ho, Wo,
+    B, C, H, W, Co, Ho, Wo, J, num_n,
     sx_i, sx_b, sx_c, sx_h, sx_w,
     sw_j, sw_o, sw_c, sw_h, sw_w,
     so_b, so_c, so_h, so_w,
@@ -88,9 +100,7 @@ def _indexed_conv_forward_kernel(
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    child = tl.program_id(2)
+    pid_m, pid_n, child = _child_fastest(J, num_n)
     parent = tl.load(index_ptr + child)  # int64: the parent's offset cannot overflow
     x_parent = x_ptr + parent * sx_i
 
@@ -181,7 +191,7 @@ def _transposed_conv_tile(
 @triton.jit
 def _indexed_conv_input_grad_kernel(
     g_ptr, w_ptr, dx_ptr, x_ptr, dots_ptr,
-    B, C, H, W, Co, Ho, Wo, J,
+    B, C, H, W, Co, Ho, Wo, J, num_n,
     sg_b, sg_c, sg_h, sg_w,
     sw_j, sw_o, sw_c, sw_h, sw_w,
     sd_j, sd_b, sd_c, sd_h, sd_w,
@@ -198,9 +208,7 @@ def _indexed_conv_input_grad_kernel(
     """Child-major: program (pixel tile, channel tile, child j) computes its tile of dX_j; writes it
     (WRITE_DX) and, with NUM_PARENTS > 0, the tile's share of G[i, j] = <dX_j, parents[i]> for every
     parent to ``dots[tile, i, j]`` (fp32, summed over tiles afterwards in a fixed order)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    child = tl.program_id(2)
+    pid_m, pid_n, child = _child_fastest(J, num_n)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < B * H * W
@@ -228,7 +236,7 @@ def _indexed_conv_input_grad_kernel(
         # parent (I <= a few dozen), instead of a second pass that reads dX and the parents again.
         tile_ok = m_ok[:, None] & n_ok[None, :]
         x_tile = x_ptr + b.to(tl.int64)[:, None] * sx_b + offs_n[None, :] * sx_c + (ih * sx_h + iw * sx_w)[:, None]
-        dots = dots_ptr + ((pid_m * tl.num_programs(1) + pid_n).to(tl.int64) * NUM_PARENTS) * J + child
+        dots = dots_ptr + ((pid_m * num_n + pid_n).to(tl.int64) * NUM_PARENTS) * J + child
         for _ in range(NUM_PARENTS):
             x = tl.load(x_tile, mask=tile_ok, other=0.0).to(tl.float32)
             tl.store(dots, tl.sum(tl.sum(acc * x, axis=1), axis=0))
@@ -292,7 +300,7 @@ def _indexed_conv_weight_grad_kernel(
     B, C, H, W, Co, Ho, Wo, J,
     sg_b, sg_c, sg_h, sg_w,
     sx_i, sx_b, sx_c, sx_h, sx_w,
-    num_k_blocks,
+    num_k_blocks, num_nk,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     M_TILES_PER_SPLIT: tl.constexpr,
@@ -300,9 +308,7 @@ def _indexed_conv_weight_grad_kernel(
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_nk = tl.program_id(0)
-    split = tl.program_id(1)
-    child = tl.program_id(2)
+    split, pid_nk, child = _child_fastest(J, num_nk)
     pid_n = pid_nk // num_k_blocks
     pid_k = pid_nk % num_k_blocks
     parent = tl.load(index_ptr + child)
@@ -397,11 +403,12 @@ def conv_forward(parents: Tensor, index: Tensor, weight: Tensor, bias: Tensor | 
     interpreted = _interpreted(parents.device)
     rows, depth = batch * out_h * out_w, channels * kh * kw
     block_m, block_n, block_k = _blocks(rows, out_channels, depth, interpreted)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_channels, block_n), children)
+    num_n = triton.cdiv(out_channels, block_n)
+    grid = (triton.cdiv(rows, block_m) * num_n * children,)
     with _device_guard(parents.device):
         _indexed_conv_forward_kernel[grid](
             parents, index, weight, bias if bias is not None else weight, out,
-            batch, channels, height, width, out_channels, out_h, out_w,
+            batch, channels, height, width, out_channels, out_h, out_w, children, num_n,
             *parents.stride(), *weight.stride(), *out.stride(),
             *geometry.stride, *geometry.padding, *geometry.dilation, kh, kw,
             K_TILES=triton.cdiv(depth, block_k),
@@ -459,9 +466,9 @@ def conv_input_grad(
     partials = torch.empty((tiles[0] * tiles[1], num_parents, children) if dots else (0,), dtype=torch.float32, device=parents.device)
     unused = parents.new_empty((0,))  # a pointer argument the constexpr flags leave unread
     with _device_guard(grad_out.device):
-        _indexed_conv_input_grad_kernel[(*tiles, children)](
+        _indexed_conv_input_grad_kernel[(tiles[0] * tiles[1] * children,)](
             grad_out, weight, grad_children if write_children else unused, parents, partials,
-            *sizes, children,
+            *sizes, children, tiles[1],
             *grad_out.stride(), *weight.stride(), *(grad_children.stride() if write_children else (0,) * 5), *parents.stride(),
             *taps,
             WRITE_DX=write_children,
@@ -519,11 +526,11 @@ def conv_weight_grad(grad_out: Tensor, parents: Tensor, index: Tensor, weight_sh
     splits = triton.cdiv(m_tiles, tiles_per_split)
     partials = torch.empty((splits, children, out_channels, depth), dtype=torch.float32, device=parents.device)
     with _device_guard(parents.device):
-        _indexed_conv_weight_grad_kernel[(num_n * num_k, splits, children)](
+        _indexed_conv_weight_grad_kernel[(num_n * num_k * splits * children,)](
             grad_out, parents, index, partials,
             batch, channels, height, width, out_channels, out_h, out_w, children,
             *grad_out.stride(), *parents.stride(),
-            num_k,
+            num_k, num_n * num_k,
             *geometry.stride, *geometry.padding, *geometry.dilation, kh, kw,
             M_TILES_PER_SPLIT=tiles_per_split,
             PRECISION=_dot_precision(parents.dtype, interpreted),
