@@ -4,7 +4,9 @@ For the backward's partials kernel, each shape and dtype uses the launch configu
 ``l2b_fast.triton.branch`` would pick on that GPU (``--sms`` multiprocessors) and prints registers per
 thread, spilled bytes, shared memory, the programs per SM the registers allow, and whether the tile loop
 was software-pipelined (``cp.async`` in the PTX). The logits and sampling kernels are compiled too (with
-libdevice, as on the GPU), so a Triton version that cannot lower them fails here. Needs only Triton with
+libdevice, as on the GPU), so a Triton version that cannot lower them fails here, and so are the grouped
+blocks' index-reading convolution kernels (``l2b_fast.triton.indexed_conv``) at the tiles and warps their
+launchers pick for a few of the paper's layers. Needs only Triton with
 its bundled ptxas/cuobjdump.
 
 Usage: python tools/triton_aot_report.py [--arch 90] [--sms 132] [--out report.json]
@@ -13,6 +15,7 @@ Usage: python tools/triton_aot_report.py [--arch 90] [--sms 132] [--out report.j
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import subprocess
@@ -104,6 +107,62 @@ def compile_small_kernels(arch: int) -> list[dict]:
     return rows
 
 
+# (name, parents I, children J, batch, C, H=W, Co, kernel, stride): a Taskonomy stem, a ResNet-34 block conv
+# and its 1x1 downsample at 128x128 input, and a CelebA-VGG conv with 40 children.
+CONV_LAYERS = [
+    ("taskonomy stem 7x7/2", 1, 5, 64, 3, 128, 64, 7, 2),
+    ("resnet block 3x3", 5, 5, 64, 64, 32, 64, 3, 1),
+    ("resnet downsample 1x1/2", 5, 5, 64, 64, 32, 128, 1, 2),
+    ("celeba-vgg 3x3, 40 children", 30, 40, 64, 32, 8, 32, 3, 1),
+]
+
+
+def compile_indexed_conv_kernels(arch: int, sms: int) -> list[dict]:
+    """The four indexed-convolution kernels (forward, child-major input gradient with the logits' dots,
+    parent-major input gradient, weight gradient) per layer and dtype: registers, spills, shared memory."""
+    from l2b_fast.triton import indexed_conv as conv
+
+    rows = []
+    pointer = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+    for name, parents, children, batch, channels, size, out_channels, kernel, stride in CONV_LAYERS:
+        padding = kernel // 2
+        out_size = (size + 2 * padding - kernel) // stride + 1
+        for dtype in ("fp32", "bf16", "fp16"):
+            taps = dict(SH=stride, SW=stride, PH=padding, PW=padding, DH=1, DW=1, KH=kernel, KW=kernel)
+            common = dict(PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+            fwd = conv._blocks(batch * out_size * out_size, out_channels, channels * kernel * kernel, False)
+            bwd = conv._blocks(batch * size * size, channels, out_channels * kernel * kernel, False)
+            wgt = (32, *conv._blocks(batch * out_size * out_size, out_channels, channels * kernel * kernel, False)[1:])
+            cases = [
+                ("forward", conv._indexed_conv_forward_kernel, fwd, conv._num_warps(False, fwd[0], fwd[1]),
+                 {"K_TILES": triton.cdiv(channels * kernel * kernel, fwd[2]), "HAS_BIAS": True}),
+                ("input_grad+dots", conv._indexed_conv_input_grad_kernel, bwd, conv._num_warps(False, bwd[0], bwd[1]),
+                 {"K_TILES": triton.cdiv(out_channels * kernel * kernel, bwd[2]), "WRITE_DX": True, "NUM_PARENTS": parents}),
+                ("parents_grad", conv._indexed_conv_parent_grad_kernel, bwd, 8,
+                 {"K_TILES": triton.cdiv(out_channels * kernel * kernel, bwd[2]), "NUM_CHILDREN": children}),
+                ("weight_grad", conv._indexed_conv_weight_grad_kernel, wgt, conv._num_warps(False, wgt[0], wgt[1]),
+                 {"M_TILES_PER_SPLIT": 8}),
+            ]
+            for kernel_name, fn, (block_m, block_n, block_k), warps, extra in cases:
+                constexprs = {**taps, **common, **extra, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+                params = list(inspect.signature(fn.fn).parameters)
+                signature = {
+                    p: "constexpr" if p in constexprs else "*i64" if p == "index_ptr"
+                    else "*fp32" if p in ("dots_ptr", "partials_ptr") else pointer[dtype] if p.endswith("_ptr") else "i32"
+                    for p in params
+                }  # fmt: skip
+                attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params if p.endswith("_ptr")}
+                source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+                usage = resource_usage(compiled.asm["cubin"])
+                rows.append({
+                    "layer": name, "dtype": dtype, "kernel": kernel_name, "block": [block_m, block_n, block_k], "warps": warps,
+                    "registers": usage.get("reg"), "spill_bytes": usage.get("stack", 0), "shared_bytes": compiled.metadata.shared,
+                    "programs_per_sm_by_registers": REGISTERS_PER_SM // max(1, usage.get("reg", 1) * 32 * warps),
+                })  # fmt: skip
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability without the dot")
@@ -119,8 +178,14 @@ def main() -> int:
     small = compile_small_kernels(args.arch)
     for row in small:
         print(json.dumps(row), flush=True)
+    convolutions = compile_indexed_conv_kernels(args.arch, args.sms)
+    for row in convolutions:
+        print(json.dumps(row), flush=True)
     if args.out:
-        report = {"arch": args.arch, "sms": args.sms, "triton": triton.__version__, "partials": rows, "other_kernels": small}
+        report = {
+            "arch": args.arch, "sms": args.sms, "triton": triton.__version__, "partials": rows, "other_kernels": small,
+            "indexed_conv": convolutions,
+        }  # fmt: skip
         args.out.write_text(json.dumps(report, indent=1))
     return 0
 
