@@ -470,7 +470,7 @@ STAGES = [
     Stage("env", "machine, versions, tools", 60, True, False, "nvidia-smi; python probe of torch/CUDA/triton/numpy; compute-sanitizer/nvcc --version", run_env),
     Stage("wheels", "carried test dependencies", 120, False, False, "pip install --no-index --no-deps --target /tmp/... gpu-wheels/*.whl", run_wheels),
     Stage("build", "extension with CUDA kernels", 420, True, True, "CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=<this GPU> MAX_JOBS=<cores> pip install --no-build-isolation --no-deps -e .", run_build),
-    Stage("kernel-paths", "compiled Triton + CUDA vs fp64, every path", 240, True, True, "pytest tests/test_gpu_paths.py tests/test_indexed_conv.py tests/test_indexed_basic_block.py -x -k cuda (no skips allowed)", run_kernel_paths),
+    Stage("kernel-paths", "compiled Triton + CUDA vs fp64, every path", 360, True, True, "pytest tests/test_gpu_paths.py tests/test_indexed_conv.py tests/test_indexed_basic_block.py -x -k cuda (no skips allowed)", run_kernel_paths),
     Stage("sanitizer", "memcheck, racecheck, synccheck", 240, True, True, "compute-sanitizer --tool {memcheck,racecheck,synccheck} python tools/gpu_sanitize.py", run_sanitizer),
     Stage("determinism", "bitwise runs, CUDA graphs, compile-once", 240, True, True, f"pytest tests -k '{DETERMINISM_TESTS}'", run_determinism),
     Stage("test-suite", "the whole test suite on the GPU", 360, True, True, "pytest tests [-n 8 with pytest-xdist]", run_test_suite),
