@@ -75,12 +75,27 @@ class Branching(nn.Module):
         """``parents`` ``[I, *S]`` -> children's inputs ``[J, *S]``. The sample's noise comes from ``generator``
         or from ``seed`` (an int64 one-element tensor on the logits' device: no graph break under
         ``torch.compile``, see :func:`l2b_fast.ops.sample_branches`); neither: the device's default generator."""
-        mode = self.mode if self.training else "eval"
-        if mode == "eval":
+        if self.active_mode == "eval":
             return ops.branch(parents, self.logits, self.tau_tensor, training=False, generator=generator, seed=seed, backend=self.backend)
-        # Frozen: detached logits, so the backward takes none of the I x J dot products (only the segment sum).
-        logits = self.logits if mode == "search" else self.logits.detach()
-        return ops.branch(parents, logits, self.tau_tensor, generator=generator, seed=seed, backend=self.backend)
+        return ops.branch(parents, self.routed_logits(), self.tau_tensor, generator=generator, seed=seed, backend=self.backend)
+
+    @property
+    def active_mode(self) -> str:
+        """The mode the block routes by: ``mode`` in training, always ``"eval"`` after ``module.eval()``."""
+        return self.mode if self.training else "eval"
+
+    def routed_logits(self) -> torch.Tensor:
+        """The logits as the routing uses them: with their gradient in search mode only. Frozen (and eval):
+        detached, so the backward takes none of the I x J dot products (only the segment sum)."""
+        return self.logits if self.active_mode == "search" else self.logits.detach()
+
+    def draw(self, generator: torch.Generator | None = None, *, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(index, soft)`` of the sample the forward would route by, without routing: in eval mode the
+        argmax and no ``soft``; else :func:`l2b_fast.ops.sample_branches` of :meth:`routed_logits` (``soft``
+        carries the logits' gradient in search mode), same noise as the forward for the same generator/seed."""
+        if self.active_mode == "eval":
+            return self.logits.detach().argmax(dim=0), None
+        return ops.sample_branches(self.routed_logits(), self.tau_tensor, generator=generator, seed=seed, backend=self.backend)
 
     def probabilities(self) -> torch.Tensor:
         """Sampling distribution of every child over parents: softmax over dim 0 of the logits."""

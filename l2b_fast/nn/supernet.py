@@ -12,7 +12,7 @@ from torch import nn
 from l2b_fast.nn.branching import Branching
 from l2b_fast.ops import _validation
 from l2b_fast.ops.branching import derive_seed
-from l2b_fast.nn.grouped import CONV_BACKENDS, GroupedBlock, UnsupportedNodeError
+from l2b_fast.nn.grouped import GroupedBlock, UnsupportedNodeError, check_conv_backend
 
 NodeFactory = Callable[[int, int], nn.Module]  # (block index, child index) -> node
 EXECUTIONS = ("auto", "grouped", "per_child")
@@ -168,8 +168,7 @@ class TreeSupernet(nn.Module):
     def set_conv_backend(self, conv_backend: str) -> None:
         """The first convolution of every grouped block that gathers: ``"cudnn"`` or ``"triton"`` (kept
         across :meth:`set_execution`)."""
-        if conv_backend not in CONV_BACKENDS:
-            raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {conv_backend!r}")
+        check_conv_backend(conv_backend)
         self.conv_backend = conv_backend
         for grouped in getattr(self, "_grouped", []):
             if grouped is not None:

@@ -4,7 +4,7 @@
 parameters (the per-child modules keep theirs, so ``state_dict`` is the same for every execution).
 """
 
-from l2b_fast.nn.grouped.block import CONV_BACKENDS, ROUTINGS, GroupedBlock
+from l2b_fast.nn.grouped.block import CONV_BACKENDS, ROUTINGS, GroupedBlock, check_conv_backend
 from l2b_fast.nn.grouped.layers import UnsupportedNodeError, plan_steps
 
-__all__ = ["CONV_BACKENDS", "ROUTINGS", "GroupedBlock", "UnsupportedNodeError", "plan_steps"]
+__all__ = ["CONV_BACKENDS", "ROUTINGS", "GroupedBlock", "UnsupportedNodeError", "check_conv_backend", "plan_steps"]

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from l2b_fast import ops
 from l2b_fast.nn.branching import Branching
 from l2b_fast.nn.grouped import indexed, routing
 from l2b_fast.nn.grouped.layers import Step, plan_steps
@@ -16,6 +15,11 @@ from l2b_fast.nn.grouped.stacked import CHANNELS, CHILDREN, Stacked, to_children
 ROUTINGS = ("auto", "host", "gather")
 CONV_BACKENDS = ("cudnn", "triton")  # the first convolution of a gathered block (see GroupedBlock)
 CPU_GROUPING_MAX_ELEMENTS = 131072  # per-child input elements up to which execution="auto" groups on CPU
+
+
+def check_conv_backend(conv_backend: str) -> None:
+    if conv_backend not in CONV_BACKENDS:
+        raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {conv_backend!r}")
 
 
 def positions_of(order: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -75,8 +79,7 @@ class GroupedBlock:
     def check_routing(self) -> None:
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
-        if self.conv_backend not in CONV_BACKENDS:
-            raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {self.conv_backend!r}")
+        check_conv_backend(self.conv_backend)
         if self.routing == "host" and not self.routable():
             raise ValueError(f"block {self.block}: host routing needs a first layer that reads the parents directly (Conv with groups=1, Linear, BasicBlock)")
 
@@ -106,15 +109,9 @@ class GroupedBlock:
 
     def _start_on_host(self, branching: Branching, parents: torch.Tensor, generator, seed) -> tuple[Stacked, list[int]]:
         """Sample (or argmax) with the index on the host and run the first layer from the parents."""
-        mode = branching.mode if branching.training else "eval"
         # One parent: softmax over parents is constant, the logits' gradient exactly 0 without G.
-        child_gradients = mode == "search" and branching.logits.requires_grad and branching.logits.shape[0] > 1
-        soft = None
-        if mode == "eval":  # as ops.branch(training=False): argmax, no noise
-            index = branching.logits.detach().argmax(dim=0)
-        else:
-            logits = branching.logits if mode == "search" else branching.logits.detach()
-            index, soft = ops.sample_branches(logits, branching.tau, generator=generator, seed=seed, backend=branching.backend)
+        child_gradients = branching.active_mode == "search" and branching.logits.requires_grad and branching.logits.shape[0] > 1
+        index, soft = branching.draw(generator, seed=seed)  # eval: as ops.branch(training=False), argmax, no soft
         order, groups = routing.group_positions(index.tolist())
         first = self.steps[0]
         if child_gradients:

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from l2b_fast import backends, ops
-from l2b_fast.nn.grouped.layers import BasicBlockStep
+from l2b_fast import backends
+from l2b_fast.nn.grouped.layers import BasicBlockStep, reads_parents_directly
 from l2b_fast.nn.grouped.stacked import CHANNELS, Stacked, to_channels
 from l2b_fast.ops import _validation
 from l2b_fast.ops._registration import children_strides, softmax_backward
@@ -256,8 +256,8 @@ def indexed_conv2d_ref(
 
 
 def _indexable_conv(conv: nn.Module) -> bool:
-    """One Conv2d the Triton convolution computes: groups=1, zero padding given as numbers."""
-    return type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    """One Conv2d the Triton convolution computes: one that could start a block from the parents."""
+    return type(conv) is nn.Conv2d and reads_parents_directly(conv)
 
 
 def indexable(step, parents: Tensor) -> bool:
@@ -295,15 +295,12 @@ def start_block(step, block: int, branching, parents: Tensor, generator, seed) -
     if dtype not in SUPPORTED_DTYPES:
         return None
     parents = _validation.as_parents_tensor(parents)
-    mode = branching.mode if branching.training else "eval"
     tau = _validation.as_tau_tensor(branching.tau_tensor, branching.logits.device)
-    if mode == "eval":  # as ops.branch(training=False): argmax, no noise, no logits gradient
-        logits = branching.logits.detach()
-        index, soft = logits.argmax(dim=0), torch.zeros_like(logits)
-    else:
-        logits = branching.logits if mode == "search" else branching.logits.detach()
-        with torch.no_grad():  # the branching op samples without gradient too; the logits get theirs below
-            index, soft = ops.sample_branches(logits.detach(), tau, generator=generator, seed=seed, backend=branching.backend)
+    logits = branching.routed_logits()  # the logits get their gradient through the convolution's backward
+    with torch.no_grad():  # the branching op samples without gradient too
+        index, soft = branching.draw(generator, seed=seed)
+    if soft is None:  # eval: as ops.branch(training=False), argmax, no noise, no logits gradient
+        soft = torch.zeros_like(logits)
     # What F.conv2d does under autocast: compute in the autocast dtype (the shortcut keeps the parents' dtype).
     compute_parents = parents.to(dtype) if autocast else parents
 

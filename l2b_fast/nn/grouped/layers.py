@@ -71,14 +71,19 @@ class Step:
         raise TypeError(f"{type(self).__name__} cannot start a block from the parents")
 
 
+def reads_parents_directly(conv: nn.Module) -> bool:
+    """A convolution a block can start with from the parents themselves (host routing, or the index-reading
+    convolution): groups=1, zero padding given as numbers (no separate padding pass on the input)."""
+    return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
 class ConvStep(Step):
     layout = CHANNELS
     routed_layout = CHANNELS
 
     def __init__(self, modules):
         super().__init__(modules)
-        conv = self.modules[0]
-        self.routable = conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        self.routable = reads_parents_directly(self.modules[0])
 
     def _check(self, per_child_dims: int) -> None:
         conv = self.modules[0]
