@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from l2b_fast.data import shards, synthetic_taskonomy
-from l2b_fast.data import transforms as T
+from l2b_fast.data import shards
+from l2b_fast.datasets.taskonomy import synthetic as synthetic_taskonomy
+from l2b_fast.datasets.taskonomy import protocol as T
 
 PROTOCOL = T.TaskonomyProtocol()
 

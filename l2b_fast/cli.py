@@ -4,7 +4,7 @@
     l2b search --preset synthetic-a --seed 0 --out runs/a --resume   # continue a killed run
     l2b retrain --tree runs/a/tree.json                         # from scratch, into runs/a/retrain
     l2b show runs/a/tree.json                                   # text + picture
-    l2b search --preset taskonomy-resnet34 --data shards/ --out runs/t [--set search.epochs=5 ...]   # CelebA/Taskonomy presets
+    l2b search --preset taskonomy-resnet34 --data shards/ --out runs/t [--set search.epochs=5 ...]   # shard data
     l2b retrain --tree runs/t/tree.json                         # at the preset's retrain size, into runs/t/retrain
     l2b eval runs/t --split test                                # the paper's table; writes runs/t/eval.json
     l2b presets [--print NAME]                                  # list presets with what each is / print one to copy and edit
@@ -53,20 +53,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_stream_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, default=None, help="CelebA/Taskonomy presets: shard directory of `l2b data ...` (default for search: small synthetic shards made in OUT/synthetic-data; for retrain: the search's)")
+    parser.add_argument("--data", type=Path, default=None, help="presets of shard data: shard directory of `l2b data ...` (default for search: small synthetic shards made in OUT/synthetic-data; for retrain and eval: the search's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config setting by its dotted key, value as TOML (repeatable), e.g. --set search.epochs=3 --set model.width=0.5")
 
 
-def _add_conversion_options(parser: argparse.ArgumentParser, dataset: str) -> None:
-    parser.add_argument("--root", type=Path, required=True, help=f"raw {dataset} directory")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0, help="shuffle seed")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion in OUT")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from l2b_fast import __version__
+    from l2b_fast import __version__, datasets
 
     parser = argparse.ArgumentParser(prog="l2b", description="Learning to Branch: search a multi-task tree, retrain it, show it.")
     parser.add_argument("--version", action="version", version=f"l2b_fast {__version__} (torch {torch.__version__})")
@@ -86,13 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     retrain_source.add_argument("--preset", help="config preset (default: the config saved next to the tree)")
     retrain_source.add_argument("--config", type=Path, help="config TOML file")
     retrain.add_argument("--out", type=Path, default=None, help="output directory (default: <tree dir>/retrain)")
-    retrain.add_argument("--no-baselines", action="store_true", help="train only the tree, not the two baselines (all tasks sharing every layer; every task alone)")
+    retrain.add_argument("--no-baselines", action="store_true", help="train only the tree, not the two baselines (all tasks sharing every layer; every task alone); default: the config's [retrain] baselines (true if unset)")
     _add_stream_options(retrain)
     _add_common(retrain)
 
-    evaluate = commands.add_parser("eval", help="test a retrained tree: the paper's table", description="Evaluate the retrained tree of RUN (a search folder holding retrain/, or a retrain folder) on a split of the shards; print the paper's table with our row and write RUN/eval.json (CelebA and Taskonomy presets).")
+    evaluate = commands.add_parser("eval", help="test a retrained tree: the paper's table", description="Evaluate the retrained tree of RUN (a search folder holding retrain/, or a retrain folder) on a split of the shards; print the data set's table (the paper's rows where it has them) with our row and write RUN/eval.json.")
     evaluate.add_argument("run", type=Path, help="the search (or retrain) output directory")
-    evaluate.add_argument("--data", type=Path, default=None, help="shard directory (default: the one the search used)")
+    evaluate.add_argument("--data", type=Path, default=None, help="shard directory (default: the data the run used)")
     evaluate.add_argument("--split", default="test", help="split of the shards (default test)")
     evaluate.add_argument("--device", default="cpu", help="torch device (default cpu)")
     evaluate.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -103,21 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="make or convert webdataset shards", description="Shards for streaming training (schema: docs/data-schema.md).")
     data_commands = data.add_subparsers(dest="data_command", required=True)
-    taskonomy = data_commands.add_parser("taskonomy", help="raw Taskonomy -> shards", description="Convert a raw Taskonomy tree (any of the three layouts, either domain-name set) into shuffled shards with a manifest; missing or undecodable views are skipped and logged; --resume continues an interrupted conversion.")
-    _add_conversion_options(taskonomy, "Taskonomy")
-    taskonomy.add_argument("--split", default="tiny", choices=["tiny"], help="official split (default tiny)")
-    taskonomy.add_argument("--size", type=int, default=256, choices=[256, 512], help="side of the stored images (512 -> 256 by nearest)")
-    celeba = data_commands.add_parser("celeba", help="raw CelebA -> shards", description="Convert the aligned CelebA release (flat, official Google-Drive or Kaggle layout) into shuffled train/val/test shards with a manifest, keeping each image's original JPEG bytes; missing or undecodable images are skipped and logged; --resume continues an interrupted conversion.")
-    _add_conversion_options(celeba, "CelebA")
-    celeba.add_argument("--no-verify", action="store_true", help="do not decode the images to check them (faster; only missing files are skipped)")
-    for name, what, default_size in (("synthetic-taskonomy", "scenes whose six Taskonomy modalities agree, in the raw encodings", 256), ("synthetic-celeba", "images with 40 visually detectable, group-correlated binary attributes", 64)):
-        synthetic_parser = data_commands.add_parser(name, help=f"generate {what}", description=f"Generate {what} as train/val/test shards with a manifest.")
-        synthetic_parser.add_argument("--out", type=Path, required=True, help="output directory")
-        synthetic_parser.add_argument("--n", type=int, required=True, help="number of samples over all splits")
-        synthetic_parser.add_argument("--size", type=int, default=default_size, help=f"image side (default {default_size})")
-        synthetic_parser.add_argument("--seed", type=int, default=0)
-        synthetic_parser.add_argument("--samples-per-shard", type=int, default=1000)
-        synthetic_parser.add_argument("--overwrite", action="store_true", help="replace the shard set already in OUT (its shards, manifest and logs are deleted first; other files make it refuse)")
+    for recipe in datasets.recipes():
+        for command in recipe.data_commands:
+            command.add_arguments(data_commands.add_parser(command.name, help=command.help, description=command.description))
 
     presets = commands.add_parser("presets", help="list presets (with what each is) or print one", description="List the built-in presets with a line on what each one is, or print one to copy and edit.")
     presets.add_argument("--print", dest="print_name", metavar="NAME", help="print this preset's TOML")
@@ -131,81 +111,86 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_for(args) -> dict:
-    from l2b_fast import experiment
+    from l2b_fast import config as configs
 
     if getattr(args, "preset", None) or getattr(args, "config", None):
-        return experiment.load_config(preset=args.preset, path=args.config, overrides=args.overrides)
+        return configs.load_config(preset=args.preset, path=args.config, overrides=args.overrides)
     saved = args.tree.parent / "config.json"
     if not saved.is_file():
         raise FileNotFoundError(f"no config.json next to {args.tree}: give --preset or --config")
-    config = experiment.apply_overrides(json.loads(saved.read_text()), args.overrides)
-    if experiment.is_streaming(config):
-        from l2b_fast import pipeline
-
-        pipeline.check_config(config, str(saved))
+    config = configs.apply_overrides(json.loads(saved.read_text()), args.overrides)
+    configs.check_config(config, str(saved))
     return config
 
 
-def _recorded_data(folder: Path) -> Path:
-    """The shard directory a search (or retrain) in ``folder`` used, from its summary; ValueError if none."""
-    for summary in (folder / "summary.json", folder / "retrain_summary.json", folder.parent / "summary.json"):
-        if summary.is_file():
-            return Path(json.loads(summary.read_text())["data"])
-    raise ValueError(f"no summary.json in {folder} names the shards: give --data DIR")
-
-
 def _is_main_rank() -> bool:
-    import os
+    from l2b_fast.train import distributed
 
-    return os.environ.get("RANK", "0") == "0"
+    return distributed.is_main_process()
 
 
-def _stream_search(args, config: dict) -> int:
+def _check_data_option(recipe, config: dict, data: Path | None, splits: tuple[str, ...]) -> None:
+    if data is not None and not recipe.reads_shards:
+        raise ValueError(f"--data is for shard data; {config['name']} makes its own data")
+    recipe.check_data(config, data, splits)  # before anything is written
+
+
+def _search(args) -> int:
+    from l2b_fast import config as configs
     from l2b_fast import pipeline, viz
 
-    if args.data is not None:
-        pipeline.check_data(config, args.data, ("train",))  # before anything is written
+    config = configs.load_config(preset=args.preset, path=args.config, overrides=args.overrides)
+    recipe = pipeline.recipe_of(config)
+    _check_data_option(recipe, config, args.data, ("train",))
     if args.device != "auto":
         check_device(args.device)
     _refuse_to_clobber(args.out, args)
     args.out.mkdir(parents=True, exist_ok=True)
     if _is_main_rank():
         (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    data = args.data or pipeline.make_synthetic_data(config, args.out / "synthetic-data", args.seed, args.device)
-    summary = pipeline.search(config, args.out, data, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device)
+    summary = pipeline.search(config, args.out, args.data, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device)
     if _is_main_rank():
         timing = summary["timing"]
         print(viz.tree_text(json.loads((args.out / "tree.json").read_text())))
         print(f"supernet parameters {summary['supernet_parameters']:,}, derived tree {summary['tree_parameters']:,}; {timing['seconds']} s, {timing['images_per_second']} images/s")
+        for line in recipe.report_lines(summary):
+            print(line)
         print(f"wrote {args.out}/tree.json, tree.png, tree.svg, probabilities.png, log.csv, epochs.csv, summary.json")
     return 0
 
 
-def _stream_retrain(args, config: dict, tree) -> int:
+def _retrain(args) -> int:
     from l2b_fast import pipeline
+    from l2b_fast.tree import Tree
 
-    data = args.data or _recorded_data(args.tree.parent)
-    pipeline.check_data(config, data, ("train",))
+    tree = Tree.load(args.tree)
+    config = _config_for(args)
+    recipe = pipeline.recipe_of(config)
+    data = args.data
+    if data is None and recipe.reads_shards:
+        data = pipeline.recorded_data(args.tree.parent)
+    _check_data_option(recipe, config, data, ("train",))
     out = args.out or args.tree.parent / "retrain"
     if args.device != "auto":
         check_device(args.device)
     _refuse_to_clobber(out, args)
-    summary = pipeline.retrain(config, tree, out, data, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device)
+    baselines = False if args.no_baselines else None
+    summary = pipeline.retrain(config, tree, out, data, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device, baselines=baselines)
     if _is_main_rank():
         final, timing = summary["final"], summary["timing"]
         print(f"retrained tree: {summary['parameters']:,} parameters, train loss {final['loss']:.4f}" + (f", validation loss {final['val_loss']:.4f}" if "val_loss" in final else "") + f"; {timing['seconds']} s, {timing['images_per_second']} images/s")
-        print(f"wrote {out}/retrain_summary.json, log.csv, epochs.csv, checkpoints/last.pt")
+        for line in recipe.retrain_lines(summary):
+            print(line)
+        print(f"wrote {out}/retrain_summary.json, log.csv, epochs.csv, checkpoints/last.pt" + (", baselines/" if len(summary["models"]) > 1 else ""))
     return 0
 
 
 def _evaluate(args) -> int:
     from l2b_fast import pipeline
 
-    folder = pipeline.trained_run(args.run)
-    data = args.data or _recorded_data(folder)
     if args.device != "auto":
         check_device(args.device)
-    result = pipeline.evaluate(args.run, data, split=args.split, device=args.device)
+    result = pipeline.evaluate(args.run, args.data, split=args.split, device=args.device)
     if _is_main_rank():
         print(result["table"])
         if result["manifest_samples"] is not None and result["manifest_samples"] != result["samples"]:
@@ -215,25 +200,12 @@ def _evaluate(args) -> int:
 
 
 def _data(args) -> int:
+    from l2b_fast import datasets
     from l2b_fast.data.dependencies import require_data_packages
 
     require_data_packages()  # a missing package fails here, naming the install command, before anything is written
-    if args.data_command == "taskonomy":
-        from l2b_fast.data import taskonomy_convert
-
-        manifest = taskonomy_convert.convert(args.root, args.out, split=args.split, size=args.size, samples_per_shard=args.samples_per_shard, seed=args.seed, resume=args.resume)
-    elif args.data_command == "celeba":
-        from l2b_fast.data import celeba_convert
-
-        manifest = celeba_convert.convert(args.root, args.out, samples_per_shard=args.samples_per_shard, seed=args.seed, resume=args.resume, verify_images=not args.no_verify)
-    else:
-        if args.n < 1 or args.size < 8:
-            raise ValueError("--n must be >= 1 and --size >= 8")
-        if args.data_command == "synthetic-taskonomy":
-            from l2b_fast.data import synthetic_taskonomy as generator
-        else:
-            from l2b_fast.data import synthetic_celeba as generator
-        manifest = generator.generate(args.out, args.n, args.size, seed=args.seed, samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+    command = next(c for recipe in datasets.recipes() for c in recipe.data_commands if c.name == args.data_command)
+    manifest = command.run(args)
     for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['total']} samples in {len(entry['shards'])} shard(s)")
     print(f"wrote {args.out}/manifest.json")
@@ -248,16 +220,16 @@ def _refuse_to_clobber(out: Path, args) -> None:
 
 
 def run(args) -> int:
-    from l2b_fast import experiment
+    from l2b_fast import config as configs
     from l2b_fast.tree import Tree
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.command == "presets":
         if args.print_name:
-            print(experiment.preset_text(args.print_name), end="")
+            print(configs.preset_text(args.print_name), end="")
         else:
-            descriptions = experiment.preset_descriptions()
+            descriptions = configs.preset_descriptions()
             width = max(map(len, descriptions))
             for name, description in descriptions.items():
                 print(f"{name.ljust(width)}  {description}".rstrip())
@@ -280,50 +252,10 @@ def run(args) -> int:
     if args.command == "eval":
         return _evaluate(args)
     if args.command == "search":
-        config = experiment.load_config(preset=args.preset, path=args.config, overrides=args.overrides)
-        if experiment.is_streaming(config):
-            return _stream_search(args, config)
-        if args.data is not None:
-            raise ValueError(f"--data is for the CelebA and Taskonomy presets; {config['name']} makes its own data")
-        check_device(args.device)  # before anything is written
-        _refuse_to_clobber(args.out, args)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        summary = experiment.search(config, args.out, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device)
-        from l2b_fast import viz
-
-        print(viz.tree_text(json.loads((args.out / "tree.json").read_text())))
-        print(f"supernet parameters {summary['supernet_parameters']:,}, derived tree {summary['tree_parameters']:,}; {summary['seconds']} s")
-        print(learning_line(summary))
-        if summary["outcome_holds"] is not None:
-            print(f"expected outcome ({summary['expected']}) {'holds' if summary['outcome_holds'] else 'does NOT hold'}")
-        print(f"wrote {args.out}/tree.json, tree.png, tree.svg, probabilities.png, log.csv, summary.json")
-        return 0
+        return _search(args)
     if args.command == "retrain":
-        tree = Tree.load(args.tree)
-        config = _config_for(args)
-        if experiment.is_streaming(config):
-            return _stream_retrain(args, config, tree)
-        out = args.out or args.tree.parent / "retrain"
-        check_device(args.device)
-        _refuse_to_clobber(out, args)
-        summary = experiment.retrain(config, tree, out, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device, baselines=not args.no_baselines)
-        final = summary["final"]
-        print(f"retrained tree: {summary['parameters']:,} parameters, train loss {final['loss']:.4f}" + (f", validation loss {final['val_loss']:.4f}" if "val_loss" in final else "") + f"; {summary['seconds']} s")
-        print(experiment.retrain_table(summary), end="")
-        print(f"wrote {out}/retrain_summary.json, log.csv, epochs.csv" + ("" if args.no_baselines else ", baselines/"))
-        return 0
+        return _retrain(args)
     raise AssertionError(args.command)
-
-
-def learning_line(summary: dict) -> str:
-    """One line: did every task learn (final loss below the threshold), and which did not."""
-    threshold, split = summary["learned_threshold"], summary["task_losses_split"]
-    if summary["all_tasks_learned"]:
-        worst = max(summary["task_losses"].values())
-        return f"all {len(summary['task_losses'])} tasks learned ({split} loss < {threshold:g}; worst {worst:.3f}; predicting the mean scores 1)"
-    missed = ", ".join(f"{task} {summary['task_losses'][task]:.3f}" for task in summary["tasks_not_learned"])
-    return f"NOT every task learned ({split} loss >= {threshold:g}): {missed}"
 
 
 def main(argv=None) -> int:

@@ -1,311 +1,192 @@
-"""Search -> derive -> retrain -> evaluate on streamed shards (the paper's CelebA and Taskonomy experiments).
+"""Search -> derive -> retrain (with baselines) -> evaluate, for any dataset recipe (:mod:`l2b_fast.datasets`).
 
-A config (``l2b_fast/presets/taskonomy-resnet34.toml``, ``celeba-vgg.toml``, ``celeba-deepwide.toml`` or a
-user's copy) names the data kind, the model family and the training settings; nothing here depends on which
-data set it is: the tasks, losses and metrics come from :mod:`l2b_fast.datasets`, the model from
-:data:`l2b_fast.models.SPECS`, the batches from the loaders of :mod:`l2b_fast.data.loader`, training from
-:class:`~l2b_fast.train.stream.StreamTrainer` (one process or many under ``torchrun``).
+A config (a preset or a user's TOML file, :mod:`l2b_fast.config`) names the data kind, whose recipe gives the tasks,
+losses, metrics, model and data source; training is the one :class:`~l2b_fast.train.Trainer` (one process, or many
+under ``torchrun``). Nothing here names a data set.
 
 Outputs: ``search`` writes ``OUT/tree.json`` (derived, pruned), ``tree.png/.svg``, ``probabilities.png/.svg``,
 ``log.csv``, ``epochs.csv``, ``checkpoints/last.pt`` and ``summary.json``; ``retrain`` writes the same logs and
-checkpoint for the tree trained from scratch plus ``retrain_summary.json``, ``tree.json`` and ``config.json``
-(so the folder alone can be evaluated); ``evaluate`` writes ``RUN/eval.json``. Only rank 0 writes.
+checkpoint for the tree trained from scratch, ``tree.json`` and ``config.json`` (so the folder alone can be
+evaluated), each baseline's run under ``baselines/<name>/``, and ``retrain_summary.json``; ``evaluate`` writes
+``RUN/eval.json``. Only rank 0 writes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from l2b_fast import config as configs
 from l2b_fast import datasets, viz
-from l2b_fast.models import SPECS
 from l2b_fast.nn import parameter_count
-from l2b_fast.train import distributed
-from l2b_fast.train.stream import StreamConfig, StreamTrainer
+from l2b_fast.train import Trainer, distributed
 from l2b_fast.tree import Tree, derive
 
-# Keys of [search]/[retrain] that shape the data, not the trainer (the rest are StreamConfig fields).
-DATA_KEYS = ("size", "batch_size", "epoch_samples")
-STREAM_FIELDS = {field.name for field in dataclasses.fields(StreamConfig)} - {"seed", "progress"}
-MODEL_KEYS = ("family", "execution")  # the rest of [model] are the family's spec options
+RETRAIN_DESCRIPTIONS = {
+    "learned_tree": "the searched tree",
+    "all_shared": "all tasks share every layer",
+    "independent": "every task alone",
+}
 
 
-@dataclasses.dataclass(frozen=True)
-class DataKind:
-    """How to read and make shards of one kind: the loaders' and the synthetic generator's entry points."""
-
-    train_loader: Callable
-    eval_loader: Callable
-    generate: Callable
+def recipe_of(config: Mapping) -> datasets.Recipe:
+    return datasets.recipe(config["data"]["kind"])
 
 
-def _taskonomy() -> DataKind:
-    from l2b_fast.data import loader, synthetic_taskonomy
-
-    def train(urls, *, batch_size, size, seed, epoch_samples, num_workers):
-        return loader.taskonomy_train_loader(urls, batch_size=batch_size, size=size, seed=seed, epoch_samples=epoch_samples, num_workers=num_workers)
-
-    def evaluation(urls, *, batch_size, size, num_workers):
-        return loader.taskonomy_eval_loader(urls, batch_size=batch_size, size=size, num_workers=num_workers)
-
-    return DataKind(train, evaluation, synthetic_taskonomy.generate)
+def baseline_trees(tasks: list[str], layers: int) -> dict[str, Tree]:
+    """The two trees a learned tree is compared with, over the same node widths: every task on one
+    shared trunk (one node per layer), and every task alone (one path per task)."""
+    return {"all_shared": Tree.all_shared(tasks, layers), "independent": Tree.independent(tasks, layers)}
 
 
-def _celeba() -> DataKind:
-    from l2b_fast.data import loader, synthetic_celeba
-
-    def train(urls, *, batch_size, size, seed, epoch_samples, num_workers):
-        return loader.celeba_loader(urls, batch_size=batch_size, train=True, size=size, seed=seed, epoch_samples=epoch_samples, num_workers=num_workers)
-
-    def evaluation(urls, *, batch_size, size, num_workers):
-        return loader.celeba_loader(urls, batch_size=batch_size, train=False, size=size, num_workers=num_workers)
-
-    return DataKind(train, evaluation, synthetic_celeba.generate)
-
-
-DATA_KINDS: dict[str, Callable[[], DataKind]] = {"taskonomy": _taskonomy, "celeba": _celeba}
-
-
-class ToInputSize(nn.Module):
-    """Runs ``net`` and resizes every dense prediction (``[B, C, H, W]``) whose side differs from the input's to
-    the input's (bilinear): a model whose output stride does not divide the image size (e.g. the Taskonomy
-    ResNet's 8 at 36 x 36) still predicts at the targets' resolution. Other outputs pass unchanged. ``tasks``
-    and the sampling ``seed=`` / ``generator=`` of a supernet pass through."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-        self.tasks = net.tasks
-
-    def forward(self, inputs: torch.Tensor, *, seed: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict:
-        options = {name: value for name, value in (("seed", seed), ("generator", generator)) if value is not None}
-        outputs = self.net(inputs, **options)
-        size = inputs.shape[-2:]
-        return {task: F.interpolate(out, size=size, mode="bilinear", align_corners=False) if out.dim() == 4 and out.shape[-2:] != size else out
-                for task, out in outputs.items()}
-
-
-# ----------------------------------------------------------------------------------------------- config
-def check_config(config: Mapping, source: str) -> None:
-    """ValueError (one line, naming ``source``) unless a streaming config has what the pipeline reads."""
-    kind = config["data"]["kind"]
-    if kind not in DATA_KINDS:
-        raise ValueError(f"{source}: data kind {kind!r} is not one of {sorted(DATA_KINDS)}")
-    family = config["model"].get("family")
-    if family not in SPECS:
-        raise ValueError(f"{source}: [model] family {family!r} is not one of {sorted(SPECS)}")
-    for section in ("search", "retrain"):
-        settings = config.get(section)
-        if not isinstance(settings, dict):
-            raise ValueError(f"{source}: missing [{section}] section")
-        unknown = sorted(set(settings) - set(DATA_KEYS) - STREAM_FIELDS)
-        if unknown:
-            raise ValueError(f"{source}: unknown [{section}] settings {unknown}; known: {sorted(set(DATA_KEYS) | STREAM_FIELDS)}")
-        missing = [key for key in ("size", "batch_size", "epochs") if key not in settings]
-        if missing:
-            raise ValueError(f"{source}: [{section}] needs {', '.join(missing)}")
-        batch = settings["batch_size"]
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"{source}: [{section}] batch_size must be a positive integer, got {batch!r}")
-    dataset(config)  # unknown [dataset] options fail here
-
-
-def dataset(config: Mapping) -> datasets.MultiTaskDataset:
-    return datasets.get(config["data"]["kind"], **config.get("dataset", {}))
-
-
-def model_spec(config: Mapping, tasks, size):
-    model = config["model"]
-    options = {key: (tuple(value) if isinstance(value, list) else value) for key, value in model.items() if key not in MODEL_KEYS}
-    return SPECS[model["family"]](tasks=tuple(tasks), input_size=_size(size), **options)
-
-
-def _size(size):
-    return tuple(size) if isinstance(size, list) else size
-
-
-def stream_config(section: Mapping, seed: int, progress: bool) -> StreamConfig:
-    settings = {key: value for key, value in section.items() if key not in DATA_KEYS}
-    return StreamConfig(**settings, seed=seed, progress=progress)
-
-
-# ------------------------------------------------------------------------------------------------- data
-def check_data(config: Mapping, data_dir: str | Path, splits: tuple[str, ...]) -> dict:
-    """The manifest of ``data_dir`` if it holds non-empty ``splits`` of the config's data set; else ValueError."""
-    from l2b_fast.data.shards import read_manifest
-
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise ValueError(f"--data {data_dir}: no such directory")
-    manifest = read_manifest(data_dir)
-    try:
-        dataset(config).check_manifest(manifest)
-    except ValueError as error:
-        raise ValueError(f"--data {data_dir}: {error} (preset {config.get('name')} needs {config['data']['kind']} shards)") from None
-    for split in splits:
-        entry = manifest["splits"].get(split)
-        if entry is None or entry["total"] == 0:
-            raise ValueError(f"--data {data_dir}: the {split!r} split is empty or missing (splits: {_split_totals(manifest)})")
-    return manifest
-
-
-def _split_totals(manifest: Mapping) -> str:
-    return ", ".join(f"{name} {entry['total']}" for name, entry in manifest["splits"].items()) or "none"
-
-
-def make_synthetic_data(config: Mapping, out_dir: str | Path, seed: int, device: str = "cpu") -> Path:
-    """Small synthetic shards of the config's kind (its ``[synthetic]`` section) in ``out_dir``, written by rank
-    0 while the other ranks wait (under ``torchrun``); an existing complete set is reused (resume)."""
-    out_dir = Path(out_dir)
-    section = config.get("synthetic", {})
-    context = distributed.setup(device)  # the process group, so that only rank 0 writes
-    if context.is_main and not (out_dir / "manifest.json").is_file():
-        samples = int(section.get("samples", 200))
-        DATA_KINDS[config["data"]["kind"]]().generate(out_dir, samples, int(section.get("size", 64)), seed=seed, samples_per_shard=max(1, samples // 8), overwrite=True)
-    distributed.barrier()
-    return out_dir
-
-
-def _split_urls(data_dir: Path, split: str) -> list[str]:
-    from l2b_fast.data.shards import shard_paths
-
-    return shard_paths(data_dir, split)
-
-
-def _train_data(config: Mapping, section: Mapping, data_dir: Path, manifest: Mapping, seed: int, world_size: int):
-    """A factory ``data(epoch)``: each epoch's loader seeded with ``seed + epoch`` (exact resume), and its batch size."""
-    kind = DATA_KINDS[config["data"]["kind"]]()
-    urls = _split_urls(data_dir, "train")
-    batch_size = section["batch_size"]
-    if batch_size % world_size:
-        raise ValueError(f"batch_size {batch_size} does not split over {world_size} ranks")
-    per_rank = batch_size // world_size
-    epoch_samples = section.get("epoch_samples") or manifest["splits"]["train"]["total"]
-    if epoch_samples < batch_size:
-        raise ValueError(f"an epoch of {epoch_samples} samples holds no batch of {batch_size}: lower batch_size (--set search.batch_size=N) or add data")
-    num_workers = int(config["data"].get("num_workers", 0))
-
-    def epoch_loader(epoch: int):
-        return kind.train_loader(urls, batch_size=per_rank, size=_size(section["size"]), seed=seed + epoch, epoch_samples=epoch_samples, num_workers=num_workers)
-
-    return epoch_loader
-
-
-def _eval_loader(config: Mapping, data_dir: Path, split: str, size):
-    kind = DATA_KINDS[config["data"]["kind"]]()
-    return kind.eval_loader(_split_urls(data_dir, split), batch_size=int(config["data"].get("eval_batch_size", 16)), size=_size(size), num_workers=int(config["data"].get("num_workers", 0)))
-
-
-def _val_data(config: Mapping, data_dir: Path, manifest: Mapping, size):
-    entry = manifest["splits"].get("val")
-    if entry is None or entry["total"] == 0:
-        return None
-    return lambda: _eval_loader(config, data_dir, "val", size)
-
-
-# ---------------------------------------------------------------------------------------------- stages
 class _StepCounter:
     """Counts the optimizer steps this process ran (a resumed run's earlier steps are not timed)."""
 
     def __init__(self):
         self.steps = 0
 
-    def __call__(self, trainer: StreamTrainer) -> None:
+    def __call__(self, trainer: Trainer) -> None:
         self.steps += 1
 
 
-def _throughput(trainer: StreamTrainer, section: Mapping, steps: int, seconds: float) -> dict:
+def _timing(trainer: Trainer, section: Mapping, steps: int, seconds: float) -> dict:
     images = steps * section["batch_size"] * trainer.config.accumulation
-    result = {"seconds": round(seconds, 2), "images": images, "images_per_second": round(images / seconds, 2) if seconds > 0 else None}
+    result = {
+        "seconds": round(seconds, 2),
+        "images": images,
+        "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
+    }
     if trainer.device.type == "cuda":
         result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 3)
     return result
 
 
 def _environment(context: distributed.DistContext) -> dict:
+    device = context.device
     return {
-        "device": str(context.device) if context.device.type != "cuda" else torch.cuda.get_device_name(context.device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "world_size": context.world_size,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
 
 
-def search(config: Mapping, out: str | Path, data_dir: str | Path, *, seed: int = 0, resume: bool = False, progress: bool = True, device: str = "cpu") -> dict:
-    """Trains the supernet on ``data_dir``'s train split, derives and prunes the tree; returns the summary."""
-    out, data_dir = Path(out), Path(data_dir)
-    context = distributed.setup(device)
-    manifest = check_data(config, data_dir, ("train",))
-    section = config["search"]
-    data = dataset(config)
-    spec = model_spec(config, data.tasks, section["size"])
-    torch.manual_seed(seed)
-    supernet = spec.supernet(execution=config["model"].get("execution", "auto"))
-    trainer = StreamTrainer(
-        ToInputSize(supernet), data, _train_data(config, section, data_dir, manifest, seed, context.world_size), stream_config(section, seed, progress), out,
-        val_data=_val_data(config, data_dir, manifest, section["size"]), context=context,
+def _train(config, recipe, net, source, section, out, *, seed, resume, progress, context) -> tuple[dict, dict]:
+    """Trains ``net`` on ``source`` with ``section``'s settings; returns the last epoch's means and the timing."""
+    trainer = Trainer(
+        recipe.wrap(net), recipe.dataset(config), source.train(section, seed, context.world_size),
+        configs.train_config(section, recipe, seed=seed, progress=progress), out,
+        val_data=source.evaluation("val", section), context=context,
     )
     counter, started = _StepCounter(), time.perf_counter()
     final = trainer.fit(resume=resume, on_step=counter)
-    timing = _throughput(trainer, section, counter.steps, time.perf_counter() - started)
+    return final, _timing(trainer, section, counter.steps, time.perf_counter() - started)
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def search(
+    config: Mapping, out: str | Path, data_dir: str | Path | None = None, *, seed: int = 0, resume: bool = False,
+    progress: bool = True, device: str = "cpu",
+) -> dict:
+    """Trains the supernet, derives and prunes the tree, writes the outputs; returns the summary.
+
+    ``data_dir``: the shards of a shard recipe (None: small synthetic shards made in ``out/synthetic-data``); a
+    recipe that makes its data in memory takes None."""
+    out = Path(out)
+    recipe = recipe_of(config)
+    context = distributed.setup(device)
+    source = recipe.data(config, None if data_dir is None else Path(data_dir), out, seed)
+    section = config["search"]
+    spec = recipe.model_spec(config, section)
+    torch.manual_seed(seed)
+    supernet = recipe.supernet(config, spec)
+    final, timing = _train(config, recipe, supernet, source, section, out, seed=seed, resume=resume,
+                           progress=progress, context=context)
     tree = derive(supernet).pruned()
     summary = {
         "name": config["name"],
         "seed": seed,
-        "data": str(data_dir),
+        "data": source.description,
         "final": final,
         "timing": timing,
+        "seconds": timing["seconds"],
         "supernet_parameters": parameter_count(supernet),
-        "tree_parameters": parameter_count(spec.treenet(tree)),
+        "tree_parameters": parameter_count(recipe.treenet(config, spec, tree)),
         "probabilities": [p.tolist() for p in supernet.probabilities()],
         "environment": _environment(context),
+        **recipe.search_report(config, tree, final),
     }
     if context.is_main:
         tree.save(out / "tree.json")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_json(out / "summary.json", summary)
         viz.draw_search_pictures(tree.to_dict(), out, config["name"])
     distributed.barrier()
     return summary
 
 
-def retrain(config: Mapping, tree: Tree, out: str | Path, data_dir: str | Path, *, seed: int = 0, resume: bool = False, progress: bool = True, device: str = "cpu") -> dict:
-    """Trains the derived tree from scratch at the retrain size; returns (and writes) ``retrain_summary.json``."""
-    out, data_dir = Path(out), Path(data_dir)
+def retrain(
+    config: Mapping, tree: Tree, out: str | Path, data_dir: str | Path | None = None, *, seed: int = 0,
+    resume: bool = False, progress: bool = True, device: str = "cpu", baselines: bool | None = None,
+) -> dict:
+    """Trains the derived tree from scratch and, with ``baselines`` (default: ``[retrain] baselines``, true unless
+    the config says otherwise), the two baselines of the same node widths (all tasks sharing every layer; every task
+    alone) with the same settings; writes and returns ``retrain_summary.json``."""
+    out = Path(out)
+    recipe = recipe_of(config)
     context = distributed.setup(device)
-    manifest = check_data(config, data_dir, ("train",))
-    section = config["retrain"]
-    data = dataset(config)
-    if tuple(tree.tasks) != tuple(data.tasks):
-        raise ValueError(f"the tree's tasks {list(tree.tasks)} do not match the config's {list(data.tasks)}")
-    spec = model_spec(config, data.tasks, section["size"])
-    torch.manual_seed(seed + 1)
-    net = spec.treenet(tree)
-    trainer = StreamTrainer(
-        ToInputSize(net), data, _train_data(config, section, data_dir, manifest, seed, context.world_size), stream_config(section, seed, progress), out,
-        val_data=_val_data(config, data_dir, manifest, section["size"]), context=context,
-    )
-    counter, started = _StepCounter(), time.perf_counter()
-    final = trainer.fit(resume=resume, on_step=counter)
+    source = recipe.data(config, None if data_dir is None else Path(data_dir), out.parent, seed)
+    section = config.get("retrain") or config["search"]
+    tasks = list(recipe.dataset(config).tasks)
+    if list(tree.tasks) != tasks:
+        raise ValueError(f"the tree's tasks {list(tree.tasks)} do not match the config's {tasks}")
+    if baselines is None:
+        baselines = bool(section.get("baselines", True))
+    models = {"learned_tree": (tree, out)}
+    if baselines:
+        for name, baseline in baseline_trees(tasks, len(tree.parents) - 1).items():
+            models[name] = (baseline, out / "baselines" / name)
+    spec = recipe.model_spec(config, section)
+    results = {}
+    for name, (model_tree, model_out) in models.items():
+        torch.manual_seed(seed + 1)
+        net = recipe.treenet(config, spec, model_tree)
+        # a baseline the killed run had not reached yet starts afresh; the learned tree must resume
+        resume_this = resume and (name == "learned_tree" or (model_out / "checkpoints" / "last.pt").is_file())
+        final, timing = _train(config, recipe, net, source, section, model_out, seed=seed, resume=resume_this,
+                               progress=progress, context=context)
+        results[name] = {
+            "description": RETRAIN_DESCRIPTIONS[name],
+            "tree": model_tree.to_dict(),
+            "parameters": parameter_count(net),
+            "seconds": timing["seconds"],
+            "timing": timing,
+            "final": final,
+            **recipe.retrain_report(config, model_tree, final),
+        }
+        if name == "learned_tree" and context.is_main:  # the folder alone can be evaluated
+            tree.save(out / "tree.json")
+            _write_json(out / "config.json", config)
+    learned = results["learned_tree"]
     summary = {
         "name": config["name"],
         "seed": seed,
-        "data": str(data_dir),
-        "final": final,
-        "timing": _throughput(trainer, section, counter.steps, time.perf_counter() - started),
-        "parameters": parameter_count(net),
+        "data": source.description,
+        "final": learned["final"],
+        "timing": learned["timing"],
+        "seconds": learned["seconds"],
+        "parameters": learned["parameters"],
+        "models": results,
         "environment": _environment(context),
     }
     if context.is_main:
-        tree.save(out / "tree.json")
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (out / "retrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_json(out / "retrain_summary.json", summary)
     distributed.barrier()
     return summary
 
@@ -313,40 +194,62 @@ def retrain(config: Mapping, tree: Tree, out: str | Path, data_dir: str | Path, 
 def trained_run(run: str | Path) -> Path:
     """The folder holding a retrained tree: ``run`` itself, or ``run/retrain`` (a search folder); else ValueError."""
     run = Path(run)
+    needed = ("tree.json", "config.json", "checkpoints/last.pt", "retrain_summary.json")
     for folder in (run / "retrain", run):
-        if all((folder / name).is_file() for name in ("tree.json", "config.json", "checkpoints/last.pt")) and (folder / "retrain_summary.json").is_file():
+        if all((folder / name).is_file() for name in needed):
             return folder
-    raise ValueError(f"{run} holds no retrained tree (tree.json, config.json, checkpoints/last.pt, retrain_summary.json): run `l2b retrain` first")
+    raise ValueError(
+        f"{run} holds no retrained tree ({', '.join(needed)} in {run} or {run}/retrain): run `l2b retrain` first"
+    )
+
+
+def recorded_data(folder: str | Path) -> Path | None:
+    """The shard directory a search or retrain in ``folder`` used, from its summary (None: data made in memory)."""
+    folder = Path(folder)
+    for summary in (folder / "summary.json", folder / "retrain_summary.json", folder.parent / "summary.json"):
+        if summary.is_file():
+            data = json.loads(summary.read_text()).get("data")
+            return None if data is None else Path(data)
+    raise ValueError(f"no summary.json in {folder} names the data: give --data DIR")
 
 
 @torch.no_grad()
-def evaluate(run: str | Path, data_dir: str | Path, *, split: str = "test", device: str = "cpu") -> dict:
-    """The retrained tree of ``run`` on ``split`` of ``data_dir``: the paper's metrics, over every sample once
-    (ranks split the shards); writes ``run/eval.json`` and returns it, with the printed ``table``."""
+def evaluate(run: str | Path, data_dir: str | Path | None = None, *, split: str = "test", device: str = "cpu") -> dict:
+    """The retrained tree of ``run`` on ``split``: the data set's metrics over every sample once (ranks split the
+    shards); writes ``run/eval.json`` and returns it, with the printed ``table``. ``data_dir`` None: the data the run
+    used."""
     from l2b_fast.data.loader import sample_count_report
     from l2b_fast.train.checkpoints import read_checkpoint
 
-    run, data_dir = Path(run), Path(data_dir)
+    run = Path(run)
     folder = trained_run(run)
     config = json.loads((folder / "config.json").read_text())
-    check_data(config, data_dir, (split,))
+    recipe = recipe_of(config)
+    if data_dir is None:
+        data_dir = recorded_data(folder)
+    recipe.check_data(config, data_dir, (split,))
     context = distributed.setup(device)
-    data = dataset(config)
-    size = config["retrain"]["size"]
-    net = ToInputSize(model_spec(config, data.tasks, size).treenet(Tree.load(folder / "tree.json")))
+    seed = json.loads((folder / "retrain_summary.json").read_text()).get("seed", 0)
+    source = recipe.data(config, None if data_dir is None else Path(data_dir), None, seed)
+    section = config.get("retrain") or config["search"]
+    dataset = recipe.dataset(config)
+    net = recipe.wrap(recipe.treenet(config, recipe.model_spec(config, section), Tree.load(folder / "tree.json")))
     try:
         net.load_state_dict(read_checkpoint(folder / "checkpoints" / "last.pt", "cpu")["model"])
     except RuntimeError as error:  # weights of another tree, model or width
-        raise ValueError(f"{folder}/checkpoints/last.pt does not fit the tree and model of {folder}/config.json ({str(error).splitlines()[0]})") from None
+        first = str(error).splitlines()[0]
+        raise ValueError(f"{folder}/checkpoints/last.pt does not fit the tree and model of {folder}/config.json ({first})") from None
     net.to(context.device).eval()
-    metrics = data.metrics()
-    loader = _eval_loader(config, data_dir, split, size)
+    loader = source.evaluation(split, section)
+    if loader is None:
+        raise ValueError(f"the {split!r} split is empty or missing")
+    metrics = dataset.metrics()
     for batch in loader:
         inputs, targets, masks = (*batch, None)[:3]
         outputs = net(inputs.to(context.device))
         targets = {task: value.to(context.device) for task, value in targets.items()}
         masks = None if masks is None else {task: value.to(context.device) for task, value in masks.items()}
-        task_targets, task_masks = data.task_targets(targets, masks)
+        task_targets, task_masks = dataset.task_targets(targets, masks)
         metrics.update(outputs, task_targets, task_masks)
     metrics.all_reduce()
     counts = sample_count_report(loader, metrics.samples)
@@ -361,11 +264,12 @@ def evaluate(run: str | Path, data_dir: str | Path, *, split: str = "test", devi
         "shard_errors": counts["shard_errors"],
         "summary": metrics.summary(),
         "metrics": metrics.describe(),
-        "data": str(data_dir),
+        "data": source.description,
         "model": str(folder),
     }
-    table = datasets.format_table(data, result["summary"], parameters, ours_label=f"ours ({config['name']}, {split}, {metrics.samples} samples)")
+    label = f"ours ({config['name']}, {split}, {metrics.samples} samples)"
+    table = datasets.format_table(dataset, result["summary"], parameters, ours_label=label)
     if context.is_main:
-        (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        _write_json(run / "eval.json", result)
     distributed.barrier()
     return {**result, "table": table}

@@ -15,9 +15,9 @@ from PIL import Image
 pytest.importorskip("webdataset")
 
 from l2b_fast import cli  # noqa: E402
-from l2b_fast.data import celeba_convert as cc  # noqa: E402
+from l2b_fast.datasets.celeba import convert as cc  # noqa: E402
 from l2b_fast.data import shards  # noqa: E402
-from l2b_fast.data.synthetic_celeba import ATTRIBUTES  # noqa: E402
+from l2b_fast.datasets.celeba.synthetic import ATTRIBUTES  # noqa: E402
 
 LAYOUTS = ("flat", "official", "kaggle")
 HEIGHT, WIDTH = 21, 17
@@ -97,7 +97,7 @@ def test_round_trip_in_every_layout(raw, tmp_path):
     assert manifest == shards.read_manifest(tmp_path)
     assert manifest["dataset"] == "celeba" and manifest["size"] == [HEIGHT, WIDTH]
     assert manifest["attributes"] == list(ATTRIBUTES) and manifest["official_counts"] is False
-    assert manifest["created_by"] == "l2b_fast.data.celeba_convert" and manifest["seed"] == 0
+    assert manifest["created_by"] == "l2b_fast.datasets.celeba.convert" and manifest["seed"] == 0
     contents = read_shards(tmp_path, manifest)
     seen = []
     for split, samples in contents.items():
@@ -246,7 +246,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 
 def test_shards_load_through_the_celeba_loader(raw, tmp_path):
-    from l2b_fast.data.loader import celeba_loader
+    from l2b_fast.datasets.celeba.loaders import celeba_loader
 
     root, expected = raw
     cc.convert(root, tmp_path, samples_per_shard=4, progress=False)

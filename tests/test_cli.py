@@ -8,7 +8,8 @@ import pytest
 
 import l2b_fast
 import torch
-from l2b_fast import cli, experiment
+from l2b_fast import cli
+from l2b_fast import config as configs
 from conftest import bent_square_toml
 
 TINY = bent_square_toml(
@@ -36,8 +37,8 @@ def test_version(capsys):
 def test_presets(capsys):
     assert cli.main(["presets"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == experiment.preset_names()
-    for line, (name, description) in zip(lines, experiment.preset_descriptions().items()):
+    assert [line.split()[0] for line in lines] == configs.preset_names()
+    for line, (name, description) in zip(lines, configs.preset_descriptions().items()):
         assert description and line.endswith(description), line  # each preset says what it is
     assert cli.main(["presets", "--print", "synthetic-b"]) == 0
     assert 'name = "synthetic-b"' in capsys.readouterr().out

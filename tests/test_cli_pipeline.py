@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from l2b_fast import cli
-from l2b_fast.data import synthetic_celeba
+from l2b_fast.datasets.celeba import synthetic as synthetic_celeba
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +75,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     _fails_cleanly(search + ["--set", "search.epochs"], "expected KEY=VALUE", capsys, run)
     if not torch.cuda.is_available():
         _fails_cleanly(search + ["--device", "cuda"], "--device 'cuda' is not available", capsys, run)
-    _fails_cleanly(["search", "--preset", "synthetic-a", "--out", str(run), "--data", str(tmp_path / "faces")], "--data is for the CelebA and Taskonomy presets", capsys, run)
+    _fails_cleanly(["search", "--preset", "synthetic-a", "--out", str(run), "--data", str(tmp_path / "faces")], "--data is for shard data", capsys, run)
     _fails_cleanly(["eval", str(run)], "holds no retrained tree", capsys, run)
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from l2b_fast.data import shards
-from l2b_fast.data import transforms as T
+from l2b_fast.data import images, shards
+from l2b_fast.datasets.taskonomy import protocol as T
 
 
 def random_raw(rng: np.random.Generator, h: int, w: int, with_valid: bool = False) -> dict[str, np.ndarray]:
@@ -120,7 +120,7 @@ ENCODINGS = {
 }
 
 
-@pytest.mark.skipif(shards._pyspng is None, reason="pyspng not installed")
+@pytest.mark.skipif(images._pyspng is None, reason="pyspng not installed")
 @pytest.mark.parametrize("encoding", sorted(ENCODINGS))
 def test_pyspng_and_pillow_decode_identically(encoding):
     array = ENCODINGS[encoding](np.random.default_rng(3))
@@ -134,7 +134,7 @@ def test_pyspng_and_pillow_decode_identically(encoding):
 
 @pytest.mark.parametrize("decoder", ["pyspng", "pillow"])
 def test_decoders_reject_corrupt_png(decoder):
-    if decoder == "pyspng" and shards._pyspng is None:
+    if decoder == "pyspng" and images._pyspng is None:
         pytest.skip("pyspng not installed")
     data = bytearray(shards.encode_png(np.random.default_rng(4).integers(0, 65536, (32, 32), dtype=np.uint16)))
     data[60:80] = bytes(20)  # inside the image data: the CRC no longer matches
@@ -145,7 +145,7 @@ def test_decoders_reject_corrupt_png(decoder):
 
 
 def test_decode_png_without_pyspng_uses_pillow(monkeypatch):
-    monkeypatch.setattr(shards, "_pyspng", None)
+    monkeypatch.setattr(images, "_pyspng", None)
     assert shards.png_decoder() == "pillow"
     array = ENCODINGS["grey16"](np.random.default_rng(5))
     np.testing.assert_array_equal(shards.decode_png(shards.encode_png(array)), array)

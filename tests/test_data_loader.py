@@ -19,8 +19,10 @@ import torch
 wds = pytest.importorskip("webdataset")
 Image = pytest.importorskip("PIL.Image")
 
+from l2b_fast.datasets.celeba import loaders as CL  # noqa: E402
+from l2b_fast.datasets.taskonomy import loaders as TL  # noqa: E402
 from l2b_fast.data import loader as L  # noqa: E402
-from l2b_fast.data import transforms as T  # noqa: E402
+from l2b_fast.datasets.taskonomy import protocol as T  # noqa: E402
 
 S = 16  # stored size of the synthetic shards
 SIZE = 8  # working resolution in the loader tests
@@ -100,7 +102,7 @@ def test_decode_png_keeps_16_bit():
 
 def test_decode_png_corrupt_raises_clear_error():
     with pytest.raises(T.CorruptSampleError, match="cannot decode depth"):
-        T.decode_png(b"\x89PNG\r\n\x1a\nnot really", "depth_zbuffer.png")
+        T.decode_png(b"\x89PNG\r\n\x1a\nnot really", name="depth_zbuffer.png")
 
 
 # ----------------------------------------------------------------------------------------- normalisation
@@ -234,10 +236,10 @@ def test_celeba_targets_and_flip():
     image = np.zeros((4, 6, 3), np.uint8)
     image[:, 0] = 255
     attrs = [1, 0, -1] + [1] * 37
-    rgb, target = T.celeba_to_targets(image, attrs)
+    rgb, target = CL.celeba_to_targets(image, attrs)
     assert rgb.shape == (3, 4, 6) and rgb[0, 0, 0] == 1.0 and rgb[0, 0, 1] == -1.0
     assert target.dtype == torch.float32 and target.shape == (40,) and target[:3].tolist() == [1.0, 0.0, 0.0]
-    flipped = T.celeba_augment(image, np.random.default_rng(0), flip=True)
+    flipped = CL.celeba_augment(image, np.random.default_rng(0), flip=True)
     assert (flipped == image).all() or (flipped == image[:, ::-1]).all()
 
 
@@ -257,7 +259,7 @@ def _check_batch(batch, batch_size, size):
 
 def test_train_loader_shapes_and_epoch_length(shards):
     urls, _ = shards
-    loader = L.taskonomy_train_loader(urls, batch_size=4, size=SIZE, seed=1, epoch_samples=12, num_workers=0, shuffle_buffer=8, world_size=1)
+    loader = TL.taskonomy_train_loader(urls, batch_size=4, size=SIZE, seed=1, epoch_samples=12, num_workers=0, shuffle_buffer=8, world_size=1)
     assert loader.batches_per_epoch == 3
     for _ in range(2):  # two epochs, each stops after with_epoch
         batches = list(loader)
@@ -265,16 +267,16 @@ def test_train_loader_shapes_and_epoch_length(shards):
         for batch in batches:
             _check_batch(batch, 4, SIZE)
     # DDP: the global epoch is shared by the ranks
-    assert L.taskonomy_train_loader(urls, batch_size=4, size=SIZE, epoch_samples=16, world_size=2, rank=1).batches_per_epoch == 2
+    assert TL.taskonomy_train_loader(urls, batch_size=4, size=SIZE, epoch_samples=16, world_size=2, rank=1).batches_per_epoch == 2
     # reproducible for a seed
-    a = next(iter(L.taskonomy_train_loader(urls, batch_size=4, size=SIZE, seed=5, epoch_samples=8, world_size=1)))
-    b = next(iter(L.taskonomy_train_loader(urls, batch_size=4, size=SIZE, seed=5, epoch_samples=8, world_size=1)))
+    a = next(iter(TL.taskonomy_train_loader(urls, batch_size=4, size=SIZE, seed=5, epoch_samples=8, world_size=1)))
+    b = next(iter(TL.taskonomy_train_loader(urls, batch_size=4, size=SIZE, seed=5, epoch_samples=8, world_size=1)))
     torch.testing.assert_close(a[0], b[0])
 
 
 def test_train_loader_with_workers(shards):
     urls, _ = shards
-    loader = L.taskonomy_train_loader(urls, batch_size=2, size=SIZE, epoch_samples=8, num_workers=2, shuffle_buffer=4, world_size=1, with_keys=True)
+    loader = TL.taskonomy_train_loader(urls, batch_size=2, size=SIZE, epoch_samples=8, num_workers=2, shuffle_buffer=4, world_size=1, with_keys=True)
     batches = list(loader)
     assert loader.batches_per_epoch == 4 and len(batches) == 4
     for batch in batches:
@@ -287,8 +289,8 @@ def test_raw_batches_normalised_later_equal_normalised_batches(shards, num_worke
     """normalize=False: the same samples and augmentations, normalised by to_targets_batch to the same values."""
     urls, _ = shards
     options = dict(batch_size=3, size=SIZE, seed=3, epoch_samples=12, num_workers=num_workers, shuffle_buffer=6, world_size=1, with_keys=True)
-    normalised = list(L.taskonomy_train_loader(urls, **options))
-    raw_batches = list(L.taskonomy_train_loader(urls, normalize=False, **options))
+    normalised = list(TL.taskonomy_train_loader(urls, **options))
+    raw_batches = list(TL.taskonomy_train_loader(urls, normalize=False, **options))
     assert len(raw_batches) == len(normalised) == 4
     protocol = T.TaskonomyProtocol()
     for (raw, keys), (rgb, targets, masks, expected_keys) in zip(raw_batches, normalised):
@@ -306,7 +308,7 @@ def test_eval_loader_every_sample_once_deterministic(shards):
 
     def run():
         keys, rgbs = [], []
-        for rgb, targets, masks, batch_keys in L.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=0, world_size=1, with_keys=True):
+        for rgb, targets, masks, batch_keys in TL.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=0, world_size=1, with_keys=True):
             keys += batch_keys
             rgbs.append(rgb)
         return keys, torch.cat(rgbs)
@@ -335,7 +337,7 @@ def _eval_rank(rank, world_size, port, urls, n, out_path):
         histogram = torch.zeros(n, dtype=torch.int64)  # exact per-sample counts
         checksum = torch.zeros((), dtype=torch.int64)
         count = 0
-        loader = L.taskonomy_eval_loader(urls, batch_size=3, size=SIZE, with_keys=True)  # rank/world from dist
+        loader = TL.taskonomy_eval_loader(urls, batch_size=3, size=SIZE, with_keys=True)  # rank/world from dist
         assert (loader.rank, loader.world_size) == (rank, world_size)
         for rgb, targets, masks, keys in loader:
             ids = torch.tensor([key_index(k) for k in keys])
@@ -380,7 +382,7 @@ def test_corrupt_samples_and_shards_are_skipped(tmp_path):
     urls = [str(good), str(bad), str(truncated), str(garbage)]
 
     with pytest.warns(L.SkippedDataWarning):
-        loader = L.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=0, world_size=1, with_keys=True)
+        loader = TL.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=0, world_size=1, with_keys=True)
         keys = [k for batch in loader for k in batch[3]]
     indices = sorted(key_index(k) for k in keys)
     assert indices[:6] == [0, 1, 2, 3, 4, 6] and 8 in indices and 9 in indices
@@ -392,12 +394,12 @@ def test_corrupt_samples_and_shards_are_skipped(tmp_path):
     # training over the same shards completes its epochs too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", L.SkippedDataWarning)
-        train = L.taskonomy_train_loader(urls, batch_size=2, size=SIZE, epoch_samples=10, world_size=1, shuffle_buffer=4)
+        train = TL.taskonomy_train_loader(urls, batch_size=2, size=SIZE, epoch_samples=10, world_size=1, shuffle_buffer=4)
         assert len(list(train)) == 5
         assert train.skips.count > 0
         # only broken shards: the epoch ends instead of looping forever
         counter = L.SkipCounter("broken", max_consecutive_failures=20)
-        broken = L.taskonomy_train_loader([str(garbage)], batch_size=2, size=SIZE, epoch_samples=10, world_size=1, skip_counter=counter)
+        broken = TL.taskonomy_train_loader([str(garbage)], batch_size=2, size=SIZE, epoch_samples=10, world_size=1, skip_counter=counter)
         assert list(broken) == []
         assert counter.count > 20
 
@@ -414,12 +416,12 @@ def test_celeba_loader(tmp_path):
                 "attr.json": json.dumps({"attributes": attrs}).encode(),
                 "json": json.dumps({"image": f"{i:06d}.jpg", "split": "train"}).encode(),
             })
-    batches = list(L.celeba_loader([str(path)], batch_size=2, train=False, rank=0, world_size=1))
+    batches = list(CL.celeba_loader([str(path)], batch_size=2, train=False, rank=0, world_size=1))
     assert [b[0].shape[0] for b in batches] == [2, 2, 1]
     rgb, targets = batches[0]
     assert rgb.shape == (2, 3, 12, 10) and targets["attributes"].shape == (2, 40)
     assert set(targets["attributes"].unique().tolist()) <= {0.0, 1.0}
-    train = L.celeba_loader([str(path)], batch_size=2, train=True, size=8, epoch_samples=6, world_size=1, shuffle_buffer=4)
+    train = CL.celeba_loader([str(path)], batch_size=2, train=True, size=8, epoch_samples=6, world_size=1, shuffle_buffer=4)
     batches = list(train)
     assert len(batches) == 3 and batches[0][0].shape == (2, 3, 8, 8)
 
@@ -438,7 +440,7 @@ def test_evaluation_reports_samples_against_the_manifest(tmp_path):
     urls = [str(tmp_path / name) for name in names]
 
     with pytest.warns(L.SkippedDataWarning):
-        loader = L.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=0, world_size=1)
+        loader = TL.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=0, world_size=1)
         seen = sum(len(batch[0]) for batch in loader)
     skips = loader.skips
     assert loader.expected_samples == 19 and seen < 14
@@ -448,14 +450,14 @@ def test_evaluation_reports_samples_against_the_manifest(tmp_path):
         report = L.sample_count_report(loader, seen)
     assert report == {"samples": seen, "manifest_samples": 19, "skipped_samples": skips.skipped_samples, "shard_errors": skips.shard_errors}
 
-    complete = L.taskonomy_eval_loader(urls[:1], batch_size=4, size=SIZE, rank=0, world_size=1)
+    complete = TL.taskonomy_eval_loader(urls[:1], batch_size=4, size=SIZE, rank=0, world_size=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", L.SkippedDataWarning)  # a complete pass warns about nothing
         report = L.sample_count_report(complete, sum(len(batch[0]) for batch in complete))
     assert report == {"samples": 4, "manifest_samples": 4, "skipped_samples": 0, "shard_errors": 0}
     # rank 1 of 2 reads shards 1 and 3; shards outside any manifest cannot be compared
-    assert L.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=1, world_size=2).expected_samples == 6 + 3
+    assert TL.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=1, world_size=2).expected_samples == 6 + 3
     (tmp_path / "manifest.json").unlink()
-    unlisted = L.taskonomy_eval_loader(urls[:1], batch_size=4, size=SIZE, rank=0, world_size=1)
+    unlisted = TL.taskonomy_eval_loader(urls[:1], batch_size=4, size=SIZE, rank=0, world_size=1)
     assert unlisted.expected_samples is None
     assert L.sample_count_report(unlisted, 4)["manifest_samples"] is None

@@ -16,8 +16,8 @@ pytest.importorskip("webdataset")
 Image = pytest.importorskip("PIL.Image")
 
 from l2b_fast.data import shards as SH  # noqa: E402
-from l2b_fast.data import synthetic_celeba as SC  # noqa: E402
-from l2b_fast.data import synthetic_taskonomy as ST  # noqa: E402
+from l2b_fast.datasets.celeba import synthetic as SC  # noqa: E402
+from l2b_fast.datasets.taskonomy import synthetic as ST  # noqa: E402
 
 
 def _scenes(count=6, size=64, seed=0):

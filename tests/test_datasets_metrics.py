@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from l2b_fast import datasets
-from l2b_fast.datasets import taskonomy as T
-from l2b_fast.datasets.celeba import ATTRIBUTES
+from l2b_fast.datasets.taskonomy import dataset as T
+from l2b_fast.datasets.celeba.dataset import ATTRIBUTES
 
 DTYPES = [torch.float64, torch.float32]
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
@@ -409,7 +409,9 @@ def test_bad_input_is_named():
 # ---------------------------------------------------------------------------- with the real loaders
 def test_targets_of_the_taskonomy_loaders_fit(tmp_path):
     pytest.importorskip("webdataset")
-    from l2b_fast.data import loader, shards, synthetic_taskonomy
+    from l2b_fast.data import shards
+    from l2b_fast.datasets.taskonomy import loaders as loader
+    from l2b_fast.datasets.taskonomy import synthetic as synthetic_taskonomy
 
     synthetic_taskonomy.generate(tmp_path, 10, 16, samples_per_shard=4, splits=(("train", 0.5), ("test", 0.5)))
     dataset = T.Taskonomy(segmentation_mask="adashare")

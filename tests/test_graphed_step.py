@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from l2b_fast import pipeline
+from l2b_fast import config as configs
+from l2b_fast import datasets
 from l2b_fast.nn import BlockSpec, TreeSupernet
 from l2b_fast.train import StreamConfig, StreamTrainer
 from l2b_fast.train.graphed_step import GraphedStep, _copy_into, _layout, _static_copy
@@ -176,9 +177,9 @@ def test_trainer_refusals(tmp_path):
 def test_pipeline_setting_and_older_checkpoints(tmp_path):
     """``--set search.cuda_graph=true`` reaches the StreamConfig; a checkpoint written before the setting
     existed resumes as cuda_graph=False."""
-    assert "cuda_graph" in pipeline.STREAM_FIELDS
+    assert "cuda_graph" in configs.TRAINER_FIELDS
     section = {"size": 8, "batch_size": 4, "epochs": 1, "cuda_graph": True}
-    assert pipeline.stream_config(section, seed=0, progress=False).cuda_graph is True
+    assert configs.train_config(section, datasets.recipe("taskonomy"), seed=0, progress=False).cuda_graph is True
     data = epoch_batches(SIZES[:2], seed=3)
     trainer = StreamTrainer(tiny_supernet(), MSE, data, config(epochs=1), tmp_path)
     trainer.fit()

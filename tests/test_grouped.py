@@ -290,7 +290,7 @@ def test_treenet_from_grouped_supernet():
 
 
 def test_synthetic_model_runs_grouped_including_bias_heads():
-    from l2b_fast import synthetic
+    from l2b_fast.datasets.synthetic import tasks as synthetic
 
     torch.manual_seed(0)
     blocks = synthetic.blocks(3, input_dim=6, hidden=5, output_dim=4, fc_blocks=2, nodes=3)

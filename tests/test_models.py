@@ -9,8 +9,8 @@ import torch
 
 from l2b_fast.models import celeba_branch_vgg, celeba_branch_vgg_spec, celeba_deep_wide_spec, taskonomy_resnet34, taskonomy_resnet34_spec
 from l2b_fast.models import counts
-from l2b_fast.models.layers import CELEBA_ATTRIBUTES
-from l2b_fast.models.taskonomy_resnet import TASK_CHANNELS
+from l2b_fast.datasets.celeba.layers import CELEBA_ATTRIBUTES
+from l2b_fast.datasets.taskonomy.resnet import TASK_CHANNELS
 from l2b_fast.nn import TreeNet, parameter_count
 from l2b_fast.tree import derive
 

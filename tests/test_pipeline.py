@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
-from l2b_fast import datasets, experiment, pipeline
-from l2b_fast.data import synthetic_celeba
+from l2b_fast import config as configs
+from l2b_fast import datasets, pipeline
+from l2b_fast.datasets.recipe import ToInputSize
+from l2b_fast.datasets.celeba import synthetic as synthetic_celeba
 from l2b_fast.tree import Tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,8 +21,8 @@ STREAM_PRESETS = ("taskonomy-resnet34", "celeba-vgg", "celeba-deepwide")
 
 @pytest.mark.parametrize("name", STREAM_PRESETS)
 def test_presets_hold_the_papers_settings(name):
-    config = experiment.load_config(preset=name)
-    assert experiment.is_streaming(config) and config["name"] == name and config["description"].startswith("paper Table")
+    config = configs.load_config(preset=name)
+    assert pipeline.recipe_of(config).reads_shards and config["name"] == name and config["description"].startswith("paper Table")
     search, retrain = config["search"], config["retrain"]
     assert search["optimizer"] == "adam" and search["batch_size"] == 64 and search["warmup_epochs"] == 2
     assert search["tau"] == {"kind": "epoch_decay", "tau0": 10.0, "rate": 0.965, "min": 0.1}
@@ -30,46 +32,48 @@ def test_presets_hold_the_papers_settings(name):
     else:
         assert search["size"] == retrain["size"] == [218, 178]
     for section in (search, retrain):  # every training setting is one the streaming trainer takes
-        assert pipeline.stream_config(section, seed=0, progress=False).epochs == section["epochs"]
+        assert configs.train_config(section, pipeline.recipe_of(config), seed=0, progress=False).epochs == section["epochs"]
     # the preset's model at its search size builds (on the meta device: no memory for the full model)
     with torch.device("meta"):
-        spec = pipeline.model_spec(config, pipeline.dataset(config).tasks, search["size"])
-    assert spec.tasks == pipeline.dataset(config).tasks
+        spec = pipeline.recipe_of(config).model_spec(config, search)
+    assert spec.tasks == pipeline.recipe_of(config).dataset(config).tasks
 
 
 def test_overrides_parse_toml_values_and_reject_unknown_keys():
-    config = experiment.load_config(preset="celeba-vgg", overrides=["search.epochs=3", "search.lr_logits=1e-2", "model.width=0.5", "search.size=[64, 48]", "search.tau.tau0=5", "data.kind=celeba", "search.precision=bf16"])
+    config = configs.load_config(preset="celeba-vgg", overrides=["search.epochs=3", "search.lr_logits=1e-2", "model.width=0.5", "search.size=[64, 48]", "search.tau.tau0=5", "data.kind=celeba", "search.precision=bf16"])
     assert config["search"]["epochs"] == 3 and config["search"]["lr_logits"] == 0.01 and config["model"]["width"] == 0.5
     assert config["search"]["size"] == [64, 48] and config["search"]["tau"]["tau0"] == 5 and config["search"]["precision"] == "bf16"
-    assert experiment.apply_overrides({"a": {"b": 1}}, ['a.b={kind = "constant"}'])["a"]["b"] == {"kind": "constant"}
-    assert experiment.apply_overrides({"a": {"b": 1}}, ["a.b = true"])["a"]["b"] is True
+    assert configs.apply_overrides({"a": {"b": 1}}, ['a.b={kind = "constant"}'])["a"]["b"] == {"kind": "constant"}
+    assert configs.apply_overrides({"a": {"b": 1}}, ["a.b = true"])["a"]["b"] is True
     for bad, message in (("search.epoch=3", "unknown key"), ("nope.epochs=3", "nope is not a table"), ("search.epochs", "KEY=VALUE"),
                          ("=3", "KEY=VALUE"), ("search.epochs.x=1", "search.epochs is not a table")):
         with pytest.raises(ValueError, match=message):
-            experiment.load_config(preset="celeba-vgg", overrides=[bad])
+            configs.load_config(preset="celeba-vgg", overrides=[bad])
     with pytest.raises(ValueError, match="data kind 'mnist'"):
-        experiment.load_config(preset="celeba-vgg", overrides=["data.kind=mnist"])
+        configs.load_config(preset="celeba-vgg", overrides=["data.kind=mnist"])
     with pytest.raises(ValueError, match="family"):
-        experiment.load_config(preset="celeba-vgg", overrides=["model.family=resnet"])
+        configs.load_config(preset="celeba-vgg", overrides=["model.family=resnet"])
     with pytest.raises(ValueError, match="batch_size"):
-        experiment.load_config(preset="taskonomy-resnet34", overrides=["search.batch_size=0"])
+        configs.load_config(preset="taskonomy-resnet34", overrides=["search.batch_size=0"])
     # the synthetic presets take --set too
-    assert experiment.load_config(preset="synthetic-a", overrides=["search.epochs=2"])["search"]["epochs"] == 2
+    assert configs.load_config(preset="synthetic-a", overrides=["search.epochs=2", "search.warmup_epochs=1"])["search"]["epochs"] == 2
+    with pytest.raises(ValueError, match="warmup_epochs"):  # checked when loaded, before a run writes anything
+        configs.load_config(preset="synthetic-a", overrides=["search.epochs=2"])
 
 
 def test_check_data_names_each_problem(tmp_path):
-    config = experiment.load_config(preset="taskonomy-resnet34")
+    config = configs.load_config(preset="taskonomy-resnet34")
     with pytest.raises(ValueError, match="no such directory"):
-        pipeline.check_data(config, tmp_path / "missing", ("train",))
+        pipeline.recipe_of(config).check_data(config, tmp_path / "missing", ("train",))
     with pytest.raises(ValueError, match="no manifest"):
-        pipeline.check_data(config, tmp_path, ("train",))
+        pipeline.recipe_of(config).check_data(config, tmp_path, ("train",))
     synthetic_celeba.generate(tmp_path / "faces", 10, 16, samples_per_shard=5)
     with pytest.raises(ValueError, match="hold 'celeba' data, not 'taskonomy'"):
-        pipeline.check_data(config, tmp_path / "faces", ("train",))
-    celeba = experiment.load_config(preset="celeba-vgg")
-    assert pipeline.check_data(celeba, tmp_path / "faces", ("train", "test"))["dataset"] == "celeba"
+        pipeline.recipe_of(config).check_data(config, tmp_path / "faces", ("train",))
+    celeba = configs.load_config(preset="celeba-vgg")
+    assert pipeline.recipe_of(celeba).check_data(celeba, tmp_path / "faces", ("train", "test"))["dataset"] == "celeba"
     with pytest.raises(ValueError, match="'holdout' split is empty or missing"):
-        pipeline.check_data(celeba, tmp_path / "faces", ("holdout",))
+        pipeline.recipe_of(celeba).check_data(celeba, tmp_path / "faces", ("holdout",))
 
 
 TINY_CELEBA = [
@@ -80,7 +84,7 @@ TINY_CELEBA = [
 
 
 def test_search_retrain_evaluate_through_the_api(tmp_path):
-    config = experiment.load_config(preset="celeba-deepwide", overrides=TINY_CELEBA)
+    config = configs.load_config(preset="celeba-deepwide", overrides=TINY_CELEBA)
     data = synthetic_celeba.generate(tmp_path / "data", 40, 32, samples_per_shard=8) and tmp_path / "data"
     summary = pipeline.search(config, tmp_path / "run", data, progress=False)
     tree = Tree.load(tmp_path / "run" / "tree.json")
@@ -117,7 +121,7 @@ class _Dense(torch.nn.Module):
 @pytest.mark.parametrize("side", [6, 7, 9])
 def test_dense_predictions_are_resized_to_the_input(side, dtype):
     inner = _Dense()
-    net = pipeline.ToInputSize(inner)
+    net = ToInputSize(inner)
     inputs = torch.randn(2, 3, side, side + 1, dtype=dtype)
     seed = torch.tensor([5])
     outputs = net(inputs, seed=seed)

@@ -16,7 +16,7 @@ from torch import nn
 
 from l2b_fast.nn import BlockSpec, TreeNet, TreeSupernet
 from l2b_fast.train import StreamConfig, StreamTrainer, distributed, lr_schedules
-from l2b_fast.train.stream import branching_modules, unwrap_model
+from l2b_fast.train.trainer import branching_modules, unwrap_model
 from l2b_fast.tree import derive
 
 TASKS = ("a", "b")
@@ -417,7 +417,9 @@ def test_resume_of_webdataset_loaders_built_per_epoch(tmp_path):
     """CelebA shards through the real train loader, built per epoch with the epoch in its seed: exact resume."""
     pytest.importorskip("webdataset")
     from l2b_fast import datasets
-    from l2b_fast.data import loader, shards, synthetic_celeba
+    from l2b_fast.data import shards
+    from l2b_fast.datasets.celeba import loaders as loader
+    from l2b_fast.datasets.celeba import synthetic as synthetic_celeba
 
     synthetic_celeba.generate(tmp_path / "shards", 20, 16, samples_per_shard=4)
     urls = shards.shard_paths(tmp_path / "shards", "train")

@@ -8,7 +8,11 @@ import math
 import pytest
 import torch
 
-from l2b_fast import experiment, synthetic
+from l2b_fast import config as configs
+from l2b_fast import pipeline
+from l2b_fast.datasets.synthetic import RECIPE
+from l2b_fast.datasets.synthetic import outcomes
+from l2b_fast.datasets.synthetic import tasks as synthetic
 from l2b_fast.nn import TreeNet, parameter_count
 from l2b_fast.tree import Tree
 from conftest import bent_square_toml
@@ -54,18 +58,18 @@ def test_tasks_are_drawn_in_float64_and_cast():
 
 def test_learning_report_names_the_tasks_that_did_not_learn():
     final = {"loss": 1.4, "a-0": 0.1, "a-1": 0.2, "b-0": 0.9, "val_a-0": 0.2, "val_a-1": 0.3, "val_b-0": 0.95}
-    report = experiment.learning_report(final, ["a-0", "a-1", "b-0"], 0.5)
+    report = outcomes.learning_report(final, ["a-0", "a-1", "b-0"], 0.5)
     assert report["task_losses_split"] == "validation" and report["task_losses"] == {"a-0": 0.2, "a-1": 0.3, "b-0": 0.95}
     assert report["group_losses"] == pytest.approx({"a": 0.25, "b": 0.95})
     assert not report["all_tasks_learned"] and report["tasks_not_learned"] == ["b-0"] and report["learned_threshold"] == 0.5
-    training_only = experiment.learning_report({"a-0": 0.1, "b-0": 0.4}, ["a-0", "b-0"], 0.5)
+    training_only = outcomes.learning_report({"a-0": 0.1, "b-0": 0.4}, ["a-0", "b-0"], 0.5)
     assert training_only["task_losses_split"] == "training" and training_only["all_tasks_learned"]
-    assert experiment.learning_report({"a-0": float("nan")}, ["a-0"], 0.5)["tasks_not_learned"] == ["a-0"]  # NaN never "learned"
+    assert outcomes.learning_report({"a-0": float("nan")}, ["a-0"], 0.5)["tasks_not_learned"] == ["a-0"]  # NaN never "learned"
 
 
 def test_baseline_trees_have_the_searched_node_widths():
     tasks = ["a-0", "a-1", "b-0"]
-    shared, alone = experiment.baseline_trees(tasks, 4).values()
+    shared, alone = pipeline.baseline_trees(tasks, 4).values()
     assert shared.widths == [1, 1, 1, 1, 3] and shared.parents[-1] == [0, 0, 0]
     assert alone.widths == [3, 3, 3, 3, 3] and all(layer == [0, 1, 2] for layer in alone.parents[1:])
     blocks = synthetic.blocks(len(tasks), input_dim=6, hidden=5, output_dim=4, fc_blocks=4)
@@ -75,29 +79,29 @@ def test_baseline_trees_have_the_searched_node_widths():
 
 
 def test_presets_load_and_name_their_tasks():
-    assert {"synthetic-a", "synthetic-b", "synthetic-c"} <= set(experiment.preset_names())
+    assert {"synthetic-a", "synthetic-b", "synthetic-c"} <= set(configs.preset_names())
     expected_groups = {"synthetic-a": {"bent", "square", "sinc"}, "synthetic-b": {"sin_x1", "sin_x2", "sin_x3"}, "synthetic-c": {"cos", "sinc", "square"}}
     for name, groups in expected_groups.items():
-        config = experiment.load_config(preset=name)
-        names = synthetic.task_names(experiment._groups(config))
+        config = configs.load_config(preset=name)
+        names = synthetic.task_names(RECIPE.groups(config))
         assert len(names) == 15 and {n.rsplit("-", 1)[0] for n in names} == groups
         assert config["description"].startswith(f"paper Fig. 3({name[-1]})") and config["expected"] == name[-1]
         assert config["model"]["dtype"] == "float64" and 0 < config["learned_threshold"] < 1
-    assert set(experiment.preset_descriptions()) == set(experiment.preset_names())
+    assert set(configs.preset_descriptions()) == set(configs.preset_names())
     with pytest.raises(ValueError, match="unknown preset"):
-        experiment.load_config(preset="synthetic-z")
+        configs.load_config(preset="synthetic-z")
 
 
 def test_expected_outcome_checks():
     tasks = [f"{g}-{s}" for g in ("bent", "square", "sinc") for s in range(2)]
     grouped = Tree(tasks, [[0, 0], [0, 1, 1], [0, 0, 1, 1, 2, 2]])
-    assert experiment.check_outcome(grouped, "a")
-    assert not experiment.check_outcome(Tree(tasks, [[0, 0], [0, 1, 1], [0, 1, 1, 1, 2, 2]]), "a")
-    assert experiment.check_outcome(Tree(tasks, [[0], [0], [0] * 6]), "b")
-    assert not experiment.check_outcome(grouped, "b")
+    assert outcomes.check_outcome(grouped, "a")
+    assert not outcomes.check_outcome(Tree(tasks, [[0, 0], [0, 1, 1], [0, 1, 1, 1, 2, 2]]), "a")
+    assert outcomes.check_outcome(Tree(tasks, [[0], [0], [0] * 6]), "b")
+    assert not outcomes.check_outcome(grouped, "b")
     c_tasks = [f"{g}-{s}" for g in ("cos", "sinc", "square") for s in range(2)]
-    assert experiment.check_outcome(Tree(c_tasks, [[0, 0], [0, 1], [0, 0, 0, 0, 1, 1]]), "c")
-    assert not experiment.check_outcome(Tree(c_tasks, [[0, 0], [0, 0], [0, 0, 0, 0, 1, 1]]), "c")  # split only at the leaf
+    assert outcomes.check_outcome(Tree(c_tasks, [[0, 0], [0, 1], [0, 0, 0, 0, 1, 1]]), "c")
+    assert not outcomes.check_outcome(Tree(c_tasks, [[0, 0], [0, 0], [0, 0, 0, 0, 1, 1]]), "c")  # split only at the leaf
 
 # Few inputs and outputs, so that square (an even function: no first-order signal) is learnable in seconds.
 TINY_LEARNABLE = bent_square_toml(
@@ -112,7 +116,7 @@ def test_every_task_learns_on_a_tiny_config(tmp_path):
     summary says so; the tree groups them apart."""
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_LEARNABLE)
-    summary = experiment.search(experiment.load_config(path=path), tmp_path / "run", seed=0, progress=False)
+    summary = pipeline.search(configs.load_config(path=path), tmp_path / "run", seed=0, progress=False)
     losses = summary["task_losses"]
     assert summary["task_losses_split"] == "validation" and set(losses) == {"bent-0", "bent-1", "square-0", "square-1"}
     assert max(losses.values()) < 0.5, losses
@@ -127,17 +131,17 @@ def test_config_errors(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text(TINY_LEARNABLE.replace('dtype = "float64"', 'dtype = "float16"'))
     with pytest.raises(ValueError, match="dtype"):
-        experiment.load_config(path=path)
+        configs.load_config(path=path)
     path.write_text(TINY_LEARNABLE.replace('expected = "a"', 'expected = "a"\nlearned_threshold = -1'))
     with pytest.raises(ValueError, match="learned_threshold"):
-        experiment.load_config(path=path)
+        configs.load_config(path=path)
 
 
 def test_short_search_groups_two_task_families(tmp_path):
     """bent vs square: after a short search every family has its own leaf branch (~10 s on 2 cores)."""
     path = tmp_path / "short.toml"
     path.write_text(SHORT)
-    summary = experiment.search(experiment.load_config(path=path), tmp_path / "run", seed=0, progress=False)
+    summary = pipeline.search(configs.load_config(path=path), tmp_path / "run", seed=0, progress=False)
     tree = Tree.load(tmp_path / "run" / "tree.json")
     leaves = {task.rsplit("-", 1)[0]: set() for task in tree.tasks}
     for task, parent in zip(tree.tasks, tree.parents[-1]):

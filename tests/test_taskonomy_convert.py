@@ -12,7 +12,7 @@ from PIL import Image
 
 pytest.importorskip("webdataset")
 
-from l2b_fast.data import taskonomy_convert as tc  # noqa: E402
+from l2b_fast.datasets.taskonomy import convert as tc  # noqa: E402
 
 OLD_NAMES = {"depth_zbuffer": "depth", "segment_semantic": "segmentsemantic", "edge_texture": "edge2d", "keypoints2d": "keypoint2d"}
 

@@ -1,4 +1,5 @@
-"""The trainer: parameter groups, warmup, logs, checkpoints and exact resume (also after a real kill)."""
+"""The trainer on in-memory data (the synthetic recipe): parameter groups, warmup, logs, checkpoints and exact resume
+(also after a real kill)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2b_fast import experiment
-from l2b_fast.nn import TreeSupernet
+from l2b_fast import config as configs
+from l2b_fast import datasets
 from l2b_fast.train import TrainConfig, Trainer
 from conftest import bent_square_toml
 
@@ -30,16 +31,21 @@ TINY = bent_square_toml(
 def tiny_config(tmp_path) -> dict:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
-    return experiment.load_config(path=path)
+    return configs.load_config(path=path)
+
+
+RECIPE = datasets.recipe("synthetic")
 
 
 def make_trainer(config: dict, out: Path, **overrides) -> Trainer:
-    train, val = experiment.build_data(config, seed=0)
-    tasks = list(train.targets)
-    torch.manual_seed(0)
-    net = TreeSupernet(experiment.build_blocks(config, tasks), tasks)
+    source = RECIPE.data(config, None, None, seed=0)
     settings = {**config["search"], **overrides}
-    return Trainer(net, experiment.mse_losses(tasks), train, experiment.train_config(settings, seed=0, progress=False), out, val_data=val)
+    torch.manual_seed(0)
+    net = RECIPE.supernet(config, RECIPE.model_spec(config, settings))
+    return Trainer(
+        net, RECIPE.dataset(config), source.train(settings, 0, 1),
+        configs.train_config(settings, RECIPE, seed=0, progress=False), out, val_data=source.evaluation("val", settings),
+    )
 
 
 def test_parameter_groups_and_warmup(tiny_config, tmp_path):
@@ -47,10 +53,10 @@ def test_parameter_groups_and_warmup(tiny_config, tmp_path):
     assert trainer.weight_optimizer.param_groups[0]["lr"] == 3e-3
     assert trainer.logits_optimizer.param_groups[0]["lr"] == 0.1
     trainer.fit(stop_after_steps=2 * trainer.steps_per_epoch)
-    for branching in trainer.model.branchings:
+    for branching in trainer.branchings:
         assert torch.equal(branching.logits.detach(), torch.zeros_like(branching.logits))  # frozen in warmup
     trainer.fit(resume=True)
-    assert any(b.logits.detach().abs().sum() > 0 for b in trainer.model.branchings)
+    assert any(b.logits.detach().abs().sum() > 0 for b in trainer.branchings)
     with open(tmp_path / "log.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert rows and {"step", "epoch", "tau", "loss", "loss.bent-0", "p.b1.i0.j1"} <= set(rows[0])

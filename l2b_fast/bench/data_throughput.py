@@ -5,7 +5,7 @@ Two measurements on the same shards, in one run:
 - **stage profile** (one process, one core): per sample, the time to read it from the tars (bytes only),
   decode its six PNGs, resize to the working size, augment (random scale, flip, crop), normalise (targets and
   masks) and collate it into a batch;
-- **loader throughput**: :func:`l2b_fast.data.loader.taskonomy_train_loader` end to end (the real pipeline:
+- **loader throughput**: :func:`l2b_fast.datasets.taskonomy.loaders.taskonomy_train_loader` end to end (the real pipeline:
   resampled shards, shuffle buffer, workers, batches) with 0 workers (all in this process), 1 worker, and
   one worker per core; with targets normalised in the workers, and with raw batches (``normalize=False``)
   whose normalisation ``protocol.to_targets_batch`` does on the GPU (not timed: a CPU-only run has no GPU).
@@ -66,7 +66,7 @@ def read_samples(urls: list[str]) -> tuple[list[dict], float]:
 def profile_stages(samples: list[dict], read_seconds: float, size: int, batch_size: int, seed: int = 0) -> dict[str, float]:
     """Milliseconds per sample of each stage of the training transform, run the way the loader runs it."""
     from l2b_fast.data import loader as data_loader
-    from l2b_fast.data import transforms
+    from l2b_fast.datasets.taskonomy import protocol as transforms
 
     protocol = transforms.TaskonomyProtocol()
     rng = np.random.default_rng(seed)
@@ -76,7 +76,7 @@ def profile_stages(samples: list[dict], read_seconds: float, size: int, batch_si
     clock = time.perf_counter
     for sample in samples:
         t0 = clock()
-        raw = {member: transforms.decode_png(sample[f"{member}.png"], member) for member in protocol.members}
+        raw = {member: transforms.decode_png(sample[f"{member}.png"], name=member) for member in protocol.members}
         t1 = clock()
         raw = transforms.resize_raw(raw, size, protocol.rgb_resize)
         t2 = clock()
@@ -103,7 +103,7 @@ def loader_throughput(urls: list[str], size: int, batch_size: int, workers: int,
     """Samples per second of the training loader over ``batches`` batches after a warm-up (workers started).
 
     ``normalize=False``: the loader delivers raw batches, normalised later on the GPU (not timed here)."""
-    from l2b_fast.data import loader as data_loader
+    from l2b_fast.datasets.taskonomy import loaders as data_loader
 
     warmup = max(2, 2 * workers)
     epoch_samples = batch_size * (warmup + batches) * max(1, workers)  # every worker yields >= warmup + batches
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     meta.update(cores=usable_cores(), png_decoder=shard_io.png_decoder(), packages=package_versions(), pin_memory=torch.cuda.is_available())
     with tempfile.TemporaryDirectory(prefix="l2b-data-bench-") as scratch:
         if args.shards is None:
-            from l2b_fast.data import synthetic_taskonomy
+            from l2b_fast.datasets.taskonomy import synthetic as synthetic_taskonomy
 
             shard_dir, start = Path(scratch), time.perf_counter()
             synthetic_taskonomy.generate(shard_dir, args.samples, args.stored_size, splits=(("train", 1.0),), samples_per_shard=max(args.batch_size, args.samples // 8))

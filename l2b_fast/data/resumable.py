@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from l2b_fast.data import shards
+from l2b_fast.data.shards import PROGRESS, SKIPPED_LOG
 
 __all__ = ["ResumableConversion", "error_reason", "PROGRESS", "SKIPPED_LOG"]
 
-PROGRESS = "progress.json"
-SKIPPED_LOG = "skipped.tsv"
 
 Item = TypeVar("Item")
 
@@ -109,7 +108,7 @@ class ResumableConversion:
             scanned = position + 1
             if len(batch) == self.samples_per_shard or (batch and scanned == len(items)):
                 name = f"{split}-{len(entry['shards']):06d}.tar"
-                shards._write_tar(self.out / name, batch)
+                shards.write_tar(self.out / name, batch)
                 entry["shards"].append(name)
                 entry["samples"].append(len(batch))
                 self._commit(entry, scanned, skipped)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import zlib
@@ -18,127 +19,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .dependencies import import_data_package
+from l2b_fast.data.dependencies import import_data_package
+from l2b_fast.data.images import decode_png, encode_png, png_decoder  # noqa: F401 (the shard encodings)
 
-__all__ = ["encode_png", "decode_png", "png_decoder", "prepare_output_dir", "write_split", "write_manifest", "read_manifest", "shard_paths", "MANIFEST"]
+__all__ = ["encode_png", "decode_png", "png_decoder", "split_counts", "prepare_output_dir", "write_split", "write_manifest", "read_manifest", "shard_paths", "MANIFEST"]
 
 MANIFEST = "manifest.json"
+# A conversion's own files beside the shards (l2b_fast.data.resumable): its progress and the skipped samples.
+PROGRESS = "progress.json"
+SKIPPED_LOG = "skipped.tsv"
 
 
 # ------------------------------------------------------------------------------------------------ PNG codec
-def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
-    """PNG bytes in the raw Taskonomy encodings: uint16 HxW -> 16-bit grey (mode I;16), uint8 HxW -> L,
-    uint8 HxWx3 -> RGB (HxWx1 is squeezed). Anything else is a ValueError: silently converting e.g. int32 or
-    float would change the stored values, which is exactly the bug this schema guards against.
-    ``compress_level`` (0-9, zlib) only trades speed for size: 1 is ~2.5x faster and ~20% larger."""
-    Image = import_data_package("PIL.Image")
-
-    array = np.asarray(array)
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
-    if array.dtype == np.uint16 and array.ndim == 2:
-        image = Image.fromarray(np.ascontiguousarray(array, dtype="<u2"))  # Pillow picks I;16 for uint16
-        if image.mode != "I;16":  # very old Pillow: force the mode explicitly
-            image = Image.frombytes("I;16", (array.shape[1], array.shape[0]), np.ascontiguousarray(array, dtype="<u2").tobytes())
-    elif array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        image = Image.fromarray(np.ascontiguousarray(array))
-    else:
-        raise ValueError(f"encode_png: expected uint16 HxW, uint8 HxW or uint8 HxWx3, got {array.dtype} {array.shape}")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
-
-
-def _png_header(data: bytes) -> tuple[int, int] | None:
-    """(bit depth, colour type) from the IHDR chunk, or None if ``data`` does not start like a PNG."""
-    if len(data) < 33 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
-        return None
-    return data[24], data[25]
-
-
-def _check_png_chunks(data: bytes) -> None:
-    """ValueError unless every chunk is complete and its CRC matches, up to IEND.
-
-    pyspng tells libspng to ignore CRCs (and zlib's checksum), so a flipped byte in image data would decode to
-    silently wrong pixels; checking the CRCs here costs ~1% of the decode (zlib.crc32 runs at GB/s).
-    """
-    position, end = 8, len(data)
-    while position + 12 <= end:
-        length = int.from_bytes(data[position : position + 4], "big")
-        stop = position + 8 + length
-        if stop + 4 > end:
-            break
-        if zlib.crc32(data[position + 4 : stop]) != int.from_bytes(data[stop : stop + 4], "big"):
-            raise ValueError(f"decode_png: cannot decode: CRC mismatch in chunk {data[position + 4 : position + 8]!r}")
-        if data[position + 4 : position + 8] == b"IEND":
-            return
-        position = stop + 4
-    raise ValueError("decode_png: cannot decode: truncated PNG (no complete IEND chunk)")
-
-
-try:  # libspng: ~1.3x faster than Pillow on 8-bit RGB, the largest member (extra "data")
-    import pyspng as _pyspng
-except ImportError:  # pragma: no cover - exercised in the Pillow-only test subprocess
-    _pyspng = None
-
-# (bit depth, colour type) that libspng decodes to exactly what Pillow gives: grey 8, RGB 8, grey 16 (the
-# three encodings encode_png writes). Anything else (palette, alpha, 16-bit RGB) goes through Pillow.
-_SPNG_KINDS = {(8, 0), (8, 2), (16, 0)}
-
-
-def png_decoder() -> str:
-    """Name of the PNG decoder :func:`decode_png` uses for the shard encodings: "pyspng" or "pillow"."""
-    return "pyspng" if _pyspng is not None else "pillow"
-
-
-def decode_png(data: bytes, decoder: str | None = None) -> np.ndarray:
-    """PNG bytes -> numpy array with the stored values (16-bit grey stays uint16; never 8-bit conversion).
-
-    ``decoder``: "pyspng", "pillow" or None (the fastest installed, :func:`png_decoder`); both give identical
-    arrays (tested). Widen uint16 to int32 before arithmetic (torch has no uint16 arithmetic). ValueError for
-    undecodable bytes.
-    """
-    decoder = decoder or png_decoder()
-    if decoder not in ("pyspng", "pillow"):
-        raise ValueError(f"decode_png: unknown decoder {decoder!r} (pyspng, pillow)")
-    if decoder == "pyspng" and _pyspng is None:
-        raise ValueError("decode_png: pyspng is not installed (pip install pyspng)")
-    header = _png_header(data)
-    if decoder == "pyspng" and header in _SPNG_KINDS:
-        _check_png_chunks(data)
-        try:
-            array = _pyspng.load(data)
-        except Exception as error:
-            raise ValueError(f"decode_png: cannot decode: {type(error).__name__}: {error}") from error
-        if header == (16, 0):
-            array = np.ascontiguousarray(array[..., 0])  # libspng returns 16-bit grey as grey+alpha
-        return array
-    return _decode_png_pillow(data)
-
-
-def _decode_png_pillow(data: bytes) -> np.ndarray:
-    Image = import_data_package("PIL.Image")
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            array = np.array(image)  # a writable copy
-    except Exception as error:
-        raise ValueError(f"decode_png: cannot decode: {type(error).__name__}: {error}") from error
-    if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() <= 65535:
-        array = array.astype(np.uint16)  # some Pillow versions return mode "I" for 16-bit grey
-    elif array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("="))  # mode I;16B
-    return array
-
-
-# ------------------------------------------------------------------------------------------------ writing
 _SHARD_FILE = re.compile(r"[^./]+-\d{6}\.tar(\.partial)?")
 
 
 def _is_pipeline_file(path: Path) -> bool:
     """A file the shard writers and converters create: shards (whole or partial), manifest, progress, skip log."""
-    from l2b_fast.data.resumable import PROGRESS, SKIPPED_LOG
 
     names = {MANIFEST, MANIFEST + ".tmp", PROGRESS, Path(PROGRESS).with_suffix(".tmp").name, SKIPPED_LOG}
     return path.is_file() and (path.name in names or _SHARD_FILE.fullmatch(path.name) is not None)
@@ -181,7 +78,7 @@ def _member_bytes(key: str, name: str, value) -> bytes:
     raise ValueError(f"sample {key!r}: member {name!r} must be bytes, str, a JSON value (for *.json) or an array (for *.png), got {type(value).__name__}")
 
 
-def _write_tar(path: Path, samples: list[dict]) -> None:
+def write_tar(path: Path, samples: list[dict]) -> None:
     wds = import_data_package("webdataset")
 
     temporary = path.with_name(path.name + ".partial")
@@ -214,7 +111,7 @@ def write_split(samples: Iterable[dict], out_dir, split: str, *, samples_per_sha
 
     def flush():
         name = f"{split}-{len(entry['shards']):06d}.tar"
-        _write_tar(out / name, buffer)
+        write_tar(out / name, buffer)
         entry["shards"].append(name)
         entry["samples"].append(len(buffer))
         entry["total"] += len(buffer)
@@ -301,3 +198,15 @@ def shard_paths(out_dir, split: str) -> list[str]:
     if split not in manifest["splits"]:
         raise ValueError(f"split {split!r} not in the manifest of {out_dir} (has {sorted(manifest['splits'])})")
     return [str(Path(out_dir) / name) for name in manifest["splits"][split]["shards"]]
+
+
+def split_counts(n: int, splits) -> list[tuple[str, int]]:
+    """``n`` samples over named ``splits`` ``[(name, fraction), ...]`` (floors; the rest to the first split)."""
+    names = [name for name, _ in splits]
+    fractions = np.array([float(f) for _, f in splits])
+    if len(set(names)) != len(names) or (fractions < 0).any() or fractions.sum() <= 0:
+        raise ValueError(f"bad splits {splits!r}")
+    fractions = fractions / fractions.sum()
+    counts = [int(math.floor(n * f)) for f in fractions]
+    counts[0] += n - sum(counts)
+    return list(zip(names, counts))

@@ -1,25 +1,62 @@
-"""Multi-task data sets as objects: tasks, losses, metrics and the paper's results (:class:`MultiTaskDataset`).
+"""Multi-task data sets: each one a recipe registered once (tasks, losses, metrics, data sources, models, report).
 
     from l2b_fast import datasets
     dataset = datasets.get("taskonomy")            # or "celeba"; options as keywords
     targets, masks = dataset.task_targets(batch_targets, batch_masks)
     losses = dataset.losses(outputs, targets, masks)          # {task: scalar}
     metrics = dataset.metrics(); metrics.update(outputs, targets, masks); metrics.compute()
+
+    datasets.recipe("celeba")                      # what the pipeline and the CLI use (l2b_fast.datasets.recipe)
+    datasets.register(MyRecipe())                  # a new data set: one recipe, one call
+
+A data set's pieces live in its own folder (``l2b_fast/datasets/<name>/``); nothing outside it names the data set.
 """
 
 from __future__ import annotations
 
-from .base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, format_table
-from .celeba import CelebA
-from .taskonomy import Taskonomy
+from l2b_fast.datasets.base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, format_table
+from l2b_fast.datasets.celeba import RECIPE as _CELEBA
+from l2b_fast.datasets.celeba import CelebA
+from l2b_fast.datasets.recipe import DataCommand, DataSource, Recipe, ShardRecipe
+from l2b_fast.datasets.synthetic import RECIPE as _SYNTHETIC
+from l2b_fast.datasets.synthetic import SyntheticTasks
+from l2b_fast.datasets.taskonomy import RECIPE as _TASKONOMY
+from l2b_fast.datasets.taskonomy import Taskonomy
 
-__all__ = ["MultiTaskDataset", "MetricAccumulator", "TaskSpec", "Column", "PaperRow", "Taskonomy", "CelebA", "get", "names", "format_table"]
+__all__ = [
+    "CelebA", "Column", "DataCommand", "DataSource", "MetricAccumulator", "MultiTaskDataset", "PaperRow", "Recipe",
+    "ShardRecipe", "SyntheticTasks", "TaskSpec", "Taskonomy", "format_table", "get", "names", "recipe", "recipes",
+    "register",
+]
 
+_RECIPES: dict[str, Recipe] = {}
+# The dataset classes of the shard data sets, by the ``dataset`` field of their manifests.
 _DATASETS: dict[str, type[MultiTaskDataset]] = {"taskonomy": Taskonomy, "celeba": CelebA}
 
 
+def register(recipe: Recipe) -> Recipe:
+    """Makes ``recipe`` known to the pipeline and the command line under ``recipe.name`` (``[data] kind``)."""
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"register takes a Recipe, got {type(recipe).__name__}")
+    if recipe.name in _RECIPES and _RECIPES[recipe.name] is not recipe:
+        raise ValueError(f"a recipe named {recipe.name!r} is registered already")
+    _RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def recipe(kind: str) -> Recipe:
+    """The recipe of the data kind ``kind``; ValueError naming the known ones."""
+    if kind not in _RECIPES:
+        raise ValueError(f"data kind {kind!r} is not one of {sorted(_RECIPES)}")
+    return _RECIPES[kind]
+
+
+def recipes() -> list[Recipe]:
+    return [_RECIPES[name] for name in sorted(_RECIPES)]
+
+
 def names() -> list[str]:
-    """Names of the known data sets (the ``dataset`` field of their shard manifests)."""
+    """Names of the shard data sets (the ``dataset`` field of their shard manifests)."""
     return sorted(_DATASETS)
 
 
@@ -32,3 +69,7 @@ def get(name: str, **options) -> MultiTaskDataset:
     except TypeError as error:  # an unknown option: name the valid ones
         fields = ", ".join(field for field in _DATASETS[name].__dataclass_fields__)
         raise ValueError(f"{name}: {error}; options: {fields}") from error
+
+
+for _recipe in (_SYNTHETIC, _CELEBA, _TASKONOMY):
+    register(_recipe)

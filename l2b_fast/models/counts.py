@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from l2b_fast.models.spec import ModelSpec
+from l2b_fast.nn.spec import ModelSpec
 from l2b_fast.tree import Tree
 
 # (what, parameters) as printed in the paper: Table 1 (CelebA) and Table 2 (Taskonomy).

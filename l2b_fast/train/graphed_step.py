@@ -1,4 +1,4 @@
-"""A :class:`~l2b_fast.train.stream.StreamTrainer` step (forward, loss, backward, both optimizers' steps) captured
+"""A :class:`~l2b_fast.train.Trainer` step (forward, loss, backward, both optimizers' steps) captured
 once in a CUDA graph and replayed at every step (``StreamConfig(cuda_graph=True)``).
 
 A replay launches the recorded kernels on the recorded addresses, so everything that changes from step to step
@@ -43,6 +43,8 @@ def check_config(config) -> None:
     """ValueError (one line) for settings a captured step cannot honour; device-independent (a ``StreamConfig``)."""
     if config.precision == "fp16":
         raise ValueError("cuda_graph does not support precision='fp16': its GradScaler reads inf checks on the host at every step; use 'bf16' or 'fp32'")
+    if config.sampling != "step":
+        raise ValueError("cuda_graph needs sampling='step' (the step's seed is a device tensor the graph reads)")
     if config.accumulation != 1:
         raise ValueError(f"cuda_graph needs accumulation=1 (one captured batch per optimizer step), got {config.accumulation}")
     if isinstance(config.compile, dict):

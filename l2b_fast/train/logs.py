@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -66,3 +68,44 @@ class RunLogs:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+
+
+class Progress:
+    """tqdm when installed and stderr is a terminal; otherwise a line every ~10% of the run."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.total, self.enabled, self.bar = total, enabled, None
+        self.next_report = start
+        self.started = time.time()
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, step: int, loss, tau: float | None) -> None:
+        """``loss``: a number, or a function giving it (called only when a line is shown: it may synchronise)."""
+        if not self.enabled:
+            return
+        due = step >= self.next_report or step == self.total
+        if self.bar is not None:
+            self.bar.update(1)
+            if not due:
+                return
+        elif not due:
+            return
+        value = loss() if callable(loss) else loss
+        shown = {"loss": f"{value:.4g}"} | ({} if tau is None else {"tau": f"{tau:.3g}"})
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
+            self.next_report = step + max(1, self.total // 100)
+        else:
+            values = "  ".join(f"{name} {value}" for name, value in shown.items())
+            print(f"step {step}/{self.total}  {values}  {time.time() - self.started:.0f}s", file=sys.stderr, flush=True)
+            self.next_report = step + max(1, self.total // 10)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

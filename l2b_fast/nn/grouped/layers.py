@@ -248,7 +248,7 @@ class BasicBlockStep(Step):
 
 
 class BiasStep(Step):
-    """``x + bias`` with the bias over the last dim (``l2b_fast.synthetic.Bias``, the paper's task heads)."""
+    """``x + bias`` with the bias over the last dim (:class:`l2b_fast.nn.Bias`, the task heads of the paper's synthetic experiment)."""
 
     layout = CHILDREN
 
@@ -261,7 +261,7 @@ class BiasStep(Step):
 def library_steps() -> dict[type, type[Step]]:
     """Steps for the library's modules outside ``l2b_fast.nn``, imported on first use (they import
     ``l2b_fast.nn`` themselves)."""
-    from l2b_fast.synthetic import Bias
+    from l2b_fast.nn.blocks import Bias
 
     return {Bias: BiasStep}
 

@@ -159,4 +159,4 @@ def convert(
 
         if not conversion.pack(part, order, view_name, load):
             return {}
-    return conversion.manifest("taskonomy", size, seed, created_by="l2b_fast.data.taskonomy_convert")
+    return conversion.manifest("taskonomy", size, seed, created_by="l2b_fast.datasets.taskonomy.convert")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .shards import encode_png, prepare_output_dir, write_manifest, write_split
+from l2b_fast.data.shards import encode_png, prepare_output_dir, split_counts, write_manifest, write_split
 
 __all__ = ["CLASSES", "DOMAINS", "Room", "random_room", "random_camera", "render", "make_scene", "generate"]
 
@@ -263,16 +263,6 @@ def make_scene(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
     return render(room, position, rotation, size, rng)
 
 
-def _split_counts(n: int, splits) -> list[tuple[str, int]]:
-    names = [name for name, _ in splits]
-    fractions = np.array([float(f) for _, f in splits])
-    if len(set(names)) != len(names) or (fractions < 0).any() or fractions.sum() <= 0:
-        raise ValueError(f"bad splits {splits!r}")
-    fractions = fractions / fractions.sum()
-    counts = [int(math.floor(n * f)) for f in fractions]
-    counts[0] += n - sum(counts)
-    return list(zip(names, counts))
-
 
 def generate(out_dir, n: int, size: int = 256, *, seed: int = 0, samples_per_shard: int = 1000,
              splits=(("train", 0.8), ("val", 0.1), ("test", 0.1)), points_per_building: int = 4,
@@ -290,7 +280,7 @@ def generate(out_dir, n: int, size: int = 256, *, seed: int = 0, samples_per_sha
     """
     if n < 0 or size < 8:
         raise ValueError("need n >= 0 and size >= 8")
-    parts = _split_counts(n, splits)
+    parts = split_counts(n, splits)
     prepare_output_dir(out_dir, overwrite=overwrite)
     per_building = points_per_building * views_per_point
     entries, buildings, next_building = {}, {}, 0
@@ -320,5 +310,5 @@ def generate(out_dir, n: int, size: int = 256, *, seed: int = 0, samples_per_sha
                 yield sample
 
         entries[split] = write_split(samples(), out_dir, split, samples_per_shard=samples_per_shard)
-    return write_manifest(out_dir, "taskonomy", size, entries, seed, created_by="l2b_fast.data.synthetic_taskonomy",
+    return write_manifest(out_dir, "taskonomy", size, entries, seed, created_by="l2b_fast.datasets.taskonomy.synthetic",
                           synthetic=True, buildings=buildings, classes=list(CLASSES))

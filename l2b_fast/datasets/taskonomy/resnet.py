@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2b_fast.data.transforms import TASKS as TASKONOMY_TASKS
-from l2b_fast.models.spec import ModelSpec, check_children, check_input_size, check_width, scaled
+from l2b_fast.datasets.taskonomy.protocol import TASKS as TASKONOMY_TASKS
+from l2b_fast.nn.spec import ModelSpec, check_children, check_input_size, check_width, scaled
 from l2b_fast.nn import BlockSpec
 from l2b_fast.nn.blocks import BasicBlock
 

@@ -9,7 +9,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from l2b_fast.nn import BlockSpec, TreeNet, TreeSupernet
+from l2b_fast.nn.supernet import BlockSpec, TreeSupernet
+from l2b_fast.nn.treenet import TreeNet
 from l2b_fast.tree import Tree
 
 

@@ -1,4 +1,4 @@
-"""Decoding, augmentation and normalisation of Taskonomy / CelebA samples (raw encodings: docs/data-schema.md).
+"""Decoding, augmentation and normalisation of Taskonomy samples (raw encodings: docs/data-schema.md).
 
 Everything works on whole numpy arrays (no per-pixel Python). The pipeline is
 
@@ -25,37 +25,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import math
 from typing import Mapping
 
 import numpy as np
 import torch
 
-from l2b_fast.data import shards
-from l2b_fast.data.dependencies import import_data_package
-
-try:  # Pillow is an optional dependency (extra "data"); only decoding and rgb resizing need it.
-    from PIL import Image
-except ModuleNotFoundError:  # pragma: no cover - exercised only without pillow
-    Image = None
+from l2b_fast.data.images import (
+    CorruptSampleError,
+    decode_png,
+    nearest_index,
+    pillow_image,
+    resize_nearest,
+    resize_rgb,
+)
 
 __all__ = [
-    "TASKS",
-    "VALID_KEY",
-    "PAD_VALUES",
-    "CAFFE_BGR_MEAN",
-    "CorruptSampleError",
-    "decode_png",
-    "decode_image",
-    "TaskonomyProtocol",
-    "resize_nearest",
-    "resize_rgb",
-    "resize_raw",
-    "augment",
-    "augment_reference",
-    "celeba_to_targets",
-    "celeba_augment",
+    "TASKS", "VALID_KEY", "PAD_VALUES", "CAFFE_BGR_MEAN", "CorruptSampleError", "decode_png", "TaskonomyProtocol",
+    "resize_raw", "augment", "augment_reference",
 ]
 
 #: Taskonomy task names in the order of the paper's Table 2 (also the shard member stems: ``{task}.png``).
@@ -88,69 +75,6 @@ RAW_DTYPES: dict[str, type] = {
 CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
 
 _LOG_65536 = math.log(65536.0)
-
-
-class CorruptSampleError(ValueError):
-    """A sample that cannot be decoded (bad PNG bytes, missing member, wrong shape). Pipelines skip it."""
-
-
-# --------------------------------------------------------------------------------------------------- decoding
-def _require_pillow() -> None:
-    if Image is None:  # pragma: no cover
-        import_data_package("PIL.Image")  # raises MissingDataDependency, which names the install command
-
-
-def decode_png(data: bytes, name: str = "png") -> np.ndarray:
-    """Decode PNG bytes keeping 16-bit values (``shards.decode_png``); :class:`CorruptSampleError` if undecodable.
-
-    Never use webdataset's image decoders (they convert 16-bit to 8-bit). Widen uint16 to int32 before any
-    arithmetic.
-    """
-    try:
-        return shards.decode_png(data)
-    except ValueError as exn:
-        raise CorruptSampleError(f"cannot decode {name}: {exn}") from exn
-
-
-def decode_image(data: bytes, name: str = "image") -> np.ndarray:
-    """Decode any 8-bit image (JPEG or PNG) to uint8 RGB [H, W, 3] (CelebA)."""
-    _require_pillow()
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            array = np.asarray(image.convert("RGB"))
-    except Exception as exn:
-        raise CorruptSampleError(f"cannot decode {name}: {type(exn).__name__}: {exn}") from exn
-    return array
-
-
-# --------------------------------------------------------------------------------------------------- resizing
-def _nearest_index(src: int, dst: int) -> np.ndarray:
-    """cv2.INTER_NEAREST source indices: floor(i * src / dst); an integer factor k gives a[::k]."""
-    return np.minimum((np.arange(dst, dtype=np.int64) * src) // dst, src - 1)
-
-
-def resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of [H, W] or [H, W, C] with cv2's convention (512 -> 256 is ``a[::2, ::2]``)."""
-    h, w = array.shape[:2]
-    if (h, w) == (height, width):
-        return array
-    if h % height == 0 and w % width == 0:
-        return np.ascontiguousarray(array[:: h // height, :: w // width])
-    return array[_nearest_index(h, height)[:, None], _nearest_index(w, width)[None, :]]
-
-
-def resize_rgb(rgb: np.ndarray, height: int, width: int, method: str = "bilinear") -> np.ndarray:
-    """Resize uint8 RGB [H, W, 3]: "nearest" (cv2 convention), "bilinear" or "area" (Pillow, uint8 out)."""
-    h, w = rgb.shape[:2]
-    if (h, w) == (height, width):
-        return rgb
-    if method == "nearest":
-        return resize_nearest(rgb, height, width)
-    _require_pillow()
-    resample = {"bilinear": Image.BILINEAR, "area": Image.BOX}.get(method)
-    if resample is None:
-        raise ValueError(f"unknown rgb resize method {method!r} (nearest, bilinear, area)")
-    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((width, height), resample))
 
 
 def resize_raw(raw: Mapping[str, np.ndarray], size: int | tuple[int, int], rgb_method: str = "nearest") -> dict[str, np.ndarray]:
@@ -232,8 +156,8 @@ def augment(
     r0, r1 = top, min(top + ch, nh)
     c0, c1 = left, min(left + cw, nw)
     s0, s1 = (nw - c1, nw - c0) if flipped else (c0, c1)  # the window's columns before flipping
-    rows = _nearest_index(h, nh)[r0:r1]
-    cols = _nearest_index(w, nw)[s0:s1]
+    rows = nearest_index(h, nh)[r0:r1]
+    cols = nearest_index(w, nw)[s0:s1]
     if flipped:
         cols = cols[::-1]
     result = {}
@@ -242,10 +166,10 @@ def augment(
             if (nh, nw) == (h, w):
                 window = value[r0:r1, s0:s1]
             else:
-                _require_pillow()
+                pil = pillow_image()
                 box = (s0 * w / nw, r0 * h / nh, s1 * w / nw, r1 * h / nh)
-                image = Image.fromarray(np.ascontiguousarray(value))
-                window = np.asarray(image.resize((s1 - s0, r1 - r0), Image.BILINEAR, box=box))
+                image = pil.fromarray(np.ascontiguousarray(value))
+                window = np.asarray(image.resize((s1 - s0, r1 - r0), pil.BILINEAR, box=box))
             if flipped:
                 window = window[:, ::-1]
         else:
@@ -508,23 +432,3 @@ class TaskonomyProtocol:
             targets[task] = target
             masks[task] = self.target_mask(task, index) & valid
         return rgb, targets, masks
-
-
-# ---------------------------------------------------------------------------------------------------- CelebA
-def celeba_augment(image: np.ndarray, rng: np.random.Generator, *, flip: bool = True) -> np.ndarray:
-    """CelebA training augmentation: random horizontal flip of uint8 [H, W, 3]."""
-    if flip and rng.random() < 0.5:
-        return np.ascontiguousarray(image[:, ::-1])
-    return image
-
-
-def celeba_to_targets(image: np.ndarray, attributes) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 RGB [H, W, 3] and 40 attributes (0/1, or CelebA's -1/1) -> (rgb [3,H,W] in [-1, 1], float [40] 0/1)."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise CorruptSampleError(f"CelebA image must be [H, W, 3], got {image.shape}")
-    attrs = np.asarray(attributes)
-    if attrs.shape != (40,):
-        raise CorruptSampleError(f"CelebA needs 40 attributes, got shape {attrs.shape}")
-    rgb = np.ascontiguousarray((image.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)).transpose(2, 0, 1))
-    return torch.from_numpy(rgb), torch.from_numpy((attrs > 0).astype(np.float32))

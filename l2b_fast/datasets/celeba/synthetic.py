@@ -14,19 +14,11 @@ import math
 
 import numpy as np
 
-from .shards import encode_png, prepare_output_dir, write_manifest, write_split
-from .synthetic_taskonomy import _split_counts
+from l2b_fast.data.shards import encode_png, prepare_output_dir, split_counts, write_manifest, write_split
+from l2b_fast.datasets.celeba.dataset import ATTRIBUTES
 
 __all__ = ["ATTRIBUTES", "sample_attributes", "render_face", "generate"]
 
-ATTRIBUTES = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
-    "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses",
-    "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
-    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks",
-    "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick",
-    "Wearing_Necklace", "Wearing_Necktie", "Young",
-)
 _INDEX = {name: i for i, name in enumerate(ATTRIBUTES)}
 
 # logit = bias + w_male * male + w_young * young + w_smile * smile (latents in {0, 1})
@@ -214,7 +206,7 @@ def generate(out_dir, n: int, size: int = 64, *, seed: int = 0, samples_per_shar
     """
     if n < 0 or size < 16:
         raise ValueError("need n >= 0 and size >= 16")
-    parts = _split_counts(n, splits)
+    parts = split_counts(n, splits)
     prepare_output_dir(out_dir, overwrite=overwrite)
     entries, start = {}, 1
     for split, count in parts:
@@ -232,5 +224,5 @@ def generate(out_dir, n: int, size: int = 64, *, seed: int = 0, samples_per_shar
 
         entries[split] = write_split(samples(), out_dir, split, samples_per_shard=samples_per_shard)
         start += count
-    return write_manifest(out_dir, "celeba", size, entries, seed, created_by="l2b_fast.data.synthetic_celeba",
+    return write_manifest(out_dir, "celeba", size, entries, seed, created_by="l2b_fast.datasets.celeba.synthetic",
                           synthetic=True, attributes=list(ATTRIBUTES))

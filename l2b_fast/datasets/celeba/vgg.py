@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from l2b_fast.models.layers import CELEBA_ATTRIBUTES, CELEBA_INPUT_SIZE, BinaryHeads, ConvStageNode, LinearNode, pooled_size
-from l2b_fast.models.spec import ModelSpec, check_children, check_input_size, check_width, scaled
+from l2b_fast.datasets.celeba.layers import CELEBA_ATTRIBUTES, CELEBA_INPUT_SIZE, BinaryHeads, ConvStageNode, LinearNode, pooled_size
+from l2b_fast.nn.spec import ModelSpec, check_children, check_input_size, check_width, scaled
 from l2b_fast.nn import BlockSpec
 
 VGG19_STAGE_CONVS = (2, 2, 4, 4, 4)

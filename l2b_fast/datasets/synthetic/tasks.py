@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from l2b_fast.nn import BlockSpec
-from l2b_fast.train import TensorTaskData
+from l2b_fast.data.tensors import TensorTaskData
+from l2b_fast.nn import Bias, BlockSpec
 
 ACTIVATIONS = {
     "sin": torch.sin,
@@ -54,8 +54,13 @@ def make_tasks(
     standardise: bool = True,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    test_samples: int = 0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | tuple[torch.Tensor, dict[str, torch.Tensor], TensorTaskData]:
     """Inputs Z [samples, input_dim] ~ N(0, 1) and targets {task: [samples, output_dim]} in ``dtype``.
+
+    ``test_samples > 0`` also returns a test set of that many samples of the same tasks: its inputs are drawn after
+    every task's parameters (so the first two results do not change) and standardised with the statistics of the
+    ``samples``.
 
     ``standardise`` z-scores every output of every task over the samples (so tasks with large ranges do
     not dominate the L2 loss); it also removes pure output multipliers. The data is drawn and computed in
@@ -78,33 +83,26 @@ def make_tasks(
     double = torch.float64
     z = torch.randn(samples, input_dim, generator=generator, dtype=double)
     base = torch.randn(output_dim, input_dim, generator=generator, dtype=double) * math.sqrt(b_var)
-    targets = {}
+    targets, test_targets, weights = {}, {}, {}
     for group in groups:
         for s in range(group.tasks):
             delta = torch.randn(output_dim, input_dim, generator=generator, dtype=double) * math.sqrt(delta_var)
-            value = (group.multiplier or 1.0) * ACTIVATIONS[group.activation](z @ (base + delta).T / phi)
-            if standardise:
-                value = (value - value.mean(0)) / value.std(0).clamp_min(1e-8)
-            targets[f"{group.name}-{s}"] = value.to(dtype)
-    return z.to(dtype), targets
+            weights[f"{group.name}-{s}"] = (group, base + delta)
+    z_test = torch.randn(test_samples, input_dim, generator=generator, dtype=double) if test_samples else None
+    for task, (group, weight) in weights.items():
+        value = (group.multiplier or 1.0) * ACTIVATIONS[group.activation](z @ weight.T / phi)
+        test = (group.multiplier or 1.0) * ACTIVATIONS[group.activation](z_test @ weight.T / phi) if test_samples else None
+        if standardise:
+            mean, std = value.mean(0), value.std(0).clamp_min(1e-8)
+            value = (value - mean) / std
+            test = None if test is None else (test - mean) / std
+        targets[task] = value.to(dtype)
+        if test is not None:
+            test_targets[task] = test.to(dtype)
+    if not test_samples:
+        return z.to(dtype), targets
+    return z.to(dtype), targets, TensorTaskData(z_test.to(dtype), test_targets)
 
-
-def split(inputs: torch.Tensor, targets: dict[str, torch.Tensor], validation_fraction: float) -> tuple[TensorTaskData, TensorTaskData | None]:
-    n_val = int(round(len(inputs) * validation_fraction))
-    train = TensorTaskData(inputs[n_val:], {t: v[n_val:] for t, v in targets.items()})
-    val = TensorTaskData(inputs[:n_val], {t: v[:n_val] for t, v in targets.items()}) if n_val else None
-    return train, val
-
-
-class Bias(nn.Module):
-    """A task-specific bias head: x + b."""
-
-    def __init__(self, features: int):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.bias
 
 
 def blocks(tasks: int, *, input_dim: int = 200, hidden: int = 100, output_dim: int = 100, fc_blocks: int = 4, nodes: int = 3) -> list[BlockSpec]:

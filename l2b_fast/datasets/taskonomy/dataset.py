@@ -29,10 +29,10 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from l2b_fast.data.synthetic_taskonomy import CLASSES as OBJECT_CLASSES
-from l2b_fast.data.transforms import TASKS
+from l2b_fast.datasets.taskonomy.synthetic import CLASSES as OBJECT_CLASSES
+from l2b_fast.datasets.taskonomy.protocol import TASKS
 
-from .base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, check_prediction, ordered_subset
+from l2b_fast.datasets.base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, check_prediction, ordered_subset
 
 __all__ = [
     "TASKS",

@@ -21,7 +21,7 @@ import numpy as np
 
 from l2b_fast.data.dependencies import import_data_package
 from l2b_fast.data.resumable import ResumableConversion, error_reason
-from l2b_fast.data.synthetic_celeba import ATTRIBUTES
+from l2b_fast.datasets.celeba.synthetic import ATTRIBUTES
 
 __all__ = ["convert", "find_inputs", "read_attributes", "read_partition", "read_image", "SPLITS", "OFFICIAL_COUNTS"]
 
@@ -209,6 +209,6 @@ def convert(
         if not conversion.pack(split, order, _stem, load):
             return {}
     return conversion.manifest(
-        "celeba", _image_size(images, names), seed, created_by="l2b_fast.data.celeba_convert",
+        "celeba", _image_size(images, names), seed, created_by="l2b_fast.datasets.celeba.convert",
         attributes=list(ATTRIBUTES), official_counts=official_counts,
     )

@@ -6,7 +6,7 @@ import dataclasses
 
 from torch import nn
 
-from l2b_fast.data.synthetic_celeba import ATTRIBUTES as CELEBA_ATTRIBUTES
+from l2b_fast.datasets.celeba.dataset import ATTRIBUTES as CELEBA_ATTRIBUTES
 
 # The aligned CelebA release's image size (height, width). The paper states only [-1, 1] normalisation and
 # random flips for CelebA (no resize or crop), so the models are sized for the images as released.

@@ -1,7 +1,7 @@
 """CelebA's 40 binary attributes as 40 tasks (the paper's Sec. 4.2): losses, Table 1's mean accuracy, the paper's rows.
 
 Each attribute is one task (a leaf of the tree), predicted as one logit per image (``[B]`` or ``[B, 1]``).
-The loader yields ``{"attributes": float [B, 40]}`` with 0/1 labels (:func:`l2b_fast.data.loader.celeba_loader`);
+The loader yields ``{"attributes": float [B, 40]}`` with 0/1 labels (:func:`l2b_fast.datasets.celeba.loaders.celeba_loader`);
 :meth:`CelebA.task_targets` splits it into one ``[B]`` target per attribute. Loss: binary cross-entropy on the
 logit ("40 cross-entropy losses with equal weightings"); metric: accuracy of ``logit > 0`` per attribute and
 their mean over the attributes, in percent (Table 1).
@@ -15,9 +15,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from l2b_fast.data.synthetic_celeba import ATTRIBUTES
+from l2b_fast.datasets.base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, check_prediction, ordered_subset
 
-from .base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, check_prediction, ordered_subset
+
+#: The 40 binary attributes of CelebA, in the order of its annotation file.
+ATTRIBUTES = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
+    "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses",
+    "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
+    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks",
+    "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick",
+    "Wearing_Necklace", "Wearing_Necktie", "Young",
+)
 
 __all__ = ["ATTRIBUTES", "CelebA", "CelebAMetrics", "PAPER_ROWS"]
 
