@@ -534,6 +534,9 @@ def test_wheels_stage_installs_the_carried_wheels_offline(tmp_path):
         assert "--no-index --find-links" in command and "--disable-pip-version-check" in command
         site = Path(ctx.extra_paths[0])
         assert (site / "braceexpand.py").read_text() == "VERSION = '0.1.7'\n"
+        make_wheel(wheels, "webdataset", "0.0.1")  # not the pinned version: pip's own error is the note
+        failed = gpu_validate.run_wheels(ctx)
+        assert failed.status == "failed" and "No matching distribution found for webdataset==1.0.2" in failed.note
     finally:
         for path in ctx.extra_paths:
             shutil.rmtree(path, ignore_errors=True)

@@ -346,7 +346,10 @@ def run_wheels(ctx: Context) -> Result:
     site = tempfile.mkdtemp(prefix="l2b-gpu-site-")
     rc = ctx.sh(wheels_install_command(ctx.python, wheels, site, requirements), "wheels.log", timeout=120)
     if rc != 0:
-        return status_of(rc, "offline pip install of the carried wheels")
+        shutil.rmtree(site, ignore_errors=True)
+        result = status_of(rc, "offline pip install of the carried wheels")
+        errors = [line for line in (ctx.work / "wheels.log").read_text().splitlines() if line.startswith("ERROR:")]
+        return Result(result.status, result.note + (f" ({errors[-1]})" if errors else ""))
     ctx.extra_paths.append(site)
     note = f"{', '.join(requirements)} installed offline into {site} (on PYTHONPATH for the later stages)"
     return Result("passed", note + (f"; {missing_note}" if missing_note else ""))
@@ -569,23 +572,23 @@ CALL_1, CALL_2 = (1,), (2,)
 BOTH_CALLS = (1, 2)  # a second call may land on a fresh machine: it needs the environment and the build again
 STAGES = [
     Stage("env", "machine, versions, tools",
-          Budget(30, "estimated", "the same stage took 4.8 s on the 2-core CPU machine (torch import and probe, "
+          Budget(30, "estimated", "the same stage took 4.8 s on a 2-core CPU machine (torch import and probe, "
                  "nvcc --version); nvidia-smi, CUDA start-up and compute-sanitizer --version add a few seconds"),
           True, False, "nvidia-smi; python probe of torch/CUDA/triton/numpy; compute-sanitizer/nvcc --version", run_env,
           BOTH_CALLS),
     Stage("wheels", "carried test dependencies",
-          Budget(15, "measured", "the offline install of the four wheels took 1.2 s on the 2-core CPU machine; "
+          Budget(15, "measured", "the offline install of the four wheels took 1.2 s on a 2-core CPU machine; "
                  "the rest covers pip's start-up"),
           False, False, "pip install --no-index --find-links gpu-wheels --disable-pip-version-check --no-deps "
           "--target /tmp/... expecttest webdataset braceexpand pyspng", run_wheels, BOTH_CALLS),
     Stage("build", "extension with CUDA kernels",
           Budget(150, "estimated", "nvcc of both .cu files for sm_90 took 60 s of CPU time (120 s wall on 2 busy "
-                 "cores) on the CPU machine; on 16 cores they compile in parallel with the 3 C++ files, so about "
+                 "cores) on a CPU machine; on 16 cores they compile in parallel with the 3 C++ files, so about "
                  "60-80 s with pip and the link; seconds when a warm machine reuses the build"),
           True, True, "CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=<this GPU> MAX_JOBS=<cores> "
           "pip install --no-build-isolation --no-deps -e .", run_build, BOTH_CALLS),
     Stage("kernel-paths", "compiled Triton + CUDA vs fp64, every path",
-          Budget(90, "estimated", "119 tests; Triton compiles for sm_90 took about 1 s per kernel on the CPU "
+          Budget(90, "estimated", "119 tests; Triton compiles for sm_90 took about 1 s per kernel on a CPU "
                  "machine (72 kernels in 69 s): about 70 kernels here, shared by 4 pytest-xdist workers through "
                  "Triton's cache, plus each worker's torch and CUDA start (about 10 s); the kernels run in ms"),
           True, True, "pytest tests/test_gpu_paths.py tests/test_indexed_conv.py tests/test_indexed_basic_block.py "
@@ -597,7 +600,7 @@ STAGES = [
           True, True, "compute-sanitizer --tool memcheck (3 cases x cpp,triton x fp32,bf16), racecheck and "
           "synccheck (pipeline-5x5, cpp, fp32) python tools/gpu_sanitize.py", run_sanitizer, CALL_2),
     Stage("determinism", "bitwise runs, CUDA graphs, compile-once",
-          Budget(100, "estimated", "59 tests, 20 of them torch.compile (4-8 s each on the CPU machine; on a GPU "
+          Budget(100, "estimated", "59 tests, 20 of them torch.compile (4-8 s each on a CPU machine; on a GPU "
                  "inductor compiles its Triton kernels at about 1 s each, in parallel), over 4 workers"),
           True, True, f"pytest tests -k '{DETERMINISM_TESTS}' --maxfail={PYTEST_MAXFAIL}", run_determinism, CALL_1),
     Stage("test-suite", "the whole test suite on the GPU",
@@ -616,8 +619,9 @@ STAGES = [
           False, True, f"l2b bench search --device cuda --preset gpu --repeat {SEARCH_REPEAT} --models <one at a time>",
           run_search_bench, CALL_1),
     Stage("data-bench", "data loader benchmark",
-          Budget(75, "estimated", "the committed 2-core CPU run: 12 loader runs of 768 samples at 140-480 "
-                 "samples/s (about 45 s) plus writing 384 synthetic samples; the GPU machine's cores are no slower"),
+          Budget(75, "estimated", "the 2-core CPU results in benchmarks/results: 12 loader runs of 768 samples "
+                 "at 140-480 samples/s (about 45 s) plus writing 384 synthetic samples; a GPU machine's cores are "
+                 "no slower"),
           False, True, "python -m l2b_fast.bench.data_throughput", run_data_bench, CALL_2),
 ]
 STAGE_NAMES = [stage.name for stage in STAGES]
