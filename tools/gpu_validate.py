@@ -753,10 +753,12 @@ def write_summary(ctx: Context, rows: list[dict], dry_run: bool) -> dict:
     write_atomically(ctx.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     lines = [f"# GPU validation {summary['date']}" + (" (plan)" if dry_run else ""), "",
              f"machine: {summary['machine']}", "",
-             f"time limit {ctx.args.time_limit:g} s, planned {summary['planned_s']} s; results in {BUNDLE}", "",
-             "| stage | status | s | budget s | budget from | note |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['budget_s']} | {r['budget_kind']} | {r['note']} |"
-              for r in rows]
+             f"time limit {ctx.args.time_limit:g} s, planned {summary['planned_s']} s"
+             + ("" if dry_run else f"; every stage's files are in {BUNDLE}"), "",
+             "| stage | status | s | timeout s | budget s | budget from | note |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['timeout_s']} | {r['budget_s']} "
+              f"| {r['budget_kind']} | {r['note']} |" for r in rows]
     write_atomically(ctx.out / "summary.md", "\n".join(lines) + "\n")
     return summary
 
