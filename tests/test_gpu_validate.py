@@ -326,7 +326,8 @@ def test_data_bench_takes_the_measured_search_rate(tmp_path):
         {"model": "celeba_branch_vgg", "variant": "grouped", "status": "ok", "images_per_s": 9000.0},
     ]
     assert gpu_validate.search_rate(tmp_path) is None
-    (tmp_path / "search_cuda_nvidia-h200_gpu.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    (tmp_path / "taskonomy_resnet34").mkdir()  # the stage runs one model per process, each into its folder
+    (tmp_path / "taskonomy_resnet34" / "search_cuda_nvidia-h200_gpu.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     assert gpu_validate.search_rate(tmp_path) == 620.0
 
 
@@ -566,3 +567,12 @@ def test_the_calls_are_plain_shell_commands(tmp_path):
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert [row["stage"] for row in summary(out)["stages"]] == CALL_STAGES[1]
+
+
+def test_sanitizer_runs_name_cases_and_dtypes_the_driver_has():
+    """Sized-down sanitizer runs: memcheck on a few cases, racecheck and synccheck on one case each."""
+    for tool, driver_args, _ in gpu_validate.SANITIZER_RUNS:
+        options = dict(zip(driver_args[::2], driver_args[1::2]))
+        cases, dtypes = options["--cases"].split(","), options["--dtypes"].split(",")
+        assert set(cases) <= set(gpu_sanitize.CASES) and set(dtypes) <= set(gpu_sanitize.DTYPES)
+        assert len(cases) == (3 if tool == "memcheck" else 1)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """One command for a GPU machine: build, check every kernel path, and only then measure.
 
-    bash tools/gpu_validate.sh --call 1 --out results/gpu-call1        # build, kernel checks, benchmarks
-    bash tools/gpu_validate.sh --call 2 --out results/gpu-call2        # sanitizer, whole test suite, data benchmark
+    bash tools/gpu_validate.sh --call 1 --out runs/gpu-call1        # build, kernel checks, benchmarks
+    bash tools/gpu_validate.sh --call 2 --out runs/gpu-call2        # sanitizer, whole test suite, data benchmark
     python tools/gpu_validate.py --dry-run --call 1 --time-limit 540   # anywhere: the plan with its budgets
     make gpu-wheels                                                    # on a machine with a package index
 
@@ -63,7 +63,6 @@ RESERVE_S = 20  # left at the end: stopping the last command (STOP_GRACE_S), the
 MIN_STAGE_S = 20  # a stage is not started with less time than this left
 STOP_GRACE_S = 8  # after SIGINT (pytest then writes its junit report) before the command is killed
 CHECKPOINT_S = 60  # a long stage's log is packed into the bundle this often
-CALL_SECONDS = 540  # a 600 s device call, less start-up and the transfer of the results
 BUNDLE = "results.tar.gz"
 PYTEST_MAXFAIL = 10  # past the first failure, so one call shows the pattern, not just the first case
 # Tests of sync-free, capturable, deterministic steps, by name (others' files included, when they exist).
@@ -105,7 +104,7 @@ print(json.dumps({"load_error": _extension.LOAD_ERROR, "cuda": backends.availabl
 
 @dataclasses.dataclass
 class Result:
-    status: str  # passed, failed, incomplete (ran out of time), skipped, unavailable, not-run, planned
+    status: str  # passed, failed, incomplete (ran out of time), running, skipped, unavailable, not-run, planned
     note: str = ""
 
 
