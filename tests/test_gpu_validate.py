@@ -326,8 +326,9 @@ def test_data_bench_takes_the_measured_search_rate(tmp_path):
         {"model": "celeba_branch_vgg", "variant": "grouped", "status": "ok", "images_per_s": 9000.0},
     ]
     assert gpu_validate.search_rate(tmp_path) is None
-    (tmp_path / "taskonomy_resnet34").mkdir()  # the stage runs one model per process, each into its folder
-    (tmp_path / "taskonomy_resnet34" / "search_cuda_nvidia-h200_gpu.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    model_dir = tmp_path / "taskonomy_resnet34"  # the stage runs one model per process, each into its folder
+    model_dir.mkdir()
+    (model_dir / "search_cuda_nvidia-h200_gpu.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     assert gpu_validate.search_rate(tmp_path) == 620.0
 
 
