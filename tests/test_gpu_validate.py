@@ -577,3 +577,17 @@ def test_sanitizer_runs_name_cases_and_dtypes_the_driver_has():
         cases, dtypes = options["--cases"].split(","), options["--dtypes"].split(",")
         assert set(cases) <= set(gpu_sanitize.CASES) and set(dtypes) <= set(gpu_sanitize.DTYPES)
         assert len(cases) == (3 if tool == "memcheck" else 1)
+
+
+def test_a_pytest_stage_stopped_at_its_budget_reports_the_tests_that_ran(tmp_path):
+    """The stop sends SIGINT first: pytest still writes its junit report, so the note says how far it got."""
+    tests = tmp_path / "test_slow.py"
+    tests.write_text("import time\n\n\ndef test_a():\n    pass\n\n\ndef test_b():\n    pass\n\n\n"
+                     "def test_c():\n    time.sleep(120)\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = gpu_validate.Context(gpu_validate.parse_args(["--out", str(out)]))
+    rc = ctx.sh(gpu_validate.pytest_command(ctx, "slow", str(tests)), "slow.log", timeout=10)
+    result = gpu_validate.pytest_result(ctx, "slow", rc)
+    assert rc is None and result.status == "incomplete" and "2 tests, 0 failed" in result.note
+    assert "KeyboardInterrupt" in (out / "slow.log").read_text()
