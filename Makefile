@@ -43,6 +43,12 @@ bench: $(BUILT)
 cuda-check: $(DEPS)
 	$(BIN)/python tools/nvcc_compile_check.py --arch 90 --arch 80
 
+# The wheels the GPU image lacks (expecttest, webdataset, braceexpand, pyspng), for its Python 3.12 on x86-64
+# Linux, into gpu-wheels/: run here, where the package index is; the GPU run installs them offline from there.
+.PHONY: gpu-wheels
+gpu-wheels:
+	$(PYTHON) tools/gpu_validate.py --download-wheels gpu-wheels
+
 cmake-test: $(DEPS)
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DPython3_EXECUTABLE=$(abspath $(BIN)/python)
 	cmake --build build/cmake

@@ -1,14 +1,22 @@
-"""tools/gpu_validate.py (the one-command GPU run) and tools/gpu_sanitize.py, as far as a CPU allows:
-the plan, the stage order and its stop rules, time limits, the CPU auto-skip, result files."""
+"""tools/gpu_validate.py (the GPU run in two short calls) and tools/gpu_sanitize.py, as far as a CPU allows:
+the plans and their budgets, the stage order and its stop rules, time limits, the CPU auto-skip, the offline
+wheels, and result files that survive a killed call."""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -35,6 +43,16 @@ def summary(out: Path) -> dict:
 
 def statuses(out: Path) -> dict[str, str]:
     return {row["stage"]: row["status"] for row in summary(out)["stages"]}
+
+
+def bundled(out: Path, name: str) -> str:
+    """A file of the results bundle."""
+    with tarfile.open(out / "results.tar.gz") as archive:
+        return archive.extractfile(name).read().decode()
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()]
 
 
 def test_dry_run_plans_every_stage_in_order(tmp_path, capsys):
@@ -66,8 +84,9 @@ def test_cpu_run_skips_the_gpu_stages_with_the_reason(tmp_path):
     assert {found[s] for s in ("build", "kernel-paths", "sanitizer", "op-bench")} == {"skipped"}
     rows = {row["stage"]: row for row in summary(tmp_path)["stages"]}
     assert "no CUDA device" in rows["build"]["note"]
-    env = json.loads((tmp_path / "env.json").read_text())
+    env = json.loads(bundled(tmp_path, "env.json"))
     assert env["torch"] == torch.__version__ and env["cuda_available"] is False
+    assert sorted(p.name for p in files_under(tmp_path)) == ["results.tar.gz", "summary.json", "summary.md"]
 
 
 def fake_stages(monkeypatch, outcomes: dict[str, str], ran: list[str], seconds: float = 0.0):
@@ -81,7 +100,7 @@ def fake_stages(monkeypatch, outcomes: dict[str, str], ran: list[str], seconds: 
 
         return run
 
-    stages = [gpu_validate.Stage(s.name, s.what, s.budget_s, s.correctness, s.needs_gpu, s.plan, runner(s.name)) for s in gpu_validate.STAGES]
+    stages = [dataclasses.replace(s, run=runner(s.name)) for s in gpu_validate.STAGES]
     monkeypatch.setattr(gpu_validate, "STAGES", stages)
     monkeypatch.setattr(gpu_validate.Context, "python_json", lambda self, code, timeout=180: {"cuda_available": True, "torch": "fake"})
 
@@ -115,23 +134,30 @@ def test_a_failed_benchmark_is_reported_without_failing_correctness(tmp_path, mo
 def test_stages_that_no_longer_fit_the_time_limit_are_not_run(tmp_path, monkeypatch):
     ran: list[str] = []
     fake_stages(monkeypatch, {}, ran, seconds=0.3)
-    # a stage starts only with 20 s left before the 15 s reserve: here for the first 1.5 s, about 5 stages
-    assert gpu_validate.main(["--out", str(tmp_path), "--time-limit", "36.5"]) == 0
+    # a stage starts only with 20 s left before the 20 s reserve: here for the first 1.5 s, about 5 stages
+    assert gpu_validate.main(["--out", str(tmp_path), "--time-limit", "41.5"]) == 0
     found = statuses(tmp_path)
     assert ran and found[ran[-1]] == "passed" and len(ran) < len(gpu_validate.STAGES)
     assert {status for name, status in found.items() if name not in ran} == {"not-run"}
 
 
-def test_bundle_leaves_the_summaries_and_one_archive(tmp_path, monkeypatch):
+def test_results_go_into_the_bundle_and_the_folder_keeps_three_files(tmp_path, monkeypatch):
     ran: list[str] = []
     fake_stages(monkeypatch, {}, ran)
-    (tmp_path / "bench").mkdir()
-    (tmp_path / "bench" / "branch.csv").write_text("a,b\n")
-    (tmp_path / "kernel-paths.log").write_text("ok\n")
-    assert gpu_validate.main(["--out", str(tmp_path), "--bundle"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tar.gz", "summary.json", "summary.md"]
-    with tarfile.open(tmp_path / "results.tar.gz") as archive:
-        assert {"bench/branch.csv", "kernel-paths.log"} <= set(archive.getnames())
+
+    def writes_results(ctx):
+        (ctx.work / "bench").mkdir()
+        (ctx.work / "bench" / "branch.csv").write_text("a,b\n")
+        for k in range(12):  # more files than a device call returns
+            (ctx.work / f"part{k}.log").write_text(f"{k}\n")
+        return gpu_validate.Result("passed")
+
+    stages = [dataclasses.replace(s, run=writes_results) if s.name == "op-bench" else s for s in gpu_validate.STAGES]
+    monkeypatch.setattr(gpu_validate, "STAGES", stages)
+    assert gpu_validate.main(["--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in files_under(tmp_path)) == ["results.tar.gz", "summary.json", "summary.md"]
+    assert bundled(tmp_path, "bench/branch.csv") == "a,b\n" and bundled(tmp_path, "part11.log") == "11\n"
+    assert not Path(summary(tmp_path)["scratch_folder"]).exists()  # removed once packed
 
 
 def running(pid: int) -> bool:
@@ -184,7 +210,12 @@ def test_pytest_stages_read_the_junit_counts(tmp_path):
     assert result.status == "failed" and "needs a CUDA device" in result.note  # a skipped backend is a failure
     assert gpu_validate.pytest_result(ctx, "kernel-paths", 0).status == "passed"
     assert gpu_validate.pytest_result(ctx, "kernel-paths", 1).status == "failed"
-    assert gpu_validate.pytest_result(ctx, "kernel-paths", None).status == "timeout"
+    stopped = gpu_validate.pytest_result(ctx, "kernel-paths", None)  # out of time: incomplete, with what ran
+    assert stopped.status == "incomplete" and "10 tests" in stopped.note
+    write_junit(tmp_path / "failing.xml", 10, 3, 0)
+    assert gpu_validate.pytest_result(ctx, "failing", None).status == "failed"  # failures seen before the stop
+    (tmp_path / "cut.xml").write_text("<testsuites><testsuite tests=")  # a report cut short by a kill
+    assert gpu_validate.pytest_result(ctx, "cut", None).status == "incomplete"
     write_junit(tmp_path / "empty.xml", 0, 0, 0)
     assert gpu_validate.pytest_result(ctx, "empty", 5).note == "no tests were selected"
 
@@ -205,9 +236,10 @@ def test_op_targets_read_off_the_fp32_results(tmp_path):
 
 def test_wheels_stage_without_wheels_says_what_is_missing(tmp_path):
     ctx = gpu_validate.Context(gpu_validate.parse_args(["--out", str(tmp_path), "--wheels", str(tmp_path / "none")]))
-    ctx.probe = {"expecttest": "0.3.0", "webdataset": None, "pyspng": None}
+    ctx.probe = {"expecttest": "0.3.0", "webdataset": None, "braceexpand": None, "pyspng": None}
     result = gpu_validate.run_wheels(ctx)
-    assert result.status == "skipped" and "webdataset, pyspng" in result.note
+    assert result.status == "skipped" and "webdataset, braceexpand, pyspng" in result.note
+    assert "make gpu-wheels" in result.note
 
 
 def test_sanitizer_driver_runs_its_cases_on_cpu(capsys):
@@ -294,5 +326,268 @@ def test_data_bench_takes_the_measured_search_rate(tmp_path):
         {"model": "celeba_branch_vgg", "variant": "grouped", "status": "ok", "images_per_s": 9000.0},
     ]
     assert gpu_validate.search_rate(tmp_path) is None
-    (tmp_path / "search_cuda_nvidia-h200_gpu.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    model_dir = tmp_path / "taskonomy_resnet34"  # the stage runs one model per process, each into its folder
+    model_dir.mkdir()
+    (model_dir / "search_cuda_nvidia-h200_gpu.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     assert gpu_validate.search_rate(tmp_path) == 620.0
+
+
+CALL_STAGES = {
+    1: ["env", "wheels", "build", "kernel-paths", "determinism", "op-bench", "search-bench"],
+    2: ["env", "wheels", "build", "sanitizer", "test-suite", "data-bench"],
+}
+
+
+@pytest.mark.parametrize("call", [1, 2])
+def test_each_call_plans_its_stages_within_540_s(tmp_path, call):
+    assert gpu_validate.main(["--dry-run", "--call", str(call), "--time-limit", "540", "--out", str(tmp_path)]) == 0
+    plan = summary(tmp_path)
+    assert [row["stage"] for row in plan["stages"]] == CALL_STAGES[call]
+    assert plan["call"] == call and plan["fits_time_limit"] and plan["planned_s"] <= 540
+    assert sum(row["budget_s"] for row in plan["stages"]) + plan["reserve_s"] == plan["planned_s"]
+    for row in plan["stages"]:
+        assert row["budget_s"] > 0 and row["timeout_s"] == row["budget_s"]  # every stage gets its whole budget
+        assert row["budget_kind"] in ("measured", "estimated") and len(row["budget_basis"]) > 40
+    starts = [row["planned_start_s"] for row in plan["stages"]]
+    assert starts == sorted(starts) and starts[-1] + plan["stages"][-1]["budget_s"] + plan["reserve_s"] <= 540
+    assert "| budget s |" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_two_calls_cover_every_stage():
+    in_calls = {name for stages in CALL_STAGES.values() for name in stages}
+    assert in_calls == set(gpu_validate.STAGE_NAMES)
+    measured = [stage.name for stage in gpu_validate.STAGES if stage.budget.kind == "measured"]
+    assert measured == ["wheels"]  # the only stage whose own work was timed (offline install, CPU machine)
+
+
+def test_a_plan_longer_than_the_time_limit_is_cut_and_flagged(tmp_path):
+    assert gpu_validate.main(["--dry-run", "--call", "1", "--time-limit", "300", "--out", str(tmp_path)]) == 1
+    plan = summary(tmp_path)
+    assert not plan["fits_time_limit"]
+    rows = {row["stage"]: row for row in plan["stages"]}
+    # 280 s before the reserve: env 30 + wheels 15 + build 150 leave 85 s for kernel-paths (budget 90)
+    assert rows["build"]["timeout_s"] == rows["build"]["budget_s"]
+    assert rows["kernel-paths"]["timeout_s"] == 85 and "cut to the time left" in rows["kernel-paths"]["note"]
+    assert rows["search-bench"]["timeout_s"] == 0 and "does not fit" in rows["search-bench"]["note"]
+
+
+def test_call_and_stages_are_exclusive(tmp_path):
+    with pytest.raises(SystemExit):
+        gpu_validate.parse_args(["--call", "1", "--stages", "env", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        gpu_validate.parse_args(["--call", "3", "--out", str(tmp_path)])
+    args = gpu_validate.parse_args(["--call", "2", "--out", str(tmp_path)])
+    assert args.stages == CALL_STAGES[2] and args.time_limit <= 540  # the call's own budget by default
+
+
+def test_an_incomplete_stage_does_not_stop_the_later_ones(tmp_path, monkeypatch):
+    ran: list[str] = []
+    fake_stages(monkeypatch, {"kernel-paths": "incomplete", "determinism": "incomplete"}, ran)
+    assert gpu_validate.main(["--out", str(tmp_path), "--call", "1"]) == 0  # nothing failed
+    assert ran == CALL_STAGES[1]  # the benchmarks still ran
+    result = summary(tmp_path)
+    assert result["passed"] and result["correctness_passed"] and not result["complete"]
+
+
+def test_each_stage_runs_for_min_of_its_budget_and_the_time_left(tmp_path, monkeypatch):
+    seen: dict[str, float] = {}
+
+    def record(name):
+        def run(ctx):
+            seen[name] = ctx.remaining()
+            return gpu_validate.Result("passed")
+
+        return run
+
+    def stage(name, seconds):
+        budget = gpu_validate.Budget(seconds, "estimated", "test")
+        return dataclasses.replace(gpu_validate.STAGES[0], name=name, budget=budget, run=record(name))
+
+    stages = [stage("short", 25), stage("long", 500)]
+    monkeypatch.setattr(gpu_validate, "STAGES", stages)
+    monkeypatch.setattr(gpu_validate.Context, "python_json", lambda self, code, timeout=180: {"cuda_available": True})
+    assert gpu_validate.main(["--out", str(tmp_path), "--stages", "short,long", "--time-limit", "100"]) == 0
+    # short: its own 25 s; long: what is left of 100 s before the 20 s reserve, not its 500 s
+    assert 23 < seen["short"] <= 25 and 75 < seen["long"] <= 80
+    rows = {row["stage"]: row for row in summary(tmp_path)["stages"]}
+    assert rows["short"]["timeout_s"] == pytest.approx(25, abs=1)
+    assert rows["long"]["timeout_s"] == pytest.approx(80, abs=2)
+
+
+def test_pytest_stages_collect_up_to_ten_failures(tmp_path):
+    ctx = gpu_validate.Context(gpu_validate.parse_args(["--out", str(tmp_path)]))
+    command = gpu_validate.pytest_command(ctx, "kernel-paths", "tests/test_gpu_paths.py")
+    assert "--maxfail=10" in command and "-x" not in command and "--exitfirst" not in command
+
+
+REHEARSAL = """
+import os, sys
+sys.path.insert(0, {tools!r})
+import gpu_validate
+
+gpu_validate.CHECKPOINT_S = 0.3  # the real 60 s, shortened: a long stage's log reaches the bundle while it runs
+
+
+def quick(ctx):
+    (ctx.work / "quick.log").write_text("quick stage: done\\n")
+    return gpu_validate.Result("passed", "wrote quick.log")
+
+
+def overrun(ctx):  # needs far more than the stage's 2 s budget
+    code = "import time; print('overrun: started', flush=True); time.sleep(120)"
+    return gpu_validate.status_of(ctx.sh([sys.executable, "-c", code], "overrun.log"), "the slow command")
+
+
+def hang(ctx):  # the whole call is killed while this one runs
+    code = ("import os, time; print('hang: started', flush=True); "
+            "open({marker!r}, 'w').write(str(os.getpid())); time.sleep(600)")
+    return gpu_validate.status_of(ctx.sh([sys.executable, "-c", code], "hang.log"), "the hanging command")
+
+
+def budget(seconds):
+    return gpu_validate.Budget(seconds, "estimated", "rehearsal")
+
+
+gpu_validate.STAGES = [
+    gpu_validate.Stage("quick", "writes a file", budget(30), True, True, "write quick.log", quick, (1,)),
+    gpu_validate.Stage("overrun", "outlives its budget", budget(2), True, True, "sleep 120", overrun, (1,)),
+    gpu_validate.Stage("hang", "killed with the call", budget(300), True, True, "sleep 600", hang, (1,)),
+]
+gpu_validate.Context.python_json = lambda self, code, timeout=180: {{"cuda_available": True}}
+raise SystemExit(gpu_validate.main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_call_leaves_the_bundle_of_the_stages_before_it(tmp_path):
+    """Rehearsal of a device call that ends badly: one stage overruns its budget (stopped, incomplete), the
+    next one hangs and the whole call is then killed with SIGKILL, as a call past its limit is."""
+    out, marker = tmp_path / "out", tmp_path / "hang.pid"
+    launcher = tmp_path / "rehearsal.py"
+    launcher.write_text(REHEARSAL.format(tools=str(TOOLS), marker=str(marker)))
+    with (tmp_path / "driver.log").open("w") as log:
+        command = [sys.executable, str(launcher), "--call", "1", "--time-limit", "400", "--out", str(out)]
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    hang_pid = None
+    try:
+        for _ in range(600):
+            if marker.exists() and marker.read_text():
+                break
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()
+            time.sleep(0.1)
+        else:
+            pytest.fail("the hanging stage never started")
+        hang_pid = int(marker.read_text())
+        time.sleep(1.5)  # a few of the shortened checkpoints while the hanging stage runs
+        driver.send_signal(signal.SIGKILL)
+        assert driver.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        if hang_pid is not None:  # its own session: the driver's kill does not reach it
+            try:
+                os.kill(hang_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    files = files_under(out)
+    assert len(files) <= 8 and {"summary.json", "results.tar.gz"} <= {p.name for p in files}
+    assert bundled(out, "quick.log") == "quick stage: done\n"
+    overrun_log = bundled(out, "overrun.log")
+    assert "overrun: started" in overrun_log and "stopped after 2 s" in overrun_log
+    assert "hang: started" in bundled(out, "hang.log")  # packed while the stage ran
+    result = summary(out)
+    assert statuses(out) == {"quick": "passed", "overrun": "incomplete", "hang": "running"}
+    assert result["passed"] and not result["complete"]
+    shutil.rmtree(result["scratch_folder"], ignore_errors=True)  # the killed driver could not remove it
+
+
+def make_wheel(folder: Path, project: str, version: str) -> Path:
+    """A minimal pure-Python wheel: one module that says its version."""
+    files = {
+        f"{project}.py": f"VERSION = {version!r}\n",
+        f"{project}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {project}\nVersion: {version}\n",
+        f"{project}-{version}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"),
+    }
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(text.encode())}")
+    record.append(f"{project}-{version}.dist-info/RECORD,,")
+    path = folder / f"{project}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+        archive.writestr(f"{project}-{version}.dist-info/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+def test_wheels_stage_installs_the_carried_wheels_offline(tmp_path):
+    wheels, out = tmp_path / "gpu-wheels", tmp_path / "out"
+    wheels.mkdir()
+    out.mkdir()
+    make_wheel(wheels, "braceexpand", "0.1.7")  # one of the four; the others are reported as missing
+    ctx = gpu_validate.Context(gpu_validate.parse_args(["--out", str(out), "--wheels", str(wheels)]))
+    ctx.probe = {"expecttest": "0.3.0"}
+    try:
+        result = gpu_validate.run_wheels(ctx)
+        assert result.status == "passed", (out / "wheels.log").read_text()
+        assert "braceexpand==0.1.7 installed offline" in result.note and "webdataset, pyspng" in result.note
+        command = ctx.stage_commands[0]
+        assert "--no-index --find-links" in command and "--disable-pip-version-check" in command
+        site = Path(ctx.extra_paths[0])
+        assert (site / "braceexpand.py").read_text() == "VERSION = '0.1.7'\n"
+        make_wheel(wheels, "webdataset", "0.0.1")  # not the pinned version: pip's own error is the note
+        failed = gpu_validate.run_wheels(ctx)
+        assert failed.status == "failed" and "No matching distribution found for webdataset==1.0.2" in failed.note
+    finally:
+        for path in ctx.extra_paths:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def test_wheel_download_command_targets_the_gpu_image():
+    command = gpu_validate.download_command(Path("gpu-wheels"), "python3")
+    assert command[:4] == ["python3", "-m", "pip", "download"]
+    text = " ".join(command)
+    assert "--no-deps --only-binary=:all: --python-version 3.12 --implementation cp" in text
+    assert "--platform manylinux_2_28_x86_64" in text and "-d gpu-wheels" in text
+    assert command[-4:] == ["expecttest==0.3.0", "webdataset==1.0.2", "braceexpand==0.1.7", "pyspng==0.1.4"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_gpu_wheels_runs_the_download(tmp_path):
+    done = subprocess.run(["make", "-n", "gpu-wheels"], cwd=TOOLS.parent, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "tools/gpu_validate.py --download-wheels gpu-wheels" in done.stdout
+
+
+def test_the_calls_are_plain_shell_commands(tmp_path):
+    out = tmp_path / "plan"
+    command = ["bash", str(TOOLS / "gpu_validate.sh"), "--call", "1", "--dry-run", "--time-limit", "540",
+               "--out", str(out)]
+    environment = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [row["stage"] for row in summary(out)["stages"]] == CALL_STAGES[1]
+
+
+def test_sanitizer_runs_name_cases_and_dtypes_the_driver_has():
+    """Sized-down sanitizer runs: memcheck on a few cases, racecheck and synccheck on one case each."""
+    for tool, driver_args, _ in gpu_validate.SANITIZER_RUNS:
+        options = dict(zip(driver_args[::2], driver_args[1::2]))
+        cases, dtypes = options["--cases"].split(","), options["--dtypes"].split(",")
+        assert set(cases) <= set(gpu_sanitize.CASES) and set(dtypes) <= set(gpu_sanitize.DTYPES)
+        assert len(cases) == (3 if tool == "memcheck" else 1)
+
+
+def test_a_pytest_stage_stopped_at_its_budget_reports_the_tests_that_ran(tmp_path):
+    """The stop sends SIGINT first: pytest still writes its junit report, so the note says how far it got."""
+    tests = tmp_path / "test_slow.py"
+    tests.write_text("import time\n\n\ndef test_a():\n    pass\n\n\ndef test_b():\n    pass\n\n\n"
+                     "def test_c():\n    time.sleep(120)\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = gpu_validate.Context(gpu_validate.parse_args(["--out", str(out)]))
+    rc = ctx.sh(gpu_validate.pytest_command(ctx, "slow", str(tests)), "slow.log", timeout=10)
+    result = gpu_validate.pytest_result(ctx, "slow", rc)
+    assert rc is None and result.status == "incomplete" and "2 tests, 0 failed" in result.note
+    assert "KeyboardInterrupt" in (out / "slow.log").read_text()
