@@ -93,6 +93,15 @@ def test_channels_last_parents_and_one_parent():
 
 
 @interpreted_only
+def test_transposed_bias_is_read_through_its_strides():
+    """A [J, Co] bias that is a view of a [Co, J] tensor (not contiguous): the forward reads its strides."""
+    parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 6), 3, dtype=torch.float32, seed=17)
+    transposed = bias.T.contiguous().T  # bias's values, laid out as [Co, J]
+    assert not transposed.is_contiguous() and torch.equal(transposed, bias)
+    assert_matches_reference((parents, logits, index, soft, weight, transposed), (3, 1, 1, 1), atol=1e-5, rtol=1e-5)
+
+
+@interpreted_only
 def test_frozen_logits_skip_the_dots_and_input_without_grad_skips_the_input_gradient(monkeypatch):
     parents, logits, index, soft, weight, bias = make_inputs(3, 4, 2, 3, 4, (5, 5), 3, dtype=torch.float32, seed=9)
     calls = []

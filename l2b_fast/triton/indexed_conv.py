@@ -91,6 +91,7 @@ def _indexed_conv_forward_kernel(
     B, C, H, W, Co, Ho, Wo, J, num_n,
     sx_i, sx_b, sx_c, sx_h, sx_w,
     sw_j, sw_o, sw_c, sw_h, sw_w,
+    sb_j, sb_o,
     so_b, so_c, so_h, so_w,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -135,7 +136,8 @@ def _indexed_conv_forward_kernel(
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + child * Co + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        # the bias's own strides: a [J, Co] view of a transposed [Co, J] tensor is read as it lies
+        acc += tl.load(bias_ptr + child * sb_j + offs_n * sb_o, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = (
         out_ptr + b.to(tl.int64)[:, None] * so_b + (child * Co + offs_n)[None, :] * so_c
         + (oh * so_h + ow * so_w)[:, None]
@@ -409,7 +411,7 @@ def conv_forward(parents: Tensor, index: Tensor, weight: Tensor, bias: Tensor | 
         _indexed_conv_forward_kernel[grid](
             parents, index, weight, bias if bias is not None else weight, out,
             batch, channels, height, width, out_channels, out_h, out_w, children, num_n,
-            *parents.stride(), *weight.stride(), *out.stride(),
+            *parents.stride(), *weight.stride(), *(bias.stride() if bias is not None else (0, 0)), *out.stride(),
             *geometry.stride, *geometry.padding, *geometry.dilation, kh, kw,
             K_TILES=triton.cdiv(depth, block_k),
             HAS_BIAS=bias is not None,
