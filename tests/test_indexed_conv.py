@@ -207,6 +207,36 @@ def test_search_mode_without_a_parents_gradient_writes_no_dx(monkeypatch):
 
 
 @interpreted_only
+@pytest.mark.parametrize("parents_need_grad", [False, True], ids=["stem", "first_block"])
+def test_one_parent_search_skips_the_zero_logits_gradient(parents_need_grad, monkeypatch):
+    """One parent: the logits' gradient is exactly 0, so no child-major transposed convolution runs for it.
+    A stem (parents = the network input) launches no input-gradient kernel at all; a first block only the
+    parent-major one. Every gradient still equals the reference's."""
+    parents, logits, index, soft, weight, bias = make_inputs(1, 3, 2, 3, 4, (5, 6), 3, dtype=torch.float32, seed=19)
+    kernels, launches = indexed._kernels(), []
+    for launcher in ("conv_input_grad", "conv_parents_grad", "conv_weight_grad"):
+        real = getattr(kernels, launcher)
+        recording = lambda *args, _real=real, _name=launcher, **kw: launches.append(_name) or _real(*args, **kw)  # noqa: E731
+        monkeypatch.setattr(kernels, launcher, recording)
+    leaves = [parents.clone().requires_grad_(parents_need_grad), logits.clone().requires_grad_(True)]
+    leaves += [weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)]
+    out = indexed.indexed_conv2d(leaves[0], leaves[1], index, soft, TAU, *leaves[2:], padding=1)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    wanted = [t for t in leaves if t.requires_grad]
+    got = torch.autograd.grad(out, wanted, upstream)
+    expected_launches = ["conv_parents_grad", "conv_weight_grad"] if parents_need_grad else ["conv_weight_grad"]
+    assert launches == expected_launches
+    reference = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    ref_out = indexed.indexed_conv2d_ref(reference[0], reference[1], index, soft.double(), TAU, *reference[2:], padding=1)
+    expected = torch.autograd.grad(ref_out, [t for t in reference if t.requires_grad], upstream.double())
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    for got_grad, expected_grad in zip(got, expected):
+        torch.testing.assert_close(got_grad.double(), expected_grad, atol=1e-5, rtol=1e-5)
+    grad_logits = got[1] if parents_need_grad else got[0]
+    assert grad_logits.shape == logits.shape and torch.count_nonzero(grad_logits) == 0
+
+
+@interpreted_only
 @pytest.mark.parametrize("mode", ["search", "frozen"])
 def test_opcheck(mode):
     parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 5), 3, dtype=torch.float32, seed=11)
