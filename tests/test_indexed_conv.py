@@ -216,7 +216,11 @@ def test_one_parent_search_skips_the_zero_logits_gradient(parents_need_grad, mon
     kernels, launches = indexed._kernels(), []
     for launcher in ("conv_input_grad", "conv_parents_grad", "conv_weight_grad"):
         real = getattr(kernels, launcher)
-        recording = lambda *args, _real=real, _name=launcher, **kw: launches.append(_name) or _real(*args, **kw)  # noqa: E731
+
+        def recording(*args, _real=real, _name=launcher, **kwargs):
+            launches.append(_name)
+            return _real(*args, **kwargs)
+
         monkeypatch.setattr(kernels, launcher, recording)
     leaves = [parents.clone().requires_grad_(parents_need_grad), logits.clone().requires_grad_(True)]
     leaves += [weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)]
@@ -227,7 +231,7 @@ def test_one_parent_search_skips_the_zero_logits_gradient(parents_need_grad, mon
     expected_launches = ["conv_parents_grad", "conv_weight_grad"] if parents_need_grad else ["conv_weight_grad"]
     assert launches == expected_launches
     reference = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
-    ref_out = indexed.indexed_conv2d_ref(reference[0], reference[1], index, soft.double(), TAU, *reference[2:], padding=1)
+    ref_out = indexed.indexed_conv2d_ref(*reference[:2], index, soft.double(), TAU, *reference[2:], padding=1)
     expected = torch.autograd.grad(ref_out, [t for t in reference if t.requires_grad], upstream.double())
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     for got_grad, expected_grad in zip(got, expected):
