@@ -9,6 +9,8 @@ realistic first-layer sizes and skip without one (tools/gpu_validate.py runs the
 from __future__ import annotations
 
 import copy
+import inspect
+import types
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from l2b_fast.nn.grouped import indexed
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = backends.TRITON_INSTALLED and backends.triton_interpreting()
+needs_triton = pytest.mark.skipif(not backends.TRITON_INSTALLED, reason="needs Triton (its kernels are faked)")
 interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs the kernels in Triton's interpreter (CPU, TRITON_INTERPRET=1)")
 needs_cuda = pytest.mark.skipif(not (CUDA and backends.TRITON_INSTALLED), reason="needs a CUDA device and Triton")
 
@@ -43,13 +46,19 @@ def make_inputs(num_parents, children, batch, channels, out_channels, size, kern
     return parents, logits, index, soft, weight, bias_tensor
 
 
-def run(function, parents, logits, index, soft, weight, bias, geometry, grad_seed=7):
-    """Output and gradients (parents, logits, weight, bias) of ``function`` for a fixed random upstream gradient."""
+def run(
+    function, parents, logits, index, soft, weight, bias, geometry, grad_seed=7, *, frozen=False, memory_format=None
+):  # fmt: skip
+    """Output and gradients (parents, logits unless ``frozen``, weight, bias) of ``function`` for a fixed random
+    upstream gradient (in ``memory_format`` if given, as a following layer may send it)."""
     kernel, stride, padding, dilation = geometry
     leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (parents, logits, weight, bias)]
+    leaves[1].requires_grad_(not frozen)
     out = function(leaves[0], leaves[1], index, soft, TAU, leaves[2], leaves[3], stride=stride, padding=padding, dilation=dilation)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(out.device, out.dtype)
-    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], upstream)
+    if memory_format is not None:
+        upstream = upstream.contiguous(memory_format=memory_format)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None and t.requires_grad], upstream)
     return out, grads
 
 
@@ -90,6 +99,15 @@ def test_channels_last_parents_and_one_parent():
     assert_matches_reference((channels_last, *rest), (3, 1, 1, 1), atol=1e-5, rtol=1e-5)
     out = indexed.indexed_conv2d(channels_last, *rest[:3], TAU, *rest[3:], padding=1)
     assert out.is_contiguous(memory_format=torch.channels_last)  # as the cudnn path's output
+
+
+@interpreted_only
+def test_transposed_bias_is_read_through_its_strides():
+    """A [J, Co] bias that is a view of a [Co, J] tensor (not contiguous): the forward reads its strides."""
+    parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 6), 3, dtype=torch.float32, seed=17)
+    transposed = bias.T.contiguous().T  # bias's values, laid out as [Co, J]
+    assert not transposed.is_contiguous() and torch.equal(transposed, bias)
+    assert_matches_reference((parents, logits, index, soft, weight, transposed), (3, 1, 1, 1), atol=1e-5, rtol=1e-5)
 
 
 @interpreted_only
@@ -198,6 +216,40 @@ def test_search_mode_without_a_parents_gradient_writes_no_dx(monkeypatch):
 
 
 @interpreted_only
+@pytest.mark.parametrize("parents_need_grad", [False, True], ids=["stem", "first_block"])
+def test_one_parent_search_skips_the_zero_logits_gradient(parents_need_grad, monkeypatch):
+    """One parent: the logits' gradient is exactly 0, so no child-major transposed convolution runs for it.
+    A stem (parents = the network input) launches no input-gradient kernel at all; a first block only the
+    parent-major one. Every gradient still equals the reference's."""
+    parents, logits, index, soft, weight, bias = make_inputs(1, 3, 2, 3, 4, (5, 6), 3, dtype=torch.float32, seed=19)
+    kernels, launches = indexed._kernels(), []
+    for launcher in ("conv_input_grad", "conv_parents_grad", "conv_weight_grad"):
+        real = getattr(kernels, launcher)
+
+        def recording(*args, _real=real, _name=launcher, **kwargs):
+            launches.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, launcher, recording)
+    leaves = [parents.clone().requires_grad_(parents_need_grad), logits.clone().requires_grad_(True)]
+    leaves += [weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)]
+    out = indexed.indexed_conv2d(leaves[0], leaves[1], index, soft, TAU, *leaves[2:], padding=1)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    wanted = [t for t in leaves if t.requires_grad]
+    got = torch.autograd.grad(out, wanted, upstream)
+    expected_launches = ["conv_parents_grad", "conv_weight_grad"] if parents_need_grad else ["conv_weight_grad"]
+    assert launches == expected_launches
+    reference = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    ref_out = indexed.indexed_conv2d_ref(*reference[:2], index, soft.double(), TAU, *reference[2:], padding=1)
+    expected = torch.autograd.grad(ref_out, [t for t in reference if t.requires_grad], upstream.double())
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    for got_grad, expected_grad in zip(got, expected):
+        torch.testing.assert_close(got_grad.double(), expected_grad, atol=1e-5, rtol=1e-5)
+    grad_logits = got[1] if parents_need_grad else got[0]
+    assert grad_logits.shape == logits.shape and torch.count_nonzero(grad_logits) == 0
+
+
+@interpreted_only
 @pytest.mark.parametrize("mode", ["search", "frozen"])
 def test_opcheck(mode):
     parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 5), 3, dtype=torch.float32, seed=11)
@@ -237,6 +289,189 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: say what to use
     with pytest.raises(backends.BackendUnavailableError, match="cudnn"):
         call()
+
+
+# --- host-side launch choices (TF32, compiles), with the kernels faked: what a GPU launch would get ---------------
+
+
+class LaunchRecorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records {parameter name: value}, runs nothing."""
+
+    def __init__(self, kernel, launches):
+        self.name, self.launches = kernel.fn.__name__, launches
+        self.params = list(inspect.signature(kernel.fn).parameters)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.setdefault(self.name, []).append({**dict(zip(self.params, args)), **kwargs})
+
+        return launch
+
+
+def record_gpu_launches(monkeypatch):
+    """The four kernels replaced by recorders and the launchers told they run on a GPU with 132 SMs (no
+    interpreter): kernel name -> one {parameter name: value} dict per launch."""
+    kernels = indexed._kernels()
+    launches = {}
+    monkeypatch.setattr(kernels, "_interpreted", lambda device: False)
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+    for kernel in kernels.KERNELS:
+        monkeypatch.setattr(kernels, kernel.fn.__name__, LaunchRecorder(kernel, launches))
+    return launches
+
+
+def launch_all(shape, batch, dtype=torch.float32):
+    """Every launcher once (forward, both input gradients with the dots, the weight gradient) at ``shape``."""
+    kernels = indexed._kernels()
+    num_parents, children, channels, out_channels, size, kernel, stride, padding = shape
+    parents = torch.empty(num_parents, batch, channels, size, size, dtype=dtype)
+    weight = torch.empty(children, out_channels, channels, kernel, kernel, dtype=dtype)
+    index = torch.zeros(children, dtype=torch.int64)
+    geometry = kernels.Geometry((stride, stride), (padding, padding), (1, 1))
+    out = kernels.conv_forward(parents, index, weight, weight[:, :, 0, 0, 0], geometry)
+    grad_out = torch.empty_like(out)
+    kernels.conv_input_grad(grad_out, weight, parents, geometry, parents.stride(), dots=True)
+    kernels.conv_parents_grad(grad_out, weight, parents, index, geometry)
+    kernels.conv_weight_grad(grad_out, parents, index, weight.shape, geometry)
+
+
+def compile_key(kernel_name, arguments, not_specialised):
+    """What Triton keys a compiled variant on, as far as the arguments go: the constexprs' values, the
+    tensors' dtypes and, for other ints, whether each is 1 or divisible by 16 (and needs 64 bits); ints in
+    ``not_specialised`` are plain runtime values."""
+    kernel = next(k for k in indexed._kernels().KERNELS if k.fn.__name__ == kernel_name)
+    params = inspect.signature(kernel.fn).parameters
+    key = {}
+    for name, value in arguments.items():
+        if name in params and "constexpr" in str(params[name].annotation) or isinstance(value, (str, bool)):
+            key[name] = value
+        elif isinstance(value, torch.Tensor):
+            key[name] = value.dtype
+        elif name in not_specialised:
+            key[name] = "runtime"
+        else:
+            key[name] = (value == 1, value % 16 == 0, abs(value) >= 2**31)
+    return key
+
+
+# (I, J, C, Co, size, kernel, stride, padding): the Taskonomy stem (64x64 here), a ResNet block's convolution,
+# a strided convolution of odd-sized maps (strides not divisible by 16 for an odd batch), a late 4x4 layer (the
+# weight gradient's split: 32 tiles at batch 64, 19 at 37).
+LAUNCH_SHAPES = {
+    "stem": (1, 2, 3, 64, 64, 7, 2, 3), "block": (5, 5, 64, 64, 16, 3, 1, 1), "odd": (3, 5, 5, 40, 15, 3, 2, 1),
+    "late": (30, 40, 32, 32, 4, 3, 1, 1),
+}  # fmt: skip
+
+
+@needs_triton
+def test_another_batch_size_reuses_the_compiled_kernels(monkeypatch):
+    """A full batch of 64 and a short last batch of 37 launch every kernel with the same compile key: the batch
+    size, the strides scaling with it and the weight gradient's split size are runtime values. Each of those
+    is needed: specialising on any one of them gives another key for some shape."""
+    kernels = indexed._kernels()
+    launches = record_gpu_launches(monkeypatch)
+    needed = set()  # (kernel, argument) whose specialisation would change the key for some shape
+    for shape in LAUNCH_SHAPES.values():
+        launches.clear()
+        launch_all(shape, 64)
+        full = dict(launches)
+        launches.clear()
+        launch_all(shape, 37)
+        assert sorted(full) == sorted(launches) == sorted(kernels.NOT_SPECIALISED)
+        for name, unspecialised in kernels.NOT_SPECIALISED.items():
+            for a, b in zip(full[name], launches[name], strict=True):
+                assert (a["B"], b["B"]) == (64, 37)
+                assert compile_key(name, a, unspecialised) == compile_key(name, b, unspecialised), (name, shape)
+                for argument in unspecialised:
+                    others = tuple(x for x in unspecialised if x != argument)
+                    if compile_key(name, a, others) != compile_key(name, b, others):
+                        needed.add((name, argument))
+    assert needed == {(name, argument) for name, arguments in kernels.NOT_SPECIALISED.items() for argument in arguments}
+
+
+@needs_triton
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_fp32_launches_follow_cudnn_allow_tf32(allow_tf32, monkeypatch):
+    """fp32 uses TF32 exactly where cuDNN convolutions may (torch.backends.cudnn.allow_tf32); bf16 is not upcast."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    launches = record_gpu_launches(monkeypatch)
+    launch_all(LAUNCH_SHAPES["block"], 4)
+    precisions = {launch["PRECISION"] for runs in launches.values() for launch in runs}
+    assert len(launches) == 4 and precisions == {"tf32" if allow_tf32 else "ieee"}
+    launches.clear()
+    launch_all(LAUNCH_SHAPES["block"], 4, torch.bfloat16)
+    assert {launch["UPCAST"] for runs in launches.values() for launch in runs} == {False}
+
+
+@pytest.fixture
+def fp32_precision_settings():
+    """PyTorch's fp32 precision settings (global, cuDNN, cuDNN conv and RNN), restored after the test."""
+    cudnn = torch.backends.cudnn
+    settings = [(torch.backends, "fp32_precision"), (cudnn, "fp32_precision"), (cudnn.conv, "fp32_precision")]
+    settings.append((cudnn.rnn, "fp32_precision"))
+    saved = [getattr(owner, name) for owner, name in settings]
+    yield
+    for (owner, name), value in zip(settings, saved):
+        setattr(owner, name, value)
+
+
+@needs_triton
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="PyTorch without the fp32_precision settings")
+def test_tf32_choice_reads_the_fp32_precision_settings(fp32_precision_settings):
+    kernels = indexed._kernels()
+    assert torch.backends.cudnn.allow_tf32 and kernels.cudnn_conv_allows_tf32()  # PyTorch's default: TF32
+    assert kernels._dot_precision(torch.float32, interpreted=False) == "tf32"
+    assert kernels._dot_precision(torch.float32, interpreted=True) == "ieee"  # numpy: IEEE whatever the setting
+    assert kernels._dot_precision(torch.bfloat16, interpreted=True) == "ieee"  # upcast to fp32 tiles
+    torch.backends.cudnn.conv.fp32_precision = "ieee"  # conv and RNN now differ: reading allow_tf32 raises
+    assert not kernels.cudnn_conv_allows_tf32()
+    assert kernels._dot_precision(torch.float32, interpreted=False) == "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "none"  # inherit: cuDNN's, then the global setting
+    torch.backends.fp32_precision = "tf32"
+    assert kernels.cudnn_conv_allows_tf32()
+    torch.backends.fp32_precision = "ieee"
+    assert not kernels.cudnn_conv_allows_tf32()
+
+
+@needs_triton
+def test_compile_report_counts_new_variants_and_times_compiles():
+    """Host logic of the compile report with a fake kernel and simulated compiler events: new cache entries
+    are counted, compile times summed (disk-cache loads apart), other kernels ignored, a listener already
+    installed keeps being called and is restored."""
+    kernels = indexed._kernels()
+    compilation = kernels.triton.knobs.compilation
+
+    def _fake_kernel():
+        pass
+
+    cache = {"variant 0": object()}
+    fake = types.SimpleNamespace(fn=_fake_kernel, device_caches={0: (cache, None)})
+    assert kernels.compiled_variants([fake]) == {"_fake_kernel": 1}
+    seen = []
+    previous, compilation.listener = compilation.listener, lambda **event: seen.append(event["src"].name)
+    try:
+        outer = compilation.listener
+        with kernels.compile_report([fake]) as report:
+            for name, microseconds, cache_hit in (("_fake_kernel", 2_500_000, False), ("other", 9e6, False),
+                                                  ("_fake_kernel", 1_000, True)):  # fmt: skip
+                compilation.listener(src=types.SimpleNamespace(name=name), metadata={}, metadata_group={},
+                                     times=types.SimpleNamespace(total=microseconds), cache_hit=cache_hit)  # fmt: skip
+            cache["variant 1"] = cache["variant 2"] = object()
+        assert compilation.listener is outer
+    finally:
+        compilation.listener = previous
+    assert seen == ["_fake_kernel", "other", "_fake_kernel"]
+    assert (report.kernels, report.by_kernel, report.compiles, report.disk_cache_hits) == (2, {"_fake_kernel": 2}, 1, 1)
+    assert report.seconds == pytest.approx(2.5)
+
+
+@interpreted_only
+def test_compile_report_under_the_interpreter_counts_nothing():
+    """The interpreter compiles nothing: a real forward and backward leave the report at zero."""
+    inputs = make_inputs(2, 3, 2, 3, 4, (5, 5), 3, dtype=torch.float32, seed=23)
+    with indexed._kernels().compile_report() as report:
+        run(indexed.indexed_conv2d, *inputs, (3, 1, 1, 1))
+    assert (report.kernels, report.compiles, report.by_kernel) == (0, 0, {})
 
 
 # --- the grouped block with conv_backend="triton" equals per_child ------------------------------------------
@@ -439,3 +674,60 @@ def test_cuda_forward_reads_the_index_on_the_device():
         torch.autograd.grad(out.float().square().sum(), leaves)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("mode", ["search", "frozen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(CUDA_SHAPES))
+def test_cuda_channels_last_matches_reference(shape, dtype, mode, monkeypatch):
+    """channels_last parents and upstream gradient through the compiled kernels (the GPU tiles; the interpreter
+    uses other block sizes and fp32 tiles for bf16): output and every gradient against the reference."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # an fp32 reference, not TF32
+    num_parents, children, batch, channels, out_channels, height, width, kernel, stride, padding = CUDA_SHAPES[shape]
+    sizes = (num_parents, children, batch, channels, out_channels, (height, width), kernel)
+    parents, *rest = make_inputs(*sizes, dtype=dtype, device="cuda", seed=2)
+    parents = torch.stack([p.contiguous(memory_format=torch.channels_last) for p in parents])
+    assert parents[0].is_contiguous(memory_format=torch.channels_last) and not parents[0].is_contiguous()
+    inputs, geometry = (parents, *rest), (kernel, stride, padding, 1)
+    options = {"frozen": mode == "frozen", "memory_format": torch.channels_last}
+    out, grads = run(indexed.indexed_conv2d, *inputs, geometry, **options)
+    as_fp32 = [t.float() if t is not None and t.is_floating_point() else t for t in inputs]  # same rounded inputs
+    ref_out, ref_grads = run(indexed.indexed_conv2d_ref, *as_fp32, geometry, **options)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    tol = CUDA_TOLERANCE[dtype]
+    names = ("out", "parents", "weight", "bias") if mode == "frozen" else ("out", "parents", "logits", "weight", "bias")
+    assert len(grads) == len(ref_grads) == len(names) - 1
+    for name, got, expected in zip(names, (out, *grads), (ref_out, *ref_grads)):
+        scale = float(expected.detach().abs().max()) or 1.0
+        message = lambda m, name=name: f"{shape} {name}: {m}"  # noqa: E731
+        torch.testing.assert_close(got.float(), expected, atol=tol * scale, rtol=tol, msg=message)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_short_last_batch_compiles_no_new_kernels(monkeypatch):
+    """A full batch, then a short last one, in search and frozen mode: the second batch compiles nothing (the
+    batch size and the weight gradient's split size are runtime values) and both match the reference."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    kernels = indexed._kernels()
+    num_parents, children, _, channels, out_channels, height, width, kernel, stride, padding = CUDA_SHAPES[
+        "celeba_vgg_strided_odd"
+    ]
+    geometry = (kernel, stride, padding, 1)
+    reports = []
+    for batch in (16, 5):
+        sizes = (num_parents, children, batch, channels, out_channels, (height, width), kernel)
+        inputs = make_inputs(*sizes, dtype=torch.float32, device="cuda")
+        with kernels.compile_report() as report:
+            results = [run(indexed.indexed_conv2d, *inputs, geometry, frozen=frozen) for frozen in (False, True)]
+            torch.cuda.synchronize()
+        reports.append(report)
+        for frozen, (out, grads) in zip((False, True), results):
+            ref_out, ref_grads = run(indexed.indexed_conv2d_ref, *inputs, geometry, frozen=frozen)
+            for got, expected in zip((out, *grads), (ref_out, *ref_grads)):
+                scale = float(expected.detach().abs().max()) or 1.0
+                torch.testing.assert_close(got, expected, atol=1e-4 * scale, rtol=1e-4)
+    assert all(count > 0 for count in kernels.compiled_variants().values())  # all four ran compiled
+    assert (reports[1].kernels, reports[1].compiles) == (0, 0), reports

@@ -123,13 +123,14 @@ def compile_indexed_conv_kernels(arch: int, sms: int) -> list[dict]:
     from l2b_fast.triton import indexed_conv as conv
 
     rows = []
-    pointer = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+    pointer = {"fp32": "*fp32", "fp32-ieee": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
     for name, parents, children, batch, channels, size, out_channels, kernel, stride in CONV_LAYERS:
         padding = kernel // 2
         out_size = (size + 2 * padding - kernel) // stride + 1
-        for dtype in ("fp32", "bf16", "fp16"):
+        # fp32: TF32 products by default (as cuDNN), IEEE ones under torch.backends.cudnn.allow_tf32 = False
+        for dtype in ("fp32", "fp32-ieee", "bf16", "fp16"):
             taps = dict(SH=stride, SW=stride, PH=padding, PW=padding, DH=1, DW=1, KH=kernel, KW=kernel)
-            common = dict(PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+            common = dict(PRECISION="ieee" if dtype == "fp32-ieee" else "tf32", UPCAST=False)
             fwd = conv._blocks(batch * out_size * out_size, out_channels, channels * kernel * kernel, False)
             bwd = conv._blocks(batch * size * size, channels, out_channels * kernel * kernel, False)
             wgt = (32, *conv._blocks(batch * out_size * out_size, out_channels, channels * kernel * kernel, False)[1:])
@@ -141,7 +142,7 @@ def compile_indexed_conv_kernels(arch: int, sms: int) -> list[dict]:
                 ("parents_grad", conv._indexed_conv_parent_grad_kernel, bwd, 8,
                  {"K_TILES": triton.cdiv(out_channels * kernel * kernel, bwd[2]), "NUM_CHILDREN": children}),
                 ("weight_grad", conv._indexed_conv_weight_grad_kernel, wgt, conv._num_warps(False, wgt[0], wgt[1]),
-                 {"M_TILES_PER_SPLIT": 8}),
+                 {}),  # the split size is a runtime value
             ]
             for kernel_name, fn, (block_m, block_n, block_k), warps, extra in cases:
                 constexprs = {**taps, **common, **extra, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}

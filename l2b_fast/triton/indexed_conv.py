@@ -23,13 +23,19 @@ stride, dilation and kernel size, one group per child. Three kernels, one launch
   fp32 partials that are summed in a fixed order (deterministic, no atomics), reading the parents
   through the index again.
 
-Accumulation is fp32; fp16/bf16/fp32 inputs (fp32 products in IEEE precision, not TF32, so they match a
-float32 reference). Loop trip counts are constexpr: Triton 3.6's interpreter cannot take a runtime loop
-bound with numpy >= 2.4 (see :mod:`l2b_fast.triton.branch`); on the GPU that is one compile per layer shape.
+Accumulation is fp32; fp16/bf16/fp32 inputs. fp32 products use TF32 where PyTorch lets cuDNN convolutions
+use it (``torch.backends.cudnn.allow_tf32``, on by default), else IEEE fp32 (a float32 reference's precision).
+
+Compiles: one per layer shape and dtype (kernel size, stride, padding, the K loop's trip count and the tiles are
+constexprs). The batch size, the parents' and children's strides that scale with it and the weight gradient's
+split size are runtime values Triton does not specialise on, so another batch size (a short last batch) reuses
+the compiled kernels; :func:`compile_report` counts and times the compiles. In the interpreter the split loop's
+bound is passed as a constexpr: Triton 3.6's interpreter cannot take a runtime loop bound with numpy >= 2.4.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -62,10 +68,28 @@ def _upcast(dtype: torch.dtype, interpreted: bool) -> bool:
     return interpreted and dtype == torch.bfloat16
 
 
+def cudnn_conv_allows_tf32() -> bool:
+    """Whether PyTorch lets cuDNN convolutions use TF32 for fp32 inputs (the default), the rule the Triton
+    convolution follows as the cuDNN path's replacement: ``torch.backends.cudnn.allow_tf32``, read through the
+    newer ``fp32_precision`` settings where PyTorch has them (conv's, else cuDNN's, else the global one; reading
+    ``allow_tf32`` raises once those set cuDNN's conv and RNN precisions differently)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        return bool(torch.backends.cudnn.allow_tf32)
+    for precision in (conv.fp32_precision, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":  # "none": inherit from the enclosing setting
+            return precision == "tf32"
+    return False
+
+
 def _dot_precision(dtype: torch.dtype, interpreted: bool) -> str:
-    # fp32 products in IEEE precision (TF32 would differ from a float32 reference by ~1e-3); ignored for
-    # fp16/bf16, whose products are exact in the fp32 accumulator.
-    return "ieee" if dtype == torch.float32 or _upcast(dtype, interpreted) else "tf32"
+    """tl.dot's input_precision. fp32: TF32 tensor cores where cuDNN may use them (see
+    :func:`cudnn_conv_allows_tf32`), else IEEE fp32 (matches a float32 reference to ~1e-6; TF32 is ~1e-3 off).
+    The interpreter (numpy) and its fp32 tiles of bf16 inputs compute in IEEE. fp16/bf16 on the GPU: ignored,
+    their products are exact in the fp32 accumulator."""
+    if _upcast(dtype, interpreted) or (dtype == torch.float32 and (interpreted or not cudnn_conv_allows_tf32())):
+        return "ieee"
+    return "tf32"
 
 
 @triton.jit
@@ -85,12 +109,24 @@ def _child_fastest(J, num_inner):
 # ---------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Per kernel, the runtime ints Triton must not specialise on (value 1, divisibility by 16): the batch size, the
+# strides that scale with it (one parent or child block apart) and the weight gradient's split size, all of which
+# change with the batch; specialising on them would compile every kernel again for a short last batch.
+NOT_SPECIALISED = {
+    "_indexed_conv_forward_kernel": ("B", "sx_i"),
+    "_indexed_conv_input_grad_kernel": ("B", "sd_j", "sx_i"),
+    "_indexed_conv_parent_grad_kernel": ("B", "sp_i"),
+    "_indexed_conv_weight_grad_kernel": ("B", "sx_i", "m_tiles_per_split"),
+}
+
+
+@triton.jit(do_not_specialize=NOT_SPECIALISED["_indexed_conv_forward_kernel"])
 def _indexed_conv_forward_kernel(
     x_ptr, index_ptr, w_ptr, bias_ptr, out_ptr,
     B, C, H, W, Co, Ho, Wo, J, num_n,
     sx_i, sx_b, sx_c, sx_h, sx_w,
     sw_j, sw_o, sw_c, sw_h, sw_w,
+    sb_j, sb_o,
     so_b, so_c, so_h, so_w,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -135,7 +171,8 @@ def _indexed_conv_forward_kernel(
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + child * Co + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        # the bias's own strides: a [J, Co] view of a transposed [Co, J] tensor is read as it lies
+        acc += tl.load(bias_ptr + child * sb_j + offs_n * sb_o, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = (
         out_ptr + b.to(tl.int64)[:, None] * so_b + (child * Co + offs_n)[None, :] * so_c
         + (oh * so_h + ow * so_w)[:, None]
@@ -188,7 +225,7 @@ def _transposed_conv_tile(
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALISED["_indexed_conv_input_grad_kernel"])
 def _indexed_conv_input_grad_kernel(
     g_ptr, w_ptr, dx_ptr, x_ptr, dots_ptr,
     B, C, H, W, Co, Ho, Wo, J, num_n,
@@ -244,7 +281,7 @@ def _indexed_conv_input_grad_kernel(
             dots += J
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALISED["_indexed_conv_parent_grad_kernel"])
 def _indexed_conv_parent_grad_kernel(
     g_ptr, w_ptr, index_ptr, dp_ptr,
     B, C, H, W, Co, Ho, Wo,
@@ -294,16 +331,16 @@ def _indexed_conv_parent_grad_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALISED["_indexed_conv_weight_grad_kernel"])
 def _indexed_conv_weight_grad_kernel(
     g_ptr, x_ptr, index_ptr, partials_ptr,
     B, C, H, W, Co, Ho, Wo, J,
     sg_b, sg_c, sg_h, sg_w,
     sx_i, sx_b, sx_c, sx_h, sx_w,
     num_k_blocks, num_nk,
+    m_tiles_per_split,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    M_TILES_PER_SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -324,8 +361,8 @@ def _indexed_conv_weight_grad_kernel(
     g_cols = g_ptr + (child.to(tl.int64) * Co + offs_n)[:, None] * sg_c
 
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for t in range(M_TILES_PER_SPLIT):
-        offs_m = (split * M_TILES_PER_SPLIT + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+    for t in range(m_tiles_per_split):
+        offs_m = (split * m_tiles_per_split + t) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < B * Ho * Wo
         ow = offs_m % Wo
         oh = (offs_m // Wo) % Ho
@@ -409,7 +446,7 @@ def conv_forward(parents: Tensor, index: Tensor, weight: Tensor, bias: Tensor | 
         _indexed_conv_forward_kernel[grid](
             parents, index, weight, bias if bias is not None else weight, out,
             batch, channels, height, width, out_channels, out_h, out_w, children, num_n,
-            *parents.stride(), *weight.stride(), *out.stride(),
+            *parents.stride(), *weight.stride(), *(bias.stride() if bias is not None else (0, 0)), *out.stride(),
             *geometry.stride, *geometry.padding, *geometry.dilation, kh, kw,
             K_TILES=triton.cdiv(depth, block_k),
             HAS_BIAS=bias is not None,
@@ -531,8 +568,9 @@ def conv_weight_grad(grad_out: Tensor, parents: Tensor, index: Tensor, weight_sh
             batch, channels, height, width, out_channels, out_h, out_w, children,
             *grad_out.stride(), *parents.stride(),
             num_k, num_n * num_k,
+            # a runtime value on the GPU (it changes with the batch size); Triton 3.6's interpreter needs a constexpr
+            tl.constexpr(tiles_per_split) if interpreted else tiles_per_split,
             *geometry.stride, *geometry.padding, *geometry.dilation, kh, kw,
-            M_TILES_PER_SPLIT=tiles_per_split,
             PRECISION=_dot_precision(parents.dtype, interpreted),
             UPCAST=_upcast(parents.dtype, interpreted),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -540,3 +578,87 @@ def conv_weight_grad(grad_out: Tensor, parents: Tensor, index: Tensor, weight_sh
         )  # fmt: skip
     grad_weight = partials[0] if splits == 1 else partials.sum(dim=0)
     return grad_weight.view(tuple(weight_shape))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compile report
+# ---------------------------------------------------------------------------------------------------
+
+KERNELS = (
+    _indexed_conv_forward_kernel, _indexed_conv_input_grad_kernel, _indexed_conv_parent_grad_kernel,
+    _indexed_conv_weight_grad_kernel,
+)  # fmt: skip
+
+
+def _kernel_name(kernel) -> str:
+    return kernel.fn.__name__  # the Python function's name, which Triton's compiler reports too
+
+
+def compiled_variants(kernels=KERNELS) -> dict[str, int]:
+    """Compiled variants (specialisations) of each kernel in Triton's in-memory caches, all devices together;
+    0 for kernels run by the interpreter, which compiles nothing."""
+    counts = {}
+    for kernel in kernels:
+        # JITFunction.device_caches: device -> (kernel cache, ...); the kernel cache maps a specialisation key
+        # to its compiled kernel.
+        caches = getattr(kernel, "device_caches", {})
+        counts[_kernel_name(kernel)] = sum(len(per_device[0]) for per_device in caches.values())
+    return counts
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """What the :func:`compile_report` block compiled: ``kernels`` new compiled variants in all,
+    ``by_kernel`` per kernel name, ``compiles`` and ``seconds`` the compiler runs and their time (a variant
+    found in Triton's on-disk cache counts in ``disk_cache_hits`` instead, its load time not in ``seconds``);
+    ``seconds`` is None where this Triton reports no compile times."""
+
+    kernels: int = 0
+    by_kernel: dict[str, int] = dataclasses.field(default_factory=dict)
+    compiles: int = 0
+    disk_cache_hits: int = 0
+    seconds: float | None = None
+
+    def record(self, name: str, microseconds: float, cache_hit: bool) -> None:
+        """One compile event of one of :data:`KERNELS` (Triton's compilation listener calls it)."""
+        if cache_hit:
+            self.disk_cache_hits += 1
+            return
+        self.compiles += 1
+        self.seconds = (self.seconds or 0.0) + microseconds / 1e6
+
+
+@contextlib.contextmanager
+def compile_report(kernels=KERNELS):
+    """Counts and times the indexed-convolution kernels that Triton compiles inside the block, e.g. around a
+    benchmark's warm-up steps and again around its timed steps (which should compile nothing)::
+
+        with compile_report() as report:
+            train_step()
+        print(report.kernels, report.seconds)
+
+    Any compilation listener already installed keeps being called."""
+    report = CompileReport()
+    names = {_kernel_name(kernel) for kernel in kernels}
+    compilation = getattr(getattr(triton, "knobs", None), "compilation", None)
+    previous = getattr(compilation, "listener", None)
+    listens = compilation is not None and hasattr(compilation, "listener")
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit):
+        if previous is not None:
+            previous(src=src, metadata=metadata, metadata_group=metadata_group, times=times, cache_hit=cache_hit)
+        if getattr(src, "name", None) in names:
+            report.record(src.name, times.total, cache_hit)
+
+    before = compiled_variants(kernels)
+    if listens:
+        report.seconds = 0.0
+        compilation.listener = listener
+    try:
+        yield report
+    finally:
+        if listens:
+            compilation.listener = previous
+        after = compiled_variants(kernels)
+        report.by_kernel = {name: count - before[name] for name, count in after.items() if count > before[name]}
+        report.kernels = sum(report.by_kernel.values())

@@ -6,7 +6,8 @@ The ``cudnn`` start of a gathered block copies the children's inputs twice (the 
 the gather's backward would, its straight-through part riding on the input-gradient kernels: in frozen mode
 a parent-major kernel sums each parent's children's transposed convolutions straight into ``grad_parents``
 (no per-child dX); in search mode the child-major kernel computes the I x J dot products in its epilogue
-(then the softmax backward to the logits) and writes dX only for ``branch_backward``'s segment sums.
+(then the softmax backward to the logits) and writes dX only for ``branch_backward``'s segment sums; with
+one parent the logits' gradient is exactly 0 and no kernel runs for it (the frozen path gives the parents').
 ``FUSED_BACKWARD = False`` selects the reference path: every child's dX, then ``branch_backward`` for all.
 
 The operator takes ``(parents, logits, index, soft, tau, weight, bias, stride, padding, dilation)``, like
@@ -140,6 +141,11 @@ def _indexed_conv2d_backward_op(
     kernels, geometry, index = _kernels(), _geometry(stride, padding, dilation), index.contiguous()
     empty = lambda like: like.new_empty((0,))  # noqa: E731  one each: outputs must not alias
     grad_parents, grad_logits = empty(parents), empty(soft)
+    if FUSED_BACKWARD and need_grad_logits and parents.shape[0] == 1:
+        # One parent (a stem, a first block): each child's straight-through weight is a softmax over one logit,
+        # 1 whatever the logits, so their gradient is exactly 0. No transposed convolution just for the dots;
+        # the parents' gradient, if needed, comes from the parent-major kernel below.
+        grad_logits, need_grad_logits = torch.zeros_like(soft, memory_format=torch.contiguous_format), False
     if not FUSED_BACKWARD and (need_grad_parents or need_grad_logits):  # the reference: dX, then branch_backward
         grad_children, _ = kernels.conv_input_grad(grad_out, weight, parents, geometry, children_strides(parents))
         grad_parents, grad_logits = _branch_backward_op(parents.device)(
