@@ -88,3 +88,47 @@ def test_plot_draws_memory_and_still_reads_csvs_without_it(tmp_path):
         out = tmp_path / f"plot{len(inputs)}.png"
         assert plot.main([*map(str, inputs), "--out", str(out)]) == 0
         assert out.stat().st_size > 1000
+
+
+# --- timing: L2 flush before every CUDA call (host logic through fake events), torch.utils.benchmark on CPU
+
+
+class _FakeEvent:
+    """Records into a shared log; elapsed time is the number of log entries between two events."""
+
+    log: list = []
+
+    def __init__(self, enable_timing: bool):
+        assert enable_timing
+        self.position = None
+
+    def record(self):
+        self.position = len(self.log)
+        self.log.append("record")
+
+    def synchronize(self):
+        self.log.append("synchronize")
+
+    def elapsed_time(self, end) -> float:
+        return float(end.position - self.position)
+
+
+class _FakeFlush:
+    def zero_(self):
+        _FakeEvent.log.append("flush")
+
+
+def test_cuda_times_flush_l2_before_every_timed_call():
+    _FakeEvent.log = []
+    times = bench.cuda_times(lambda: _FakeEvent.log.append("fn"), 3, _FakeFlush(), event=_FakeEvent)
+    assert _FakeEvent.log == ["flush", "record", "fn", "record"] * 3 + ["synchronize"]
+    assert times == [2.0, 2.0, 2.0]  # the flush lies outside every timed interval
+    assert bench.L2_FLUSH_BYTES > 50 * 2**20  # larger than an H100's L2
+
+
+def test_cpu_times_come_from_torch_utils_benchmark():
+    calls = []
+    times = bench.cpu_times(lambda: calls.append(1), repeat=3, min_run_time=0.001)
+    assert len(times) >= 3 and all(t > 0 for t in times)
+    assert len(calls) > len(times)  # blocked_autorange's untimed warm-up call comes first
+    assert "torch.utils.benchmark" in bench.TIMER["cpu"] and "L2" in bench.TIMER["cuda"]

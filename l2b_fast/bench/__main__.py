@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     copy_gbps = bench.copy_bandwidth(device, 256 * 2**20, args.warmup, args.repeat)
     meta["copy_GBps"] = round(copy_gbps, 2)
     meta["peak_memory"] = bench.MEMORY_METHOD[device.type]
+    meta["timer"] = bench.TIMER[device.type]
     print(f"device copy bandwidth (read + write): {copy_gbps:.1f} GB/s")
     rows = bench.run(args.shapes, args.backends, device, getattr(torch, args.dtype), args.warmup, args.repeat, naive=not args.no_naive)
     for row in rows:
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     print(bench.format_table(rows))
     if args.out is not None:
         stem = f"branch_{args.device}_{re.sub(r'[^A-Za-z0-9]+', '-', meta['device']).strip('-').lower()}_{args.dtype}"
-        csv_path, json_path = report.write_results(rows, meta, args.out, stem)
+        csv_path, json_path = report.write_results(rows, meta, args.out, stem, tags=("device", "torch", "triton", "timer"))
         print(f"wrote {csv_path} and {json_path}")
     return 0
 

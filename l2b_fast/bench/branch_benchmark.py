@@ -20,7 +20,6 @@ import math
 import os
 import statistics
 import tempfile
-import time
 
 import torch
 
@@ -53,25 +52,57 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# As triton.testing.do_bench: a buffer larger than any L2 (H100: 50 MB) is zeroed before every timed call, so
+# no call finds the previous one's tensors in L2 (the op benchmark's 31-84 MB tensors would partly hit it).
+L2_FLUSH_BYTES = 256 * 2**20
+CPU_MIN_RUN_TIME_S = 0.05  # torch.utils.benchmark block length: one untimed warm-up call, then >= 1 timed call
+TIMER = {
+    "cuda": "cuda events, L2 flushed before each call (as triton.testing.do_bench)",
+    "cpu": "torch.utils.benchmark.Timer.blocked_autorange",
+}
+
+
+def l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+
+
+def cuda_times(fn, repeat: int, flush: torch.Tensor, event=None) -> list[float]:
+    """ms of ``repeat`` calls of ``fn``, each between two CUDA events after zeroing ``flush`` (evicts L2).
+
+    ``event`` makes the events (default ``torch.cuda.Event``); tests pass a fake to check the order on CPU.
+    """
+    event = event or torch.cuda.Event
+    pairs = []
+    for _ in range(repeat):
+        start, end = event(enable_timing=True), event(enable_timing=True)
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    pairs[-1][1].synchronize()  # events complete in order: the last one done means all are
+    return [start.elapsed_time(end) for start, end in pairs]
+
+
+def cpu_times(fn, repeat: int, min_run_time: float = CPU_MIN_RUN_TIME_S) -> list[float]:
+    """ms per call of ``fn``: one value per block of ``torch.utils.benchmark``'s blocked_autorange, at least ``repeat``."""
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    times = []
+    while len(times) < repeat:
+        times += [seconds * 1e3 for seconds in timer.blocked_autorange(min_run_time=min_run_time).times]
+    return times
+
+
 def measure(fn, device: torch.device, warmup: int, repeat: int) -> list[float]:
-    """Wall times in ms of ``fn()``; on CUDA, CUDA events around each call."""
+    """Times in ms of ``fn()`` after ``warmup`` calls: ``TIMER[device.type]`` says how."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return times
+    if device.type == "cuda":
+        return cuda_times(fn, repeat, l2_flush_buffer(device))
+    return cpu_times(fn, repeat)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeat: int) -> float:

@@ -17,6 +17,9 @@ Variants, all starting from the same weights and run on the same batch:
   eval mode routed to those parents (on CPU each distinct parent is read once by its children's
   concatenated weights; no sampling, no logits gradient, no logits optimizer).
 
+Each variant name may end in ``_bf16`` (bf16 autocast) and/or ``_cl`` (channels_last), switching that on
+over the preset: the CPU preset adds ``grouped_bf16``, ``grouped_cl`` and ``grouped_bf16_cl``.
+
 Variants are interleaved: every round runs one step of each, in an order rotated from round to round, so
 a shared machine's load falls on all of them alike and their ratios stay fair.
 
@@ -26,6 +29,13 @@ CPU: the growth of the resident set's high-water mark (``VmHWM``, reset through 
 over one step after a warm-up step, in a fresh process per variant with glibc's mmap threshold fixed at
 128 KiB, so freed tensors go back to the system and are not silently reused. ``resident_MiB`` is the bytes
 of the variant's parameters, buffers and optimizer state.
+
+Timing: CUDA: CUDA events around each step after zeroing a 256 MiB buffer (L2 flushed, as
+``triton.testing.do_bench``); CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` per step and round.
+Hardware limit: ``flops_per_step`` is the model's forward + backward FLOPs (``FlopCounterMode`` on the meta
+device, batch 1 times the batch, counted once per model: every variant computes the same model), so
+``achieved_tflops`` compares variants on the same work; ``peak_fraction`` divides it by the device's dense peak
+for the variant's precision (``l2b_fast.bench.estimate.DENSE_PEAK_TFLOPS``) or by ``--peak-tflops``.
 """
 
 from __future__ import annotations
@@ -34,27 +44,41 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import re
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from l2b_fast.bench import report
-from l2b_fast.bench.branch_benchmark import step_peak_bytes, synchronize
+from l2b_fast.bench import estimate, report
+from l2b_fast.bench.branch_benchmark import TIMER, cpu_times, cuda_times, l2_flush_buffer, step_peak_bytes, synchronize
 from l2b_fast.bench.naive import NaiveSupernet
 from l2b_fast.models import SPECS, ModelSpec
 from l2b_fast.nn import TreeNet
 from l2b_fast.tree import Tree
 
 VARIANTS = ("naive", "per_child", "grouped", "grouped_triton", "auto", "static", "static_grouped")
+CPU_PRECISION_LAYOUT_VARIANTS = ("grouped_bf16", "grouped_cl", "grouped_bf16_cl")
 MODELS = tuple(SPECS)
+
+
+def parse_variant(name: str) -> tuple[str, bool, bool]:
+    """``"grouped_bf16_cl"`` -> ``("grouped", True, True)``: the base variant, bf16 autocast, channels_last."""
+    base, bf16, channels_last = name, False, False
+    if base.endswith("_cl"):
+        base, channels_last = base.removesuffix("_cl"), True
+    if base.endswith("_bf16"):
+        base, bf16 = base.removesuffix("_bf16"), True
+    if base not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}, "
+                         "each optionally + _bf16 and/or _cl")
+    return base, bf16, channels_last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +89,15 @@ class Preset:
     models: dict  # model name -> {"options": spec options, "batch": int}
     amp_dtype: str | None = None  # "bfloat16" / "float16": autocast
     channels_last: bool = False
+    variants: tuple[str, ...] = VARIANTS  # run when --variants is not given
 
 
 PRESETS = {
     "gpu": Preset(
         "the paper's settings: Taskonomy 128x128, CelebA 218x178 (as released), batch 64, bf16 autocast, channels_last",
         {
-            "taskonomy_resnet34": {"options": {"input_size": 128}, "batch": 64},
+            # aspp_channels=192: the paper's parameter counts (as the taskonomy-resnet34 preset); see estimate.py
+            "taskonomy_resnet34": {"options": {"input_size": 128, "aspp_channels": 192}, "batch": 64},
             "celeba_branch_vgg": {"options": {}, "batch": 64},
             "celeba_deep_wide": {"options": {}, "batch": 64},
         },
@@ -85,6 +111,7 @@ PRESETS = {
             "celeba_branch_vgg": {"options": {"input_size": 64}, "batch": 16},
             "celeba_deep_wide": {"options": {"input_size": 64}, "batch": 16},
         },
+        variants=VARIANTS + CPU_PRECISION_LAYOUT_VARIANTS,
     ),
     "tiny": Preset(
         "smoke test: tiny widths, inputs and children; fp32",
@@ -114,12 +141,15 @@ class Variant:
     model: torch.nn.Module
     weights: list
     logits: list
+    bf16: bool = False  # autocast to bf16 whatever the preset says
+    channels_last: bool = False
 
 
 def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device, channels_last: bool) -> Variant:
     """The variant's module, loaded with ``state`` (the common initial weights), and its parameter groups."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    full_name = name
+    name, bf16, own_channels_last = parse_variant(name)
+    channels_last = channels_last or own_channels_last
     execution = {"grouped": "grouped", "grouped_triton": "grouped", "static_grouped": "grouped", "auto": "auto"}.get(name, "per_child")
     if name == "grouped_triton" and device.type != "cuda":
         raise VariantUnavailable(f"{name}: the Triton convolution runs on CUDA only (device {device.type})")
@@ -147,7 +177,7 @@ def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device,
     if channels_last:
         model.to(memory_format=torch.channels_last)
     model.train()
-    return Variant(name, model, weights, logits)
+    return Variant(full_name, model, weights, logits, bf16, channels_last)
 
 
 def make_step(variant: Variant, x: torch.Tensor, targets: dict, amp_dtype: torch.dtype | None) -> tuple[Callable[[], None], list]:
@@ -155,6 +185,9 @@ def make_step(variant: Variant, x: torch.Tensor, targets: dict, amp_dtype: torch
     weights_optimizer = torch.optim.Adam(variant.weights, lr=1e-4)
     logits_optimizer = torch.optim.Adam(variant.logits, lr=1e-3) if variant.logits else None
     model = variant.model
+    amp_dtype = torch.bfloat16 if variant.bf16 else amp_dtype
+    if variant.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -235,15 +268,47 @@ def time_variants(case: Case, variants: list[str], preset: Preset, device: torch
     # CPU peaks come from a fresh process per variant (probe_cpu_step_memory), not from the allocator here.
     peaks = {name: step_peak_bytes(step, device) for name, (_, step, _) in steps.items()} if device.type == "cuda" else {}
     times = {name: [] for name in order}
+    flush = l2_flush_buffer(device) if device.type == "cuda" else None
     for round_index in range(repeat):
         shift = round_index % max(1, len(order))
         for name in order[shift:] + order[:shift]:
             synchronize(device)
-            begin = time.perf_counter()
-            steps[name][1]()
-            synchronize(device)
-            times[name].append((time.perf_counter() - begin) * 1e3)
-    return {"times": times, "resident": resident, "peaks": peaks}, skipped
+            if device.type == "cuda":
+                times[name].append(cuda_times(steps[name][1], 1, flush)[0])
+            else:  # the median of one blocked_autorange: a long step is one warm-up call and one timed call
+                times[name].append(statistics.median(cpu_times(steps[name][1], 1)))
+    precisions = {name: variant_precision(variant, preset) for name, (variant, _, _) in steps.items()}
+    layouts = {name: "channels_last" if variant.channels_last or preset.channels_last else "contiguous"
+               for name, (variant, _, _) in steps.items()}
+    return {"times": times, "resident": resident, "peaks": peaks, "precision": precisions, "layout": layouts}, skipped
+
+
+def variant_precision(variant: Variant, preset: Preset) -> str:
+    """"fp32", "bf16" or "fp16": the autocast dtype a variant's step runs in."""
+    if variant.bf16:
+        return "bf16"
+    return {None: "fp32", "bfloat16": "bf16", "float16": "fp16"}[preset.amp_dtype]
+
+
+def model_flops_per_step(spec: ModelSpec, batch: int) -> int:
+    """Forward + backward FLOPs of one step of the supernet at ``batch`` (on meta: no time, no memory)."""
+    flops_per_image, _, _ = estimate.count_step(spec, 1)
+    return flops_per_image * batch
+
+
+def hardware_columns(flops: int, median_ms: float, device_name: str, device_type: str, precision: str,
+                     peak_override: float | None) -> dict:
+    """``flops_per_step``, ``achieved_tflops``, ``peak_tflops``, ``peak_fraction`` (None where no peak is known)."""
+    achieved = flops / (median_ms * 1e-3) / 1e12
+    peak = peak_override
+    if peak is None and device_type == "cuda":
+        peak = estimate.peak_tflops(device_name, precision, tf32=torch.backends.cudnn.allow_tf32)
+    return {
+        "flops_per_step": flops,
+        "achieved_tflops": round(achieved, 4),
+        "peak_tflops": peak,
+        "peak_fraction": round(achieved / peak, 4) if peak else None,
+    }
 
 
 def probe_cpu_step_memory(model: str, variant: str, preset_name: str, *, seed: int = 0, batch: int | None = None, width: float | None = None, timeout: float = 600) -> int | None:
@@ -290,9 +355,11 @@ def cpu_memory_supported() -> bool:
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     preset = PRESETS[args.preset]
+    device_name = report.environment(device)["device"]
     rows = []
     for model in args.models:
         case = build_case(model, preset, device, seed=args.seed, batch=args.batch, width=args.width)
+        flops = model_flops_per_step(case.spec, case.batch)  # once per model: every variant does this work
         measured, skipped = time_variants(case, args.variants, preset, device, args.warmup, args.repeat)
         medians = {name: statistics.median(times) for name, times in measured["times"].items()}
         for name in args.variants:
@@ -320,18 +387,68 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "resident_MiB": round(measured["resident"][name] / 2**20, 1),
                 "memory": memory_note,
                 "repeat": len(times),
+                "precision": measured["precision"][name],
+                "layout": measured["layout"][name],
+                **hardware_columns(flops, median, device_name, device.type, measured["precision"][name],
+                                   getattr(args, "peak_tflops", None)),
+                "timer": TIMER[device.type],
             })
             rows.append(row)
     return rows
 
 
+def bf16_step_difference(spec: ModelSpec, batch: int, *, seed: int = 0, channels_last: bool = True,
+                         execution: str = "auto") -> dict[str, float]:
+    """Relative difference of one search step under bf16 autocast (and channels_last) from the same step in fp32.
+
+    Same weights, batch, targets and branch samples; returns ``loss`` (|bf16 - fp32| / |fp32|) and, over all
+    weights and all branching logits, ``weight_grad`` and ``logits_grad`` (||bf16 - fp32|| / ||fp32||).
+    """
+    torch.manual_seed(seed)
+    reference = spec.supernet(execution=execution)
+    state = reference.state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    x = spec.example_input(batch, generator=generator)
+    with torch.no_grad():
+        targets = {task: torch.randn(out.shape, generator=generator) for task, out in reference.eval()(x).items()}
+    step_seed = torch.tensor([seed + 1], dtype=torch.int64)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        net = spec.supernet(execution=execution)
+        net.load_state_dict(state)
+        net.train()
+        inputs = x
+        if precision == "bf16" and channels_last:
+            net.to(memory_format=torch.channels_last)
+            inputs = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            outputs = net(inputs, seed=step_seed)  # the same branch samples in both steps
+        loss = sum(F.mse_loss(outputs[task].float(), target) for task, target in targets.items())
+        loss.backward()
+
+        def flat(parameters):
+            return torch.cat([p.grad.flatten() for p in parameters if p.grad is not None])
+
+        results[precision] = (loss.detach(), flat(net.weight_parameters()), flat(net.logits_parameters()))
+    (loss32, weights32, logits32), (loss16, weights16, logits16) = results["fp32"], results["bf16"]
+    return {
+        "loss": float((loss16 - loss32).abs() / loss32.abs()),
+        "weight_grad": float((weights16 - weights32).norm() / weights32.norm()),
+        "logits_grad": float((logits16 - logits32).norm() / logits32.norm()),
+    }
+
+
 def format_table(rows: list[dict]) -> str:
     """Speed-ups over naive and per_child (higher is better); time over the static floors (lower is better)."""
-    header = f"{'model':<19} {'variant':<15} {'median ms':>10} {'images/s':>9} {'speed-up vs naive':>18} {'vs per_child':>13} {'/ static':>9} {'/ static_grouped':>17} {'step peak MiB':>14}"
+    header = (f"{'model':<19} {'variant':<15} {'median ms':>10} {'images/s':>9} {'speed-up vs naive':>18} "
+              f"{'vs per_child':>13} {'/ static':>9} {'/ static_grouped':>17} {'step peak MiB':>14} {'TFLOP/s':>8} {'of peak':>8}")
     lines = [header, "-" * len(header)]
 
     def ratio(value):
         return f"{value:.2f}x" if value is not None else "-"
+
+    def fraction(value):
+        return f"{100 * value:.1f}%" if value is not None else "-"
 
     for row in rows:
         if row["status"] != "ok":
@@ -341,6 +458,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"{row['model']:<19} {row['variant']:<15} {row['median_ms']:>10.1f} {row['images_per_s']:>9.1f} {ratio(row['vs_naive']):>18} "
             f"{ratio(row['vs_per_child']):>13} {ratio(row['vs_static']):>9} {ratio(row['vs_static_grouped']):>17} {peak:>14}"
+            f" {row['achieved_tflops']:>8.3g} {fraction(row['peak_fraction']):>8}"
         )
     return "\n".join(lines)
 
@@ -354,7 +472,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
     measured = [row for row in rows if row["status"] == "ok"]
     models = list(dict.fromkeys(row["model"] for row in measured))
-    variants = [v for v in VARIANTS if any(row["variant"] == v for row in measured)]
+    variants = list(dict.fromkeys(row["variant"] for row in measured))
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     bar = 0.8 / max(1, len(variants))
     for k, variant in enumerate(variants):
@@ -378,12 +496,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="gpu (the paper's sizes, bf16, channels_last), cpu (reduced) or tiny (smoke test); default gpu on CUDA, else cpu")
     parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=None, help=f"comma-separated, from {', '.join(VARIANTS)}, "
+                        "each optionally + _bf16 (bf16 autocast) and/or _cl (channels_last) (default: the preset's)")
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds, one step of every variant each (default 20 on cuda, 5 on cpu)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     parser.add_argument("--width", type=float, default=None, help="override the preset's width multiplier")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for peak_fraction "
+                        "(default: the dense peak of an H100 or H200 for the variant's precision; none on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 is steadier on a shared machine)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="CPU: skip the per-variant memory probes (a process each)")
     parser.add_argument("--out", type=Path, default=None, help="directory for search_*.csv/.json/.png (default: print only)")
@@ -397,12 +518,19 @@ def check_arguments(args: argparse.Namespace) -> None:
     args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
     if isinstance(args.models, str):
         args.models = [m for m in args.models.split(",") if m]
+    if args.variants is None:
+        args.variants = list(PRESETS[args.preset].variants)
     if isinstance(args.variants, str):
         args.variants = [v for v in args.variants.split(",") if v]
-    for value, known, what in ((args.models, MODELS, "model"), (args.variants, VARIANTS, "variant")):
-        unknown = [v for v in value if v not in known]
-        if unknown or not value:
-            raise ValueError(f"unknown or missing {what}s {unknown}; choose from {', '.join(known)}")
+    unknown_models = [m for m in args.models if m not in MODELS]
+    if unknown_models or not args.models:
+        raise ValueError(f"unknown or missing models {unknown_models}; choose from {', '.join(MODELS)}")
+    if not args.variants:
+        raise ValueError(f"missing variants; choose from {', '.join(VARIANTS)}")
+    for variant in args.variants:
+        parse_variant(variant)  # raises ValueError naming the variant
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        raise ValueError(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
     args.repeat = args.repeat if args.repeat is not None else (20 if args.device == "cuda" else 5)
     if args.repeat < 1 or args.warmup < 0:
         raise ValueError("--repeat must be >= 1 and --warmup >= 0")
