@@ -73,10 +73,12 @@ def test_cpp_fakes_registered_on_import():
 
         with FakeTensorMode():
             parents, logits = torch.empty(3, 4, 5), torch.empty(3, 6)
-            soft, index = torch.ops.l2b_fast.sample_branches(logits, torch.tensor(0.5, dtype=torch.float64), None, torch.tensor([1]))
-            children = torch.ops.l2b_fast.straight_through_branch(parents, logits, index, soft, torch.tensor(0.5))
-            grad_parents, grad_logits = torch.ops.l2b_fast.branch_backward(children, parents, index, soft, torch.tensor(0.5))
-        assert tuple(children.shape) == (6, 4, 5) and tuple(grad_logits.shape) == (3, 6), (children.shape, grad_logits.shape)
+            tau = torch.tensor(0.5, dtype=torch.float64)
+            soft, index = torch.ops.l2b_fast.sample_branches(logits, tau, None, torch.tensor([1]))
+            children = torch.ops.l2b_fast.straight_through_branch(parents, logits, index, soft, tau)
+            grad_parents, grad_logits = torch.ops.l2b_fast.branch_backward(children, parents, index, soft, tau)
+        assert tuple(children.shape) == (6, 4, 5), children.shape
+        assert tuple(grad_logits.shape) == (3, 6), grad_logits.shape
         """
     )
     root = Path(__file__).resolve().parents[1]  # the tree under test, whatever the working directory
