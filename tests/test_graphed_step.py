@@ -17,7 +17,7 @@ from torch import nn
 from l2b_fast import pipeline
 from l2b_fast.nn import BlockSpec, TreeSupernet
 from l2b_fast.train import StreamConfig, StreamTrainer
-from l2b_fast.train.graphed_step import GraphedStep, _copy_into, _layout, _static_copy
+from l2b_fast.train.graphed_step import GraphedStep, _copy_into, _layout, _static_copy, optimizer_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,6 +85,44 @@ def test_eager_twin_gives_the_trainers_results_bit_for_bit(tmp_path, dtype):
     assert not torch.equal(twin.module.branchings[1].logits, torch.zeros_like(twin.module.branchings[1].logits))  # searched
     for name in ("log.csv", "epochs.csv"):
         assert (tmp_path / "plain" / name).read_text() == (tmp_path / "twin" / name).read_text()
+
+
+def test_eager_twin_captures_the_short_last_batch_after_its_eager_steps(tmp_path):
+    """The short-batch rule: the short last batch runs eagerly ``eager_steps`` times (once per epoch), then gets
+    its own static buffers (its own graph on CUDA) in the same phase; a third layout always runs eagerly. Every
+    sample is used and the results equal the trainer's bit for bit."""
+    sizes = (4, 4, 3, 2)  # full, full, then two shorter batches: the second short layout is one too many
+    data = lambda epoch: epoch_batches(sizes, seed=60 + epoch)
+    cfg = config(epochs=3, warmup_epochs=0, batches_per_epoch=len(sizes))
+    plain = StreamTrainer(tiny_supernet(dropout=0.2), MSE, data, cfg, tmp_path / "plain")
+    twin = StreamTrainer(tiny_supernet(dropout=0.2), MSE, data, cfg, tmp_path / "twin")
+    twin.graphed_step = GraphedStep(twin, capture=False, eager_steps=1)
+    plain.fit()
+    twin.fit()
+    # epoch 0: 4 eager, 4 fixed, 3 eager, 2 eager; epoch 1: 4, 4 static, 3 fixed, 2 eager; epoch 2: 3 static, 2 eager.
+    assert twin.graphed_step.counts == {"eager": 5, "static": 7, "captures": 2}
+    assert twin.step == plain.step == 12
+    assert_same_training_state(plain, twin)
+    assert (tmp_path / "plain" / "log.csv").read_text() == (tmp_path / "twin" / "log.csv").read_text()
+
+
+def test_short_batch_waits_for_its_own_eager_steps(tmp_path):
+    """With the default two eager steps, SIZES' short batch is captured in the third search epoch, not before."""
+    data = lambda epoch: epoch_batches(SIZES, seed=70 + epoch)
+    twin = with_eager_twin(StreamTrainer(tiny_supernet(), MSE, data, config(epochs=4), tmp_path))
+    twin.fit()
+    # frozen epoch: 2 eager + 3 static + short eager; search: 2 + 3 + 1, 5 + 1, then 5 static + the short one fixed.
+    assert twin.graphed_step.counts == {"eager": 3 + 3 + 1, "static": 3 + 3 + 5 + 6, "captures": 1 + 2}
+
+
+def test_optimizers_are_capturable_on_cuda_whether_or_not_captured(tmp_path):
+    """Foreach Adam takes a tensor lr only with capturable=True: on CUDA every step (captured or not) runs
+    capturable with a float32 lr, on a CPU (where Adam refuses capturable) uncapturable with a float64 lr."""
+    assert optimizer_settings(torch.device("cuda", 0)) == (torch.float32, True)
+    assert optimizer_settings(torch.device("cpu")) == (torch.float64, False)
+    trainer = with_eager_twin(StreamTrainer(tiny_supernet(), MSE, epoch_batches(SIZES, seed=1), config(), tmp_path))
+    for group in trainer.weight_optimizer.param_groups + trainer.logits_optimizer.param_groups:
+        assert group["capturable"] is False and group["lr"].dtype == torch.float64
 
 
 class Killed(Exception):
