@@ -318,10 +318,9 @@ def test_cuda_short_last_batch_is_captured_and_equals_the_eager_trainer(tmp_path
     """Four epochs: the short last batch runs eagerly in epochs 0-2 and from its own graph (the full batch's
     memory pool, shared gradients) in epoch 3; the run still equals the ordinary trainer."""
     data = lambda epoch: epoch_batches(SIZES, seed=90 + epoch, dtype=torch.float32, device="cuda")
-    cfg = config(epochs=4)
-    eager = StreamTrainer(tiny_supernet(dtype=torch.float32, dropout=0.2), MSE, data, cfg, tmp_path / "eager", device="cuda")
-    graphed = StreamTrainer(tiny_supernet(dtype=torch.float32, dropout=0.2), MSE, data, config(epochs=4, cuda_graph=True),
-                            tmp_path / "graphed", device="cuda")
+    net = lambda: tiny_supernet(dtype=torch.float32, dropout=0.2)
+    eager = StreamTrainer(net(), MSE, data, config(epochs=4), tmp_path / "eager", device="cuda")
+    graphed = StreamTrainer(net(), MSE, data, config(epochs=4, cuda_graph=True), tmp_path / "graphed", device="cuda")
     eager.fit()
     graphed.fit()
     assert graphed.graphed_step.counts == {"eager": 7, "static": 17, "captures": 3}
@@ -376,9 +375,9 @@ def test_cuda_graph_conv_supernet_equals_the_eager_trainer(tmp_path, execution, 
     cuDNN or with the Triton index-reading convolution, fp32 and bf16: warmup and search graphs against the
     ordinary trainer over two epochs (12 steps, short last batches eager)."""
     cfg = lambda **overrides: config(epochs=2, precision=precision, **overrides)
-    eager = StreamTrainer(conv_supernet(execution, conv_backend), MSE, conv_batches, cfg(), tmp_path / "eager", device="cuda")
-    graphed = StreamTrainer(conv_supernet(execution, conv_backend), MSE, conv_batches, cfg(cuda_graph=True),
-                            tmp_path / "graphed", device="cuda")
+    net = lambda: conv_supernet(execution, conv_backend)
+    eager = StreamTrainer(net(), MSE, conv_batches, cfg(), tmp_path / "eager", device="cuda")
+    graphed = StreamTrainer(net(), MSE, conv_batches, cfg(cuda_graph=True), tmp_path / "graphed", device="cuda")
     eager.fit()
     graphed.fit()
     assert graphed.graphed_step.counts == {"eager": 6, "static": 6, "captures": 2}

@@ -25,8 +25,8 @@ never run at once, so they reuse the same temporary memory) and replayed in late
 the gradients (the second zeroes them in place and accumulates into them) and the optimizer state. At most
 ``CAPTURED_LAYOUTS_PER_PHASE`` (2) layouts are captured per phase; batches of any further shape run eagerly.
 
-The per-task losses come back as a device tensor (the graph's output buffer, overwritten by its next replay); the trainer
-adds it to its device-side sums and reads them on the host only when it logs, so replays never synchronise.
+The per-task losses come back as a device tensor (the graph's output buffer, overwritten by its next replay); the
+trainer adds it to its device-side sums and reads them on the host only when it logs, so replays never synchronise.
 
 ``GraphedStep(trainer, capture=False)`` runs the same step function, the same static buffers, the same tensor
 learning rates and (on CUDA) the same capturable optimizers without capturing: on a CPU it gives the trainer's
@@ -40,7 +40,9 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["GraphedStep", "CAPTURED_LAYOUTS_PER_PHASE", "EAGER_STEPS_BEFORE_CAPTURE", "check_config", "optimizer_settings"]
+__all__ = [
+    "GraphedStep", "CAPTURED_LAYOUTS_PER_PHASE", "EAGER_STEPS_BEFORE_CAPTURE", "check_config", "optimizer_settings",
+]
 
 EAGER_STEPS_BEFORE_CAPTURE = 2
 # Batch layouts captured per phase: the full batch and the epoch's short last batch (further layouts run eagerly).

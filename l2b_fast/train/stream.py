@@ -72,8 +72,8 @@ class StreamConfig:
     the compiled forward and backward as CUDA graphs; the step seed and tau are device tensors, so neither
     recompiles nor re-records). ``cuda_graph``: capture the whole step (forward, loss, backward, both optimizers'
     steps) in a CUDA graph and replay it every step (:mod:`l2b_fast.train.graphed_step`: one graph for warmup, one
-    for the search; the epoch's short last batch gets its own graph after its eager steps); CUDA only, one process, ``accumulation=1``, fp32 or
-    bf16, a forward taking ``seed=``. ``checkpoint_every``: steps between checkpoints (0: only at the end of each epoch; epochs always
+    for the search; the epoch's short last batch gets its own graph after its eager steps); CUDA only, one
+    process, ``accumulation=1``, fp32 or bf16, a forward taking ``seed=``. ``checkpoint_every``: steps between checkpoints (0: only at the end of each epoch; epochs always
     end with one).
     """
 
