@@ -66,3 +66,26 @@ def test_lanes_take_whole_rounds(emulator):
     for parents, children in ((30, 40), (5, 40)):
         plan, _, _ = emulator.check(parents, children, 1024, torch.float32)
         assert plan["tile"] % (plan["lanes"] * 4) == 0, plan
+
+
+def test_shared_memory_attribute_is_never_lowered(emulator):
+    """fp32 30x40 (one fused launch, 110,044 B at the H100 budget), then 46x46 (dots-only groups of the same
+    kernel, 95,224 B), then 30x40 again: the kernel's opt-in attribute only ever rises and no launch exceeds the
+    attribute at its time (the fake runtime refuses one that does, as CUDA does), and every result is right."""
+    emulator.reset_launch_state()
+    for parents, children in ((30, 40), (46, 46), (30, 40)):
+        plan, parents_error, dots_error = emulator.check(parents, children, 512, torch.float32)
+        tolerance = emulator.TOLERANCE[torch.float32]
+        assert parents_error <= tolerance[0] and dots_error <= tolerance[1], (parents, children, plan)
+    log = emulator.launch_log()
+    launches = [row for row in log if row["event"] == "launch"]
+    assert [row["bytes"] for row in launches] == [110_044, 95_224, 95_224, 110_044], launches  # the sizes of the bug
+    assert len({row["kernel"] for row in launches}) == 1, launches  # one kernel: its attribute is shared
+    attribute = emulator.DEFAULT_SMEM
+    for row in log:
+        if row["event"] == "set":
+            assert row["bytes"] > attribute, log  # raised, never lowered (and never set without need)
+            attribute = row["bytes"]
+        else:
+            assert row["bytes"] <= row["attribute"] == attribute, log
+    assert attribute == 110_044

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import backend_cases, gumbel
-from l2b_fast import ops
+from l2b_fast import _extension, ops
 
 NAMESPACES = {"cpp": "l2b_fast", "triton": "l2b_fast_triton"}
 
@@ -54,6 +59,31 @@ def test_logits_gradient_is_the_relaxed_derivative(device, backend):
     (expected,) = torch.autograd.grad(relaxed(logits), logits, grad)
     (got,) = torch.autograd.grad(ops.branch(y, logits, 0.6, noise=noise, backend=backend), logits, grad)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.skipif(not _extension.loaded(), reason="the compiled extension is not built")
+def test_cpp_fakes_registered_on_import():
+    """A fresh process that only imports l2b_fast traces torch.ops.l2b_fast under FakeTensorMode: the fake
+    kernels are registered with the package, not by the cpp backend's first use (no import-order dependence)."""
+    script = textwrap.dedent(
+        """
+        import torch
+        import l2b_fast
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            parents, logits = torch.empty(3, 4, 5), torch.empty(3, 6)
+            tau = torch.tensor(0.5, dtype=torch.float64)
+            soft, index = torch.ops.l2b_fast.sample_branches(logits, tau, None, torch.tensor([1]))
+            children = torch.ops.l2b_fast.straight_through_branch(parents, logits, index, soft, tau)
+            grad_parents, grad_logits = torch.ops.l2b_fast.branch_backward(children, parents, index, soft, tau)
+        assert tuple(children.shape) == (6, 4, 5), children.shape
+        assert tuple(grad_logits.shape) == (3, 6), grad_logits.shape
+        """
+    )
+    root = Path(__file__).resolve().parents[1]  # the tree under test, whatever the working directory
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("device, backend", backend_cases())

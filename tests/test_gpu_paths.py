@@ -195,6 +195,40 @@ def test_cuda_path_matches_fp64_reference(case, dtype, backend):
     torch.cuda.synchronize()  # a device-side assert or fault surfaces in this test, not the next
 
 
+SMEM_SEQUENCE_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+import test_gpu_paths as paths
+
+cases = {{case.name: case for case in paths.CASES}}
+for step, name in enumerate(("pairs8-30x40", "fallback-46x46", "pairs8-30x40")):
+    case = cases[name]
+    seed = paths.case_seed("smem-sequence", step)
+    paths.check_against_reference(case, case.shape, torch.float32, "cuda", "cpp", seed)
+    torch.cuda.synchronize()
+"""
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.skipif(CUDA and backends.unavailable_reason("cpp", "cuda") is not None,
+                    reason="the cpp backend has no CUDA kernels")
+def test_cuda_shared_memory_attribute_survives_a_smaller_launch():
+    """fp32 30x40 (110 KB of shared memory on an H100), 46x46 (95 KB groups of the same kernel), 30x40 again,
+    in a fresh process (the launch cache is per process): the smaller launch must not lower the kernel's
+    opt-in shared-memory attribute below the larger one's, or CUDA rejects the third call."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    script = SMEM_SEQUENCE_SCRIPT.format(tests=str(tests))
+    command = [sys.executable, "-c", script]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tests.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 DETERMINISM_CASES = [case for case in CASES if case.name in ("pipeline-5x5-N4M", "pairs8-30x40", "fallback-46x46")]
 
 

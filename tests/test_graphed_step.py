@@ -18,7 +18,7 @@ from l2b_fast import config as configs
 from l2b_fast import datasets
 from l2b_fast.nn import BlockSpec, TreeSupernet
 from l2b_fast.train import StreamConfig, StreamTrainer
-from l2b_fast.train.graphed_step import GraphedStep, _copy_into, _layout, _static_copy
+from l2b_fast.train.graphed_step import GraphedStep, _copy_into, _layout, _static_copy, optimizer_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,6 +86,44 @@ def test_eager_twin_gives_the_trainers_results_bit_for_bit(tmp_path, dtype):
     assert not torch.equal(twin.module.branchings[1].logits, torch.zeros_like(twin.module.branchings[1].logits))  # searched
     for name in ("log.csv", "epochs.csv"):
         assert (tmp_path / "plain" / name).read_text() == (tmp_path / "twin" / name).read_text()
+
+
+def test_eager_twin_captures_the_short_last_batch_after_its_eager_steps(tmp_path):
+    """The short-batch rule: the short last batch runs eagerly ``eager_steps`` times (once per epoch), then gets
+    its own static buffers (its own graph on CUDA) in the same phase; a third layout always runs eagerly. Every
+    sample is used and the results equal the trainer's bit for bit."""
+    sizes = (4, 4, 3, 2)  # full, full, then two shorter batches: the second short layout is one too many
+    data = lambda epoch: epoch_batches(sizes, seed=60 + epoch)
+    cfg = config(epochs=3, warmup_epochs=0, batches_per_epoch=len(sizes))
+    plain = StreamTrainer(tiny_supernet(dropout=0.2), MSE, data, cfg, tmp_path / "plain")
+    twin = StreamTrainer(tiny_supernet(dropout=0.2), MSE, data, cfg, tmp_path / "twin")
+    twin.graphed_step = GraphedStep(twin, capture=False, eager_steps=1)
+    plain.fit()
+    twin.fit()
+    # epoch 0: 4 eager, 4 fixed, 3 eager, 2 eager; epoch 1: 4, 4 static, 3 fixed, 2 eager; epoch 2: 3 static, 2 eager.
+    assert twin.graphed_step.counts == {"eager": 5, "static": 7, "captures": 2}
+    assert twin.step == plain.step == 12
+    assert_same_training_state(plain, twin)
+    assert (tmp_path / "plain" / "log.csv").read_text() == (tmp_path / "twin" / "log.csv").read_text()
+
+
+def test_short_batch_waits_for_its_own_eager_steps(tmp_path):
+    """With the default two eager steps, SIZES' short batch is captured in the third search epoch, not before."""
+    data = lambda epoch: epoch_batches(SIZES, seed=70 + epoch)
+    twin = with_eager_twin(StreamTrainer(tiny_supernet(), MSE, data, config(epochs=4), tmp_path))
+    twin.fit()
+    # frozen epoch: 2 eager + 3 static + short eager; search: 2 + 3 + 1, 5 + 1, then 5 static + the short one fixed.
+    assert twin.graphed_step.counts == {"eager": 3 + 3 + 1, "static": 3 + 3 + 5 + 6, "captures": 1 + 2}
+
+
+def test_optimizers_are_capturable_on_cuda_whether_or_not_captured(tmp_path):
+    """Foreach Adam takes a tensor lr only with capturable=True: on CUDA every step (captured or not) runs
+    capturable with a float32 lr, on a CPU (where Adam refuses capturable) uncapturable with a float64 lr."""
+    assert optimizer_settings(torch.device("cuda", 0)) == (torch.float32, True)
+    assert optimizer_settings(torch.device("cpu")) == (torch.float64, False)
+    trainer = with_eager_twin(StreamTrainer(tiny_supernet(), MSE, epoch_batches(SIZES, seed=1), config(), tmp_path))
+    for group in trainer.weight_optimizer.param_groups + trainer.logits_optimizer.param_groups:
+        assert group["capturable"] is False and group["lr"].dtype == torch.float64
 
 
 class Killed(Exception):
@@ -256,3 +294,94 @@ def test_cuda_graph_run_resumes_like_the_whole_run(tmp_path):
     resumed.fit(resume=True)
     assert resumed.step == whole.step == 18
     assert_same_training_state(whole, resumed, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_uncaptured_step_runs_like_the_captured_one(tmp_path):
+    """``GraphedStep(capture=False)`` on CUDA: capturable Adam with tensor lrs, uncaptured; it follows the eager
+    trainer and, closer still, the captured run (the same kernels and the same on-device optimizer arithmetic)."""
+    data = lambda epoch: epoch_batches(SIZES, seed=80 + epoch, dtype=torch.float32, device="cuda")
+    make = lambda name, **overrides: StreamTrainer(tiny_supernet(dtype=torch.float32), MSE, data, config(**overrides),
+                                                   tmp_path / name, device="cuda")
+    eager, twin, graphed = make("eager"), with_eager_twin(make("twin")), make("graphed", cuda_graph=True)
+    for trainer in (eager, twin, graphed):
+        trainer.fit()
+    assert twin.graphed_step.counts == graphed.graphed_step.counts == {"eager": 7, "static": 11, "captures": 2}
+    assert all(group["capturable"] for group in twin.weight_optimizer.param_groups + twin.logits_optimizer.param_groups)
+    assert_same_training_state(eager, twin, rtol=1e-4, atol=1e-5)
+    assert_same_training_state(graphed, twin, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_short_last_batch_is_captured_and_equals_the_eager_trainer(tmp_path):
+    """Four epochs: the short last batch runs eagerly in epochs 0-2 and from its own graph (the full batch's
+    memory pool, shared gradients) in epoch 3; the run still equals the ordinary trainer."""
+    data = lambda epoch: epoch_batches(SIZES, seed=90 + epoch, dtype=torch.float32, device="cuda")
+    net = lambda: tiny_supernet(dtype=torch.float32, dropout=0.2)
+    eager = StreamTrainer(net(), MSE, data, config(epochs=4), tmp_path / "eager", device="cuda")
+    graphed = StreamTrainer(net(), MSE, data, config(epochs=4, cuda_graph=True), tmp_path / "graphed", device="cuda")
+    eager.fit()
+    graphed.fit()
+    assert graphed.graphed_step.counts == {"eager": 7, "static": 17, "captures": 3}
+    assert_same_training_state(eager, graphed, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ CUDA: convolutional supernets
+CONV_IN, CONV_SIZE = 3, 8
+
+
+def conv_supernet(execution: str, conv_backend: str, seed: int = 0) -> TreeSupernet:
+    """Conv + BatchNorm + ReLU + dropout blocks (a strided, dilated one too), per-task pooling heads."""
+    torch.manual_seed(seed)
+    blocks = [
+        BlockSpec(2, lambda b, j: nn.Sequential(nn.Conv2d(CONV_IN, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                                nn.Dropout(0.2))),
+        BlockSpec(3, lambda b, j: nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, bias=False),
+                                                nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout2d(0.1))),
+        BlockSpec(len(TASKS), lambda b, j: nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())),
+    ]
+    heads = lambda task: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, OUT))
+    return TreeSupernet(blocks, TASKS, heads, tau=1.0, execution=execution, conv_backend=conv_backend).cuda()
+
+
+def conv_batches(epoch: int) -> list:
+    generator = torch.Generator().manual_seed(100 + epoch)
+    return [(torch.randn(size, CONV_IN, CONV_SIZE, CONV_SIZE, generator=generator).cuda(),
+             {t: torch.randn(size, OUT, generator=generator).cuda() for t in TASKS}) for size in SIZES]
+
+
+def _triton_reason():
+    from l2b_fast import backends
+
+    return backends.unavailable_reason("triton", "cuda") if CUDA else "needs a CUDA device"
+
+
+needs_triton = pytest.mark.skipif(CUDA and _triton_reason() is not None, reason=str(_triton_reason()))
+bf16_only = pytest.mark.skipif(not (CUDA and torch.cuda.is_bf16_supported()), reason="needs bf16 on a CUDA device")
+
+
+@pytest.mark.parametrize("execution, conv_backend, precision", [
+    ("per_child", "cudnn", "fp32"),
+    ("grouped", "cudnn", "fp32"),
+    pytest.param("grouped", "triton", "fp32", marks=needs_triton),
+    pytest.param("grouped", "cudnn", "bf16", marks=bf16_only),
+    pytest.param("grouped", "triton", "bf16", marks=[needs_triton, bf16_only]),
+])
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_graph_conv_supernet_equals_the_eager_trainer(tmp_path, execution, conv_backend, precision):
+    """Conv, BatchNorm (running statistics in the state compared) and dropout nodes, run per child, grouped with
+    cuDNN or with the Triton index-reading convolution, fp32 and bf16: warmup and search graphs against the
+    ordinary trainer over two epochs (12 steps, short last batches eager)."""
+    cfg = lambda **overrides: config(epochs=2, precision=precision, **overrides)
+    net = lambda: conv_supernet(execution, conv_backend)
+    eager = StreamTrainer(net(), MSE, conv_batches, cfg(), tmp_path / "eager", device="cuda")
+    graphed = StreamTrainer(net(), MSE, conv_batches, cfg(cuda_graph=True), tmp_path / "graphed", device="cuda")
+    eager.fit()
+    graphed.fit()
+    assert graphed.graphed_step.counts == {"eager": 6, "static": 6, "captures": 2}
+    assert any("running_mean" in name for name in graphed.module.state_dict())
+    tolerance = dict(rtol=1e-3, atol=1e-4) if precision == "fp32" else dict(rtol=5e-2, atol=5e-3)
+    assert_same_training_state(eager, graphed, **tolerance)

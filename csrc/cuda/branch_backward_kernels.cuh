@@ -9,8 +9,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <numeric>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #if !defined(L2B_CUDA_EMULATION)
 #include <cuda_runtime.h>
@@ -474,6 +478,43 @@ bool plan_groups(int parents, int children, int64_t numel, size_t smem_budget, i
   }
   return true;
 }
+
+// Resident blocks per SM of each (device, kernel, smem), and the opt-in dynamic shared-memory attribute
+// (cudaFuncAttributeMaxDynamicSharedMemorySize) of each (device, kernel). The attribute belongs to the kernel,
+// not to one launch: it is only ever raised, to the largest smem a launch of that kernel has needed. Setting it
+// to each launch's own smem would let a smaller launch (a 46 x 46 block's 95 KB groups) lower it below what a
+// larger combination planned and cached earlier (30 x 40: 110 KB) still launches with, which CUDA then rejects;
+// a captured CUDA graph replaying the larger launch needs it to stay raised too.
+// Runtime provides set_max_dynamic_smem(kernel, bytes) (for the current device; throws on failure) and
+// occupancy(kernel, threads, smem) -> blocks per SM: the CUDA runtime in branch_cuda.cu, a fake in the emulator.
+class LaunchCache {
+ public:
+  template <typename Runtime>
+  int blocks_per_sm(Runtime& runtime, int device, const void* kernel, size_t smem) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    size_t& attribute = attributes_[std::make_pair(device, kernel)];  // 0: never set (kDefaultSmem applies)
+    if (smem > std::max(attribute, kDefaultSmem)) {
+      runtime.set_max_dynamic_smem(kernel, smem);
+      attribute = smem;  // after the call: a failed one leaves the record as the kernel's attribute is
+    }
+    const auto key = std::make_tuple(device, kernel, smem);
+    const auto found = occupancy_.find(key);
+    if (found != occupancy_.end()) return found->second;
+    return occupancy_.emplace(key, std::max(runtime.occupancy(kernel, kThreads, smem), 1)).first->second;
+  }
+
+  // The attribute this cache has set for (device, kernel); 0 if none (launches get kDefaultSmem).
+  size_t attribute(int device, const void* kernel) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = attributes_.find(std::make_pair(device, kernel));
+    return found == attributes_.end() ? 0 : found->second;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<std::pair<int, const void*>, size_t> attributes_;
+  std::map<std::tuple<int, const void*, size_t>, int> occupancy_;
+};
 
 }  // namespace backward
 }  // namespace l2b_fast

@@ -57,22 +57,26 @@ size_t fused_smem_budget(const DeviceLimits& limits) {
   return std::max(kDefaultSmem, std::min(limits.smem_per_block_optin, two_per_sm));
 }
 
-// Resident blocks per SM of `kernel` with `smem` bytes, cached per (device, kernel, smem); sets the
-// opt-in shared-memory attribute the first time a launch needs more than 48 KB.
+// The CUDA runtime calls of LaunchCache (branch_backward_kernels.cuh), on the current device (the callers'
+// CUDAGuard has made it the tensors' device).
+struct CudaRuntime {
+  void set_max_dynamic_smem(const void* kernel, size_t bytes) const {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+  int occupancy(const void* kernel, int threads, size_t smem) const {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+    return per_sm;
+  }
+};
+
+// Resident blocks per SM of `kernel` with `smem` bytes; raises the kernel's opt-in shared-memory attribute
+// when a launch needs more than it allows (never lowers it: see LaunchCache).
 template <typename Kernel>
 int blocks_per_sm(int device, Kernel kernel, size_t smem) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int, const void*, size_t>, int> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(device, reinterpret_cast<const void*>(kernel), smem);
-  auto found = cache.find(key);
-  if (found != cache.end()) return found->second;
-  if (smem > kDefaultSmem) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  return cache.emplace(key, std::max(per_sm, 1)).first->second;
+  static LaunchCache cache;
+  CudaRuntime runtime;
+  return cache.blocks_per_sm(runtime, device, reinterpret_cast<const void*>(kernel), smem);
 }
 
 bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }

@@ -9,20 +9,28 @@ is read from device memory that the trainer writes in place before the replay:
   take ``seed=``: drawing from a ``torch.Generator`` would freeze the capture's tree);
 - the temperature: every ``Branching.tau_tensor`` (the trainer sets ``Branching.tau``, a ``fill_``);
 - the learning rates: each optimizer param group's ``lr`` becomes a device tensor that the trainer ``fill_``s,
-  and the optimizers run with ``capturable=True`` (step counts and bias corrections on the device).
+  and on CUDA the optimizers run with ``capturable=True`` (step counts and bias corrections on the device) at
+  every step, captured or not (:func:`optimizer_settings`).
 
 Warmup (frozen logits: the blocks detach them, the logits optimizer does not step) and search record different
 kernels, so each phase has its own graph: the frozen graph is dropped when the search starts, and the search
 graph is captured then, after eager steps that create the logits optimizer's state. Each phase starts with
 ``eager_steps`` ordinary steps on a side stream (as PyTorch requires before a capture: lazy initialisation,
 optimizer state, autotuning, compilation), then captures on a batch of the layout of those steps and replays it.
-A batch of another shape (the epoch's short last batch) runs the same step eagerly: no sample is dropped.
 
-The per-task losses come back as a device tensor (the graph's output, overwritten by the next call); the trainer
-adds it to its device-side sums and reads them on the host only when it logs, so replays never synchronise.
+The epoch's short last batch (another shape) is never dropped or padded: it gets its own graph. Like the full
+batch it first runs eagerly ``eager_steps`` times (once per epoch; compilation and autotuning of its shape happen
+there, not in a capture), then it is captured into the same memory pool as the full batch's graph (the graphs
+never run at once, so they reuse the same temporary memory) and replayed in later epochs. The two graphs share
+the gradients (the second zeroes them in place and accumulates into them) and the optimizer state. At most
+``CAPTURED_LAYOUTS_PER_PHASE`` (2) layouts are captured per phase; batches of any further shape run eagerly.
 
-``GraphedStep(trainer, capture=False)`` runs the same step function, the same static buffers and the same
-tensor learning rates without capturing: on a CPU it gives the trainer's results bit for bit (tested).
+The per-task losses come back as a device tensor (the graph's output buffer, overwritten by its next replay); the
+trainer adds it to its device-side sums and reads them on the host only when it logs, so replays never synchronise.
+
+``GraphedStep(trainer, capture=False)`` runs the same step function, the same static buffers, the same tensor
+learning rates and (on CUDA) the same capturable optimizers without capturing: on a CPU it gives the trainer's
+results bit for bit (tested).
 """
 
 from __future__ import annotations
@@ -32,9 +40,13 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["GraphedStep", "EAGER_STEPS_BEFORE_CAPTURE", "check_config"]
+__all__ = [
+    "GraphedStep", "CAPTURED_LAYOUTS_PER_PHASE", "EAGER_STEPS_BEFORE_CAPTURE", "check_config", "optimizer_settings",
+]
 
 EAGER_STEPS_BEFORE_CAPTURE = 2
+# Batch layouts captured per phase: the full batch and the epoch's short last batch (further layouts run eagerly).
+CAPTURED_LAYOUTS_PER_PHASE = 2
 # torch.compile modes that record CUDA graphs themselves: a graph cannot be captured inside another capture.
 _CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
@@ -88,14 +100,43 @@ def _copy_into(static, value) -> None:
             _copy_into(item, given)
 
 
+class _Captured:
+    """One captured batch layout of a phase: its static batch, its graph (None in the eager twin) and the buffer,
+    allocated outside the graphs' memory pool, that its replays write the per-task losses into."""
+
+    def __init__(self, buffers):
+        self.buffers = buffers
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.losses: torch.Tensor | None = None
+
+
+def optimizer_settings(device: torch.device) -> tuple[torch.dtype, bool]:
+    """``(lr tensor dtype, capturable)`` of the optimizers a :class:`GraphedStep` drives on ``device``, the same
+    whether or not it captures: torch's foreach Adam takes a tensor lr only with ``capturable=True`` (step counts
+    and bias corrections on the device), so on CUDA the uncaptured steps (the eager steps before a capture, the
+    eager twin, batches run eagerly) use capturable Adam too, and every step updates the same state the same way.
+    On CUDA float32, the dtype of Adam's capturable step counts (torch's foreach kernels take their fast path when
+    a tensor scalar has the list's dtype); on a CPU, where Adam refuses ``capturable=True``, float64: the precision
+    a float lr is used in, so the eager twin gives the trainer's results bit for bit."""
+    if device.type == "cuda":
+        return torch.float32, True
+    return torch.float64, False
+
+
 class GraphedStep:
-    """Runs one training step of ``trainer`` per call: eagerly for the first ``eager_steps`` steps of a phase
-    (and for batches of another layout), then as the replay of a CUDA graph captured once per phase.
+    """Runs one training step of ``trainer`` per call: eagerly for the first ``eager_steps`` steps of each batch
+    layout in a phase, then as the replay of that layout's CUDA graph.
+
+    At most :data:`CAPTURED_LAYOUTS_PER_PHASE` layouts are captured per phase, in the order they reach
+    ``eager_steps`` eager steps: the full batch, then the epoch's short last batch (its own graph, in the same
+    memory pool, after ``eager_steps`` epochs that run it eagerly); a batch of any further layout always runs
+    eagerly. No sample is dropped and every batch runs the same step.
 
     Called by the trainer as ``task_losses = step(inputs, targets, masks, frozen)`` after it has written the
     step's seed, temperature and learning rates; returns the per-task losses (float64, on the device).
-    ``capture=False`` never captures (any device): the eager twin of the captured step, for checks on a CPU.
-    Call :meth:`reset` after loading optimizer or model state (the graph would keep the old tensors).
+    ``capture=False`` never captures (any device): the eager twin of the captured step, for checks (on a CPU bit for
+    bit against the trainer). Call :meth:`reset` after loading optimizer or model state (the graphs would keep the
+    old tensors).
     """
 
     def __init__(self, trainer, *, capture: bool = True, eager_steps: int = EAGER_STEPS_BEFORE_CAPTURE):
@@ -112,44 +153,52 @@ class GraphedStep:
         self.capture = capture
         self.eager_steps = eager_steps
         self._side_stream = torch.cuda.Stream(trainer.device) if capture else None
-        self._buffers = None  # (inputs, targets, masks): the static batch the graph reads
-        self._buffers_layout = None
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._captured: dict[tuple, _Captured] = {}  # per batch layout of the current phase
+        self._pool = None  # the memory pool every graph of the phase allocates from
+        self._losses_like: tuple | None = None  # (shape, dtype) of a step's per-task losses
         # Steps run eagerly, steps run from the static buffers (replays), and captures (fixed buffers in the twin).
         self.counts = {"eager": 0, "static": 0, "captures": 0}
         self.reset()
 
     # ------------------------------------------------------------------------------------------- state
     def reset(self) -> None:
-        """Drop the graph and start the phase's eager steps again; put the optimizers back in capturable form
+        """Drop the graphs and start the phase's eager steps again; put the optimizers back in capturable form
         (``load_state_dict`` replaces their param groups: call this after loading a checkpoint)."""
-        self._release_graph()
-        self._phase: bool | None = None  # frozen (True) or search (False): the mode the graph records
-        self._reference_layout = None  # the layout of the eager steps that lead to a capture
-        self._eager_done = 0
+        self._release_graphs()
+        self._phase: bool | None = None  # frozen (True) or search (False): the mode the graphs record
+        self._eager_done: dict[tuple, int] = {}  # eager steps per batch layout in this phase
         for optimizer in self._optimizers():
-            self._make_capturable(optimizer)
+            self._prepare_optimizer(optimizer)
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         trainer = self.trainer
         return [trainer.weight_optimizer] + ([trainer.logits_optimizer] if trainer.logits_optimizer is not None else [])
 
-    def _make_capturable(self, optimizer: torch.optim.Optimizer) -> None:
-        # The lr tensor's dtype: on CUDA float32, the dtype of Adam's capturable step counts (torch's foreach
-        # kernels take their fast path when a tensor scalar has the list's dtype); on a CPU float64, the
-        # precision a float lr is used in, so the eager twin gives the trainer's results bit for bit.
-        dtype = torch.float32 if self.trainer.device.type == "cuda" else torch.float64
+    def _prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        dtype, capturable = optimizer_settings(self.trainer.device)
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), dtype=dtype, device=self.trainer.device)
-            group["capturable"] = self.capture  # torch's Adam refuses capturable=True for CPU tensors
-        if self.capture:  # the eager steps before a capture are meant: no "capturable=True, run uncaptured" warning
+            group["capturable"] = capturable
+            if not capturable:  # foreach Adam takes a tensor lr only when capturable: the for-loop update then
+                group["foreach"] = False
+        if capturable:
+            # State made by uncaptured steps before (or loaded from a checkpoint written by a trainer without a
+            # graph) keeps its step counts on the host; capturable Adam needs them beside the parameters.
+            for parameter, state in optimizer.state.items():
+                step = state.get("step")
+                if isinstance(step, torch.Tensor) and step.device != parameter.device:
+                    state["step"] = step.to(device=parameter.device, dtype=torch.float32)
+            # Uncaptured steps of a capturable optimizer are meant here (eager steps, the twin, other layouts):
+            # no "capturable=True, run uncaptured" warning.
             optimizer._warned_capturable_if_run_uncaptured = True
 
-    def _release_graph(self) -> None:
-        if self._graph is not None:
-            self._zero_grad()  # the gradients live in the graph's pool: let it go
-            self._graph.reset()
-        self._graph, self._graph_losses, self._ready = None, None, False
+    def _release_graphs(self) -> None:
+        if any(captured.graph is not None for captured in self._captured.values()):
+            self._zero_grad()  # the gradients live in the graphs' pool: let it go
+        for captured in self._captured.values():
+            if captured.graph is not None:
+                captured.graph.reset()
+        self._captured, self._pool = {}, None
 
     # ------------------------------------------------------------------------------------------- step
     def _step(self, inputs, targets, masks, frozen: bool) -> torch.Tensor:
@@ -167,64 +216,74 @@ class GraphedStep:
 
     def _eager(self, batch, frozen: bool, *, side_stream: bool) -> torch.Tensor:
         self.counts["eager"] += 1
-        # After a capture the gradients are the graph's tensors: zero them in place rather than replace them.
-        self._zero_grad(set_to_none=not self._ready)
+        # Once a graph exists the gradients are its tensors: zero them in place rather than replace them.
+        self._zero_grad(set_to_none=not self._captured)
         if not (side_stream and self.capture):
-            return self._step(*batch, frozen)
-        current = torch.cuda.current_stream(self.trainer.device)
-        self._side_stream.wait_stream(current)
-        with torch.cuda.stream(self._side_stream):
             task_losses = self._step(*batch, frozen)
-        current.wait_stream(self._side_stream)
-        task_losses.record_stream(current)  # read on the current stream after its memory returns to the side one
+        else:
+            current = torch.cuda.current_stream(self.trainer.device)
+            self._side_stream.wait_stream(current)
+            with torch.cuda.stream(self._side_stream):
+                task_losses = self._step(*batch, frozen)
+            current.wait_stream(self._side_stream)
+            task_losses.record_stream(current)  # read on the current stream after its memory returns to the side one
+        self._losses_like = (task_losses.shape, task_losses.dtype)
         return task_losses
 
-    def _fix_buffers(self, batch, frozen: bool) -> None:
-        """The static buffers hold ``batch``; on CUDA the step on them is captured (recorded, not run)."""
-        layout = _layout(batch)
-        if self._buffers is None or self._buffers_layout != layout:
-            self._buffers, self._buffers_layout = _static_copy(batch), layout
-        else:
-            _copy_into(self._buffers, batch)
-        self._ready = True
+    def _fix_buffers(self, batch, layout: tuple, frozen: bool) -> _Captured:
+        """Static buffers holding ``batch`` for ``layout``; on CUDA the step on them is captured (recorded, not
+        run) into the phase's memory pool."""
+        captured = _Captured(_static_copy(batch))
         self.counts["captures"] += 1
+        first = not self._captured
+        self._captured[layout] = captured
         if not self.capture:
-            return
-        self._zero_grad()  # backward creates the gradients in the graph's private pool
+            return captured
+        shape, dtype = self._losses_like
+        captured.losses = torch.empty(shape, dtype=dtype, device=self.trainer.device)  # outside the pool
+        # The first graph creates the gradients in the pool (backward assigns them); a later one (another batch
+        # layout) zeroes the same gradients in place and accumulates into them, so the graphs share gradients
+        # and optimizer state, and nothing a later capture allocates stays alive in the shared pool.
+        self._zero_grad(set_to_none=first)
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: other threads (a DataLoader's pin-memory thread) may call CUDA during the capture,
             # as with inductor's CUDA graphs; the autograd engine's kernels still go to the capturing stream.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._graph_losses = self._step(*self._buffers, frozen)
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                if not first:
+                    self._zero_grad(set_to_none=False)
+                captured.losses.copy_(self._step(*captured.buffers, frozen))
         except RuntimeError as error:
-            self._ready = False
+            del self._captured[layout]
             message = str(error).strip()
             first_line = message.splitlines()[0] if message else type(error).__name__
             raise RuntimeError(f"cuda_graph: the training step could not be captured ({first_line}); a step that waits for the host "
                                "(.item(), boolean-mask indexing, a torch.Generator) cannot be: set cuda_graph=False") from error
-        self._graph = graph
+        captured.graph = graph
+        if first:
+            self._pool = graph.pool()
+        return captured
 
     def __call__(self, inputs, targets, masks, frozen: bool) -> torch.Tensor:
         batch = (inputs, targets, masks)
         if self._phase != frozen:  # a new phase (or a reset): a graph records one mode
-            self._release_graph()
-            self._phase, self._eager_done = frozen, 0
+            self._release_graphs()
+            self._phase, self._eager_done = frozen, {}
         layout = _layout(batch)
-        if not self._ready:
-            if layout != self._reference_layout:  # count eager steps of one layout: the one to capture
-                self._reference_layout, self._eager_done = layout, 0
-            if self._eager_done < self.eager_steps:
-                self._eager_done += 1
+        captured = self._captured.get(layout)
+        if captured is None:
+            if len(self._captured) >= CAPTURED_LAYOUTS_PER_PHASE:  # a further layout: eagerly, never captured
+                return self._eager(batch, frozen, side_stream=False)
+            done = self._eager_done.get(layout, 0)
+            if done < self.eager_steps:  # warm-up before this layout's capture (lazy set-up, compilation, state)
+                self._eager_done[layout] = done + 1
                 return self._eager(batch, frozen, side_stream=True)
-            self._fix_buffers(batch, frozen)
-        elif layout != self._buffers_layout:  # e.g. the epoch's short last batch: the same step, eagerly
-            return self._eager(batch, frozen, side_stream=False)
+            captured = self._fix_buffers(batch, layout, frozen)
         else:
-            _copy_into(self._buffers, batch)
+            _copy_into(captured.buffers, batch)
         self.counts["static"] += 1
-        if self._graph is None:  # the eager twin: the same step on the same buffers
+        if captured.graph is None:  # the eager twin: the same step on the same buffers
             self._zero_grad(set_to_none=False)
-            return self._step(*self._buffers, frozen)
-        self._graph.replay()
-        return self._graph_losses
+            return self._step(*captured.buffers, frozen)
+        captured.graph.replay()
+        return captured.losses

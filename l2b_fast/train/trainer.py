@@ -75,8 +75,8 @@ class TrainConfig:
     the compiled forward and backward as CUDA graphs; the step seed and tau are device tensors, so neither
     recompiles nor re-records). ``cuda_graph``: capture the whole step (forward, loss, backward, both optimizers'
     steps) in a CUDA graph and replay it every step (:mod:`l2b_fast.train.graphed_step`: one graph for warmup, one
-    for the search; a batch of another shape runs eagerly); CUDA only, one process, ``accumulation=1``, fp32 or
-    bf16, a forward taking ``seed=``. ``sampling``: where a supernet's branch samples come from: ``"step"`` (default;
+    for the search; the epoch's short last batch gets its own graph after its eager steps); CUDA only, one
+    process, ``accumulation=1``, fp32 or bf16, a forward taking ``seed=``. ``sampling``: where a supernet's branch samples come from: ``"step"`` (default;
     :func:`~l2b_fast.train.distributed.step_seed` of the run seed and the step, see below) or ``"global"`` (torch's
     global generator seeded once with ``seed``, one process only: the stream the synthetic presets' measured outcomes
     were found with). ``checkpoint_every``: steps between checkpoints (0: only at the end of each epoch; epochs always

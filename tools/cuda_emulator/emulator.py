@@ -57,6 +57,23 @@ def branch_backward(grad, parents, index, *, sm_count=2, blocks_per_sm=1, smem_b
     return grad_parents, dots, dict(zip(PLAN_FIELDS, plan.tolist()))
 
 
+LOG_FIELDS = ("event", "device", "kernel", "bytes", "attribute")  # event: "set" the attribute, or "launch"
+
+
+def reset_launch_state() -> None:
+    """Forget every shared-memory attribute, cached occupancy and log row: as a fresh process."""
+    load()
+    torch.ops.l2b_emu.reset_launch_state()
+
+
+def launch_log() -> list[dict]:
+    """The fake CUDA runtime's log since the last reset: attribute sets (bytes = the new attribute) and fused
+    launches (bytes = the launch's dynamic shared memory, attribute = the kernel's attribute at the launch)."""
+    load()
+    rows = torch.ops.l2b_emu.launch_log().tolist()
+    return [dict(zip(LOG_FIELDS, (("set", "launch")[row[0]], *row[1:]))) for row in rows]
+
+
 def make_case(parents: int, children: int, numel: int, dtype: torch.dtype, seed: int = 0, misaligned: bool = False):
     """Random grad [J, N], parents [I, N] and index [J] (every parent sampled when J >= I)."""
     generator = torch.Generator().manual_seed(seed)
