@@ -66,8 +66,8 @@ def rng_state(device: torch.device) -> dict:
         "torch": torch.get_rng_state(),
         "python": [int(version), [int(word) for word in python_words], gauss_next],
         # numpy's MT19937 words are uint32: int64 holds them exactly (torch's uint32 tensors lack many ops)
-        "numpy": {"algorithm": str(algorithm), "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {"algorithm": str(algorithm), "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "position": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
     }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
