@@ -208,8 +208,10 @@ def _evaluate(args) -> int:
     result = pipeline.evaluate(args.run, data, split=args.split, device=args.device)
     if _is_main_rank():
         print(result["table"])
-        if result["manifest_samples"] is not None and result["manifest_samples"] != result["samples"]:
-            print(f"warning: evaluated {result['samples']} samples, the manifest lists {result['manifest_samples']} ({result['skipped_samples']} skipped)")
+        from l2b_fast.data.loader import sample_count_message
+
+        if (incomplete := sample_count_message(result)) is not None:  # missing = skipped + never read
+            print(f"warning: {incomplete}")
         print(f"wrote {args.run}/eval.json")
     return 0
 

@@ -3,6 +3,7 @@ cannot run code, through the library or through ``l2b eval``; its RNG states sur
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 import sys
@@ -16,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cli_pipeline import _sets  # noqa: E402
 
 from l2b_fast import cli  # noqa: E402
+from l2b_fast.data import synthetic_celeba  # noqa: E402
+from l2b_fast.data.loader import SkippedDataWarning  # noqa: E402
 from l2b_fast.train.checkpoints import atomic_save, read_checkpoint, rng_state, set_rng_state  # noqa: E402
 
 
@@ -87,17 +90,52 @@ def test_rng_states_round_trip_through_a_checkpoint_file(tmp_path):
     assert np.array_equal(expected[3], again[3]) and expected[4] == again[4]
 
 
+@pytest.fixture(scope="module")
+def retrained_run(tmp_path_factory) -> Path:
+    """A tiny CelebA search and retrain (its own synthetic shards), made once for the tests below."""
+    preset, run = "celeba-vgg", tmp_path_factory.mktemp("runs") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: see the one_thread fixture
+    try:
+        assert cli.main(["search", "--preset", preset, "--out", str(run), "--quiet", *_sets(preset)]) == 0
+        assert cli.main(["retrain", "--tree", str(run / "tree.json"), "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
 @pytest.mark.usefixtures("one_thread")
-def test_l2b_eval_refuses_a_crafted_checkpoint_in_the_run_folder(tmp_path, capsys):
-    preset, run = "celeba-vgg", tmp_path / "run"
-    assert cli.main(["search", "--preset", preset, "--out", str(run), "--quiet", *_sets(preset)]) == 0
-    assert cli.main(["retrain", "--tree", str(run / "tree.json"), "--quiet"]) == 0
-    capsys.readouterr()
-    checkpoint, marker = run / "retrain" / "checkpoints" / "last.pt", tmp_path / "marker"
+def test_l2b_eval_refuses_a_crafted_checkpoint_in_the_run_folder(retrained_run, tmp_path, capsys):
+    checkpoint, marker = retrained_run / "retrain" / "checkpoints" / "last.pt", tmp_path / "marker"
     state = torch.load(checkpoint, weights_only=True)
-    torch.save({**state, "extra": WritesMarker(marker)}, checkpoint)  # the real weights plus the payload
-    assert cli.main(["eval", str(run), "--split", "test"]) == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1, error
-    assert str(checkpoint) in error and "holds objects other than tensors and plain data" in error, error
-    assert not marker.exists() and not (run / "eval.json").exists()
+    try:
+        torch.save({**state, "extra": WritesMarker(marker)}, checkpoint)  # the real weights plus the payload
+        assert cli.main(["eval", str(retrained_run), "--split", "test"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1, error
+        assert str(checkpoint) in error and "holds objects other than tensors and plain data" in error, error
+        assert not marker.exists() and not (retrained_run / "eval.json").exists()
+    finally:
+        torch.save(state, checkpoint)  # the untouched run for the next test
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_l2b_eval_counts_the_samples_of_a_truncated_shard_as_missing(retrained_run, tmp_path, capsys):
+    data = tmp_path / "faces"
+    synthetic_celeba.generate(data, 60, 32, samples_per_shard=3)  # test split: 6 samples in 2 shards
+    manifest = json.loads((data / "manifest.json").read_text())["splits"]["test"]
+    assert manifest["samples"] == [3, 3]
+    shard = data / manifest["shards"][1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # keeps about its first sample
+    with pytest.warns(SkippedDataWarning):
+        assert cli.main(["eval", str(retrained_run), "--split", "test", "--data", str(data)]) == 0
+    result = json.loads((retrained_run / "eval.json").read_text())
+    samples, skipped = result["samples"], result["skipped_samples"]
+    assert 3 <= samples < 6 and result["manifest_samples"] == 6 and result["missing_samples"] == 6 - samples
+    never_read = 6 - samples - skipped
+    out = capsys.readouterr().out
+    expected = f"warning: evaluated {samples} of the 6 samples the manifest lists: {6 - samples} missing ("
+    assert expected in out, out
+    line = next(line for line in out.splitlines() if line.startswith("warning: evaluated"))
+    assert (f"{skipped} corrupt sample(s) skipped" in line) == (skipped > 0), line
+    assert (f"{never_read} never read" in line) == (never_read > 0), line
