@@ -229,8 +229,8 @@ def _data(args) -> int:
 
         manifest = celeba_convert.convert(args.root, args.out, samples_per_shard=args.samples_per_shard, seed=args.seed, resume=args.resume, verify_images=not args.no_verify)
     else:
-        if args.n < 1 or args.size < 8:
-            raise ValueError("--n must be >= 1 and --size >= 8")
+        if args.n < 1:
+            raise ValueError("--n must be >= 1")  # the generator checks --size: one minimum, its own
         if args.data_command == "synthetic-taskonomy":
             from l2b_fast.data import synthetic_taskonomy as generator
         else:

@@ -502,3 +502,21 @@ def test_a_broken_shard_warns_once_however_often_it_is_read(tmp_path):
     assert sum(f"in shard {corrupt};" in m for m in warned) == 1, warned
     assert len(warned) == 2 and "skipped so far" in warned[0] and "counted, not warned" in warned[0]
     assert train.skips.count > len(warned)  # every later event is still counted
+
+
+def test_loader_workers_are_capped_at_the_usable_cpus(tmp_path, monkeypatch, capsys):
+    shard = tmp_path / "s-000000.tar"
+    write_shard(shard, range(0, 4))
+    monkeypatch.setattr(L, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(L, "_capped_worker_notices", set())
+    train = L.taskonomy_train_loader([str(shard)], batch_size=2, size=SIZE, epoch_samples=4, world_size=1,
+                                     rank=0, num_workers=4)
+    workers = lambda loader: loader.pipeline[0].num_workers  # noqa: E731 (the DataLoader inside the WebLoader)
+    assert workers(train) == 1 and train.batches_per_epoch == 2  # the epoch length follows the capped count
+    evaluation = L.taskonomy_eval_loader([str(shard)], batch_size=2, size=SIZE, rank=0, world_size=1, num_workers=4)
+    assert workers(evaluation) == 1
+    notices = capsys.readouterr().err.strip().splitlines()
+    assert notices == ["data: 4 loader workers asked for, 1 CPU(s) usable: using 1"]  # once per process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DataLoader's "too many workers" warning among them
+        assert sum(len(batch[0]) for batch in evaluation) == 4

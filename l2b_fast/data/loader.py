@@ -6,7 +6,8 @@ the rank taken in the main process when the loader is built), samples pass throu
 are augmented and batched inside the workers, and every worker stops after
 ``epoch_samples // (batch_size * world_size * max(1, num_workers))`` batches, so all DDP ranks run the same
 number of steps per epoch. Workers are persistent, so each epoch draws new shards and augmentations;
-everything is reproducible for a given ``seed``, world size and worker count.
+everything is reproducible for a given ``seed``, world size and worker count. A worker count above the CPUs
+the process may use is lowered to that number (with a one-line notice), as more workers only compete for them.
 
 Evaluation (:func:`taskonomy_eval_loader`, :func:`celeba_loader` with ``train=False``): rank ``r`` of ``W``
 reads the disjoint shard list ``shards[r::W]`` (split further across workers with ``split_by_worker``), once,
@@ -28,7 +29,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -181,6 +184,29 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return [str(u) for u in urls]
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one): the most DataLoader workers that
+    do not make torch's DataLoader warn about too many workers."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks on this OS
+        return max(1, os.cpu_count() or 1)
+
+
+_capped_worker_notices: set[tuple[int, int]] = set()
+
+
+def _capped_workers(num_workers: int, rank: int) -> int:
+    """``num_workers`` limited to the usable CPUs, with a one-line notice (once per process and value, rank 0)."""
+    cpus = usable_cpus()
+    if num_workers <= cpus:
+        return num_workers
+    if rank == 0 and (num_workers, cpus) not in _capped_worker_notices:
+        _capped_worker_notices.add((num_workers, cpus))
+        print(f"data: {num_workers} loader workers asked for, {cpus} CPU(s) usable: using {cpus}", file=sys.stderr)
+    return cpus
+
+
 def _dist_rank_world() -> tuple[int, int]:
     rank, world_size, _, _ = wds.utils.pytorch_worker_info()
     return rank, world_size
@@ -314,6 +340,7 @@ def _build(
     world_size = dist_world if world_size is None else int(world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
+    num_workers = _capped_workers(num_workers, rank)  # before the epoch length, which depends on it
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     if train:
