@@ -230,8 +230,8 @@ def _group_colours(groups: Sequence[str]) -> dict[str, tuple]:
 def draw_tree(tree, path_stem: str | Path, *, title: str | None = None) -> list[Path]:
     """Draws ``tree`` (a :class:`~l2b_fast.tree.Tree` or a parsed ``tree.json``) like the paper's Fig. 3 and writes
     ``<stem>.png`` and ``<stem>.svg``, or the one file named when ``path_stem`` ends in ``.png`` or ``.svg``
-    (:func:`picture_paths`); returns the paths written. The input is at the top, one row per layer, the task layer at the
-    bottom labelled with task names; nodes are coloured by the group of the tasks below them (grey when
+    (:func:`picture_paths`); returns the paths written. The input is at the top, one row per layer, the task
+    layer at the bottom labelled with task names; nodes are coloured by the group of the tasks below them (grey when
     they serve several groups, light grey and dashed when no task uses them), edge widths grow with the
     number of tasks they carry, and every node sits at the mean position of its tasks."""
     from matplotlib.lines import Line2D
