@@ -331,13 +331,15 @@ def learning_line(summary: dict) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    failed = True
     try:
-        status = run(args)
+        status, failed = run(args), False
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"l2b {args.command}: error: {error}", file=sys.stderr)
         return 2
-    if "l2b_fast.train.distributed" in sys.modules:  # under torchrun: the trainers are gone, close the group
-        sys.modules["l2b_fast.train.distributed"].cleanup()
+    finally:  # under torchrun, also after an error: the trainers are gone, close the group (no barrier if failed)
+        if "l2b_fast.train.distributed" in sys.modules:
+            sys.modules["l2b_fast.train.distributed"].cleanup(failed=failed)
     return status
 
 
