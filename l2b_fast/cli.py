@@ -193,8 +193,10 @@ def _evaluate(args) -> int:
     result = pipeline.evaluate(args.run, args.data, split=args.split, device=args.device)
     if _is_main_rank():
         print(result["table"])
-        if result["manifest_samples"] is not None and result["manifest_samples"] != result["samples"]:
-            print(f"warning: evaluated {result['samples']} samples, the manifest lists {result['manifest_samples']} ({result['skipped_samples']} skipped)")
+        from l2b_fast.data.loader import sample_count_message
+
+        if (incomplete := sample_count_message(result)) is not None:  # missing = skipped + never read
+            print(f"warning: {incomplete}")
         print(f"wrote {args.run}/eval.json")
     return 0
 
@@ -261,13 +263,15 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    failed = True
     try:
-        status = run(args)
+        status, failed = run(args), False
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"l2b {args.command}: error: {error}", file=sys.stderr)
         return 2
-    if "l2b_fast.train.distributed" in sys.modules:  # under torchrun: the trainers are gone, close the group
-        sys.modules["l2b_fast.train.distributed"].cleanup()
+    finally:  # under torchrun, also after an error: the trainers are gone, close the group (no barrier if failed)
+        if "l2b_fast.train.distributed" in sys.modules:
+            sys.modules["l2b_fast.train.distributed"].cleanup(failed=failed)
     return status
 
 

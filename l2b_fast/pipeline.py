@@ -260,6 +260,7 @@ def evaluate(run: str | Path, data_dir: str | Path | None = None, *, split: str 
         "split": split,
         "samples": metrics.samples,
         "manifest_samples": counts["manifest_samples"],
+        "missing_samples": counts["missing_samples"],
         "skipped_samples": counts["skipped_samples"],
         "shard_errors": counts["shard_errors"],
         "summary": metrics.summary(),

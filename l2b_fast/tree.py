@@ -147,4 +147,6 @@ def validate_tree(tree: dict) -> None:
 
 def derive(supernet) -> Tree:
     """Paper Eq. 7 on a ``TreeSupernet``: every child keeps its most probable parent (unpruned)."""
+    if not callable(getattr(supernet, "derived_parents", None)):  # e.g. a TreeNet: its tree is already fixed
+        raise TypeError(f"derive takes a TreeSupernet (the searched supernet), not a {type(supernet).__name__}")
     return Tree(list(supernet.tasks), supernet.derived_parents())

@@ -52,12 +52,20 @@ def task_groups(tasks: Sequence[str]) -> dict[str, list[int]]:
 
 
 # ------------------------------------------------------------------------------------ tree structure
+def _tree_dict(tree) -> dict:
+    """A parsed ``tree.json`` from a :class:`l2b_fast.tree.Tree`; anything else as given (validate_tree judges it)."""
+    if not isinstance(tree, dict) and callable(getattr(tree, "to_dict", None)):
+        return tree.to_dict()
+    return tree
+
+
 class _Structure:
     """Children, tasks below and DFS order of every node; node keys are ``(layer, index)``, the input ``(-1, 0)``."""
 
     ROOT = (-1, 0)
 
-    def __init__(self, tree: dict) -> None:
+    def __init__(self, tree) -> None:
+        tree = _tree_dict(tree)
         validate_tree(tree)
         self.tasks: list[str] = list(tree["tasks"])
         self.parents: list[list[int]] = [list(layer["parents"]) for layer in tree["layers"]]
@@ -132,9 +140,10 @@ class _Structure:
 
 
 # ------------------------------------------------------------------------------------------- text
-def tree_text(tree: dict) -> str:
-    """An indented rendering from the input down: internal nodes ``L<layer>.n<node>`` with the groups of
-    the tasks below them, leaves with task names, unused nodes marked ``(unused)``. Deterministic, ASCII."""
+def tree_text(tree) -> str:
+    """An indented rendering of ``tree`` (a :class:`~l2b_fast.tree.Tree` or a parsed ``tree.json``) from the input
+    down: internal nodes ``L<layer>.n<node>`` with the groups of the tasks below them, leaves with task names,
+    unused nodes marked ``(unused)``. Deterministic, ASCII."""
     s = _Structure(tree)
     widths = "-".join(str(len(p)) for p in s.parents)
     grouped = any(len(members) > 1 for members in s.groups.values())
@@ -183,12 +192,25 @@ def _figure(width: float, height: float):
     return figure
 
 
+_PICTURE_SUFFIXES = (".png", ".svg")
+
+
+def picture_paths(path: str | Path) -> list[Path]:
+    """Where a drawing goes: a path ending in ``.png`` or ``.svg`` is that one file; any other path is a stem
+    that gets both (``out/tree`` -> ``out/tree.png``, ``out/tree.svg``; ``out/run.v2`` -> ``out/run.v2.png``, ...)."""
+    path = Path(path)
+    if path.suffix.lower() in _PICTURE_SUFFIXES:
+        return [path]
+    return [path.with_name(path.name + suffix) for suffix in _PICTURE_SUFFIXES]
+
+
 def _save(figure, path_stem: str | Path) -> list[Path]:
-    stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")]
-    figure.savefig(paths[0], dpi=150, bbox_inches="tight", facecolor="white")
-    figure.savefig(paths[1], bbox_inches="tight", facecolor="white")
+    paths = picture_paths(path_stem)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        raster = path.suffix.lower() == ".png"
+        figure.savefig(path, format=path.suffix[1:].lower(), bbox_inches="tight", facecolor="white",
+                       **({"dpi": 150} if raster else {}))
     return paths
 
 
@@ -205,10 +227,11 @@ def _group_colours(groups: Sequence[str]) -> dict[str, tuple]:
     return dict(zip(groups, palette))
 
 
-def draw_tree(tree: dict, path_stem: str | Path, *, title: str | None = None) -> list[Path]:
-    """Draws ``tree`` (a parsed ``tree.json``) like the paper's Fig. 3 and writes ``<stem>.png`` and
-    ``<stem>.svg``; returns both paths. The input is at the top, one row per layer, the task layer at the
-    bottom labelled with task names; nodes are coloured by the group of the tasks below them (grey when
+def draw_tree(tree, path_stem: str | Path, *, title: str | None = None) -> list[Path]:
+    """Draws ``tree`` (a :class:`~l2b_fast.tree.Tree` or a parsed ``tree.json``) like the paper's Fig. 3 and writes
+    ``<stem>.png`` and ``<stem>.svg``, or the one file named when ``path_stem`` ends in ``.png`` or ``.svg``
+    (:func:`picture_paths`); returns the paths written. The input is at the top, one row per layer, the task
+    layer at the bottom labelled with task names; nodes are coloured by the group of the tasks below them (grey when
     they serve several groups, light grey and dashed when no task uses them), edge widths grow with the
     number of tasks they carry, and every node sits at the mean position of its tasks."""
     from matplotlib.lines import Line2D

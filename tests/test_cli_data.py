@@ -124,3 +124,21 @@ def test_readme_data_commands_parse():
         required_only = re.sub(r"\[[^\]]*\]", "", line)  # "[--resume]" marks an optional argument
         args = parser.parse_args(required_only.split()[1:])
         assert args.command == "data", line
+
+
+@pytest.mark.parametrize("kind, module", [("synthetic-celeba", "synthetic_celeba"),
+                                          ("synthetic-taskonomy", "synthetic_taskonomy")])
+def test_synthetic_size_has_one_minimum_the_generators(tmp_path, capsys, kind, module):
+    import importlib
+
+    minimum = importlib.import_module(f"l2b_fast.data.{module}").MIN_SIZE
+    out = tmp_path / "syn"
+    assert cli.main(["data", kind, "--out", str(out), "--n", "3", "--size", str(minimum - 1)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"size >= {minimum}" in error, error
+    assert re.findall(r">= (\d+)", error) == [str(minimum)]  # one number, no second contradicting minimum
+    assert not out.exists()
+    assert cli.main(["data", kind, "--out", str(out), "--n", "3", "--size", str(minimum)]) == 0
+    assert (out / "manifest.json").is_file()
+    assert cli.main(["data", kind, "--out", str(tmp_path / "none"), "--n", "0"]) == 2
+    assert "--n must be >= 1" in capsys.readouterr().err

@@ -446,18 +446,79 @@ def test_evaluation_reports_samples_against_the_manifest(tmp_path):
     assert loader.expected_samples == 19 and seen < 14
     assert skips.skipped_samples >= 2 and skips.shard_errors >= 1 and skips.count == skips.skipped_samples + skips.shard_errors
     assert seen + skips.skipped_samples < 19  # the skip events do not account for every lost sample
-    with pytest.warns(L.SkippedDataWarning, match=f"evaluated {seen} samples but the manifest lists 19"):
+    listed = f"evaluated {seen} of the 19 samples the manifest lists: {19 - seen} missing"
+    with pytest.warns(L.SkippedDataWarning, match=listed):
         report = L.sample_count_report(loader, seen)
-    assert report == {"samples": seen, "manifest_samples": 19, "skipped_samples": skips.skipped_samples, "shard_errors": skips.shard_errors}
+    assert report == {"samples": seen, "manifest_samples": 19, "missing_samples": 19 - seen,
+                      "skipped_samples": skips.skipped_samples, "shard_errors": skips.shard_errors}
+    never_read = 19 - seen - skips.skipped_samples  # the numbers of the message add up to the manifest's
+    assert f"({skips.skipped_samples} corrupt sample(s) skipped, {never_read} never read ({skips.shard_errors} shard" \
+        in L.sample_count_message(report)
 
     complete = TL.taskonomy_eval_loader(urls[:1], batch_size=4, size=SIZE, rank=0, world_size=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", L.SkippedDataWarning)  # a complete pass warns about nothing
         report = L.sample_count_report(complete, sum(len(batch[0]) for batch in complete))
-    assert report == {"samples": 4, "manifest_samples": 4, "skipped_samples": 0, "shard_errors": 0}
+    assert report == {"samples": 4, "manifest_samples": 4, "missing_samples": 0, "skipped_samples": 0,
+                      "shard_errors": 0}
+    assert L.sample_count_message(report) is None
     # rank 1 of 2 reads shards 1 and 3; shards outside any manifest cannot be compared
     assert TL.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=1, world_size=2).expected_samples == 6 + 3
     (tmp_path / "manifest.json").unlink()
     unlisted = TL.taskonomy_eval_loader(urls[:1], batch_size=4, size=SIZE, rank=0, world_size=1)
     assert unlisted.expected_samples is None
     assert L.sample_count_report(unlisted, 4)["manifest_samples"] is None
+    assert L.sample_count_report(unlisted, 4)["missing_samples"] is None
+
+
+def test_sample_count_message_adds_up_to_the_manifest():
+    def message(samples, listed, skipped, shard_errors):
+        return L.sample_count_message({"samples": samples, "manifest_samples": listed, "skipped_samples": skipped,
+                                       "shard_errors": shard_errors})
+
+    # one of two shards truncated: 1 sample evaluated, its partly read sample skipped, 4 never read
+    assert message(1, 6, 1, 1) == ("evaluated 1 of the 6 samples the manifest lists: 5 missing "
+                                   "(1 corrupt sample(s) skipped, 4 never read (1 shard read error(s)))")
+    assert message(4, 6, 2, 0) == ("evaluated 4 of the 6 samples the manifest lists: 2 missing "
+                                   "(2 corrupt sample(s) skipped)")
+    assert message(3, 6, 0, 0) == ("evaluated 3 of the 6 samples the manifest lists: 3 missing "
+                                   "(3 never read (absent from the shards))")
+    assert message(7, 6, 0, 0) == "evaluated 7 samples, more than the 6 the manifest lists for these shards"
+    assert message(6, 6, 0, 0) is None and message(6, None, 0, 0) is None
+
+
+def test_a_broken_shard_warns_once_however_often_it_is_read(tmp_path):
+    good, truncated, corrupt = tmp_path / "s-000000.tar", tmp_path / "s-000001.tar", tmp_path / "s-000002.tar"
+    write_shard(good, range(0, 4))
+    write_shard(truncated, range(4, 10))
+    truncated.write_bytes(truncated.read_bytes()[:-3000])
+    write_shard(corrupt, range(10, 14), corrupt={10, 12})  # two bad samples: still one warning for the shard
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", L.SkippedDataWarning)
+        train = L.taskonomy_train_loader([str(good), str(truncated), str(corrupt)], batch_size=2, size=SIZE,
+                                         epoch_samples=12, world_size=1, shuffle_buffer=2)
+        for _ in range(3):  # resampling with replacement: each shard is drawn several times per epoch
+            assert len(list(train)) == 6
+    warned = [str(w.message) for w in caught if issubclass(w.category, L.SkippedDataWarning)]
+    assert sum(f"in shard {truncated};" in m for m in warned) == 1, warned
+    assert sum(f"in shard {corrupt};" in m for m in warned) == 1, warned
+    assert len(warned) == 2 and "skipped so far" in warned[0] and "counted, not warned" in warned[0]
+    assert train.skips.count > len(warned)  # every later event is still counted
+
+
+def test_loader_workers_are_capped_at_the_usable_cpus(tmp_path, monkeypatch, capsys):
+    shard = tmp_path / "s-000000.tar"
+    write_shard(shard, range(0, 4))
+    monkeypatch.setattr(L, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(L, "_capped_worker_notices", set())
+    train = L.taskonomy_train_loader([str(shard)], batch_size=2, size=SIZE, epoch_samples=4, world_size=1,
+                                     rank=0, num_workers=4)
+    workers = lambda loader: loader.pipeline[0].num_workers  # noqa: E731 (the DataLoader inside the WebLoader)
+    assert workers(train) == 1 and train.batches_per_epoch == 2  # the epoch length follows the capped count
+    evaluation = L.taskonomy_eval_loader([str(shard)], batch_size=2, size=SIZE, rank=0, world_size=1, num_workers=4)
+    assert workers(evaluation) == 1
+    notices = capsys.readouterr().err.strip().splitlines()
+    assert notices == ["data: 4 loader workers asked for, 1 CPU(s) usable: using 1"]  # once per process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DataLoader's "too many workers" warning among them
+        assert sum(len(batch[0]) for batch in evaluation) == 4

@@ -122,12 +122,20 @@ def run_rank(out: Path) -> None:
     distributed.cleanup()
 
 
+def _run_ranks(out: Path, timeout: float) -> subprocess.CompletedProcess:
+    """``torchrun`` of this file with WORLD CPU ranks writing to ``out``; TimeoutExpired after ``timeout`` s."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", __file__,
+               str(out)]
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("torchrun")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", __file__, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))}
-    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    finished = _run_ranks(out, timeout=300)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
     results = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
     results[0]["out"] = out
@@ -184,6 +192,85 @@ def test_metrics_are_summed_over_ranks(ranks):
         assert result["celeba"] == ranks[0]["celeba_alone"]
         for task, value in ranks[0]["celeba_alone_losses"].items():
             assert result["celeba_losses"][task] == pytest.approx(value, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- teardown
+STRESS_RUNS = 10
+
+
+@pytest.mark.slow  # about 15 s a run on two CPU cores
+def test_two_rank_job_exits_every_time(tmp_path):
+    """The teardown (barrier, reducers released, group destroyed) ends every run: a hang at exit would be
+    stopped by the hard timeout and fail the test, naming the run."""
+    for run in range(STRESS_RUNS):
+        try:
+            finished = _run_ranks(tmp_path / f"run{run}", timeout=180)
+        except subprocess.TimeoutExpired as expired:
+            pytest.fail(f"run {run + 1} of {STRESS_RUNS} hung (killed after {expired.timeout} s)")
+        assert finished.returncode == 0, f"run {run + 1}: " + finished.stderr[-3000:]
+        assert all((tmp_path / f"run{run}" / f"rank{rank}.pt").is_file() for rank in range(WORLD))
+
+
+def test_cleanup_releases_a_surviving_ddp_model_and_destroys_the_group(tmp_path):
+    """A real one-rank gloo group: a DDP model still referenced at cleanup loses its reducer while the group is
+    alive, so the group's last holder is Python (whose release frees the GIL), not a reducer's destructor."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(nn.Linear(3, 2))
+        ddp(torch.randn(4, 3)).sum().backward()  # a reducer that has run
+        assert "reducer" in ddp.__dict__
+    finally:
+        distributed.cleanup()
+    assert not dist.is_initialized()
+    assert "reducer" not in ddp.__dict__ and "logger" not in ddp.__dict__
+    distributed.cleanup()  # nothing initialised: a no-op
+
+
+class _FakeGroup:
+    """The torch.distributed calls cleanup makes, recorded in order."""
+
+    def __init__(self, barrier_error: Exception | None = None):
+        self.calls: list[str] = []
+        self.barrier_error = barrier_error
+
+    def install(self, monkeypatch) -> None:
+        fake = distributed.dist
+        monkeypatch.setattr(fake, "is_available", lambda: True)
+        monkeypatch.setattr(fake, "is_initialized", lambda: "destroy" not in self.calls)
+        monkeypatch.setattr(fake, "get_world_size", lambda group=None: WORLD)
+        monkeypatch.setattr(fake, "get_backend", lambda group=None: "gloo")
+        monkeypatch.setattr(fake, "monitored_barrier", self._barrier)
+        monkeypatch.setattr(fake, "destroy_process_group", lambda group=None: self.calls.append("destroy"))
+        monkeypatch.setattr(distributed, "release_ddp_reducers", lambda: self.calls.append("release") or 0)
+
+    def _barrier(self, group=None, timeout=None, wait_all_ranks=False):
+        self.calls.append(f"barrier {timeout.total_seconds():g}s")
+        if self.barrier_error is not None:
+            raise self.barrier_error
+
+
+def test_cleanup_order_barrier_release_destroy(monkeypatch):
+    group = _FakeGroup()
+    group.install(monkeypatch)
+    distributed.cleanup(timeout_seconds=7)
+    assert group.calls == ["barrier 7s", "release", "destroy"]
+
+
+def test_cleanup_after_a_failure_skips_the_barrier(monkeypatch):
+    group = _FakeGroup()
+    group.install(monkeypatch)
+    distributed.cleanup(failed=True)  # the other ranks may be inside another collective
+    assert group.calls == ["release", "destroy"]
+
+
+def test_a_barrier_timeout_still_destroys_the_group_and_is_raised(monkeypatch):
+    group = _FakeGroup(barrier_error=RuntimeError("rank 1 failed to pass monitoredBarrier in 7000 ms"))
+    group.install(monkeypatch)
+    with pytest.raises(RuntimeError, match="rank 1 failed to pass"):
+        distributed.cleanup(timeout_seconds=7)
+    assert group.calls == ["barrier 7s", "release", "destroy"]
 
 
 if __name__ == "__main__":  # one rank, started by torchrun from the fixture above

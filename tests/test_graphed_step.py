@@ -221,7 +221,7 @@ def test_pipeline_setting_and_older_checkpoints(tmp_path):
     data = epoch_batches(SIZES[:2], seed=3)
     trainer = StreamTrainer(tiny_supernet(), MSE, data, config(epochs=1), tmp_path)
     trainer.fit()
-    state = torch.load(trainer.checkpoint_path, weights_only=False)
+    state = torch.load(trainer.checkpoint_path, weights_only=True)
     del state["config"]["cuda_graph"]
     torch.save(state, trainer.checkpoint_path)
     StreamTrainer(tiny_supernet(), MSE, data, config(epochs=1), tmp_path).load_checkpoint()

@@ -237,3 +237,10 @@ def test_basic_block_matches_its_definition(stride, in_channels, dilation):
     assert out.shape == (2, 4, (9 - 1) // stride + 1, (7 - 1) // stride + 1)
     with pytest.raises(ValueError, match="stride"):
         BasicBlock(4, 4, stride=0)
+
+
+def test_derive_refuses_a_treenet_with_one_line():
+    tree = derive(supernet()).pruned()
+    with pytest.raises(TypeError, match="derive takes a TreeSupernet .*not a TreeNet") as refused:
+        derive(TreeNet(tree, mlp_blocks()))
+    assert len(str(refused.value).splitlines()) == 1

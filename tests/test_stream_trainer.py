@@ -139,7 +139,7 @@ def test_fp16_uses_a_gradient_scaler(tmp_path):
     trainer = StreamTrainer(_conv_supernet(0), MSE, _image_batches(2), config(epochs=1, warmup_epochs=0, precision="fp16"), tmp_path)
     assert trainer.scaler.is_enabled()
     trainer.fit()
-    state = torch.load(trainer.checkpoint_path, weights_only=False)
+    state = torch.load(trainer.checkpoint_path, weights_only=True)
     assert state["scaler"]["scale"] > 0  # the scaler's state is checkpointed
 
 
@@ -162,7 +162,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
     eager.fit()
     compiled.fit()
     assert_same_state(eager.module, compiled.module, rtol=1e-12, atol=1e-14)
-    saved = torch.load(compiled.checkpoint_path, weights_only=False)["model"]
+    saved = torch.load(compiled.checkpoint_path, weights_only=True)["model"]
     assert list(saved) == list(compiled.module.state_dict())  # no wrapper prefixes in checkpoints
 
 

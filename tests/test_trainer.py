@@ -133,6 +133,6 @@ def test_killed_search_resumes_to_the_same_tree(tmp_path):
     assert reference.wait(timeout=300) == 0, reference.stderr.read()
     for name in ("tree.json", "log.csv", "epochs.csv"):
         assert (tmp_path / "whole" / name).read_text() == (tmp_path / "killed" / name).read_text(), name
-    whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=False)["model"]
-    again = torch.load(checkpoint, weights_only=False)["model"]
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    again = torch.load(checkpoint, weights_only=True)["model"]
     assert all(torch.equal(whole[k], again[k]) for k in whole)

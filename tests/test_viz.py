@@ -80,6 +80,25 @@ def test_draw_tree_accepts_str_stem_and_no_title(tmp_path):
     assert_png_and_svg(paths, tmp_path / "chain")
 
 
+def test_draw_tree_writes_only_the_file_a_png_or_svg_path_names(tmp_path):
+    png = viz.draw_tree(CHAIN, tmp_path / "out" / "tree.png")
+    assert png == [tmp_path / "out" / "tree.png"] and png[0].read_bytes()[:8] == PNG_MAGIC
+    svg = viz.draw_tree(CHAIN, str(tmp_path / "out" / "tree.SVG"))  # any case
+    assert svg == [tmp_path / "out" / "tree.SVG"] and "<svg" in svg[0].read_text()
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["tree.SVG", "tree.png"]  # no tree.png.png
+    assert viz.picture_paths("out/run.v2") == [Path("out/run.v2.png"), Path("out/run.v2.svg")]  # other dots: a stem
+
+
+def test_tree_text_and_draw_tree_take_a_tree_or_its_dict(tmp_path):
+    from l2b_fast.tree import Tree
+
+    tree = Tree(CHAIN["tasks"], [layer["parents"] for layer in CHAIN["layers"]])
+    assert viz.tree_text(tree) == viz.tree_text(CHAIN)
+    assert_png_and_svg(viz.draw_tree(tree, tmp_path / "chain"), tmp_path / "chain")
+    with pytest.raises(ValueError, match="a tree must be a dict, got list"):
+        viz.tree_text([CHAIN])
+
+
 def test_matplotlib_is_lazy_and_pyplot_untouched(tmp_path):
     # one fresh interpreter: importing viz needs no matplotlib, drawing never imports pyplot (no backend switch).
     # viz.py is loaded from its file so the check skips the (slow, torch-importing) package __init__.

@@ -6,7 +6,8 @@ the rank taken in the main process when the loader is built), samples pass throu
 are augmented and batched inside the workers, and every worker stops after
 ``epoch_samples // (batch_size * world_size * max(1, num_workers))`` batches, so all DDP ranks run the same
 number of steps per epoch. Workers are persistent, so each epoch draws new shards and augmentations;
-everything is reproducible for a given ``seed``, world size and worker count.
+everything is reproducible for a given ``seed``, world size and worker count. A worker count above the CPUs
+the process may use is lowered to that number (with a one-line notice), as more workers only compete for them.
 
 Evaluation (:func:`taskonomy_eval_loader`, :func:`celeba_loader` with ``train=False``): rank ``r`` of ``W``
 reads the disjoint shard list ``shards[r::W]`` (split further across workers with ``split_by_worker``), once,
@@ -15,8 +16,9 @@ batches: do no collective operation per batch; sum metrics per rank and combine 
 :func:`reduce_metric_sums` at the end.
 
 Corrupt data never crashes or hangs a loader: an undecodable PNG, a missing member, an unreadable or
-truncated tar are skipped, reported with a :class:`SkippedDataWarning` and counted in the loader's
-:class:`SkipCounter` (``loader.skips.count``, shared across DataLoader worker processes). After
+truncated tar are skipped, reported with a :class:`SkippedDataWarning` (once per shard and process: a training
+loader re-reads a broken shard every time it draws it) and counted in the loader's :class:`SkipCounter`
+(``loader.skips.count``, every event, shared across DataLoader worker processes). After
 ``max_consecutive_failures`` failures in a row without a good sample a pipeline gives up on the current
 stream (so a set of shards that are all broken ends the epoch instead of looping forever). Skip events are not
 samples (a truncated shard loses an unknown number): an evaluation compares the samples it evaluated with the
@@ -27,7 +29,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -47,6 +51,7 @@ __all__ = [
     "reduce_metric_sums",
     "manifest_sample_count",
     "sample_count_report",
+    "sample_count_message",
     "expand_urls",
     "batches_per_worker",
 ]
@@ -63,6 +68,10 @@ class SkipCounter:
     events per broken shard, however many samples it held) and by the decoding stage for each sample it drops
     (:meth:`skip_sample`). The counts live in shared memory, so skips in DataLoader worker processes show up in
     the object held by the main process. ``messages`` holds the first few messages of the current process only.
+
+    Warnings: one per shard and process, with the count so far; the shard's later events (the same broken shard
+    drawn again by a resampling training loader, its other corrupt samples) are counted without a warning.
+    Events that name no shard warn each, up to ``max_warnings`` warnings in all.
     """
 
     def __init__(self, name: str = "data", *, max_consecutive_failures: int = 1000, max_warnings: int = 50):
@@ -73,6 +82,7 @@ class SkipCounter:
         self._samples = multiprocessing.Value("q", 0)
         self._consecutive = 0
         self._warned = 0
+        self._warned_shards: set[str] = set()  # this process's: each worker process warns on its own
         self.messages: list[str] = []
 
     @property
@@ -97,6 +107,8 @@ class SkipCounter:
                 value.value = 0
         self.messages.clear()
         self._consecutive = 0
+        self._warned = 0
+        self._warned_shards.clear()
 
     def ok(self) -> None:
         """Record a good sample (resets the consecutive-failure guard)."""
@@ -113,13 +125,21 @@ class SkipCounter:
             self._count.value += 1
             total = self._count.value
         self._consecutive += 1
-        message = f"{self.name}: skipped corrupt data ({type(exn).__name__}: {exn})"
+        shard = _shard_of(exn)
+        detail = exn.args[0] if shard is not None and exn.args else exn  # webdataset appends the stream and url
+        message = f"{self.name}: skipped corrupt data ({type(exn).__name__}: {detail})"
         if len(self.messages) < 100:
             self.messages.append(message)
-        if self._warned < self.max_warnings:
+        if shard not in self._warned_shards and self._warned < self.max_warnings:
             self._warned += 1
-            suffix = "" if self._warned < self.max_warnings else " [further skip warnings suppressed in this process]"
-            warnings.warn(f"{message}; {total} skipped so far{suffix}", SkippedDataWarning, stacklevel=2)
+            if shard is not None:
+                self._warned_shards.add(shard)
+                message += f" in shard {shard}; {total} skipped so far; its later errors are counted, not warned"
+            else:
+                message += f"; {total} skipped so far"
+            if self._warned == self.max_warnings:
+                message += " [further skip warnings suppressed in this process]"
+            warnings.warn(message, SkippedDataWarning, stacklevel=2)
         if self._consecutive > self.max_consecutive_failures:
             warnings.warn(
                 f"{self.name}: {self._consecutive} consecutive failures without a good sample; giving up on this stream",
@@ -135,11 +155,44 @@ class SkipCounter:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+def _shard_of(exn: BaseException) -> str | None:
+    """The shard an error came from: set by the decoding stage, or the url webdataset appends to the
+    exception's arguments (its last one); None when neither names one."""
+    shard = getattr(exn, "shard", None)
+    if shard is not None:
+        return str(shard)
+    arguments = getattr(exn, "args", ())
+    return arguments[-1] if len(arguments) >= 2 and isinstance(arguments[-1], str) else None
+
+
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """A brace pattern ("train-{000000..000009}.tar"), a "::"-joined string, or a list -> a list of urls."""
     if isinstance(urls, str):
         return wds.shardlists.expand_urls(urls)
     return [str(u) for u in urls]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one): the most DataLoader workers that
+    do not make torch's DataLoader warn about too many workers."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks on this OS
+        return max(1, os.cpu_count() or 1)
+
+
+_capped_worker_notices: set[tuple[int, int]] = set()
+
+
+def _capped_workers(num_workers: int, rank: int) -> int:
+    """``num_workers`` limited to the usable CPUs, with a one-line notice (once per process and value, rank 0)."""
+    cpus = usable_cpus()
+    if num_workers <= cpus:
+        return num_workers
+    if rank == 0 and (num_workers, cpus) not in _capped_worker_notices:
+        _capped_worker_notices.add((num_workers, cpus))
+        print(f"data: {num_workers} loader workers asked for, {cpus} CPU(s) usable: using {cpus}", file=sys.stderr)
+    return cpus
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -224,6 +277,7 @@ class _Convert(_EpochStage):
                 out = self.convert(sample, rng)
             except Exception as exn:
                 exn = CorruptSampleError(f"sample {key!r} in {sample.get('__url__', '?')}: {exn}")
+                exn.shard = sample.get("__url__")  # one warning per shard, however many of its samples fail
                 if self.counter.skip_sample(exn):
                     continue
                 break
@@ -274,6 +328,7 @@ def build_loader(
     world_size = dist_world if world_size is None else int(world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
+    num_workers = _capped_workers(num_workers, rank)  # before the epoch length, which depends on it
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     if train:
@@ -385,14 +440,36 @@ def manifest_sample_count(urls: Sequence[str]) -> int | None:
     return total
 
 
+def sample_count_message(report: dict) -> str | None:
+    """One line on an incomplete evaluation (None when it read what the manifest lists, or there is no manifest).
+
+    The missing samples are those skipped as corrupt (read but undecodable, counted one by one) and those never
+    read (lost with a truncated or unreadable shard: its read errors count events, not samples), so the numbers
+    add up to what the manifest lists.
+    """
+    samples, listed = report["samples"], report["manifest_samples"]
+    if listed is None or listed == samples:
+        return None
+    if samples > listed:
+        return f"evaluated {samples} samples, more than the {listed} the manifest lists for these shards"
+    missing, skipped, shard_errors = listed - samples, report["skipped_samples"], report["shard_errors"]
+    never_read = missing - skipped
+    parts = [f"{skipped} corrupt sample(s) skipped"] if skipped else []
+    if never_read > 0:
+        cause = f"{shard_errors} shard read error(s)" if shard_errors else "absent from the shards"
+        parts.append(f"{never_read} never read ({cause})")
+    return f"evaluated {samples} of the {listed} samples the manifest lists: {missing} missing ({', '.join(parts)})"
+
+
 def sample_count_report(loader, samples: int) -> dict:
     """How complete an evaluation pass was: the ``samples`` it evaluated (count them from the batches, e.g.
     ``metrics.samples``) against the count the manifests list for the loader's shards.
 
-    Returns ``{"samples", "manifest_samples", "skipped_samples", "shard_errors"}``, summed over all ranks of an
-    initialised process group (call it on every rank, after the pass). ``manifest_samples`` is None when the
-    shards are not all listed in a manifest. Warns (:class:`SkippedDataWarning`) when the two counts differ:
-    a corrupt sample costs one sample, a truncated or unreadable shard an unknown number of them.
+    Returns ``{"samples", "manifest_samples", "missing_samples", "skipped_samples", "shard_errors"}``, summed
+    over all ranks of an initialised process group (call it on every rank, after the pass). ``manifest_samples``
+    and ``missing_samples`` are None when the shards are not all listed in a manifest. Warns
+    (:class:`SkippedDataWarning`, the line of :func:`sample_count_message`) when the two counts differ: a corrupt
+    sample costs one sample, a truncated or unreadable shard an unknown number of them.
     """
     expected = getattr(loader, "expected_samples", None)
     skips = getattr(loader, "skips", None)
@@ -410,12 +487,9 @@ def sample_count_report(loader, samples: int) -> dict:
         "skipped_samples": values["skipped_samples"],
         "shard_errors": values["shard_errors"],
     }
-    if report["manifest_samples"] is not None and report["manifest_samples"] != report["samples"]:
-        warnings.warn(
-            f"evaluated {report['samples']} samples but the manifest lists {report['manifest_samples']} in these shards "
-            f"({report['skipped_samples']} corrupt sample(s) skipped, {report['shard_errors']} shard read error(s)); "
-            "the metrics cover only the samples evaluated",
-            SkippedDataWarning,
-            stacklevel=2,
-        )
+    listed = report["manifest_samples"]
+    report["missing_samples"] = None if listed is None else max(0, listed - report["samples"])
+    message = sample_count_message(report)
+    if message is not None:
+        warnings.warn(f"{message}; the metrics cover only the samples evaluated", SkippedDataWarning, stacklevel=2)
     return report

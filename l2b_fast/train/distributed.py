@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import faulthandler
 import gc
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 from l2b_fast.ops.branching import derive_seed_value
 
-__all__ = ["DistContext", "setup", "cleanup", "resolve_device", "step_seed", "all_gather_objects", "barrier", "is_main_process"]
+__all__ = ["DistContext", "setup", "cleanup", "release_ddp_reducers", "resolve_device", "step_seed",
+           "all_gather_objects", "barrier", "is_main_process"]
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -123,18 +126,71 @@ def _select_cuda(device: torch.device) -> None:
         torch.cuda.set_device(device)  # NCCL and the default CUDA stream follow the current device
 
 
-def cleanup() -> None:
-    """Destroys the default process group if one is initialised (call at the end of a torchrun script).
+TEARDOWN_TIMEOUT_SECONDS = 120.0
 
-    Drop DistributedDataParallel models (and the trainers holding them) before: a DDP reducer that outlives
-    the process group destroys it while holding the GIL, and gloo's worker threads can need the GIL to free
-    their last tensors, a deadlock at exit (pytorch/pytorch#56297). The barrier lets every rank's pending
-    collectives finish first.
+
+def cleanup(*, failed: bool = False, timeout_seconds: float = TEARDOWN_TIMEOUT_SECONDS) -> None:
+    """Leaves the default process group, if one is initialised (call it at the end of a torchrun script), in a
+    fixed order that cannot hang:
+
+    1. A barrier (unless ``failed``) that gives up after ``timeout_seconds`` (gloo: ``monitored_barrier``, which
+       names the ranks that did not arrive): every rank's collectives have finished and none is still to come. A
+       rank leaving after an error skips it: the others may be inside another collective it must not pair with.
+    2. ``gc.collect()`` and the release of every DistributedDataParallel reducer still alive. A reducer holds the
+       process group; were it the last holder, the group would be destroyed inside the reducer's destructor with
+       the GIL held while gloo's worker threads may need the GIL to free their last tensors: a deadlock at exit
+       (pytorch/pytorch#56297). Dropping DDP models before (the trainers holding them too) remains good practice.
+    3. ``destroy_process_group()`` while the group is still alive in Python (its last release frees the GIL).
+
+    Steps 1 to 3 run under a watchdog thread outside the interpreter (``faulthandler``): should they not return
+    within twice ``timeout_seconds``, every thread's stack is printed and the process exits with status 1.
     """
-    if dist.is_available() and dist.is_initialized():
-        barrier()
-        gc.collect()  # reducers held only by reference cycles die here, while the process group is alive
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    watchdog = _start_watchdog(2 * timeout_seconds)
+    try:
+        if not failed:
+            _barrier_within(timeout_seconds)
+    finally:
+        try:
+            gc.collect()  # reducers held only by reference cycles die here, while the process group is alive
+            release_ddp_reducers()
+            dist.destroy_process_group()
+        finally:
+            if watchdog:
+                faulthandler.cancel_dump_traceback_later()
+
+
+def _barrier_within(timeout_seconds: float) -> None:
+    if dist.get_world_size() == 1:
+        return
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_seconds))
+    else:  # NCCL: the group's own timeout applies, the watchdog bounds it
+        dist.barrier()
+
+
+def release_ddp_reducers() -> int:
+    """Drops the C++ reducer (and its logger) of every DistributedDataParallel model still alive, so that none
+    can outlive the process group (see :func:`cleanup`); those models cannot run again. Returns their count."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    released = 0
+    for candidate in gc.get_objects():
+        if issubclass(type(candidate), DistributedDataParallel) and "reducer" in candidate.__dict__:
+            candidate.__dict__.pop("logger", None)  # the logger holds the reducer too
+            del candidate.__dict__["reducer"]
+            released += 1
+    return released
+
+
+def _start_watchdog(seconds: float) -> bool:
+    """Arms faulthandler's timer (a C thread that needs no GIL) on the real stderr; False where it cannot be."""
+    try:
+        faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__)
+    except (AttributeError, OSError, RuntimeError, ValueError):  # no usable stderr file descriptor
+        return False
+    return True
 
 
 def is_main_process() -> bool:

@@ -193,6 +193,9 @@ def render_face(attributes, size: int = 64, rng: np.random.Generator | None = No
     return np.round(img * 255).astype(np.uint8)
 
 
+MIN_SIZE = 16  # the smallest image side generate() accepts (the only check of it)
+
+
 def generate(out_dir, n: int, size: int = 64, *, seed: int = 0, samples_per_shard: int = 1000,
              splits=(("train", 0.8), ("val", 0.1), ("test", 0.1)), overwrite: bool = False) -> dict:
     """Write ``n`` synthetic faces as CelebA shards + ``manifest.json`` in ``out_dir``; return the manifest.
@@ -204,8 +207,10 @@ def generate(out_dir, n: int, size: int = 64, *, seed: int = 0, samples_per_shar
     members: ``png`` (uint8 RGB), ``attr.json`` ({"attributes": [40 ints 0/1]}), ``json``
     ({"image": "000001.png", "split": split}). Sample i uses ``np.random.default_rng([seed, i])``.
     """
-    if n < 0 or size < 16:
-        raise ValueError("need n >= 0 and size >= 16")
+    if n < 0:
+        raise ValueError(f"need n >= 0 samples, got {n}")
+    if size < MIN_SIZE:
+        raise ValueError(f"image size {size} is too small: synthetic faces need a size >= {MIN_SIZE}")
     parts = split_counts(n, splits)
     prepare_output_dir(out_dir, overwrite=overwrite)
     entries, start = {}, 1

@@ -264,6 +264,9 @@ def make_scene(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
 
 
 
+MIN_SIZE = 8  # the smallest image side generate() accepts (the only check of it)
+
+
 def generate(out_dir, n: int, size: int = 256, *, seed: int = 0, samples_per_shard: int = 1000,
              splits=(("train", 0.8), ("val", 0.1), ("test", 0.1)), points_per_building: int = 4,
              views_per_point: int = 3, overwrite: bool = False) -> dict:
@@ -278,8 +281,10 @@ def generate(out_dir, n: int, size: int = 256, *, seed: int = 0, samples_per_sha
     camera and noise draw comes from ``np.random.default_rng([seed, ...])``, so the output (tar bytes
     included) depends only on the arguments.
     """
-    if n < 0 or size < 8:
-        raise ValueError("need n >= 0 and size >= 8")
+    if n < 0:
+        raise ValueError(f"need n >= 0 samples, got {n}")
+    if size < MIN_SIZE:
+        raise ValueError(f"image size {size} is too small: synthetic scenes need a size >= {MIN_SIZE}")
     parts = split_counts(n, splits)
     prepare_output_dir(out_dir, overwrite=overwrite)
     per_building = points_per_building * views_per_point
