@@ -126,12 +126,12 @@ def test_readme_data_commands_parse():
         assert args.command == "data", line
 
 
-@pytest.mark.parametrize("kind, module", [("synthetic-celeba", "synthetic_celeba"),
-                                          ("synthetic-taskonomy", "synthetic_taskonomy")])
+@pytest.mark.parametrize("kind, module", [("synthetic-celeba", "celeba.synthetic"),
+                                          ("synthetic-taskonomy", "taskonomy.synthetic")])
 def test_synthetic_size_has_one_minimum_the_generators(tmp_path, capsys, kind, module):
     import importlib
 
-    minimum = importlib.import_module(f"l2b_fast.data.{module}").MIN_SIZE
+    minimum = importlib.import_module(f"l2b_fast.datasets.{module}").MIN_SIZE
     out = tmp_path / "syn"
     assert cli.main(["data", kind, "--out", str(out), "--n", "3", "--size", str(minimum - 1)]) == 2
     error = capsys.readouterr().err.strip()

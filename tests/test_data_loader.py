@@ -495,7 +495,7 @@ def test_a_broken_shard_warns_once_however_often_it_is_read(tmp_path):
     write_shard(corrupt, range(10, 14), corrupt={10, 12})  # two bad samples: still one warning for the shard
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", L.SkippedDataWarning)
-        train = L.taskonomy_train_loader([str(good), str(truncated), str(corrupt)], batch_size=2, size=SIZE,
+        train = TL.taskonomy_train_loader([str(good), str(truncated), str(corrupt)], batch_size=2, size=SIZE,
                                          epoch_samples=12, world_size=1, shuffle_buffer=2)
         for _ in range(3):  # resampling with replacement: each shard is drawn several times per epoch
             assert len(list(train)) == 6
@@ -511,11 +511,11 @@ def test_loader_workers_are_capped_at_the_usable_cpus(tmp_path, monkeypatch, cap
     write_shard(shard, range(0, 4))
     monkeypatch.setattr(L, "usable_cpus", lambda: 1)
     monkeypatch.setattr(L, "_capped_worker_notices", set())
-    train = L.taskonomy_train_loader([str(shard)], batch_size=2, size=SIZE, epoch_samples=4, world_size=1,
+    train = TL.taskonomy_train_loader([str(shard)], batch_size=2, size=SIZE, epoch_samples=4, world_size=1,
                                      rank=0, num_workers=4)
     workers = lambda loader: loader.pipeline[0].num_workers  # noqa: E731 (the DataLoader inside the WebLoader)
     assert workers(train) == 1 and train.batches_per_epoch == 2  # the epoch length follows the capped count
-    evaluation = L.taskonomy_eval_loader([str(shard)], batch_size=2, size=SIZE, rank=0, world_size=1, num_workers=4)
+    evaluation = TL.taskonomy_eval_loader([str(shard)], batch_size=2, size=SIZE, rank=0, world_size=1, num_workers=4)
     assert workers(evaluation) == 1
     notices = capsys.readouterr().err.strip().splitlines()
     assert notices == ["data: 4 loader workers asked for, 1 CPU(s) usable: using 1"]  # once per process
