@@ -1,5 +1,5 @@
-"""One branching block, forward + backward in search (or frozen) mode: per_child against grouped
-(routing auto, gather, host).
+"""One branching block, forward + backward in search (or frozen) mode: per_child against grouped (gather, then one
+launch per layer).
 
 Variants run interleaved, round by round, so a shared machine's noise hits them alike; medians are
 reported with the ratios, of wall time and of the process's CPU time (steadier on a shared machine:
@@ -77,12 +77,11 @@ def main(argv=None):
     for name in wanted:
         nodes, branching, parents = make_block(CASES[name], device)
         branching.mode = args.mode
-        grouped = {routing: GroupedBlock(nodes, 0) for routing in ("auto", "gather", "host")}
-        for routing, block in grouped.items():
-            block.routing = routing
-        variants = {"per_child": lambda gen: run_per_child(0, branching, nodes, parents, gen)}
-        for routing in ("auto", "gather", "host") if device.type == "cpu" else ("auto",):  # host: CPU only
-            variants[f"grouped_{routing}"] = lambda gen, block=grouped[routing]: block(branching, parents, gen)
+        grouped = GroupedBlock(nodes, 0)
+        variants = {
+            "per_child": lambda gen: run_per_child(0, branching, nodes, parents, gen),
+            "grouped": lambda gen: grouped(branching, parents, gen),
+        }
 
         def step(forward, seed):
             out = forward(torch.Generator(device=device).manual_seed(seed))

@@ -78,7 +78,7 @@ MODELS = {
 TOLERANCES = {torch.float64: {"atol": 1e-10, "rtol": 1e-10}, torch.float32: {"atol": 2e-4, "rtol": 2e-4}}
 
 
-def reference_and_grouped(model: str, dtype=torch.float64, routing: str = "auto", seed: int = 0):
+def reference_and_grouped(model: str, dtype=torch.float64, seed: int = 0):
     torch.manual_seed(seed)
     reference = TreeSupernet(MODELS[model][0](), TASKS, execution="per_child").to(dtype)
     with torch.no_grad():
@@ -86,8 +86,6 @@ def reference_and_grouped(model: str, dtype=torch.float64, routing: str = "auto"
             branching.logits.normal_()
     grouped = copy.deepcopy(reference)
     grouped.set_execution("grouped")
-    for block in grouped._grouped:
-        block.routing = "auto" if routing == "host" and not block.routable() else routing
     return reference, grouped
 
 
@@ -123,11 +121,10 @@ def assert_equivalent(reference, grouped, x, mode, tolerance, steps=2):
 
 
 @pytest.mark.parametrize("mode", ["search", "frozen", "eval"])
-@pytest.mark.parametrize("routing", ["auto", "host", "gather"])
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_grouped_equals_per_child(model, routing, mode, dtype):
-    reference, grouped = reference_and_grouped(model, dtype, routing)
+def test_grouped_equals_per_child(model, mode, dtype):
+    reference, grouped = reference_and_grouped(model, dtype)
     x = torch.randn(MODELS[model][1], dtype=dtype)
     if mode != "frozen":
         x.requires_grad_(True)
@@ -136,23 +133,22 @@ def test_grouped_equals_per_child(model, routing, mode, dtype):
         assert any(p.grad.abs().sum() > 0 for p in grouped.logits_parameters())
 
 
-@pytest.mark.parametrize("routing", ["auto", "host", "gather"])
 @pytest.mark.parametrize("model", ["cnn", "resnet"])
-def test_grouped_equals_per_child_channels_last(model, routing):
-    reference, grouped = reference_and_grouped(model, torch.float64, routing)
+def test_grouped_equals_per_child_channels_last(model):
+    reference, grouped = reference_and_grouped(model, torch.float64)
     x = torch.randn(MODELS[model][1], dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     reference.to(memory_format=torch.channels_last), grouped.to(memory_format=torch.channels_last)
     assert_equivalent(reference, grouped, x, "search", TOLERANCES[torch.float64])
 
 
 @pytest.mark.parametrize(("node", "shape"), [
-    (lambda: BasicBlock(2, 2), (3, 2, 2, 4, 3)),  # conv1 and the identity read the parents
-    (lambda: BasicBlock(2, 3, stride=2), (2, 2, 2, 3, 3)),  # conv1 and the 1x1 downsample
+    (lambda: BasicBlock(2, 2), (3, 2, 2, 4, 3)),
+    (lambda: BasicBlock(2, 3, stride=2), (2, 2, 2, 3, 3)),
     (lambda: nn.Sequential(nn.Linear(3, 2, bias=False), nn.Tanh()), (3, 4, 3)),
 ])
-def test_host_routed_block_passes_gradcheck(node, shape):
-    """Host routing in search mode: the parents' gradient (segment sums through the phantom) is the true
-    derivative of the outputs for the sampled index."""
+def test_grouped_block_passes_gradcheck(node, shape):
+    """Search mode: the parents' gradient of a grouped block is the true derivative of its outputs for the sampled
+    index."""
     from l2b_fast.nn import Branching
     from l2b_fast.nn.grouped import GroupedBlock
 
@@ -162,43 +158,9 @@ def test_host_routed_block_passes_gradcheck(node, shape):
     with torch.no_grad():
         branching.logits.normal_()
     block = GroupedBlock(nodes, 0)
-    block.routing = "host"
     parents = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     run = lambda p: block(branching, p, torch.Generator().manual_seed(3))  # noqa: E731
     assert torch.autograd.gradcheck(run, (parents,))
-
-
-def test_routing_is_validated():
-    _, grouped = reference_and_grouped("conv1d")
-    x = torch.randn(MODELS["conv1d"][1], dtype=torch.float64)
-    assert not grouped._grouped[0].routable()  # a grouped convolution first: gathered
-    grouped._grouped[0].routing = "host"
-    with pytest.raises(ValueError, match="host routing needs"):
-        grouped(x)
-    grouped._grouped[0].routing = "fast"
-    with pytest.raises(ValueError, match="routing must be one of"):
-        grouped(x)
-
-
-def test_children_sharing_a_parent_read_it_once():
-    """The first layer runs once per distinct parent (concatenated weights), not once per child."""
-    _, grouped = reference_and_grouped("resnet")
-    calls = []
-    original = torch.nn.functional.conv2d
-
-    def counting(input, weight, *args, **kwargs):
-        calls.append(weight.shape[0])
-        return original(input, weight, *args, **kwargs)
-
-    torch.nn.functional.conv2d = counting
-    try:
-        grouped.eval()
-        with torch.no_grad():
-            grouped(torch.randn(2, 3, 7, 5, dtype=torch.float64))
-    finally:
-        torch.nn.functional.conv2d = original
-    # block 0: one parent (the input), both children's conv1 (4 channels each) in one call
-    assert calls[0] == 2 * 4
 
 
 def test_autocast_runs_close_to_per_child():
@@ -397,3 +359,51 @@ def test_auto_leaves_large_cpu_blocks_per_child(monkeypatch):
     calls.clear()
     step(explicit, x, "search", 2)
     assert calls == [0, 1, 2]  # execution="grouped" always groups
+
+
+class Scale(nn.Module):
+    """A user's layer type: ``x * weight`` over the last dim."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_a_registered_layer_type_runs_grouped_as_per_child(monkeypatch):
+    from l2b_fast.nn.grouped import CHILDREN, GROUPED_STEPS, Step, register_grouped_step
+
+    class ScaleStep(Step):
+        layout = CHILDREN
+
+        def __call__(self, x):
+            x = x.to(CHILDREN)
+            weight = torch.stack([module.weight for module in self.modules])  # [J, F]
+            return x.with_tensor(x.tensor * weight.view(x.children, *[1] * (x.tensor.dim() - 2), -1))
+
+    monkeypatch.setitem(GROUPED_STEPS, Scale, None)  # restored after the test
+    del GROUPED_STEPS[Scale]
+    blocks = [BlockSpec(3, lambda b, c: nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh())), BlockSpec(3, lambda b, c: Scale(5))]
+    torch.manual_seed(0)
+    reference = TreeSupernet(blocks, TASKS, execution="per_child").double()
+    with pytest.raises(UnsupportedNodeError, match=r"block 0 node\.1 is a .*Scale.*register_grouped_step"):
+        copy.deepcopy(reference).set_execution("grouped")
+    register_grouped_step(Scale, ScaleStep)
+    grouped = copy.deepcopy(reference)
+    grouped.set_execution("grouped")
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert_equivalent(reference, grouped, x, "search", TOLERANCES[torch.float64])
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_grouped_step(int, ScaleStep)
+
+
+def test_a_mis_shaped_layer_names_the_users_module():
+    blocks = [BlockSpec(2, lambda b, c: nn.Sequential(nn.Linear(4, 5), nn.ReLU())), BlockSpec(3, lambda b, c: nn.Linear(7, 2))]
+    net = TreeSupernet(blocks, TASKS, execution="grouped")
+    with pytest.raises(ValueError, match=r"block 1 node \(Linear\): expected 7 input features, got 5"):
+        net(torch.randn(3, 4))
+    conv = [BlockSpec(2, lambda b, c: nn.Conv2d(3, 4, 3, padding=1)), BlockSpec(3, lambda b, c: nn.Sequential(nn.ReLU(), nn.Conv2d(6, 2, 1)))]
+    with pytest.raises(ValueError, match=r"block 1 node\.1 \(Conv2d\): expected 6 input channels, got 4"):
+        TreeSupernet(conv, TASKS, execution="grouped")(torch.randn(2, 3, 5, 5))

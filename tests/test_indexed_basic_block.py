@@ -19,6 +19,7 @@ from torch import nn
 from l2b_fast.models import taskonomy_resnet34
 from l2b_fast.nn import BasicBlock, BlockSpec, TreeSupernet
 from l2b_fast.nn.grouped import indexed
+from l2b_fast.ops import indexed_conv as conv_op
 from test_indexed_conv import TASKS, assert_same_step, interpreted_only, needs_cuda, search_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,15 +49,13 @@ def triton_copy(reference):
     triton_net = copy.deepcopy(reference)
     triton_net.set_execution("grouped")
     triton_net.set_conv_backend("triton")
-    for block in triton_net._grouped:
-        block.routing = "gather"  # block 0 (one parent) would be routed on the host
     return triton_net
 
 
 def record_calls(monkeypatch):
     """Which blocks start through the index, how many indexed convolutions and straight-through gathers run."""
     calls = {"started": [], "convolutions": 0, "gathers": 0}
-    real_start, real_conv, real_gather = indexed.start_block, indexed.indexed_conv2d, indexed._straight_through_branch_op
+    real_start, real_conv, real_gather = indexed.start_block, indexed.indexed_conv2d, indexed.straight_through_branch_op
 
     def start(step, block, *args):
         result = real_start(step, block, *args)
@@ -73,7 +72,7 @@ def record_calls(monkeypatch):
 
     monkeypatch.setattr(indexed, "start_block", start)
     monkeypatch.setattr(indexed, "indexed_conv2d", convolution)
-    monkeypatch.setattr(indexed, "_straight_through_branch_op", gather)
+    monkeypatch.setattr(indexed, "straight_through_branch_op", gather)
     return calls
 
 
@@ -171,8 +170,8 @@ def test_basic_blocks_in_fp64_keep_the_cudnn_path(monkeypatch):
 def test_basic_blocks_under_autocast_compute_the_convolutions_in_the_autocast_dtype(monkeypatch):
     reference, triton_net = supernets(basic_blocks()[1:], torch.float32)  # block 2: identity with 3 parents
     dtypes = []
-    real = indexed._indexed_conv2d_op
-    monkeypatch.setattr(indexed, "_indexed_conv2d_op", lambda parents, *args: dtypes.append(parents.dtype) or real(parents, *args))
+    real = conv_op._indexed_conv2d_op
+    monkeypatch.setattr(conv_op, "_indexed_conv2d_op", lambda parents, *args: dtypes.append(parents.dtype) or real(parents, *args))
     errors = bf16_errors(reference, triton_net, torch.randn(4, 4, 9, 9), "search")
     assert dtypes == [torch.bfloat16] * 5  # conv1 of every block, the downsamples of the first and last
     assert set(errors["per_child"]) == {"outputs", "logits", "weights"}

@@ -20,6 +20,7 @@ from torch import nn
 from l2b_fast import backends, ops
 from l2b_fast.nn import BlockSpec, TreeSupernet
 from l2b_fast.nn.grouped import indexed
+from l2b_fast.ops import indexed_conv as conv_op
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = backends.TRITON_INSTALLED and backends.triton_interpreting()
@@ -68,8 +69,8 @@ def as_reference(tensors):
 
 def assert_matches_reference(inputs, geometry, atol, rtol):
     parents, logits, index, soft, weight, bias = inputs
-    out, grads = run(indexed.indexed_conv2d, *inputs, geometry)
-    ref_out, ref_grads = run(indexed.indexed_conv2d_ref, *as_reference(inputs), geometry)
+    out, grads = run(conv_op.indexed_conv2d, *inputs, geometry)
+    ref_out, ref_grads = run(conv_op.indexed_conv2d_ref, *as_reference(inputs), geometry)
     scale = lambda t: float(t.detach().abs().max()) or 1.0  # noqa: E731  error relative to the tensor's range
     torch.testing.assert_close(out.double(), ref_out, atol=atol * scale(ref_out), rtol=rtol)
     for name, got, expected in zip(("parents", "logits", "weight", "bias"), grads, ref_grads):
@@ -97,7 +98,7 @@ def test_channels_last_parents_and_one_parent():
     channels_last = torch.stack([p.contiguous(memory_format=torch.channels_last) for p in parents])
     assert channels_last[0].is_contiguous(memory_format=torch.channels_last)
     assert_matches_reference((channels_last, *rest), (3, 1, 1, 1), atol=1e-5, rtol=1e-5)
-    out = indexed.indexed_conv2d(channels_last, *rest[:3], TAU, *rest[3:], padding=1)
+    out = conv_op.indexed_conv2d(channels_last, *rest[:3], TAU, *rest[3:], padding=1)
     assert out.is_contiguous(memory_format=torch.channels_last)  # as the cudnn path's output
 
 
@@ -114,7 +115,7 @@ def test_transposed_bias_is_read_through_its_strides():
 def test_frozen_logits_skip_the_dots_and_input_without_grad_skips_the_input_gradient(monkeypatch):
     parents, logits, index, soft, weight, bias = make_inputs(3, 4, 2, 3, 4, (5, 5), 3, dtype=torch.float32, seed=9)
     calls = []
-    real = indexed._branch_backward_op
+    real = conv_op.branch_backward_op
 
     def recording(device):
         op = real(device)
@@ -125,24 +126,24 @@ def test_frozen_logits_skip_the_dots_and_input_without_grad_skips_the_input_grad
 
         return call
 
-    monkeypatch.setattr(indexed, "_branch_backward_op", recording)
+    monkeypatch.setattr(conv_op, "branch_backward_op", recording)
     frozen_parents = parents.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    out = indexed.indexed_conv2d(frozen_parents, logits, index, soft, TAU, w, bias, padding=1)  # logits need no grad
+    out = conv_op.indexed_conv2d(frozen_parents, logits, index, soft, TAU, w, bias, padding=1)  # logits need no grad
     upstream = torch.randn_like(out)
     got = torch.autograd.grad(out, [frozen_parents, w], upstream)
     assert calls == []  # the parent-major kernel writes grad_parents itself: no dX, no branch_backward
-    monkeypatch.setattr(indexed, "FUSED_BACKWARD", False)
-    torch.autograd.grad(indexed.indexed_conv2d(frozen_parents, logits, index, soft, TAU, w, bias, padding=1), frozen_parents, upstream)
+    monkeypatch.setattr(conv_op, "FUSED_BACKWARD", False)
+    torch.autograd.grad(conv_op.indexed_conv2d(frozen_parents, logits, index, soft, TAU, w, bias, padding=1), frozen_parents, upstream)
     assert calls == [(True, False)]  # the reference path: segment sums only
-    monkeypatch.setattr(indexed, "FUSED_BACKWARD", True)
+    monkeypatch.setattr(conv_op, "FUSED_BACKWARD", True)
     ref_parents = parents.double().requires_grad_(True)
-    ref_out = indexed.indexed_conv2d_ref(ref_parents, logits.double(), index, soft.double(), TAU, weight.double(), bias.double(), padding=1)
+    ref_out = conv_op.indexed_conv2d_ref(ref_parents, logits.double(), index, soft.double(), TAU, weight.double(), bias.double(), padding=1)
     torch.testing.assert_close(got[0].double(), torch.autograd.grad(ref_out, ref_parents, upstream.double())[0], atol=1e-5, rtol=1e-5)
 
     calls.clear()
     w = weight.clone().requires_grad_(True)
-    out = indexed.indexed_conv2d(parents, logits, index, soft, TAU, w, None, padding=1)  # the network input
+    out = conv_op.indexed_conv2d(parents, logits, index, soft, TAU, w, None, padding=1)  # the network input
     out.backward(torch.randn_like(out))
     assert calls == [] and w.grad is not None  # no input gradient at all
 
@@ -179,11 +180,11 @@ def test_fused_straight_through_backward_matches_the_reference_path(case, dtype,
     parents, logits, _, soft, weight, bias = make_inputs(num_parents, children, 2, channels, out_channels, size, geometry[0], dtype=dtype, seed=len(case))
     index = torch.tensor(index)
     inputs = (parents, logits, index, soft, weight, bias)
-    fused = straight_through_grads(indexed.indexed_conv2d, *inputs, geometry, mode)
-    again = straight_through_grads(indexed.indexed_conv2d, *inputs, geometry, mode)
-    monkeypatch.setattr(indexed, "FUSED_BACKWARD", False)
-    reference_path = straight_through_grads(indexed.indexed_conv2d, *inputs, geometry, mode)
-    pytorch = straight_through_grads(indexed.indexed_conv2d_ref, *as_reference(inputs), geometry, mode)
+    fused = straight_through_grads(conv_op.indexed_conv2d, *inputs, geometry, mode)
+    again = straight_through_grads(conv_op.indexed_conv2d, *inputs, geometry, mode)
+    monkeypatch.setattr(conv_op, "FUSED_BACKWARD", False)
+    reference_path = straight_through_grads(conv_op.indexed_conv2d, *inputs, geometry, mode)
+    pytorch = straight_through_grads(conv_op.indexed_conv2d_ref, *as_reference(inputs), geometry, mode)
     tol = FUSED_TOLERANCE[dtype]
     for name, got, repeat, path, expected in zip(("parents", "logits"), fused, again, reference_path, pytorch):
         if expected is None:
@@ -203,15 +204,15 @@ def test_search_mode_without_a_parents_gradient_writes_no_dx(monkeypatch):
     """Logits that need a gradient over parents that do not (the network input): only the dots, no dX."""
     parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 6), 3, dtype=torch.float32, seed=13)
     written = []
-    real = indexed._kernels().conv_input_grad
-    monkeypatch.setattr(indexed._kernels(), "conv_input_grad", lambda *args, **kw: written.append(kw.get("write_children", True)) or real(*args, **kw))
+    real = conv_op._kernels().conv_input_grad
+    monkeypatch.setattr(conv_op._kernels(), "conv_input_grad", lambda *args, **kw: written.append(kw.get("write_children", True)) or real(*args, **kw))
     logits = logits.clone().requires_grad_(True)
-    out = indexed.indexed_conv2d(parents, logits, index, soft, TAU, weight, bias, padding=1)
+    out = conv_op.indexed_conv2d(parents, logits, index, soft, TAU, weight, bias, padding=1)
     upstream = torch.randn_like(out)
     (got,) = torch.autograd.grad(out, logits, upstream)
     assert written == [False]
     ref_logits = logits.detach().double().requires_grad_(True)
-    ref_out = indexed.indexed_conv2d_ref(parents.double(), ref_logits, index, soft.double(), TAU, weight.double(), bias.double(), padding=1)
+    ref_out = conv_op.indexed_conv2d_ref(parents.double(), ref_logits, index, soft.double(), TAU, weight.double(), bias.double(), padding=1)
     torch.testing.assert_close(got.double(), torch.autograd.grad(ref_out, ref_logits, upstream.double())[0], atol=1e-5, rtol=1e-5)
 
 
@@ -222,7 +223,7 @@ def test_one_parent_search_skips_the_zero_logits_gradient(parents_need_grad, mon
     A stem (parents = the network input) launches no input-gradient kernel at all; a first block only the
     parent-major one. Every gradient still equals the reference's."""
     parents, logits, index, soft, weight, bias = make_inputs(1, 3, 2, 3, 4, (5, 6), 3, dtype=torch.float32, seed=19)
-    kernels, launches = indexed._kernels(), []
+    kernels, launches = conv_op._kernels(), []
     for launcher in ("conv_input_grad", "conv_parents_grad", "conv_weight_grad"):
         real = getattr(kernels, launcher)
 
@@ -233,14 +234,14 @@ def test_one_parent_search_skips_the_zero_logits_gradient(parents_need_grad, mon
         monkeypatch.setattr(kernels, launcher, recording)
     leaves = [parents.clone().requires_grad_(parents_need_grad), logits.clone().requires_grad_(True)]
     leaves += [weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)]
-    out = indexed.indexed_conv2d(leaves[0], leaves[1], index, soft, TAU, *leaves[2:], padding=1)
+    out = conv_op.indexed_conv2d(leaves[0], leaves[1], index, soft, TAU, *leaves[2:], padding=1)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     wanted = [t for t in leaves if t.requires_grad]
     got = torch.autograd.grad(out, wanted, upstream)
     expected_launches = ["conv_parents_grad", "conv_weight_grad"] if parents_need_grad else ["conv_weight_grad"]
     assert launches == expected_launches
     reference = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
-    ref_out = indexed.indexed_conv2d_ref(*reference[:2], index, soft.double(), TAU, *reference[2:], padding=1)
+    ref_out = conv_op.indexed_conv2d_ref(*reference[:2], index, soft.double(), TAU, *reference[2:], padding=1)
     expected = torch.autograd.grad(ref_out, [t for t in reference if t.requires_grad], upstream.double())
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     for got_grad, expected_grad in zip(got, expected):
@@ -256,7 +257,7 @@ def test_opcheck(mode):
     parents.requires_grad_(True), logits.requires_grad_(mode == "search"), weight.requires_grad_(True), bias.requires_grad_(True)
     tau = torch.tensor(TAU, dtype=torch.float64)
     torch.library.opcheck(
-        indexed._indexed_conv2d_op, (parents, logits, index, soft, tau, weight, bias, [2, 1], [1, 0], [1, 2]),
+        conv_op._indexed_conv2d_op, (parents, logits, index, soft, tau, weight, bias, [2, 1], [1, 0], [1, 2]),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
 
@@ -264,7 +265,7 @@ def test_opcheck(mode):
 @interpreted_only
 def test_bad_inputs_raise_clear_errors(monkeypatch):
     parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 5), 3, dtype=torch.float32)
-    call = lambda **changed: indexed.indexed_conv2d(  # noqa: E731
+    call = lambda **changed: conv_op.indexed_conv2d(  # noqa: E731
         *[changed.get(name, value) for name, value in zip(("parents", "logits", "index", "soft"), (parents, logits, index, soft))],
         TAU, changed.get("weight", weight), changed.get("bias", bias), **changed.get("geometry", {}),
     )
@@ -311,7 +312,7 @@ class LaunchRecorder:
 def record_gpu_launches(monkeypatch):
     """The four kernels replaced by recorders and the launchers told they run on a GPU with 132 SMs (no
     interpreter): kernel name -> one {parameter name: value} dict per launch."""
-    kernels = indexed._kernels()
+    kernels = conv_op._kernels()
     launches = {}
     monkeypatch.setattr(kernels, "_interpreted", lambda device: False)
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
@@ -322,7 +323,7 @@ def record_gpu_launches(monkeypatch):
 
 def launch_all(shape, batch, dtype=torch.float32):
     """Every launcher once (forward, both input gradients with the dots, the weight gradient) at ``shape``."""
-    kernels = indexed._kernels()
+    kernels = conv_op._kernels()
     num_parents, children, channels, out_channels, size, kernel, stride, padding = shape
     parents = torch.empty(num_parents, batch, channels, size, size, dtype=dtype)
     weight = torch.empty(children, out_channels, channels, kernel, kernel, dtype=dtype)
@@ -339,7 +340,7 @@ def compile_key(kernel_name, arguments, not_specialised):
     """What Triton keys a compiled variant on, as far as the arguments go: the constexprs' values, the
     tensors' dtypes and, for other ints, whether each is 1 or divisible by 16 (and needs 64 bits); ints in
     ``not_specialised`` are plain runtime values."""
-    kernel = next(k for k in indexed._kernels().KERNELS if k.fn.__name__ == kernel_name)
+    kernel = next(k for k in conv_op._kernels().KERNELS if k.fn.__name__ == kernel_name)
     params = inspect.signature(kernel.fn).parameters
     key = {}
     for name, value in arguments.items():
@@ -368,7 +369,7 @@ def test_another_batch_size_reuses_the_compiled_kernels(monkeypatch):
     """A full batch of 64 and a short last batch of 37 launch every kernel with the same compile key: the batch
     size, the strides scaling with it and the weight gradient's split size are runtime values. Each of those
     is needed: specialising on any one of them gives another key for some shape."""
-    kernels = indexed._kernels()
+    kernels = conv_op._kernels()
     launches = record_gpu_launches(monkeypatch)
     needed = set()  # (kernel, argument) whose specialisation would change the key for some shape
     for shape in LAUNCH_SHAPES.values():
@@ -418,7 +419,7 @@ def fp32_precision_settings():
 @needs_triton
 @pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="PyTorch without the fp32_precision settings")
 def test_tf32_choice_reads_the_fp32_precision_settings(fp32_precision_settings):
-    kernels = indexed._kernels()
+    kernels = conv_op._kernels()
     assert torch.backends.cudnn.allow_tf32 and kernels.cudnn_conv_allows_tf32()  # PyTorch's default: TF32
     assert kernels._dot_precision(torch.float32, interpreted=False) == "tf32"
     assert kernels._dot_precision(torch.float32, interpreted=True) == "ieee"  # numpy: IEEE whatever the setting
@@ -438,7 +439,7 @@ def test_compile_report_counts_new_variants_and_times_compiles():
     """Host logic of the compile report with a fake kernel and simulated compiler events: new cache entries
     are counted, compile times summed (disk-cache loads apart), other kernels ignored, a listener already
     installed keeps being called and is restored."""
-    kernels = indexed._kernels()
+    kernels = conv_op._kernels()
     compilation = kernels.triton.knobs.compilation
 
     def _fake_kernel():
@@ -469,8 +470,8 @@ def test_compile_report_counts_new_variants_and_times_compiles():
 def test_compile_report_under_the_interpreter_counts_nothing():
     """The interpreter compiles nothing: a real forward and backward leave the report at zero."""
     inputs = make_inputs(2, 3, 2, 3, 4, (5, 5), 3, dtype=torch.float32, seed=23)
-    with indexed._kernels().compile_report() as report:
-        run(indexed.indexed_conv2d, *inputs, (3, 1, 1, 1))
+    with conv_op._kernels().compile_report() as report:
+        run(conv_op.indexed_conv2d, *inputs, (3, 1, 1, 1))
     assert (report.kernels, report.compiles, report.by_kernel) == (0, 0, {})
 
 
@@ -498,8 +499,6 @@ def supernets(dtype, device="cpu"):
     triton_net = copy.deepcopy(reference)
     triton_net.set_execution("grouped")
     triton_net.set_conv_backend("triton")
-    for block in triton_net._grouped:
-        block.routing = "gather"
     return reference, triton_net
 
 
@@ -561,8 +560,8 @@ def test_grouped_triton_leaves_fp64_to_cudnn_and_is_selectable():
 def test_grouped_triton_under_autocast_computes_in_the_autocast_dtype(monkeypatch):
     reference, triton_net = supernets(torch.float32)
     dtypes = []
-    real = indexed._indexed_conv2d_op
-    monkeypatch.setattr(indexed, "_indexed_conv2d_op", lambda parents, *args: dtypes.append(parents.dtype) or real(parents, *args))
+    real = conv_op._indexed_conv2d_op
+    monkeypatch.setattr(conv_op, "_indexed_conv2d_op", lambda parents, *args: dtypes.append(parents.dtype) or real(parents, *args))
     x = torch.randn(2, 3, 9, 7)
     outputs = []
     for net in (reference, triton_net):
@@ -615,9 +614,9 @@ def test_cuda_kernels_match_reference(shape, dtype, monkeypatch):
     inputs = make_inputs(num_parents, children, batch, channels, out_channels, (height, width), kernel, dtype=dtype, device="cuda")
     parents, logits, index, soft, weight, bias = inputs
     geometry = (kernel, stride, padding, 1)
-    out, grads = run(indexed.indexed_conv2d, *inputs, geometry)
+    out, grads = run(conv_op.indexed_conv2d, *inputs, geometry)
     # fp32 reference on the same (rounded) inputs: fp64 convolutions are slow on a GPU
-    ref_out, ref_grads = run(indexed.indexed_conv2d_ref, *[t.float() if t is not None and t.is_floating_point() else t for t in inputs], geometry)
+    ref_out, ref_grads = run(conv_op.indexed_conv2d_ref, *[t.float() if t is not None and t.is_floating_point() else t for t in inputs], geometry)
     tol = CUDA_TOLERANCE[dtype]
     for name, got, expected in zip(("out", "parents", "logits", "weight", "bias"), (out, *grads), (ref_out, *ref_grads)):
         torch.testing.assert_close(got.float(), expected, atol=tol * float(expected.detach().abs().max()), rtol=tol, msg=lambda m: f"{shape} {name}: {m}")
@@ -634,10 +633,10 @@ def test_cuda_fused_straight_through_backward_matches_the_reference_path(shape, 
     parents, logits, _, soft, weight, bias = make_inputs(num_parents, children, batch, channels, out_channels, (height, width), kernel, dtype=dtype, device="cuda")
     index = torch.tensor([(j % 2) * (num_parents - 1) for j in range(children)], device="cuda")  # parent 1 unpicked
     inputs, geometry = (parents, logits, index, soft, weight, bias), (kernel, stride, padding, 1)
-    fused = straight_through_grads(indexed.indexed_conv2d, *inputs, geometry, mode)
-    again = straight_through_grads(indexed.indexed_conv2d, *inputs, geometry, mode)
-    monkeypatch.setattr(indexed, "FUSED_BACKWARD", False)
-    reference_path = straight_through_grads(indexed.indexed_conv2d, *inputs, geometry, mode)
+    fused = straight_through_grads(conv_op.indexed_conv2d, *inputs, geometry, mode)
+    again = straight_through_grads(conv_op.indexed_conv2d, *inputs, geometry, mode)
+    monkeypatch.setattr(conv_op, "FUSED_BACKWARD", False)
+    reference_path = straight_through_grads(conv_op.indexed_conv2d, *inputs, geometry, mode)
     tol = CUDA_TOLERANCE[dtype]
     for name, got, repeat, expected in zip(("parents", "logits"), fused, again, reference_path):
         if expected is None:
@@ -665,12 +664,12 @@ def test_cuda_forward_reads_the_index_on_the_device():
     inputs = make_inputs(3, 4, 4, 16, 16, (20, 20), 3, dtype=torch.bfloat16, device="cuda")
     parents, logits, index, soft, weight, bias = inputs
     leaves = [parents.requires_grad_(True), logits.requires_grad_(True), weight.requires_grad_(True)]
-    indexed.indexed_conv2d(parents, logits, index, soft, TAU, weight, bias, padding=1)  # compile outside the check
+    conv_op.indexed_conv2d(parents, logits, index, soft, TAU, weight, bias, padding=1)  # compile outside the check
     tau = torch.tensor(TAU, dtype=torch.float64, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = indexed.indexed_conv2d(parents, logits, index, soft, tau, weight, bias, padding=1)
+        out = conv_op.indexed_conv2d(parents, logits, index, soft, tau, weight, bias, padding=1)
         torch.autograd.grad(out.float().square().sum(), leaves)
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -692,9 +691,9 @@ def test_cuda_channels_last_matches_reference(shape, dtype, mode, monkeypatch):
     assert parents[0].is_contiguous(memory_format=torch.channels_last) and not parents[0].is_contiguous()
     inputs, geometry = (parents, *rest), (kernel, stride, padding, 1)
     options = {"frozen": mode == "frozen", "memory_format": torch.channels_last}
-    out, grads = run(indexed.indexed_conv2d, *inputs, geometry, **options)
+    out, grads = run(conv_op.indexed_conv2d, *inputs, geometry, **options)
     as_fp32 = [t.float() if t is not None and t.is_floating_point() else t for t in inputs]  # same rounded inputs
-    ref_out, ref_grads = run(indexed.indexed_conv2d_ref, *as_fp32, geometry, **options)
+    ref_out, ref_grads = run(conv_op.indexed_conv2d_ref, *as_fp32, geometry, **options)
     assert out.is_contiguous(memory_format=torch.channels_last)
     tol = CUDA_TOLERANCE[dtype]
     names = ("out", "parents", "weight", "bias") if mode == "frozen" else ("out", "parents", "logits", "weight", "bias")
@@ -711,7 +710,7 @@ def test_cuda_short_last_batch_compiles_no_new_kernels(monkeypatch):
     """A full batch, then a short last one, in search and frozen mode: the second batch compiles nothing (the
     batch size and the weight gradient's split size are runtime values) and both match the reference."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    kernels = indexed._kernels()
+    kernels = conv_op._kernels()
     num_parents, children, _, channels, out_channels, height, width, kernel, stride, padding = CUDA_SHAPES[
         "celeba_vgg_strided_odd"
     ]
@@ -721,11 +720,11 @@ def test_cuda_short_last_batch_compiles_no_new_kernels(monkeypatch):
         sizes = (num_parents, children, batch, channels, out_channels, (height, width), kernel)
         inputs = make_inputs(*sizes, dtype=torch.float32, device="cuda")
         with kernels.compile_report() as report:
-            results = [run(indexed.indexed_conv2d, *inputs, geometry, frozen=frozen) for frozen in (False, True)]
+            results = [run(conv_op.indexed_conv2d, *inputs, geometry, frozen=frozen) for frozen in (False, True)]
             torch.cuda.synchronize()
         reports.append(report)
         for frozen, (out, grads) in zip((False, True), results):
-            ref_out, ref_grads = run(indexed.indexed_conv2d_ref, *inputs, geometry, frozen=frozen)
+            ref_out, ref_grads = run(conv_op.indexed_conv2d_ref, *inputs, geometry, frozen=frozen)
             for got, expected in zip((out, *grads), (ref_out, *ref_grads)):
                 scale = float(expected.detach().abs().max()) or 1.0
                 torch.testing.assert_close(got, expected, atol=1e-4 * scale, rtol=1e-4)

@@ -129,18 +129,14 @@ def test_supernet_seed_gives_one_tree_per_seed(execution, dtype):
         seed = torch.tensor([value])
         outputs = net(x, seed=seed)
         for task, want in _manual_forward(reference, x, seed).items():
-            torch.testing.assert_close(outputs[task], want, **tolerance)  # grouped (host routing too) = per child
+            torch.testing.assert_close(outputs[task], want, **tolerance)  # grouped = per child
         trees.add(tuple(tuple(out.flatten().tolist()) for out in net(x, seed=seed).values()))
     assert len(trees) >= 2  # 5 and 5 agree; other seeds sample other trees (2 of 3 differ here)
 
 
 def _search_step_runs(execution: str, compiled: bool, counting_backend=None):
-    """Three search steps, each with a new tau and a new seed (both updated in place), SGD on both groups.
-    ``"grouped-host"``: every block asks for host routing, which eager runs and compiled code replaces by the gather."""
-    net = _supernet(execution.split("-")[0], torch.float32)
-    if execution == "grouped-host":
-        for block in net._grouped:
-            block.routing = "host"
+    """Three search steps, each with a new tau and a new seed (both updated in place), SGD on both groups."""
+    net = _supernet(execution, torch.float32)
     optimizer = torch.optim.SGD([{"params": net.weight_parameters(), "lr": 0.1}, {"params": net.logits_parameters(), "lr": 0.5}])
     seed = torch.zeros(1, dtype=torch.int64)
     x, target = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)), torch.randn(4, 4, generator=torch.Generator().manual_seed(2))
@@ -164,7 +160,7 @@ def _search_step_runs(execution: str, compiled: bool, counting_backend=None):
     return losses + [p.detach().clone() for p in net.parameters()], graphs_after_first
 
 
-@pytest.mark.parametrize("execution", ["per_child", "grouped", "grouped-host"])
+@pytest.mark.parametrize("execution", ["per_child", "grouped"])
 def test_search_step_compiles_fullgraph_once_over_changing_seed_and_tau(execution):
     """forward + backward (AOT-traced: the custom ops' backward too) of a whole search step, fullgraph,
     with the seed and tau filled in place every step: no graph break, no recompile, eager's results."""

@@ -1,20 +1,19 @@
 """Grouped layers: each step runs the J children's copies of one layer as one launch.
 
-A step holds the J structurally identical modules (child order) and stacks their parameters on the fly
-in the positions' order, so the parameters, buffers and ``state_dict`` stay the per-child modules' own.
-Routed steps (:mod:`l2b_fast.nn.grouped.routing`) can also start a block from the parents directly.
+A step holds the J structurally identical modules (child order) and stacks their parameters on the fly, so the
+parameters, buffers and ``state_dict`` stay the per-child modules' own. :data:`GROUPED_STEPS` maps a node's module
+type to its step; :func:`register_grouped_step` adds a user's layer type.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2b_fast.nn.blocks import BasicBlock
-from l2b_fast.nn.grouped import routing
+from l2b_fast.nn.blocks import BasicBlock, Bias
 from l2b_fast.nn.grouped.stacked import CHANNELS, CHILDREN, Stacked
 
 
@@ -39,12 +38,11 @@ PER_CHANNEL = (
 RANDOM = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
-def stacked_parameter(modules: Sequence[nn.Module], order: Sequence[int], name: str) -> torch.Tensor | None:
-    """The children's parameter ``name`` concatenated along dim 0 in position order (None if absent)."""
-    first = getattr(modules[order[0]], name)
-    if first is None:
+def stacked_parameter(modules: Sequence[nn.Module], name: str) -> torch.Tensor | None:
+    """The children's parameter ``name`` concatenated along dim 0 in child order (None if absent)."""
+    if getattr(modules[0], name) is None:
         return None
-    return torch.cat([getattr(modules[j], name) for j in order])
+    return torch.cat([getattr(module, name) for module in modules])
 
 
 def common_training_flag(modules: Sequence[nn.Module]) -> bool:
@@ -55,63 +53,59 @@ def common_training_flag(modules: Sequence[nn.Module]) -> bool:
 
 
 class Step:
-    """One layer of every child. ``layout``: the stack layout it needs (None: any)."""
+    """One layer of every child: ``step(x)`` takes the J children's inputs stacked (:class:`Stacked`) and returns
+    their outputs stacked. ``layout``: the stack layout it needs (None: any). ``where`` names the user's module
+    (``block 2 node.0``) in errors.
+
+    A subclass for a user's layer type is registered with :func:`register_grouped_step`; it reads the children's
+    parameters from ``self.modules`` at every call (stacking them costs one copy; the modules keep their own)."""
 
     layout: str | None = None
-    routable = False  # can start a block from the parents (routing.RoutedInput)
-    routed_layout: str | None = None  # the layout of the per-child input gradient when routed
 
-    def __init__(self, modules: Sequence[nn.Module]):
+    def __init__(self, modules: Sequence[nn.Module], where: str = "node"):
         self.modules = list(modules)
+        self.where = where
 
-    def __call__(self, x: Stacked, order: Sequence[int]) -> Stacked:
+    def __call__(self, x: Stacked) -> Stacked:
         raise NotImplementedError
 
-    def routed(self, routed_input: routing.RoutedInput, order: Sequence[int]) -> Stacked:
-        raise TypeError(f"{type(self).__name__} cannot start a block from the parents")
+    @classmethod
+    def check(cls, modules: Sequence[nn.Module], where: str) -> None:
+        """:class:`UnsupportedNodeError` for modules of this type that grouped execution cannot run (default: none)."""
+
+    def describe(self) -> str:
+        return f"{self.where} ({type(self.modules[0]).__name__})"
 
 
 def reads_parents_directly(conv: nn.Module) -> bool:
-    """A convolution a block can start with from the parents themselves (host routing, or the index-reading
-    convolution): groups=1, zero padding given as numbers (no separate padding pass on the input)."""
+    """A convolution the index-reading convolution can start a block with: groups=1, zero padding given as numbers
+    (no separate padding pass on the input)."""
     return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 class ConvStep(Step):
     layout = CHANNELS
-    routed_layout = CHANNELS
 
-    def __init__(self, modules):
-        super().__init__(modules)
-        self.routable = reads_parents_directly(self.modules[0])
-
-    def _check(self, per_child_dims: int) -> None:
+    def _check(self, per_child_shape: Sequence[int]) -> None:
         conv = self.modules[0]
         expected = len(conv.kernel_size) + 2
-        if per_child_dims != expected:
-            raise ValueError(f"grouped execution needs batched inputs: {type(conv).__name__} got {per_child_dims}-D inputs per child, expected {expected}-D")
+        if len(per_child_shape) != expected:
+            raise ValueError(f"{self.describe()}: grouped execution needs batched inputs: got {len(per_child_shape)}-D inputs per child, expected {expected}-D")
+        if per_child_shape[1] != conv.in_channels:
+            raise ValueError(f"{self.describe()}: expected {conv.in_channels} input channels, got {per_child_shape[1]} (per-child input {list(per_child_shape)})")
 
-    def __call__(self, x, order):
+    def __call__(self, x):
         x = x.to(CHANNELS)
-        self._check(len(x.per_child_shape()))
+        self._check(x.per_child_shape())
         conv = self.modules[0]
-        weight = stacked_parameter(self.modules, order, "weight")
-        bias = stacked_parameter(self.modules, order, "bias")
+        weight = stacked_parameter(self.modules, "weight")
+        bias = stacked_parameter(self.modules, "bias")
         tensor, padding = x.tensor, conv.padding
         if conv.padding_mode != "zeros":  # pad per channel first, as nn.ConvNd does
             tensor = F.pad(tensor, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
             padding = 0
         convolution = CONVOLUTIONS[type(conv)]
         return x.with_tensor(convolution(tensor, weight, bias, conv.stride, padding, conv.dilation, conv.groups * x.children))
-
-    def routed(self, routed_input, order):
-        self._check(routed_input.parents.dim() - 1)
-        conv = self.modules[0]
-        weight = stacked_parameter(self.modules, order, "weight")
-        bias = stacked_parameter(self.modules, order, "bias")
-        geometry = routing.ConvGeometry(len(conv.kernel_size), tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation))
-        out = routing.routed_conv(routed_input, weight, bias, geometry)
-        return Stacked(out, CHANNELS, routed_input.children)
 
 
 class BatchNormStep(Step):
@@ -121,9 +115,9 @@ class BatchNormStep(Step):
 
     layout = CHANNELS
 
-    def __call__(self, x, order):
+    def __call__(self, x):
         x = x.to(CHANNELS)
-        modules = [self.modules[j] for j in order]
+        modules = self.modules
         bn = modules[0]
         training = common_training_flag(modules)
         counting = training and bn.track_running_stats and bn.num_batches_tracked is not None
@@ -134,8 +128,8 @@ class BatchNormStep(Step):
         use_buffers = (not training or bn.track_running_stats) and bn.running_mean is not None
         mean = torch.cat([module.running_mean for module in modules]) if use_buffers else None
         var = torch.cat([module.running_var for module in modules]) if use_buffers else None
-        weight = stacked_parameter(modules, range(len(modules)), "weight")
-        bias = stacked_parameter(modules, range(len(modules)), "bias")
+        weight = stacked_parameter(modules, "weight")
+        bias = stacked_parameter(modules, "bias")
         cumulative = counting and bn.momentum is None and use_buffers
         # Cumulative averages are updated below; F.batch_norm leaves the buffers alone with momentum 0.
         momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -166,31 +160,32 @@ class LinearStep(Step):
     """Linear over the last dim of each child: one batched matmul over the J children."""
 
     layout = CHILDREN
-    routable = True
-    routed_layout = CHILDREN
 
-    def __call__(self, x, order):
+    def __call__(self, x):
         x = x.to(CHILDREN)
         tensor = x.tensor
-        weight = torch.stack([self.modules[j].weight for j in order])  # [J, out, in]
+        in_features = self.modules[0].in_features
+        if tensor.shape[-1] != in_features:
+            raise ValueError(f"{self.describe()}: expected {in_features} input features, got {tensor.shape[-1]} (per-child input {list(x.per_child_shape())})")
+        weight = torch.stack([module.weight for module in self.modules])  # [J, out, in]
         flat = tensor.reshape(x.children, -1, tensor.shape[-1])
         if self.modules[0].bias is None:
             out = torch.bmm(flat, weight.transpose(1, 2))
         else:
-            bias = torch.stack([self.modules[j].bias for j in order]).unsqueeze(1)
+            bias = torch.stack([module.bias for module in self.modules]).unsqueeze(1)
             out = torch.baddbmm(bias, flat, weight.transpose(1, 2))
         return x.with_tensor(out.view(*tensor.shape[:-1], weight.shape[1]))
-
-    def routed(self, routed_input, order):
-        weight = stacked_parameter(self.modules, order, "weight")
-        bias = stacked_parameter(self.modules, order, "bias")
-        return Stacked(routing.routed_linear(routed_input, weight, bias), CHILDREN, routed_input.children)
 
 
 class ModuleStep(Step):
     """A parameter-free module (activation, pooling, dropout) run once on the whole stack."""
 
-    def __call__(self, x, order):
+    @classmethod
+    def check(cls, modules, where):
+        if getattr(modules[0], "return_indices", False):
+            raise UnsupportedNodeError(f"{where} ({type(modules[0]).__name__}) returns indices, which grouped execution does not support")
+
+    def __call__(self, x):
         module = self.modules[0]
         if isinstance(module, RANDOM):
             common_training_flag(self.modules)
@@ -204,7 +199,7 @@ class ModuleStep(Step):
 class FlattenStep(Step):
     layout = CHILDREN
 
-    def __call__(self, x, order):
+    def __call__(self, x):
         x = x.to(CHILDREN)
         flatten = self.modules[0]
         shift = lambda dim: dim + 1 if dim >= 0 else dim  # noqa: E731  per-child dim -> stacked dim
@@ -215,36 +210,37 @@ class BasicBlockStep(Step):
     """:class:`~l2b_fast.nn.BasicBlock`: its convolutions and BatchNorms grouped, the shortcut too."""
 
     layout = CHANNELS
-    routed_layout = CHANNELS
 
-    def __init__(self, modules):
-        super().__init__(modules)
+    def __init__(self, modules, where="node"):
+        super().__init__(modules, where)
         part = lambda name: [getattr(block, name) for block in self.modules]  # noqa: E731
-        self.conv1, self.bn1 = ConvStep(part("conv1")), BatchNormStep(part("bn1"))
-        self.conv2, self.bn2 = ConvStep(part("conv2")), BatchNormStep(part("bn2"))
+        self.conv1, self.bn1 = ConvStep(part("conv1"), f"{where}.conv1"), BatchNormStep(part("bn1"), f"{where}.bn1")
+        self.conv2, self.bn2 = ConvStep(part("conv2"), f"{where}.conv2"), BatchNormStep(part("bn2"), f"{where}.bn2")
         self.downsample = None
         if self.modules[0].downsample is not None:
             shortcut = part("downsample")
-            self.downsample = (ConvStep([s[0] for s in shortcut]), BatchNormStep([s[1] for s in shortcut]))
-        self.routable = self.conv1.routable and (self.downsample is None or self.downsample[0].routable)
+            self.downsample = (
+                ConvStep([s[0] for s in shortcut], f"{where}.downsample.0"),
+                BatchNormStep([s[1] for s in shortcut], f"{where}.downsample.1"),
+            )
 
-    def finish(self, body: Stacked, shortcut: Stacked, order) -> Stacked:
+    @classmethod
+    def check(cls, modules, where):
+        for name in ("conv1", "bn1", "conv2", "bn2"):
+            _steps([getattr(m, name) for m in modules], f"{where}.{name}")  # hooks and kinds checked
+        if modules[0].downsample is not None:
+            _steps([m.downsample for m in modules], f"{where}.downsample")
+
+    def finish(self, body: Stacked, shortcut: Stacked) -> Stacked:
         """Everything after conv1 (bn1, ReLU, conv2, bn2, + shortcut, ReLU): the same for every start
-        (gathered, host-routed, or read through the index: :mod:`l2b_fast.nn.grouped.indexed`)."""
-        body = self.bn2(self.conv2(body.with_tensor(F.relu(self.bn1(body, order).tensor)), order), order)
+        (gathered, or read through the index: :mod:`l2b_fast.nn.grouped.indexed`)."""
+        body = self.bn2(self.conv2(body.with_tensor(F.relu(self.bn1(body).tensor))))
         return body.with_tensor(F.relu(body.tensor + shortcut.tensor))
 
-    def __call__(self, x, order):
+    def __call__(self, x):
         x = x.to(CHANNELS)
-        shortcut = x if self.downsample is None else self.downsample[1](self.downsample[0](x, order), order)
-        return self.finish(self.conv1(x, order), shortcut, order)
-
-    def routed(self, routed_input, order):
-        if self.downsample is None:
-            shortcut = Stacked(routing.routed_identity(routed_input), CHANNELS, routed_input.children)
-        else:
-            shortcut = self.downsample[1](self.downsample[0].routed(routed_input, order), order)
-        return self.finish(self.conv1.routed(routed_input, order), shortcut, order)
+        shortcut = x if self.downsample is None else self.downsample[1](self.downsample[0](x))
+        return self.finish(self.conv1(x), shortcut)
 
 
 class BiasStep(Step):
@@ -252,18 +248,37 @@ class BiasStep(Step):
 
     layout = CHILDREN
 
-    def __call__(self, x, order):
+    def __call__(self, x):
         x = x.to(CHILDREN)
-        bias = torch.stack([self.modules[j].bias for j in order])  # [J, F]
+        bias = torch.stack([module.bias for module in self.modules])  # [J, F]
         return x.with_tensor(x.tensor + bias.view(x.children, *[1] * (x.tensor.dim() - 2), -1))
 
 
-def library_steps() -> dict[type, type[Step]]:
-    """Steps for the library's modules outside ``l2b_fast.nn``, imported on first use (they import
-    ``l2b_fast.nn`` themselves)."""
-    from l2b_fast.nn.blocks import Bias
+#: A node's module type -> the :class:`Step` that runs the J children's modules of that type as one. Exact types
+#: (a subclass is not its parent: its forward may differ); ``nn.Sequential`` is walked, each of its modules looked
+#: up here. Add your own with :func:`register_grouped_step`.
+GROUPED_STEPS: dict[type[nn.Module], type[Step]] = {
+    **dict.fromkeys(CONVOLUTIONS, ConvStep),
+    **dict.fromkeys(BATCH_NORMS, BatchNormStep),
+    nn.Linear: LinearStep,
+    nn.Flatten: FlattenStep,
+    **dict.fromkeys(POINTWISE + PER_CHANNEL, ModuleStep),
+    BasicBlock: BasicBlockStep,
+    Bias: BiasStep,
+}
 
-    return {Bias: BiasStep}
+
+def register_grouped_step(module_type: type[nn.Module], step: type[Step] | Callable[..., Step]) -> None:
+    """Lets grouped execution run nodes holding ``module_type`` modules: ``step(modules, where)`` builds the
+    :class:`Step` for the J children's modules of that type (child order), ``where`` naming them in errors.
+    Replaces an earlier registration of the same type."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_grouped_step: module_type must be an nn.Module subclass, got {module_type!r}")
+    if module_type is nn.Sequential:
+        raise ValueError("register_grouped_step: nn.Sequential is walked module by module; register its modules' types")
+    if not callable(step):
+        raise TypeError(f"register_grouped_step: step must be a Step subclass or a callable, got {step!r}")
+    GROUPED_STEPS[module_type] = step
 
 
 def module_signature(module: nn.Module) -> list:
@@ -283,28 +298,14 @@ def _steps(modules: list[nn.Module], where: str) -> list[Step]:
         raise UnsupportedNodeError(f"{where} ({kind.__name__}) has forward hooks, which grouped execution would not call")
     if kind is nn.Sequential:
         return [step for name in module._modules for step in _steps([m._modules[name] for m in modules], f"{where}.{name}")]
-    if kind in CONVOLUTIONS:
-        return [ConvStep(modules)]
-    if kind in BATCH_NORMS:
-        return [BatchNormStep(modules)]
-    if kind is nn.Linear:
-        return [LinearStep(modules)]
-    if kind is nn.Flatten:
-        return [FlattenStep(modules)]
-    if kind in POINTWISE or kind in PER_CHANNEL:
-        if getattr(module, "return_indices", False):
-            raise UnsupportedNodeError(f"{where} ({kind.__name__}) returns indices, which grouped execution does not support")
-        return [ModuleStep(modules)]
-    if kind is BasicBlock:
-        for name in ("conv1", "bn1", "conv2", "bn2"):
-            _steps([getattr(m, name) for m in modules], f"{where}.{name}")  # hooks and kinds checked
-        if module.downsample is not None:
-            _steps([m.downsample for m in modules], f"{where}.downsample")
-        return [BasicBlockStep(modules)]
-    step = library_steps().get(kind)
-    if step is not None:
-        return [step(modules)]
-    raise UnsupportedNodeError(f"{where} is a {kind.__module__}.{kind.__qualname__}, which grouped execution does not support")
+    step = GROUPED_STEPS.get(kind)
+    if step is None:
+        raise UnsupportedNodeError(
+            f"{where} is a {kind.__module__}.{kind.__qualname__}, which grouped execution does not support "
+            "(l2b_fast.nn.grouped.register_grouped_step adds a layer type)"
+        )
+    getattr(step, "check", Step.check)(modules, where)
+    return [step(modules, where)]
 
 
 def plan_steps(nodes: Sequence[nn.Module], block: int) -> list[Step]:

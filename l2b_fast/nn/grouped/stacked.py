@@ -101,8 +101,6 @@ def to_channels(children_major: torch.Tensor) -> torch.Tensor:
     return _ToChannels.apply(children_major)
 
 
-def to_children(channel_stacked: torch.Tensor, children: int, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, J*C, *sp]`` -> ``[J, B, C, *sp]`` (one copy; two with ``positions``, child j taken from
-    position ``positions[j]``), each child's activation channels_last if the stack was."""
-    out = _ToChildren.apply(channel_stacked, children)
-    return out if positions is None else out.index_select(0, positions)
+def to_children(channel_stacked: torch.Tensor, children: int) -> torch.Tensor:
+    """``[B, J*C, *sp]`` -> ``[J, B, C, *sp]`` (one copy), each child's activation channels_last if the stack was."""
+    return _ToChildren.apply(channel_stacked, children)
