@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -43,9 +45,55 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+EXIT_CODES = """exit codes:
+  0    done
+  1    the run failed (a loss that became NaN or infinite, unreadable data, another l2b process in the same OUT)
+  2    usage or configuration error: nothing was written
+  130  interrupted (Ctrl-C): the last checkpoint is kept; the line printed names the command that resumes the run"""
+
+SAFE_RESUME_KEYS = ("search.epochs", "retrain.epochs")  # settings a resumed run may change
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps one-paragraph texts as argparse does; keeps texts of several lines (the exit codes) as written."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class RunFailed(RuntimeError):
+    """A run that could not go on (exit code 1)."""
+
+
+_locks: list = []  # open lock files: held until the process ends (the kernel releases them if it is killed)
+
+
+def _lock_run(out: Path) -> None:
+    """One l2b process per run folder: an exclusive lock on ``OUT/.lock`` (rank 0), refused in one line."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    handle = open(out / ".lock", "a+")  # noqa: SIM115  held open for the process's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise RunFailed(f"{out} is in use by another l2b process ({owner}): wait for it, or use another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    _locks.append(handle)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and sampling (default 0)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt after a kill")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the data, initialisation and sampling (default 0; on --resume: the run's)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint (after a kill or Ctrl-C) with the settings it was started with; the only change allowed is more epochs (--set search.epochs=N or retrain.epochs=N)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 is fastest for the small synthetic nets)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -60,19 +108,22 @@ def _add_stream_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from l2b_fast import __version__, datasets
 
-    parser = argparse.ArgumentParser(prog="l2b", description="Learning to Branch: search a multi-task tree, retrain it, show it.")
+    parser = argparse.ArgumentParser(
+        prog="l2b", description="Learning to Branch: search a multi-task tree, retrain it, show it.", epilog=EXIT_CODES,
+        formatter_class=_Formatter,
+    )
     parser.add_argument("--version", action="version", version=f"l2b_fast {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    search = commands.add_parser("search", help="train the supernet, derive and prune the tree", description="Train the tree supernet with gumbel-softmax branching, derive the tree (argmax, paper Eq. 7), prune it and write OUT/tree.json, OUT/tree.png/.svg, OUT/probabilities.png/.svg, logs, checkpoints and OUT/summary.json.")
-    source = search.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help="a built-in preset (see `l2b presets`)")
+    search = commands.add_parser("search", epilog=EXIT_CODES, formatter_class=_Formatter, help="train the supernet, derive and prune the tree", description="Train the tree supernet with gumbel-softmax branching, derive the tree (argmax, paper Eq. 7), prune it and write OUT/tree.json, OUT/tree.png/.svg, OUT/probabilities.png/.svg, logs, checkpoints and OUT/summary.json.")
+    source = search.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="a built-in preset (see `l2b presets`); not needed with --resume")
     source.add_argument("--config", type=Path, help="a TOML config file (e.g. an edited copy of a preset)")
     search.add_argument("--out", type=Path, required=True, help="output directory")
     _add_stream_options(search)
     _add_common(search)
 
-    retrain = commands.add_parser("retrain", help="train the derived tree from scratch", description="Build the derived tree's network with fresh weights and train it (config from the search directory unless given).")
+    retrain = commands.add_parser("retrain", epilog=EXIT_CODES, formatter_class=_Formatter, help="train the derived tree from scratch", description="Build the derived tree's network with fresh weights and train it (config from the search directory unless given).")
     retrain.add_argument("--tree", type=Path, required=True, help="tree.json written by `l2b search`")
     retrain_source = retrain.add_mutually_exclusive_group()
     retrain_source.add_argument("--preset", help="config preset (default: the config saved next to the tree)")
@@ -82,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stream_options(retrain)
     _add_common(retrain)
 
-    evaluate = commands.add_parser("eval", help="test a retrained tree: the paper's table", description="Evaluate the retrained tree of RUN (a search folder holding retrain/, or a retrain folder) on a split of the shards; print the data set's table (the paper's rows where it has them) with our row and write RUN/eval.json.")
+    evaluate = commands.add_parser("eval", epilog=EXIT_CODES, formatter_class=_Formatter, help="test a retrained tree: the paper's table", description="Evaluate the retrained tree of RUN (a search folder holding retrain/, or a retrain folder) on a split of the shards; print the data set's table (the paper's rows where it has them) with our row and write RUN/eval.json.")
     evaluate.add_argument("run", type=Path, help="the search (or retrain) output directory")
     evaluate.add_argument("--data", type=Path, default=None, help="shard directory (default: the data the run used)")
     evaluate.add_argument("--split", default="test", help="split of the shards (default test)")
@@ -139,16 +190,25 @@ def _search(args) -> int:
     from l2b_fast import config as configs
     from l2b_fast import pipeline, viz
 
-    config = configs.load_config(preset=args.preset, path=args.config, overrides=args.overrides)
+    _refuse_to_clobber(args.out, args)
+    if args.resume:
+        config, run = _resumed_config(args)
+    else:
+        if args.preset is None and args.config is None:
+            raise ValueError("give --preset or --config (or --resume to continue the run in --out)")
+        config, run = configs.load_config(preset=args.preset, path=args.config, overrides=args.overrides), {}
+    seed = _resumed_value("--seed", args.seed, run.get("seed"), 0)
+    data = _resumed_value("--data", args.data, None if run.get("data") is None else Path(run["data"]), None)
     recipe = pipeline.recipe_of(config)
-    _check_data_option(recipe, config, args.data, ("train",))
+    _check_data_option(recipe, config, data, ("train",))
     if args.device != "auto":
         check_device(args.device)
-    _refuse_to_clobber(args.out, args)
     args.out.mkdir(parents=True, exist_ok=True)
     if _is_main_rank():
+        _lock_run(args.out)
         (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    summary = pipeline.search(config, args.out, args.data, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device)
+        (args.out / "run.json").write_text(json.dumps({"seed": seed, "data": None if data is None else str(data)}) + "\n")
+    summary = pipeline.search(config, args.out, data, seed=seed, resume=args.resume, progress=not args.quiet, device=args.device)
     if _is_main_rank():
         timing = summary["timing"]
         print(viz.tree_text(json.loads((args.out / "tree.json").read_text())))
@@ -157,6 +217,39 @@ def _search(args) -> int:
             print(line)
         print(f"wrote {args.out}/tree.json, tree.png, tree.svg, probabilities.png, log.csv, epochs.csv, summary.json")
     return 0
+
+
+def _resumed_config(args) -> tuple[dict, dict]:
+    """The config and ``run.json`` a run in ``--out`` was started with; ``--set`` may only lengthen it."""
+    from l2b_fast import config as configs
+
+    saved_path = args.out / "config.json"
+    if not saved_path.is_file():
+        raise ValueError(f"{args.out} holds no config.json of a run to resume")
+    saved = json.loads(saved_path.read_text())
+    unsafe = [item for item in args.overrides if item.partition("=")[0].strip() not in SAFE_RESUME_KEYS]
+    if unsafe:
+        raise ValueError(f"--resume continues the run as it was started; of --set it takes only {', '.join(SAFE_RESUME_KEYS)} (got {', '.join(unsafe)})")
+    if args.preset is not None or args.config is not None:
+        given = configs.load_config(preset=args.preset, path=args.config, overrides=args.overrides)
+        differs = sorted(section for section in set(given) | set(saved) if given.get(section) != saved.get(section) and section not in ("search", "retrain"))
+        for section in ("search", "retrain"):
+            keys = set(given.get(section) or {}) | set(saved.get(section) or {})
+            differs += [f"{section}.{key}" for key in sorted(keys) if f"{section}.{key}" not in SAFE_RESUME_KEYS and (given.get(section) or {}).get(key) != (saved.get(section) or {}).get(key)]
+        if differs:
+            raise ValueError(f"{args.out} was started with another configuration (differs in {', '.join(differs)}): resume it with only --out and --resume")
+    config = configs.apply_overrides(saved, args.overrides)
+    configs.check_config(config, str(saved_path))
+    run_path = args.out / "run.json"
+    return config, (json.loads(run_path.read_text()) if run_path.is_file() else {})
+
+
+def _resumed_value(option: str, given, saved, default):
+    """``given`` (a command-line value, None if absent), else the run's ``saved`` value, else ``default``; a given
+    value that contradicts the run's is refused."""
+    if given is not None and saved is not None and given != saved:
+        raise ValueError(f"the run was started with {option} {saved}, not {given}: leave {option} out to resume it")
+    return given if given is not None else saved if saved is not None else default
 
 
 def _retrain(args) -> int:
@@ -174,8 +267,11 @@ def _retrain(args) -> int:
     if args.device != "auto":
         check_device(args.device)
     _refuse_to_clobber(out, args)
+    if _is_main_rank():
+        out.mkdir(parents=True, exist_ok=True)
+        _lock_run(out)
     baselines = False if args.no_baselines else None
-    summary = pipeline.retrain(config, tree, out, data, seed=args.seed, resume=args.resume, progress=not args.quiet, device=args.device, baselines=baselines)
+    summary = pipeline.retrain(config, tree, out, data, seed=0 if args.seed is None else args.seed, resume=args.resume, progress=not args.quiet, device=args.device, baselines=baselines)
     if _is_main_rank():
         final, timing = summary["final"], summary["timing"]
         print(f"retrained tree: {summary['parameters']:,} parameters, train loss {final['loss']:.4f}" + (f", validation loss {final['val_loss']:.4f}" if "val_loss" in final else "") + f"; {timing['seconds']} s, {timing['images_per_second']} images/s")
@@ -217,6 +313,8 @@ def _data(args) -> int:
 def _refuse_to_clobber(out: Path, args) -> None:
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    if args.resume and not (out / "checkpoints" / "last.pt").is_file():
+        raise ValueError(f"{out} holds no checkpoint to resume (checkpoints/last.pt): start the run without --resume")
     if not args.resume and not args.overwrite and (out / "checkpoints" / "last.pt").exists():
         raise ValueError(f"{out} already holds a run: use --resume to continue it, --overwrite to replace it, or another --out")
 
@@ -260,6 +358,17 @@ def run(args) -> int:
     raise AssertionError(args.command)
 
 
+def _resume_hint(argv, args) -> str:
+    """The command that continues an interrupted run (the last checkpoint is kept), or why there is none."""
+    if args.command not in ("search", "retrain"):
+        return "nothing to resume"
+    if args.command == "search":
+        command = ["l2b", "search", "--out", str(args.out), "--resume"]
+    else:
+        command = ["l2b", "retrain", "--tree", str(args.tree), "--resume"] + (["--out", str(args.out)] if args.out else [])
+    return "continue with: " + shlex.join(command)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -269,6 +378,12 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"l2b {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (RunFailed, FloatingPointError) as error:
+        print(f"l2b {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"l2b {args.command}: interrupted; {_resume_hint(argv, args)}", file=sys.stderr)
+        return 130
     finally:  # under torchrun, also after an error: the trainers are gone, close the group (no barrier if failed)
         if "l2b_fast.train.distributed" in sys.modules:
             sys.modules["l2b_fast.train.distributed"].cleanup(failed=failed)

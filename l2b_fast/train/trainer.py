@@ -46,7 +46,7 @@ from l2b_fast.train import distributed, graphed_step, lr_schedules, schedules
 from l2b_fast.train.checkpoints import atomic_save, read_checkpoint, rng_state, set_rng_state
 from l2b_fast.train.logs import Progress, RunLogs, probability_row
 
-__all__ = ["TrainConfig", "Trainer", "Evaluation", "unwrap_model", "branching_modules", "StreamConfig", "StreamTrainer"]
+__all__ = ["TrainConfig", "Trainer", "Evaluation", "NonFiniteLossError", "unwrap_model", "branching_modules", "StreamConfig", "StreamTrainer"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -54,6 +54,8 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 # CUDA graphs. "global": torch's global generator, seeded once with the run seed (one process only).
 SAMPLINGS = ("step", "global")
 CHECKPOINT_FORMAT = "l2b_fast.stream_trainer/1"
+# Settings a resumed run may change: how it reports, and how long it trains (more epochs continue the run).
+RESUME_MAY_CHANGE = ("progress", "epochs")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -138,6 +140,10 @@ class TrainConfig:
             raise ValueError(f"tau must stay finite and positive, got {self.tau!r}")
         lr_schedules.from_config(self.lr_schedule)
         lr_schedules.from_config(self.lr_schedule_logits)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A task's loss became NaN or infinite; the run stopped before writing a checkpoint of that state."""
 
 
 @dataclasses.dataclass
@@ -474,8 +480,11 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a checkpoint of the l2b_fast trainer")
         defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig) if field.default is not dataclasses.MISSING}
-        saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k != "progress"}  # newer settings: their defaults
-        current = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "progress"}
+        # newer settings: their defaults; more epochs is a safe change (a run continues)
+        resumable = {k: v for k, v in {**defaults, **state["config"]}.items() if k not in RESUME_MAY_CHANGE}
+        saved, current = resumable, {k: v for k, v in dataclasses.asdict(self.config).items() if k not in RESUME_MAY_CHANGE}
+        if self.config.epochs < state["epoch"]:
+            raise ValueError(f"checkpoint {path} has trained {state['epoch']} epochs already: epochs={self.config.epochs} cannot continue it")
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])
             raise ValueError(f"checkpoint {path} was written with another configuration (differs in {changed})")
@@ -540,10 +549,17 @@ class Trainer:
             values /= self.context.world_size
         return values
 
-    def _check_finite(self, value: float, where: str) -> None:
-        # fp16: the gradient scaler skips steps with inf/NaN and lowers its scale; that is not an error.
-        if not math.isfinite(value) and self.config.precision != "fp16":
-            raise FloatingPointError(f"loss became {value} {where}: lower the learning rates")
+    def _check_finite(self, task_losses, where: str) -> None:
+        """:class:`NonFiniteLossError` naming the first task whose loss (a list of per-task values) is not finite.
+        fp16: the gradient scaler skips steps with inf/NaN and lowers its scale; that is not an error."""
+        if self.config.precision == "fp16":
+            return
+        for task, value in zip(self.tasks, task_losses):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"the loss of task {task!r} became {value} {where}; the last checkpoint ({self.checkpoint_path}) "
+                    "holds the last finite state: lower the learning rates"
+                )
 
     # ----------------------------------------------------------------------------- training
     def _set_learning_rates(self, epoch: int) -> float:
@@ -679,6 +695,8 @@ class Trainer:
             if progress is not None:
                 progress.update(self.step, self._running_loss, tau if self.searching else None)
             if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                # never a checkpoint of a diverged run: the epoch's sums hold every step's losses (one sync here)
+                self._check_finite((self._mean_over_ranks(self._epoch_sums)).tolist(), f"by step {self.step}")
                 self.save_checkpoint()
             if on_step is not None:
                 on_step(self)
@@ -697,7 +715,7 @@ class Trainer:
     def _log_step(self, epoch: int, tau: float, lr: float, task_losses: torch.Tensor) -> None:
         means = self._mean_over_ranks(task_losses).tolist()  # every rank logs at the same steps: a collective
         loss = sum(self.alpha[t] * value for t, value in zip(self.tasks, means))
-        self._check_finite(loss, f"at step {self.step}")
+        self._check_finite(means, f"at step {self.step}")
         self._last_logged_loss = loss
         if self.context.is_main:
             row = {"step": self.step, "epoch": epoch, "tau": tau, "lr": lr, "loss": loss}
@@ -709,7 +727,7 @@ class Trainer:
         """The epoch's row of epochs.csv (mean train losses over batches and ranks, validation); returns it."""
         means = (self._mean_over_ranks(self._epoch_sums) / self.batch_in_epoch).tolist()
         result = {"loss": sum(self.alpha[t] * value for t, value in zip(self.tasks, means)), **dict(zip(self.tasks, means))}
-        self._check_finite(result["loss"], f"in epoch {self.epoch}")
+        self._check_finite(means, f"in epoch {self.epoch}")
         row = {"step": self.step, "epoch": self.epoch, "train_loss": result["loss"], **{f"train_loss.{t}": means[k] for k, t in enumerate(self.tasks)}}
         if self.val_data is not None:
             rng = rng_state(self.device)  # evaluation must not shift the training random streams
