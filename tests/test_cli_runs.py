@@ -129,3 +129,50 @@ def test_a_diverging_loss_stops_with_one_line_naming_the_task_and_keeps_the_last
     if checkpoint.exists():  # a checkpoint written before the divergence holds finite weights only
         state = torch.load(checkpoint, weights_only=True)
         assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["search", "retrain"])
+def test_streaming_run_killed_mid_epoch_resumes_byte_for_byte(tmp_path, stage):
+    """A CelebA search (and a retrain) on shards, SIGKILLed mid-epoch after a checkpoint, resumed with only the
+    folder and --resume: the same tree and logs as an uninterrupted run."""
+    pytest.importorskip("webdataset")
+    from l2b_fast.datasets.celeba import synthetic as synthetic_celeba
+
+    data = tmp_path / "data"
+    synthetic_celeba.generate(data, 40, 32, samples_per_shard=4)
+    tiny = ["search.size=32", "retrain.size=32", "model.width=0.125", "model.children=[2, 2, 2, 2, 40]",
+            "search.batch_size=4", "retrain.batch_size=4", "search.epochs=4", "search.warmup_epochs=1",
+            "retrain.epochs=4", "data.num_workers=0", "data.eval_batch_size=4", "search.log_every=1",
+            "retrain.log_every=1", "search.checkpoint_every=1", "retrain.checkpoint_every=1"]  # fmt: skip
+    sets = [argument for setting in tiny for argument in ("--set", setting)]
+    common = ["--preset", "celeba-deepwide", "--data", str(data), "--threads", "1", "--quiet", *sets]
+
+    def start(out):
+        if stage == "search":
+            return l2b("search", *common, "--out", str(out))
+        return l2b("retrain", "--tree", str(tmp_path / "searched" / "tree.json"), "--out", str(out), "--threads", "1", "--quiet")
+
+    if stage == "retrain":
+        assert run("search", *common, "--out", str(tmp_path / "searched"))[0] == 0
+    reference = start(tmp_path / "whole")
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()
+    killed = start(tmp_path / "killed")
+    log = tmp_path / "killed" / "log.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) > 12 and (tmp_path / "killed" / "checkpoints" / "last.pt").exists():
+            break
+        time.sleep(0.02)
+    assert killed.poll() is None, "the run finished before it could be killed: make it longer"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    if stage == "search":
+        code, _, err = run("search", "--out", str(tmp_path / "killed"), "--resume", "--quiet")
+    else:
+        code, _, err = run("retrain", "--tree", str(tmp_path / "searched" / "tree.json"), "--out", str(tmp_path / "killed"),
+                           "--resume", "--quiet")  # fmt: skip
+    assert code == 0, err
+    names = ("tree.json", "log.csv", "epochs.csv") if stage == "search" else ("log.csv", "epochs.csv")
+    for name in names:
+        assert (tmp_path / "whole" / name).read_text() == (tmp_path / "killed" / name).read_text(), name
