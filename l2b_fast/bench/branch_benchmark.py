@@ -204,9 +204,16 @@ def run(
             if name != "ref":
                 backend_ops = _backend_ops(name)
                 with torch.no_grad():
-                    soft, index = backend_ops.sample_branches(logits, tau_tensor, None, torch.tensor([1], device=device))
+                    soft, index = backend_ops.sample_branches(
+                        logits, tau_tensor, None, torch.tensor([1], device=device)
+                    )
                 backward_ms = statistics.median(
-                    measure(lambda: backend_ops.branch_backward(grad, parents, index, soft, tau_tensor), device, warmup, repeat)
+                    measure(
+                        lambda: backend_ops.branch_backward(grad, parents, index, soft, tau_tensor),
+                        device,
+                        warmup,
+                        repeat,
+                    )
                 )
             timings[name] = (measure(fused_step, device, warmup, repeat), backward_ms)
             fused_parents.grad = fused_logits.grad = None
@@ -246,7 +253,17 @@ def _backend_ops(name: str):
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = ["shape", "dtype", "implementation", "fwd_bwd_ms", "speedup_vs_naive", "effective_GBps", "backward_ms", "backward_GBps", "step_peak_MiB"]
+    columns = [
+        "shape",
+        "dtype",
+        "implementation",
+        "fwd_bwd_ms",
+        "speedup_vs_naive",
+        "effective_GBps",
+        "backward_ms",
+        "backward_GBps",
+        "step_peak_MiB",
+    ]
     table = [columns] + [["" if row[c] is None else str(row[c]) for c in columns] for row in rows]
     widths = [max(len(line[k]) for line in table) for k in range(len(columns))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table]

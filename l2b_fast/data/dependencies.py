@@ -33,7 +33,9 @@ def import_data_package(name: str) -> ModuleType:
         if not (name == missing or name.startswith(missing + ".")):
             raise  # the package is there but one of its own dependencies is missing: show that error as is
         top = name.split(".")[0]
-        raise MissingDataDependency(f"the shard tools need the {_DISTRIBUTIONS.get(top, top)!r} package, which is not installed; {INSTALL_HINT}") from error
+        raise MissingDataDependency(
+            f"the shard tools need the {_DISTRIBUTIONS.get(top, top)!r} package, which is not installed; {INSTALL_HINT}"
+        ) from error
 
 
 def require_data_packages() -> None:

@@ -158,9 +158,7 @@ def _branch_backward_partials_kernel(
         # not a multiply, so an inf/NaN in one child's gradient stays in its own parent).
         if WRITE_GRAD_PARENTS:
             seg = tl.sum(tl.where(one_hot[:, :, None], g[None, :, :], 0.0), axis=1)
-            tl.store(
-                grad_parents_ptr + base_i + offs[None, :], seg.to(grad_parents_ptr.dtype.element_ty), mask=mask_i
-            )
+            tl.store(grad_parents_ptr + base_i + offs[None, :], seg.to(grad_parents_ptr.dtype.element_ty), mask=mask_i)
         if COMPUTE_DOTS:
             # G[i, j] += <grad_out[j], parents[i]> over this tile, for every pair (parents are read only here).
             y = tl.load(parents_ptr + base_i + offs[None, :], mask=mask_i, other=0.0)
@@ -303,9 +301,19 @@ def branch_backward(
     block_j = max(2, _next_pow2(children))
     acc_dtype = torch.float64 if acc_f64 else torch.float32
     block_i, block_n, num_i_blocks, num_chunks, tiles_per_program = _partials_config(
-        num_parents, children, row, acc_dtype.itemsize, _interpreted(device), _sm_count(device), _block_n, _block_i, _num_chunks
+        num_parents,
+        children,
+        row,
+        acc_dtype.itemsize,
+        _interpreted(device),
+        _sm_count(device),
+        _block_n,
+        _block_i,
+        _num_chunks,
     )
-    partials = torch.empty((num_chunks, num_parents, children) if need_grad_logits else (0,), dtype=acc_dtype, device=device)
+    partials = torch.empty(
+        (num_chunks, num_parents, children) if need_grad_logits else (0,), dtype=acc_dtype, device=device
+    )
 
     block_i2 = max(2, _next_pow2(num_parents))
     budget = 1 << 16 if _interpreted(device) else 2048

@@ -55,7 +55,9 @@ def _tau_pointer(tau: Tensor, device: torch.device) -> Tensor:
     """The temperature as one float64 on ``device``, which the kernels load (never a launch argument:
     a changed value then needs no new launch or compile). Same checks as csrc/branch_checks.h."""
     if tau.numel() != 1 or not tau.dtype.is_floating_point:
-        raise ValueError(f"l2b_fast: tau must be a one-element floating tensor, got {tau.dtype} of shape {tuple(tau.shape)}")
+        raise ValueError(
+            f"l2b_fast: tau must be a one-element floating tensor, got {tau.dtype} of shape {tuple(tau.shape)}"
+        )
     if tau.device != device:
         raise ValueError(f"l2b_fast: tau is on {tau.device} but the other tensors are on {device}")
     return tau.reshape(1).to(torch.float64)
