@@ -391,7 +391,7 @@ def test_auto_leaves_large_cpu_blocks_per_child(monkeypatch):
     assert calls == [0, 1, 2]  # execution="grouped" always groups
 
 
-class Scale(nn.Module):
+class WeightScale(nn.Module):
     """A user's layer type: ``x * weight`` over the last dim."""
 
     def __init__(self, features: int):
@@ -413,17 +413,17 @@ def test_a_registered_layer_type_runs_grouped_as_per_child(monkeypatch):
             weight = torch.stack([module.weight for module in self.modules])  # [J, F]
             return x.with_tensor(x.tensor * weight.view(x.children, *[1] * (x.tensor.dim() - 2), -1))
 
-    monkeypatch.setitem(GROUPED_STEPS, Scale, None)  # restored after the test
-    del GROUPED_STEPS[Scale]
+    monkeypatch.setitem(GROUPED_STEPS, WeightScale, None)  # restored after the test
+    del GROUPED_STEPS[WeightScale]
     blocks = [
-        BlockSpec(3, lambda b, c: nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh())),
-        BlockSpec(3, lambda b, c: Scale(5)),
+        BlockSpec(3, lambda b, c: nn.Sequential(nn.Linear(4, 5), WeightScale(5), nn.Tanh())),
+        BlockSpec(3, lambda b, c: WeightScale(5)),
     ]
     torch.manual_seed(0)
     reference = TreeSupernet(blocks, TASKS, execution="per_child").double()
-    with pytest.raises(UnsupportedNodeError, match=r"block 0 node\.1 is a .*Scale.*register_grouped_step"):
+    with pytest.raises(UnsupportedNodeError, match=r"block 0 node\.1 is a .*WeightScale.*register_grouped_step"):
         copy.deepcopy(reference).set_execution("grouped")
-    register_grouped_step(Scale, ScaleStep)
+    register_grouped_step(WeightScale, ScaleStep)
     grouped = copy.deepcopy(reference)
     grouped.set_execution("grouped")
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
