@@ -196,9 +196,11 @@ def run(
             fused_parents = parents.clone().requires_grad_(True)
             fused_logits = logits.clone().requires_grad_(True)
 
+            # The F821 suppressions here and below: a false positive for closures over names that a later `del` in
+            # this scope removes; each closure runs before that `del`, in the same iteration.
             def fused_step(name=name):
-                fused_parents.grad = fused_logits.grad = None
-                branch(fused_parents, fused_logits, tau, backend=name).backward(grad)
+                fused_parents.grad = fused_logits.grad = None  # noqa: F821
+                branch(fused_parents, fused_logits, tau, backend=name).backward(grad)  # noqa: F821
 
             backward_ms = None
             if name != "ref":
@@ -209,7 +211,7 @@ def run(
                     )
                 backward_ms = statistics.median(
                     measure(
-                        lambda: backend_ops.branch_backward(grad, parents, index, soft, tau_tensor),
+                        lambda: backend_ops.branch_backward(grad, parents, index, soft, tau_tensor),  # noqa: F821
                         device,
                         warmup,
                         repeat,

@@ -104,7 +104,7 @@ def _branch_backward_partials_kernel(
     index_ptr,  # int64 [J]
     grad_parents_ptr,  # [I, N] flat rows, parents' dtype
     partials_ptr,  # [num_chunks, I, J], fp32 (fp64 for fp64 inputs)
-    I,
+    num_parents,
     J,
     N,
     num_i_blocks,
@@ -126,7 +126,7 @@ def _branch_backward_partials_kernel(
 
     rows_i = i_block * BLOCK_I + tl.arange(0, BLOCK_I)
     rows_j = tl.arange(0, BLOCK_J)
-    i_ok = rows_i < I
+    i_ok = rows_i < num_parents
     j_ok = rows_j < J
     base_i = rows_i.to(tl.int64)[:, None] * N
     base_j = rows_j.to(tl.int64)[:, None] * N
@@ -169,7 +169,7 @@ def _branch_backward_partials_kernel(
             acc += y[:, None, :] * g[None, :, :]
 
     if COMPUTE_DOTS:
-        out = partials_ptr + chunk.to(tl.int64) * I * J + rows_i[:, None] * J + rows_j[None, :]
+        out = partials_ptr + chunk.to(tl.int64) * num_parents * J + rows_i[:, None] * J + rows_j[None, :]
         tl.store(out, tl.sum(acc, axis=2), mask=i_ok[:, None] & j_ok[None, :])
 
 
@@ -178,7 +178,7 @@ def _branch_backward_logits_kernel(
     partials_ptr,  # [num_chunks, I, J]
     soft_ptr,
     grad_logits_ptr,  # [I, J] contiguous, soft's dtype
-    I,
+    num_parents,
     J,
     stride_si,
     stride_sj,
@@ -191,14 +191,14 @@ def _branch_backward_logits_kernel(
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_I)
     cols = pid * BLOCK_J + tl.arange(0, BLOCK_J)
-    mask = (rows < I)[:, None] & (cols < J)[None, :]
+    mask = (rows < num_parents)[:, None] & (cols < J)[None, :]
     pair = rows[:, None] * J + cols[None, :]
 
     G = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float64)
     ptrs = partials_ptr + pair
     for _ in range(0, NUM_CHUNKS):  # fixed order: deterministic
         G += tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
-        ptrs += I * J
+        ptrs += num_parents * J
 
     r = rows.to(tl.int64)[:, None]
     c = cols.to(tl.int64)[None, :]

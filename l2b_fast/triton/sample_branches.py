@@ -89,7 +89,7 @@ def _sample_branches_kernel(
     seed_ptr,
     index_ptr,
     soft_ptr,
-    I,
+    num_parents,
     J,
     stride_li,
     stride_lj,
@@ -106,7 +106,7 @@ def _sample_branches_kernel(
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_I)
     cols = pid * BLOCK_J + tl.arange(0, BLOCK_J)
-    row_ok = rows < I
+    row_ok = rows < num_parents
     col_ok = cols < J
     mask = row_ok[:, None] & col_ok[None, :]
     r = rows.to(tl.int64)[:, None]
