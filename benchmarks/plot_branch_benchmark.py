@@ -27,7 +27,8 @@ def main(argv=None) -> int:
         with path.open() as handle:
             for row in csv.DictReader(handle):
                 panels[
-                    f"{row['device']}\n{row['shape']} I={row['parents']} J={row['children']} {row['activation']} {row['dtype']}"
+                    f"{row['device']}\n{row['shape']} I={row['parents']} J={row['children']} {row['activation']} "
+                    f"{row['dtype']}"
                 ].append(row)
     if not panels:
         parser.error("no rows in the given CSV files")

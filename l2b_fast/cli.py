@@ -68,7 +68,10 @@ def _add_stream_options(parser: argparse.ArgumentParser) -> None:
         "--data",
         type=Path,
         default=None,
-        help="presets of shard data: shard directory of `l2b data ...` (default for search: small synthetic shards made in OUT/synthetic-data; for retrain and eval: the search's)",
+        help=(
+            "presets of shard data: shard directory of `l2b data ...` (default for search: small synthetic "
+            "shards made in OUT/synthetic-data; for retrain and eval: the search's)"
+        ),
     )
     parser.add_argument(
         "--set",
@@ -76,7 +79,10 @@ def _add_stream_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config setting by its dotted key, value as TOML (repeatable), e.g. --set search.epochs=3 --set model.width=0.5",
+        help=(
+            "override a config setting by its dotted key, value as TOML (repeatable), e.g. --set "
+            "search.epochs=3 --set model.width=0.5"
+        ),
     )
 
 
@@ -92,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser(
         "search",
         help="train the supernet, derive and prune the tree",
-        description="Train the tree supernet with gumbel-softmax branching, derive the tree (argmax, paper Eq. 7), prune it and write OUT/tree.json, OUT/tree.png/.svg, OUT/probabilities.png/.svg, logs, checkpoints and OUT/summary.json.",
+        description=(
+            "Train the tree supernet with gumbel-softmax branching, derive the tree (argmax, paper Eq. 7), "
+            "prune it and write OUT/tree.json, OUT/tree.png/.svg, OUT/probabilities.png/.svg, logs, "
+            "checkpoints and OUT/summary.json."
+        ),
     )
     source = search.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help="a built-in preset (see `l2b presets`)")
@@ -104,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     retrain = commands.add_parser(
         "retrain",
         help="train the derived tree from scratch",
-        description="Build the derived tree's network with fresh weights and train it (config from the search directory unless given).",
+        description=(
+            "Build the derived tree's network with fresh weights and train it (config from the search "
+            "directory unless given)."
+        ),
     )
     retrain.add_argument("--tree", type=Path, required=True, help="tree.json written by `l2b search`")
     retrain_source = retrain.add_mutually_exclusive_group()
@@ -114,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument(
         "--no-baselines",
         action="store_true",
-        help="train only the tree, not the two baselines (all tasks sharing every layer; every task alone); default: the config's [retrain] baselines (true if unset)",
+        help=(
+            "train only the tree, not the two baselines (all tasks sharing every layer; every task alone); "
+            "default: the config's [retrain] baselines (true if unset)"
+        ),
     )
     _add_stream_options(retrain)
     _add_common(retrain)
@@ -122,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval",
         help="test a retrained tree: the paper's table",
-        description="Evaluate the retrained tree of RUN (a search folder holding retrain/, or a retrain folder) on a split of the shards; print the data set's table (the paper's rows where it has them) with our row and write RUN/eval.json.",
+        description=(
+            "Evaluate the retrained tree of RUN (a search folder holding retrain/, or a retrain folder) "
+            "on a split of the shards; print the data set's table (the paper's rows where it has them) "
+            "with our row and write RUN/eval.json."
+        ),
     )
     evaluate.add_argument("run", type=Path, help="the search (or retrain) output directory")
     evaluate.add_argument("--data", type=Path, default=None, help="shard directory (default: the data the run used)")
@@ -220,7 +240,8 @@ def _search(args) -> int:
         timing = summary["timing"]
         print(viz.tree_text(json.loads((args.out / "tree.json").read_text())))
         print(
-            f"supernet parameters {summary['supernet_parameters']:,}, derived tree {summary['tree_parameters']:,}; {timing['seconds']} s, {timing['images_per_second']} images/s"
+            f"supernet parameters {summary['supernet_parameters']:,}, derived tree "
+            f"{summary['tree_parameters']:,}; {timing['seconds']} s, {timing['images_per_second']} images/s"
         )
         for line in recipe.report_lines(summary):
             print(line)

@@ -146,7 +146,8 @@ def validate_tree(tree: dict) -> None:
                 )
             if not 0 <= parent < previous:
                 raise ValueError(
-                    f"layer {number} child {child}: parent {parent} is out of range (the previous layer has {previous} nodes: 0..{previous - 1})"
+                    f"layer {number} child {child}: parent {parent} is out of range (the previous layer has "
+                    f"{previous} nodes: 0..{previous - 1})"
                 )
         previous = len(parents)
     if previous != len(tasks):

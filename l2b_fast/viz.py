@@ -152,7 +152,8 @@ def tree_text(tree) -> str:
         return f"{n} {word}{'' if n == 1 else 's'}"
 
     lines = [
-        f"tree: {plural(len(s.tasks), 'task')}, {plural(s.depth, 'layer')} (widths {widths}), {plural(len(s.groups), 'task group')}"
+        f"tree: {plural(len(s.tasks), 'task')}, {plural(s.depth, 'layer')} (widths {widths}), "
+        f"{plural(len(s.groups), 'task group')}"
     ]
 
     def describe(key: tuple[int, int]) -> str:
@@ -420,7 +421,8 @@ def _read_probabilities(history_csv: Path):
             probability[tuple(int(g) for g in match.groups())] = column
     if not probability:
         raise ValueError(
-            f"{history_csv} has no branching-probability columns (p.b<block>.i<parent>.j<child>); columns: {header[:8]}{' ...' if len(header) > 8 else ''}"
+            f"{history_csv} has no branching-probability columns (p.b<block>.i<parent>.j<child>); columns: "
+            f"{header[:8]}{' ...' if len(header) > 8 else ''}"
         )
 
     def number(text: str) -> float:
@@ -564,7 +566,10 @@ def draw_probability_heatmaps(
     skipped = sorted(set(blocks) - set(shown))
     heading = title or "branching probabilities over training"
     if skipped:
-        heading += f"  (single-parent block{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))} omitted: constant 1)"
+        heading += (
+            f"  (single-parent block{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))} "
+            "omitted: constant 1)"
+        )
     figure.suptitle(heading, fontsize=11, x=0.02, y=1 - 0.15 / total, ha="left", va="top")
     return _save(figure, path_stem)
 

@@ -210,7 +210,8 @@ MALFORMED = {
     "partition value 3": (
         "partition",
         lambda lines: [*lines[:6], lines[6][:-1] + "3", *lines[7:]],
-        r"list_eval_partition\.txt:7: expected an image name and 0 \(train\), 1 \(val\) or 2 \(test\), got '000007\.jpg 3'",
+        r"list_eval_partition\.txt:7: expected an image name and 0 \(train\), 1 \(val\) or 2 \(test\), got "
+        r"'000007\.jpg 3'",
     ),
     "duplicate partition row": (
         "partition",
@@ -269,13 +270,19 @@ def test_missing_inputs_are_named(tmp_path):
     (tmp_path / "Eval" / "list_eval_partition.txt").unlink()
     with pytest.raises(
         FileNotFoundError,
-        match="no CelebA partition file under .*: looked for list_eval_partition.txt, Eval/list_eval_partition.txt, list_eval_partition.csv",
+        match=(
+            "no CelebA partition file under .*: looked for list_eval_partition.txt, "
+            "Eval/list_eval_partition.txt, list_eval_partition.csv"
+        ),
     ):
         cc.convert(tmp_path, tmp_path / "out")
     shutil.rmtree(tmp_path / "Img")
     with pytest.raises(
         FileNotFoundError,
-        match="no CelebA image folder under .*: looked for img_align_celeba/img_align_celeba, img_align_celeba, Img/img_align_celeba",
+        match=(
+            "no CelebA image folder under .*: looked for img_align_celeba/img_align_celeba, img_align_celeba, "
+            "Img/img_align_celeba"
+        ),
     ):
         cc.find_inputs(tmp_path)
 

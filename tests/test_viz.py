@@ -154,7 +154,8 @@ def test_tree_text_marks_unused_nodes():
 
 def test_tree_text_chain():
     assert viz.tree_text(CHAIN) == (
-        "tree: 1 task, 3 layers (widths 1-1-1), 1 task group\ninput [1 task]\n`-- L1.n0 [1 task]\n    `-- L2.n0 [1 task]\n        `-- only\n"
+        "tree: 1 task, 3 layers (widths 1-1-1), 1 task group\ninput [1 task]\n"
+        "`-- L1.n0 [1 task]\n    `-- L2.n0 [1 task]\n        `-- only\n"
     )
 
 

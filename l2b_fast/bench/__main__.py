@@ -16,8 +16,10 @@ from l2b_fast.bench import report
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m l2b_fast.bench",
-        description="Forward+backward time of every l2b_fast backend against naive per-child "
-        "F.gumbel_softmax(hard=True) + weighted sum; writes CSV and JSON tagged with device and versions.",
+        description=(
+            "Forward+backward time of every l2b_fast backend against naive per-child "
+            "F.gumbel_softmax(hard=True) + weighted sum; writes CSV and JSON tagged with device and versions."
+        ),
     )
     parser.add_argument(
         "--device",
@@ -27,7 +29,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--shapes",
         default=None,
-        help=f"comma-separated, from {', '.join(bench.SHAPES)} (default: taskonomy,celeba on cuda; cpu-target,taskonomy,celeba on cpu)",
+        help=(
+            f"comma-separated, from {', '.join(bench.SHAPES)} (default: taskonomy,celeba on cuda; "
+            "cpu-target,taskonomy,celeba on cpu)"
+        ),
     )
     parser.add_argument(
         "--backends",

@@ -164,14 +164,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--normalise-in",
         default="worker,device",
-        help="where targets are normalised: worker (the loader yields targets) and/or device (the loader yields raw batches for protocol.to_targets_batch on the GPU; that step is not timed); default both",
+        help=(
+            "where targets are normalised: worker (the loader yields targets) and/or device (the loader yields "
+            "raw batches for protocol.to_targets_batch on the GPU; that step is not timed); default both"
+        ),
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--batches",
         type=int,
         default=None,
-        help="timed batches per loader run (default: about two passes' worth of the profiled samples per process, at least 8)",
+        help=(
+            "timed batches per loader run (default: about two passes' worth of the profiled samples per "
+            "process, at least 8)"
+        ),
     )
     parser.add_argument(
         "--gpu-samples-per-s",
@@ -229,7 +235,8 @@ def main(argv=None) -> int:
                 samples_per_shard=max(args.batch_size, args.samples // 8),
             )
             print(
-                f"wrote {args.samples} synthetic {args.stored_size}x{args.stored_size} samples in {time.perf_counter() - start:.1f} s",
+                f"wrote {args.samples} synthetic {args.stored_size}x{args.stored_size} samples in "
+                f"{time.perf_counter() - start:.1f} s",
                 file=sys.stderr,
             )
             meta["data"] = f"synthetic taskonomy {args.stored_size}x{args.stored_size}, {args.samples} samples"
@@ -244,7 +251,9 @@ def main(argv=None) -> int:
         )
         meta["shards"], meta["profiled_samples"] = len(urls), len(samples)
         print(
-            f"{meta['device']} | {meta['cores']} cores | torch {meta['torch']} | PNG decoder {meta['png_decoder']} | {len(samples)} samples in {len(urls)} shards, {meta['mean_sample_bytes'] / 1e3:.0f} kB each"
+            f"{meta['device']} | {meta['cores']} cores | torch {meta['torch']} | PNG decoder "
+            f"{meta['png_decoder']} | {len(samples)} samples in {len(urls)} shards, "
+            f"{meta['mean_sample_bytes'] / 1e3:.0f} kB each"
         )
         batches = args.batches or max(8, math.ceil(2 * len(samples) / args.batch_size))
         stage_rows, loader_rows = [], []
@@ -284,7 +293,8 @@ def main(argv=None) -> int:
                     row.update({k: round(v, 1) if isinstance(v, float) else v for k, v in measured.items()})
                     loader_rows.append(row)
                     print(
-                        f"  size {size}, normalise in {normalise_in}, {workers} worker(s): {measured['samples_per_s']:.1f} samples/s",
+                        f"  size {size}, normalise in {normalise_in}, {workers} worker(s): "
+                        f"{measured['samples_per_s']:.1f} samples/s",
                         file=sys.stderr,
                     )
         print("\nstage profile (one process, ms per sample):")

@@ -106,7 +106,8 @@ PRESETS = {
         channels_last=True,
     ),
     "cpu": Preset(
-        "reduced for a small CPU: Taskonomy at width 1/4 and 64x64, batch 8; CelebA models at full width, 64x64, batch 16; fp32",
+        "reduced for a small CPU: Taskonomy at width 1/4 and 64x64, batch 8; CelebA models at full width, 64x64, "
+        "batch 16; fp32",
         {
             "taskonomy_resnet34": {"options": {"width": 0.25, "input_size": 64}, "batch": 8},
             "celeba_branch_vgg": {"options": {"input_size": 64}, "batch": 16},
@@ -517,7 +518,8 @@ def format_table(rows: list[dict]) -> str:
     """Speed-ups over naive and per_child (higher is better); time over the static floors (lower is better)."""
     header = (
         f"{'model':<19} {'variant':<15} {'median ms':>10} {'images/s':>9} {'speed-up vs naive':>18} "
-        f"{'vs per_child':>13} {'/ static':>9} {'/ static_grouped':>17} {'step peak MiB':>14} {'TFLOP/s':>8} {'of peak':>8}"
+        f"{'vs per_child':>13} {'/ static':>9} {'/ static_grouped':>17} {'step peak MiB':>14} {'TFLOP/s':>8} "
+        f"{'of peak':>8}"
     )
     lines = [header, "-" * len(header)]
 
@@ -533,8 +535,9 @@ def format_table(rows: list[dict]) -> str:
             continue
         peak = f"{row['step_peak_MiB']:.1f}" if row["step_peak_MiB"] is not None else "n/m"
         lines.append(
-            f"{row['model']:<19} {row['variant']:<15} {row['median_ms']:>10.1f} {row['images_per_s']:>9.1f} {ratio(row['vs_naive']):>18} "
-            f"{ratio(row['vs_per_child']):>13} {ratio(row['vs_static']):>9} {ratio(row['vs_static_grouped']):>17} {peak:>14}"
+            f"{row['model']:<19} {row['variant']:<15} {row['median_ms']:>10.1f} {row['images_per_s']:>9.1f} "
+            f"{ratio(row['vs_naive']):>18} {ratio(row['vs_per_child']):>13} {ratio(row['vs_static']):>9} "
+            f"{ratio(row['vs_static_grouped']):>17} {peak:>14}"
             f" {row['achieved_tflops']:>8.3g} {fraction(row['peak_fraction']):>8}"
         )
     return "\n".join(lines)
@@ -577,15 +580,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="gpu (the paper's sizes, bf16, channels_last), cpu (reduced) or tiny (smoke test); default gpu on CUDA, else cpu",
+        help=(
+            "gpu (the paper's sizes, bf16, channels_last), cpu (reduced) or tiny (smoke test); default gpu on "
+            "CUDA, else cpu"
+        ),
     )
     parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument(
         "--variants",
         default=None,
-        help=f"comma-separated, from {', '.join(VARIANTS)}, "
-        "each optionally + _bf16 (bf16 autocast) and/or _cl (channels_last) (default: the preset's)",
+        help=(
+            f"comma-separated, from {', '.join(VARIANTS)}, "
+            "each optionally + _bf16 (bf16 autocast) and/or _cl (channels_last) (default: the preset's)"
+        ),
     )
     parser.add_argument(
         "--repeat",
@@ -601,8 +609,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--peak-tflops",
         type=float,
         default=None,
-        help="the device's peak TFLOP/s for peak_fraction "
-        "(default: the dense peak of an H100 or H200 for the variant's precision; none on CPU)",
+        help=(
+            "the device's peak TFLOP/s for peak_fraction "
+            "(default: the dense peak of an H100 or H200 for the variant's precision; none on CPU)"
+        ),
     )
     parser.add_argument(
         "--threads",
@@ -682,7 +692,8 @@ def main_from_args(args: argparse.Namespace) -> int:
         png_path = plot(
             rows,
             args.out / f"{stem}.png",
-            f"search step, {meta['device']} (threads={meta['cpu_threads']}), torch {meta['torch']}, preset {args.preset}",
+            f"search step, {meta['device']} (threads={meta['cpu_threads']}), torch {meta['torch']}, preset "
+            f"{args.preset}",
         )
         print(f"wrote {csv_path}, {json_path} and {png_path}")
     return 0

@@ -13,7 +13,10 @@ from types import ModuleType
 
 __all__ = ["INSTALL_HINT", "MissingDataDependency", "import_data_package", "require_data_packages"]
 
-INSTALL_HINT = "install the data extra: pip install --no-build-isolation -e '.[data]' in the l2b_fast source tree, or pip install webdataset pillow pyspng"
+INSTALL_HINT = (
+    "install the data extra: pip install --no-build-isolation -e '.[data]' in the l2b_fast source "
+    "tree, or pip install webdataset pillow pyspng"
+)
 
 # import name -> name on the package index
 _DISTRIBUTIONS = {"webdataset": "webdataset", "PIL": "pillow", "pyspng": "pyspng"}

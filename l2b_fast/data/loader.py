@@ -141,7 +141,8 @@ class SkipCounter:
             warnings.warn(message, SkippedDataWarning, stacklevel=2)
         if self._consecutive > self.max_consecutive_failures:
             warnings.warn(
-                f"{self.name}: {self._consecutive} consecutive failures without a good sample; giving up on this stream",
+                f"{self.name}: {self._consecutive} consecutive failures without a good sample; giving up on this "
+                "stream",
                 SkippedDataWarning,
                 stacklevel=2,
             )

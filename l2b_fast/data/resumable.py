@@ -76,7 +76,8 @@ class ResumableConversion:
             self.state = json.loads(self._state_path.read_text())
             if self.state["settings"] != settings:
                 raise ValueError(
-                    f"{self.out} was converted with other settings {self.state['settings']}; convert into another directory"
+                    f"{self.out} was converted with other settings {self.state['settings']}; convert into "
+                    "another directory"
                 )
             log = self.out / SKIPPED_LOG  # progress files written before this field existed: trust the log
             self.state.setdefault("skipped_log_bytes", log.stat().st_size if log.exists() else 0)

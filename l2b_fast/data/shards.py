@@ -66,12 +66,15 @@ def prepare_output_dir(out_dir, *, overwrite: bool = False) -> Path:
         shown = ", ".join(entry.name for entry in entries[:4]) + (" ..." if len(entries) > 4 else "")
         if not overwrite:
             raise ValueError(
-                f"output directory {out} is not empty ({shown}): new shards would mix with old ones; pass --overwrite to replace a shard directory, or choose another --out"
+                f"output directory {out} is not empty ({shown}): new shards would mix with old ones; pass "
+                "--overwrite to replace a shard directory, or choose another --out"
             )
         foreign = [entry.name for entry in entries if not _is_pipeline_file(entry)]
         if foreign:
             raise ValueError(
-                f"output directory {out} holds files that are not shards ({', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}): --overwrite only replaces a shard directory; choose another --out"
+                f"output directory {out} holds files that are not shards "
+                f"({', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}): --overwrite only replaces a "
+                "shard directory; choose another --out"
             )
         for entry in entries:
             entry.unlink()
@@ -89,7 +92,8 @@ def _member_bytes(key: str, name: str, value) -> bytes:
     if isinstance(value, np.ndarray) and name.endswith("png"):
         return encode_png(value)
     raise ValueError(
-        f"sample {key!r}: member {name!r} must be bytes, str, a JSON value (for *.json) or an array (for *.png), got {type(value).__name__}"
+        f"sample {key!r}: member {name!r} must be bytes, str, a JSON value (for *.json) or an array (for *.png), "
+        f"got {type(value).__name__}"
     )
 
 
@@ -208,7 +212,8 @@ def read_manifest(out_dir) -> dict:
         missing += [name for name in shards if not (Path(out_dir) / name).is_file()]
     if missing:
         raise ValueError(
-            f"manifest {path} lists {len(missing)} missing shard file(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+            f"manifest {path} lists {len(missing)} missing shard file(s): "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
         )
     return manifest
 

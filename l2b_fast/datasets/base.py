@@ -75,7 +75,8 @@ def check_prediction(task: str, pred: torch.Tensor, channels: int, spatial: tupl
     """ValueError unless ``pred`` is a floating tensor [B, channels, *spatial] (``spatial`` None: [B, channels])."""
     if not isinstance(pred, torch.Tensor) or not pred.is_floating_point():
         raise TypeError(
-            f"{task}: the prediction must be a floating-point tensor, got {type(pred).__name__}{'' if not isinstance(pred, torch.Tensor) else ' ' + str(pred.dtype)}"
+            f"{task}: the prediction must be a floating-point tensor, got "
+            f"{type(pred).__name__}{'' if not isinstance(pred, torch.Tensor) else ' ' + str(pred.dtype)}"
         )
     expected = ("B", channels, *(spatial or ()))
     if (
@@ -84,7 +85,8 @@ def check_prediction(task: str, pred: torch.Tensor, channels: int, spatial: tupl
         or (spatial is not None and tuple(pred.shape[2:]) != tuple(spatial))
     ):
         raise ValueError(
-            f"{task}: prediction of shape {tuple(pred.shape)}, expected [{', '.join(map(str, expected))}] (upsample the head's output to the target's size)"
+            f"{task}: prediction of shape {tuple(pred.shape)}, expected [{', '.join(map(str, expected))}] "
+            "(upsample the head's output to the target's size)"
         )
 
 

@@ -126,7 +126,8 @@ def format_table(rows: list[dict]) -> str:
         name = row["model"] + (f" ({row['config']['branching']} branching)" if "branching" in row["config"] else "")
         paper = "; ".join(f"{what} {millions(n)}" for what, n in row["paper"])
         lines.append(
-            f"| {name} | {millions(row['supernet'])} | {millions(row['all_shared_tree'])} | {millions(row['all_separate_tree'])} | {millions(row['heads'])} | {paper} |"
+            f"| {name} | {millions(row['supernet'])} | {millions(row['all_shared_tree'])} | "
+            f"{millions(row['all_separate_tree'])} | {millions(row['heads'])} | {paper} |"
         )
     return "\n".join(lines)
 

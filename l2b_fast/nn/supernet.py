@@ -77,7 +77,8 @@ def stack_outputs(block: int, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
     shapes = [tuple(out.shape) for out in outputs]
     if any(shape != shapes[0] for shape in shapes):
         raise ValueError(
-            f"the nodes of block {block} give outputs of different shapes {shapes}; the nodes of one block must map one input shape to one output shape"
+            f"the nodes of block {block} give outputs of different shapes {shapes}; the nodes of one block must "
+            "map one input shape to one output shape"
         )
     return torch.stack(list(outputs))
 

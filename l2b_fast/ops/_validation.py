@@ -107,7 +107,8 @@ def check_seed(seed, *, generator=None, noise=None, device: torch.device) -> Non
         return
     if not isinstance(seed, torch.Tensor):
         raise TypeError(
-            f"seed must be an int64 tensor of one element, got {type(seed).__name__} (a Python int: use a torch.Generator)"
+            f"seed must be an int64 tensor of one element, got {type(seed).__name__} (a Python int: use a "
+            "torch.Generator)"
         )
     if generator is not None:
         raise ValueError("give either seed or generator, not both")
@@ -162,7 +163,8 @@ def as_parents_tensor(parents) -> torch.Tensor:
                 raise ValueError(f"parents[{i}] is a {type(parent).__name__}, not a tensor")
             if parent.shape != first.shape:
                 raise ValueError(
-                    f"parents must share one shape: parents[0] is {tuple(first.shape)}, parents[{i}] is {tuple(parent.shape)}"
+                    f"parents must share one shape: parents[0] is {tuple(first.shape)}, parents[{i}] is "
+                    f"{tuple(parent.shape)}"
                 )
             if parent.dtype != first.dtype:
                 raise ValueError(

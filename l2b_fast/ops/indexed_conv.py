@@ -55,7 +55,10 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"it needs Triton ({INSTALL_HINT}); use conv_backend='cudnn'"
     if device.type == "cuda" or (device.type == "cpu" and backends.triton_interpreting()):
         return None
-    return f"its kernels run on CUDA tensors (on CPU only through Triton's interpreter, TRITON_INTERPRET=1, for tests), not {device.type}; use conv_backend='cudnn'"
+    return (
+        "its kernels run on CUDA tensors (on CPU only through Triton's interpreter, TRITON_INTERPRET=1, for "
+        f"tests), not {device.type}; use conv_backend='cudnn'"
+    )
 
 
 def _kernels():
@@ -75,11 +78,13 @@ def check_inputs(parents: Tensor, index: Tensor, weight: Tensor, bias: Tensor | 
     """Shapes, dtypes and devices of :func:`indexed_conv2d`; TypeError for what the kernels do not compute."""
     if parents.dim() != 5:
         raise ValueError(
-            f"indexed_conv2d: parents must be [I, B, C, H, W] (2-D convolution of batched inputs), got shape {tuple(parents.shape)}"
+            "indexed_conv2d: parents must be [I, B, C, H, W] (2-D convolution of batched inputs), got shape "
+            f"{tuple(parents.shape)}"
         )
     if parents.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"indexed_conv2d: the Triton kernels take float16/bfloat16/float32 parents, got {parents.dtype}; use the cudnn path (conv_backend='cudnn') for it"
+            f"indexed_conv2d: the Triton kernels take float16/bfloat16/float32 parents, got {parents.dtype}; use "
+            "the cudnn path (conv_backend='cudnn') for it"
         )
     if index.dim() != 1 or index.dtype != torch.int64:
         raise ValueError(
@@ -91,7 +96,8 @@ def check_inputs(parents: Tensor, index: Tensor, weight: Tensor, bias: Tensor | 
         raise ValueError(f"indexed_conv2d: weight has {weight.shape[0]} children but index has {index.shape[0]}")
     if weight.shape[2] != parents.shape[2]:
         raise ValueError(
-            f"indexed_conv2d: weight expects {weight.shape[2]} input channels per child (groups=1 only), parents have {parents.shape[2]}"
+            f"indexed_conv2d: weight expects {weight.shape[2]} input channels per child (groups=1 only), parents "
+            f"have {parents.shape[2]}"
         )
     if bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]):
         raise ValueError(f"indexed_conv2d: bias must be [J, Co] = {tuple(weight.shape[:2])}, got {tuple(bias.shape)}")

@@ -121,7 +121,8 @@ def setup(
     missing = [name for name in (*_TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
         raise ValueError(
-            f"distributed launch: environment variables {', '.join(missing)} are missing (start the processes with torchrun)"
+            f"distributed launch: environment variables {', '.join(missing)} are missing (start the processes "
+            "with torchrun)"
         )
     rank, world_size, local_rank = (_environment_int(name) for name in _TORCHRUN_VARIABLES)
     if not 0 <= rank < world_size:

@@ -58,7 +58,8 @@ def check_config(config) -> None:
     """ValueError (one line) for settings a captured step cannot honour; device-independent (a ``StreamConfig``)."""
     if config.precision == "fp16":
         raise ValueError(
-            "cuda_graph does not support precision='fp16': its GradScaler reads inf checks on the host at every step; use 'bf16' or 'fp32'"
+            "cuda_graph does not support precision='fp16': its GradScaler reads inf checks on the host at every "
+            "step; use 'bf16' or 'fp32'"
         )
     if config.sampling != "step":
         raise ValueError("cuda_graph needs sampling='step' (the step's seed is a device tensor the graph reads)")
@@ -70,7 +71,8 @@ def check_config(config) -> None:
         options = config.compile.get("options") or {}
         if config.compile.get("mode") in _CUDAGRAPH_COMPILE_MODES or options.get("triton.cudagraphs"):
             raise ValueError(
-                f"cuda_graph cannot be combined with torch.compile's own CUDA graphs ({config.compile}): use compile=True or {{'fullgraph': True}}"
+                f"cuda_graph cannot be combined with torch.compile's own CUDA graphs ({config.compile}): use "
+                "compile=True or {'fullgraph': True}"
             )
 
 
@@ -151,18 +153,22 @@ class GraphedStep:
     def __init__(self, trainer, *, capture: bool = True, eager_steps: int = EAGER_STEPS_BEFORE_CAPTURE):
         if not isinstance(eager_steps, int) or isinstance(eager_steps, bool) or eager_steps < 1:
             raise ValueError(
-                f"eager_steps must be an integer >= 1 (optimizer state and lazy set-up come before a capture), got {eager_steps!r}"
+                "eager_steps must be an integer >= 1 (optimizer state and lazy set-up come before a capture), "
+                f"got {eager_steps!r}"
             )
         check_config(trainer.config)
         if capture and trainer.device.type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, the trainer runs on {trainer.device}")
         if trainer.context.distributed:
             raise ValueError(
-                "cuda_graph is not supported under DistributedDataParallel (its gradient all-reduce is not captured here): use one process"
+                "cuda_graph is not supported under DistributedDataParallel (its gradient all-reduce is not "
+                "captured here): use one process"
             )
         if trainer.searching and not trainer._forward_takes_seed:
             raise ValueError(
-                f"cuda_graph needs a forward that takes seed= (a device tensor): {type(trainer.module).__name__}.forward draws from a torch.Generator, which a graph would replay with the captured tree"
+                "cuda_graph needs a forward that takes seed= (a device tensor): "
+                f"{type(trainer.module).__name__}.forward draws from a torch.Generator, which a graph would "
+                "replay with the captured tree"
             )
         self.trainer = trainer
         self.capture = capture

@@ -188,7 +188,8 @@ class _TaskLosses:
             self.functions = dict(losses)
         else:
             raise TypeError(
-                f"losses must be a data set (l2b_fast.datasets) or a mapping {{task: loss_fn}}, got {type(losses).__name__}"
+                "losses must be a data set (l2b_fast.datasets) or a mapping {task: loss_fn}, got "
+                f"{type(losses).__name__}"
             )
         self.tasks = list(model_tasks) if model_tasks is not None else known
         missing = [task for task in self.tasks if task not in known]
@@ -367,7 +368,8 @@ class Trainer:
         stepped = self.searching and config.sampling == "step"
         if self.searching and config.sampling == "global" and self.context.distributed:
             raise ValueError(
-                "sampling='global' draws from each process's own generator, so ranks would sample different trees: use sampling='step'"
+                "sampling='global' draws from each process's own generator, so ranks would sample different "
+                "trees: use sampling='step'"
             )
         self._forward_takes_seed = stepped and "seed" in forward_parameters
         self._forward_kwargs_generator = stepped and not self._forward_takes_seed and "generator" in forward_parameters
@@ -377,7 +379,8 @@ class Trainer:
             and self.context.distributed
         ):
             raise ValueError(
-                f"{type(self.module).__name__}.forward takes neither seed= nor generator=: ranks would sample different trees (TreeSupernet takes both)"
+                f"{type(self.module).__name__}.forward takes neither seed= nor generator=: ranks would sample "
+                "different trees (TreeSupernet takes both)"
             )
         self._step_seed = torch.zeros(1, dtype=torch.int64, device=self.device) if self._forward_takes_seed else None
         self._generator = torch.Generator(device=self.device) if self._forward_kwargs_generator else None
@@ -443,12 +446,14 @@ class Trainer:
                 )
             if self.config.channels_last:
                 raise ValueError(
-                    "channels_last: pass the unwrapped model (it must be converted before DistributedDataParallel wraps it)"
+                    "channels_last: pass the unwrapped model (it must be converted before "
+                    "DistributedDataParallel wraps it)"
                 )
         else:
             if self.context.distributed and model is not self.module:
                 raise ValueError(
-                    "under DDP pass the uncompiled model and set compile=True (DistributedDataParallel must wrap the module before torch.compile)"
+                    "under DDP pass the uncompiled model and set compile=True (DistributedDataParallel must wrap "
+                    "the module before torch.compile)"
                 )
             if self.config.channels_last:
                 self.module.to(memory_format=torch.channels_last)
@@ -545,7 +550,8 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was written with another configuration (differs in {changed})")
         if state["world_size"] != self.context.world_size:
             raise ValueError(
-                f"checkpoint {path} was written by {state['world_size']} rank(s); resume it with {state['world_size']}, not {self.context.world_size}"
+                f"checkpoint {path} was written by {state['world_size']} rank(s); resume it with "
+                f"{state['world_size']}, not {self.context.world_size}"
             )
         self.module.load_state_dict(state["model"])
         self.weight_optimizer.load_state_dict(state["weight_optimizer"])
@@ -767,7 +773,8 @@ class Trainer:
                 return True
         if self.batch_in_epoch == 0:
             raise ValueError(
-                f"epoch {epoch}: the data gave no batch (an iterator or generator is used up after one pass: pass a factory data(epoch))"
+                f"epoch {epoch}: the data gave no batch (an iterator or generator is used up after one pass: "
+                "pass a factory data(epoch))"
             )
         return False
 

@@ -164,7 +164,8 @@ def main() -> int:
                 ok = parents_error <= TOLERANCE[dtype][0] and dots_error <= TOLERANCE[dtype][1]
                 failures += not ok
                 print(
-                    f"{'ok  ' if ok else 'FAIL'} {dtype_name:8s} {timing:8s} {name:45s} grad_parents err {parents_error:.2e}"
+                    f"{'ok  ' if ok else 'FAIL'} {dtype_name:8s} {timing:8s} {name:45s} grad_parents err "
+                    f"{parents_error:.2e}"
                     f"  G rel err {dots_error:.2e}  plan {plan}",
                     flush=True,
                 )

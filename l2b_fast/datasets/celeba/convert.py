@@ -99,7 +99,8 @@ def read_attributes(path: str | Path) -> dict[str, list[int]]:
     if tuple(names) != ATTRIBUTES:
         position = next(i for i, (name, standard) in enumerate(zip(names, ATTRIBUTES)) if name != standard)
         raise ValueError(
-            f"{path}:{number}: attribute {position + 1} is {names[position]!r}, expected {ATTRIBUTES[position]!r} (the standard names in the standard order)"
+            f"{path}:{number}: attribute {position + 1} is {names[position]!r}, expected "
+            f"{ATTRIBUTES[position]!r} (the standard names in the standard order)"
         )
     attributes: dict[str, list[int]] = {}
     for number, (name, *values) in rows:
@@ -207,7 +208,8 @@ def convert(
     official_counts = counts == OFFICIAL_COUNTS
     if not official_counts:
         print(
-            f"warning: {partition_file} has {counts} images per split, not the official {OFFICIAL_COUNTS}; converting anyway",
+            f"warning: {partition_file} has {counts} images per split, not the official {OFFICIAL_COUNTS}; "
+            "converting anyway",
             file=sys.stderr,
         )
     settings = {"root": str(Path(root).resolve()), "seed": seed, "verify_images": verify_images}

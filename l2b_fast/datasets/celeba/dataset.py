@@ -116,7 +116,8 @@ class CelebA(MultiTaskDataset):
         table = targets.get("attributes") if isinstance(targets, dict) else None
         if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != len(ATTRIBUTES):
             raise ValueError(
-                f"CelebA targets must be {{'attributes': [B, {len(ATTRIBUTES)}]}} as celeba_loader yields, got {_describe(table)}"
+                f"CelebA targets must be {{'attributes': [B, {len(ATTRIBUTES)}]}} as celeba_loader yields, got "
+                f"{_describe(table)}"
             )
         return {name: table[:, ATTRIBUTES.index(name)] for name in self.attributes}, None
 

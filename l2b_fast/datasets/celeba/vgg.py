@@ -53,7 +53,8 @@ def celeba_branch_vgg_spec(
     children = [check_children(c) for c in children]
     if len(children) != len(VGG19_STAGE_CONVS) + 3:
         raise ValueError(
-            f"children needs {len(VGG19_STAGE_CONVS) + 3} entries (5 convolution stages, 3 fully-connected layers), got {len(children)}"
+            f"children needs {len(VGG19_STAGE_CONVS) + 3} entries (5 convolution stages, 3 fully-connected "
+            f"layers), got {len(children)}"
         )
     size = check_input_size(input_size, smallest=2 ** len(VGG19_STAGE_CONVS))
     channels, units = scaled(CONV_CHANNELS, width), scaled(FC_UNITS, width)

@@ -277,7 +277,8 @@ class Taskonomy(MultiTaskDataset):
             or mask.shape != (target.shape[0], *target.shape[2:])
         ):
             raise ValueError(
-                f"{task}: mask must be bool [B, H, W] = {[target.shape[0], *target.shape[2:]]}, got {getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
+                f"{task}: mask must be bool [B, H, W] = {[target.shape[0], *target.shape[2:]]}, got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
             )
 
     def loss(self, task, pred, target, mask=None):

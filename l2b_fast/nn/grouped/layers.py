@@ -113,11 +113,13 @@ class ConvStep(Step):
         expected = len(conv.kernel_size) + 2
         if len(per_child_shape) != expected:
             raise ValueError(
-                f"{self.describe()}: grouped execution needs batched inputs: got {len(per_child_shape)}-D inputs per child, expected {expected}-D"
+                f"{self.describe()}: grouped execution needs batched inputs: got {len(per_child_shape)}-D inputs "
+                f"per child, expected {expected}-D"
             )
         if per_child_shape[1] != conv.in_channels:
             raise ValueError(
-                f"{self.describe()}: expected {conv.in_channels} input channels, got {per_child_shape[1]} (per-child input {list(per_child_shape)})"
+                f"{self.describe()}: expected {conv.in_channels} input channels, got {per_child_shape[1]} "
+                f"(per-child input {list(per_child_shape)})"
             )
 
     def __call__(self, x):
@@ -195,7 +197,8 @@ class LinearStep(Step):
         in_features = self.modules[0].in_features
         if tensor.shape[-1] != in_features:
             raise ValueError(
-                f"{self.describe()}: expected {in_features} input features, got {tensor.shape[-1]} (per-child input {list(x.per_child_shape())})"
+                f"{self.describe()}: expected {in_features} input features, got {tensor.shape[-1]} (per-child "
+                f"input {list(x.per_child_shape())})"
             )
         weight = torch.stack([module.weight for module in self.modules])  # [J, out, in]
         flat = tensor.reshape(x.children, -1, tensor.shape[-1])
@@ -353,6 +356,7 @@ def plan_steps(nodes: Sequence[nn.Module], block: int) -> list[Step]:
     for child, node in enumerate(nodes[1:], start=1):
         if module_signature(node) != reference:
             raise UnsupportedNodeError(
-                f"block {block}: child {child} differs in structure from child 0 (types, hyper-parameters or parameter shapes), so its children cannot run as one"
+                f"block {block}: child {child} differs in structure from child 0 (types, hyper-parameters or "
+                "parameter shapes), so its children cannot run as one"
             )
     return _steps(nodes, f"block {block} node")
