@@ -3,8 +3,8 @@ launch per layer).
 
 Variants run interleaved, round by round, so a shared machine's noise hits them alike; medians are
 reported with the ratios, of wall time and of the process's CPU time (steadier on a shared machine:
-time spent descheduled does not count). Writes ``grouped_block_<device>_<mode>.{csv,json}`` tagged with device, versions,
-config and thread count.
+time spent descheduled does not count). Writes ``grouped_block_<device>_<mode>.{csv,json}`` tagged with
+device, versions, config and thread count.
 
     python benchmarks/grouped_block_benchmark.py --out benchmarks/results [--device cuda] [--mode frozen]
 """

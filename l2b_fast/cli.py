@@ -7,7 +7,8 @@ l2b show runs/a/tree.json                                   # text + picture
 l2b search --preset taskonomy-resnet34 --data shards/ --out runs/t [--set search.epochs=5 ...]   # shard data
 l2b retrain --tree runs/t/tree.json                         # at the preset's retrain size, into runs/t/retrain
 l2b eval runs/t --split test                                # the paper's table; writes runs/t/eval.json
-l2b presets [--print NAME]                                  # list presets with what each is / print one to copy and edit
+l2b presets [--print NAME]                                  # list presets with what each is / print one to copy
+                                                            # and edit
 l2b --version
 l2b data taskonomy --root RAW --split tiny --out shards/    # raw Taskonomy -> webdataset shards
 l2b data celeba --root RAW --out shards/                    # raw CelebA (any usual layout) -> shards

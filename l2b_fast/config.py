@@ -108,8 +108,9 @@ def _settable(table_path: list[str], leaf: str) -> bool:
 
 def apply_overrides(config: dict, assignments: Sequence[str]) -> dict:
     """Sets each ``"dotted.key=VALUE"`` in ``config`` (in place; returned). The key must exist already, or be a
-    trainer setting of ``[search]``/``[retrain]`` (a typo is a ValueError naming it); VALUE is read as a TOML value (``3``, ``1e-4``, ``true``, ``[64, 64]``,
-    ``{kind = "constant"}``, ``"text"``), a bare word that is not one as a string (``--set model.branching=stage``)."""
+    trainer setting of ``[search]``/``[retrain]`` (a typo is a ValueError naming it); VALUE is read as a TOML
+    value (``3``, ``1e-4``, ``true``, ``[64, 64]``, ``{kind = "constant"}``, ``"text"``), a bare word that is not
+    one as a string (``--set model.branching=stage``)."""
     for assignment in assignments:
         key, equals, text = assignment.partition("=")
         key = key.strip()

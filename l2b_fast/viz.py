@@ -3,7 +3,8 @@
 * :func:`draw_tree` draws a ``tree.json`` tree like the paper's Fig. 3 (PNG and SVG).
 * :func:`tree_text` renders the same tree as indented text for terminals (``l2b show``).
 * :func:`draw_probability_heatmaps` draws the ``p.b<b>.i<i>.j<j>`` columns of a trainer ``log.csv``.
-* :func:`validate_tree` (from :mod:`l2b_fast.tree`) checks a parsed ``tree.json`` dict; :func:`task_groups` groups ``<group>-<index>`` names.
+* :func:`validate_tree` (from :mod:`l2b_fast.tree`) checks a parsed ``tree.json`` dict; :func:`task_groups`
+  groups ``<group>-<index>`` names.
 
 The ``tree.json`` schema (see :mod:`l2b_fast.tree`)::
 

@@ -12,8 +12,8 @@ the Triton kernels at least once, in fp16/bf16/fp32/fp64:
   channels_last parents, and a non-contiguous upstream gradient (copied into the children layout).
 
 On CPU the same checks run at reduced sizes on the C++ CPU kernels and the interpreted Triton kernels
-(``test_path_checks_on_cpu``), so the checking code itself is exercised by CI; the CUDA tests skip there. ``tools/gpu_validate.py`` runs
-this file first on a GPU machine.
+(``test_path_checks_on_cpu``), so the checking code itself is exercised by CI; the CUDA tests skip there.
+``tools/gpu_validate.py`` runs this file first on a GPU machine.
 """
 
 from __future__ import annotations

@@ -205,7 +205,8 @@ def test_a_command_over_its_budget_is_stopped_with_its_children(tmp_path):
 def write_junit(path: Path, tests: int, failures: int, skipped: int, reason: str = "needs a CUDA device") -> None:
     cases = "".join(f'<testcase name="t{k}"><skipped message="{reason}"/></testcase>' for k in range(skipped))
     path.write_text(
-        f'<testsuites><testsuite tests="{tests}" failures="{failures}" errors="0" skipped="{skipped}">{cases}</testsuite></testsuites>'
+        f'<testsuites><testsuite tests="{tests}" failures="{failures}" errors="0" skipped="{skipped}">{cases}'
+        "</testsuite></testsuites>"
     )
 
 
@@ -286,7 +287,8 @@ FAKE_PYTHON = """#!/bin/sh
 # Stands in for the GPU machine's python3: -c answers the extension probe, -m pip and setup.py "build".
 state="{state}"
 case "$1" in
-  -c) if [ -f "$state/built" ]; then echo '{{"load_error": null, "cuda": {{"ref": null, "cpp": null, "triton": null}}}}';
+  -c) if [ -f "$state/built" ]; then
+        echo '{{"load_error": null, "cuda": {{"ref": null, "cpp": null, "triton": null}}}}';
       else echo '{{"load_error": "ImportError", "cuda": {{"ref": null, "cpp": "not built", "triton": null}}}}'; fi;;
   -m) echo pip >> "$state/calls"; [ -f "$state/pip_builds" ] && touch "$state/built"; exit "$(cat "$state/pip_rc")";;
   setup.py) echo setup >> "$state/calls"; [ -f "$state/setup_fails" ] && exit 1; touch "$state/built";;

@@ -529,7 +529,8 @@ TASKS = ["a", "b", "c"]
 
 
 def conv_blocks():
-    """Every block starts with a Conv2d (bias or not, strided, dilated, 1x1); the last starts with a ReLU (cudnn path)."""
+    """Every block starts with a Conv2d (bias or not, strided, dilated, 1x1); the last starts with a ReLU (cudnn
+    path)."""
     return [
         BlockSpec(2, lambda b, j: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())),
         BlockSpec(

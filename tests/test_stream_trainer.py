@@ -535,7 +535,8 @@ KILL_SCRIPT = textwrap.dedent("""
         if trainer.step == 5:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    StreamTrainer(tiny_supernet(dropout=0.2), MSE, make_batches(5, 3, seed=10), config(accumulation=2, checkpoint_every=2), sys.argv[1]).fit(on_step=kill)
+    model, data = tiny_supernet(dropout=0.2), make_batches(5, 3, seed=10)
+    StreamTrainer(model, MSE, data, config(accumulation=2, checkpoint_every=2), sys.argv[1]).fit(on_step=kill)
 """)
 
 

@@ -225,7 +225,8 @@ def compile_indexed_conv_kernels(arch: int, sms: int) -> list[dict]:
                 params = list(inspect.signature(fn.fn).parameters)
                 signature = {
                     p: "constexpr" if p in constexprs else "*i64" if p == "index_ptr"
-                    else "*fp32" if p in ("dots_ptr", "partials_ptr") else pointer[dtype] if p.endswith("_ptr") else "i32"
+                    else "*fp32" if p in ("dots_ptr", "partials_ptr") else pointer[dtype] if p.endswith("_ptr")
+                    else "i32"
                     for p in params
                 }  # fmt: skip
                 attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params if p.endswith("_ptr")}
@@ -233,8 +234,9 @@ def compile_indexed_conv_kernels(arch: int, sms: int) -> list[dict]:
                 compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
                 usage = resource_usage(compiled.asm["cubin"])
                 rows.append({
-                    "layer": name, "dtype": dtype, "kernel": kernel_name, "block": [block_m, block_n, block_k], "warps": warps,
-                    "registers": usage.get("reg"), "spill_bytes": usage.get("stack", 0), "shared_bytes": compiled.metadata.shared,
+                    "layer": name, "dtype": dtype, "kernel": kernel_name, "block": [block_m, block_n, block_k],
+                    "warps": warps, "registers": usage.get("reg"), "spill_bytes": usage.get("stack", 0),
+                    "shared_bytes": compiled.metadata.shared,
                     "programs_per_sm_by_registers": REGISTERS_PER_SM // max(1, usage.get("reg", 1) * 32 * warps),
                 })  # fmt: skip
     return rows

@@ -85,7 +85,8 @@ def cuda_times(fn, repeat: int, flush: torch.Tensor, event=None) -> list[float]:
 
 
 def cpu_times(fn, repeat: int, min_run_time: float = CPU_MIN_RUN_TIME_S) -> list[float]:
-    """ms per call of ``fn``: one value per block of ``torch.utils.benchmark``'s blocked_autorange, at least ``repeat``."""
+    """ms per call of ``fn``: one value per block of ``torch.utils.benchmark``'s blocked_autorange, at least
+    ``repeat``."""
     from torch.utils import benchmark
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())

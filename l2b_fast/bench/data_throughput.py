@@ -5,8 +5,8 @@ Two measurements on the same shards, in one run:
 - **stage profile** (one process, one core): per sample, the time to read it from the tars (bytes only),
   decode its six PNGs, resize to the working size, augment (random scale, flip, crop), normalise (targets and
   masks) and collate it into a batch;
-- **loader throughput**: :func:`l2b_fast.datasets.taskonomy.loaders.taskonomy_train_loader` end to end (the real pipeline:
-  resampled shards, shuffle buffer, workers, batches) with 0 workers (all in this process), 1 worker, and
+- **loader throughput**: :func:`l2b_fast.datasets.taskonomy.loaders.taskonomy_train_loader` end to end (the real
+  pipeline: resampled shards, shuffle buffer, workers, batches) with 0 workers (all in this process), 1 worker, and
   one worker per core; with targets normalised in the workers, and with raw batches (``normalize=False``)
   whose normalisation ``protocol.to_targets_batch`` does on the GPU (not timed: a CPU-only run has no GPU).
 

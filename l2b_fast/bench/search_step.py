@@ -202,7 +202,8 @@ def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device,
 def make_step(
     variant: Variant, x: torch.Tensor, targets: dict, amp_dtype: torch.dtype | None
 ) -> tuple[Callable[[], None], list]:
-    """One search step of ``variant`` as a closure (forward, loss, backward, both optimizer steps), and its optimizers."""
+    """One search step of ``variant`` as a closure (forward, loss, backward, both optimizer steps), and its
+    optimizers."""
     weights_optimizer = torch.optim.Adam(variant.weights, lr=1e-4)
     logits_optimizer = torch.optim.Adam(variant.logits, lr=1e-3) if variant.logits else None
     model = variant.model

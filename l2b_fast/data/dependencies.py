@@ -1,9 +1,9 @@
 """The optional packages of ``l2b_fast.data`` (the ``data`` extra) and the one error that says how to install them.
 
 ``pip install --no-build-isolation -e .`` installs the core only (``-e '.[data]'`` adds the extra); shards
-need webdataset and Pillow (pyspng speeds up PNG decoding and is optional). Every place that needs one of them imports it through
-:func:`import_data_package`, so a missing package always fails the same way: an ImportError naming the package
-and the install command, never a bare ``No module named 'webdataset'``.
+need webdataset and Pillow (pyspng speeds up PNG decoding and is optional). Every place that needs one of them
+imports it through :func:`import_data_package`, so a missing package always fails the same way: an ImportError
+naming the package and the install command, never a bare ``No module named 'webdataset'``.
 """
 
 from __future__ import annotations

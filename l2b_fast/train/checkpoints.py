@@ -18,7 +18,8 @@ import torch
 
 
 def atomic_save(state: dict, path: Path) -> Path:
-    """``torch.save`` to a temporary file, then rename: a kill leaves the old or the new checkpoint, never half of one."""
+    """``torch.save`` to a temporary file, then rename: a kill leaves the old or the new checkpoint, never half of
+    one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     torch.save(state, temporary)

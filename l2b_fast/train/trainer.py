@@ -6,7 +6,8 @@ Search (a model holding :class:`~l2b_fast.nn.Branching` blocks, e.g. a ``TreeSup
 ``TreeNet`` or any module returning ``{task: output}``) alike: two optimizers (weights, logits; Adam with
 the paper's L2 weight decay or AdamW), warmup epochs with frozen logits, temperature and learning-rate
 schedules, task weights, mixed precision (bf16, or fp16 with gradient scaling), channels_last, gradient
-accumulation, ``torch.compile``, a whole-step CUDA graph (``cuda_graph``), CSV/TensorBoard logs, progress, atomic checkpoints and exact resume.
+accumulation, ``torch.compile``, a whole-step CUDA graph (``cuda_graph``), CSV/TensorBoard logs, progress, atomic
+checkpoints and exact resume.
 
 The logits are found by the model itself: the ``logits`` parameters of the ``Branching`` modules of the
 unwrapped module (under DistributedDataParallel and ``torch.compile``), never by looking for methods on the
@@ -76,11 +77,11 @@ class TrainConfig:
     recompiles nor re-records). ``cuda_graph``: capture the whole step (forward, loss, backward, both optimizers'
     steps) in a CUDA graph and replay it every step (:mod:`l2b_fast.train.graphed_step`: one graph for warmup, one
     for the search; the epoch's short last batch gets its own graph after its eager steps); CUDA only, one
-    process, ``accumulation=1``, fp32 or bf16, a forward taking ``seed=``. ``sampling``: where a supernet's branch samples come from: ``"step"`` (default;
-    :func:`~l2b_fast.train.distributed.step_seed` of the run seed and the step, see below) or ``"global"`` (torch's
-    global generator seeded once with ``seed``, one process only: the stream the synthetic presets' measured outcomes
-    were found with). ``checkpoint_every``: steps between checkpoints (0: only at the end of each epoch; epochs always
-    end with one).
+    process, ``accumulation=1``, fp32 or bf16, a forward taking ``seed=``. ``sampling``: where a supernet's branch
+    samples come from: ``"step"`` (default; :func:`~l2b_fast.train.distributed.step_seed` of the run seed and the
+    step, see below) or ``"global"`` (torch's global generator seeded once with ``seed``, one process only: the
+    stream the synthetic presets' measured outcomes were found with). ``checkpoint_every``: steps between
+    checkpoints (0: only at the end of each epoch; epochs always end with one).
     """
 
     epochs: int
@@ -509,7 +510,8 @@ class Trainer:
         return {"rng": rng_state(self.device), "epoch_rng": self._epoch_rng, "epoch_sums": self._epoch_sums.cpu()}
 
     def state_dict(self) -> dict:
-        """The state shared by all ranks, and this rank's own under ``ranks`` (:meth:`save_checkpoint` gathers every rank's)."""
+        """The state shared by all ranks, and this rank's own under ``ranks`` (:meth:`save_checkpoint` gathers
+        every rank's)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.module.state_dict(),
@@ -568,7 +570,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- data
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator:
-        """The epoch's batches from the ``skip``-th on (at most ``batches_per_epoch``), as an uninterrupted run saw them."""
+        """The epoch's batches from the ``skip``-th on (at most ``batches_per_epoch``), as an uninterrupted run saw
+        them."""
         resuming = skip > 0
         if resuming:
             if self._epoch_rng is None:

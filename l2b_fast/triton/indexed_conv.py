@@ -327,7 +327,8 @@ def _indexed_conv_parent_grad_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Weight gradient: grad_w[j, n, c, r, s] = sum_{b, oh, ow} grad_out[b, j*Co + n, oh, ow] * parents[index[j], b, c, ih, iw]
+# Weight gradient:
+#   grad_w[j, n, c, r, s] = sum_{b, oh, ow} grad_out[b, j*Co + n, oh, ow] * parents[index[j], b, c, ih, iw]
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -508,7 +509,8 @@ def conv_input_grad(
         _indexed_conv_input_grad_kernel[(tiles[0] * tiles[1] * children,)](
             grad_out, weight, grad_children if write_children else unused, parents, partials,
             *sizes, children, tiles[1],
-            *grad_out.stride(), *weight.stride(), *(grad_children.stride() if write_children else (0,) * 5), *parents.stride(),
+            *grad_out.stride(), *weight.stride(), *(grad_children.stride() if write_children else (0,) * 5),
+            *parents.stride(),
             *taps,
             WRITE_DX=write_children,
             NUM_PARENTS=num_parents if dots else 0,

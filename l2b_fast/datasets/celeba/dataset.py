@@ -1,10 +1,10 @@
 """CelebA's 40 binary attributes as 40 tasks (the paper's Sec. 4.2): losses, Table 1's mean accuracy, the paper's rows.
 
 Each attribute is one task (a leaf of the tree), predicted as one logit per image (``[B]`` or ``[B, 1]``).
-The loader yields ``{"attributes": float [B, 40]}`` with 0/1 labels (:func:`l2b_fast.datasets.celeba.loaders.celeba_loader`);
-:meth:`CelebA.task_targets` splits it into one ``[B]`` target per attribute. Loss: binary cross-entropy on the
-logit ("40 cross-entropy losses with equal weightings"); metric: accuracy of ``logit > 0`` per attribute and
-their mean over the attributes, in percent (Table 1).
+The loader yields ``{"attributes": float [B, 40]}`` with 0/1 labels
+(:func:`l2b_fast.datasets.celeba.loaders.celeba_loader`); :meth:`CelebA.task_targets` splits it into one ``[B]``
+target per attribute. Loss: binary cross-entropy on the logit ("40 cross-entropy losses with equal weightings");
+metric: accuracy of ``logit > 0`` per attribute and their mean over the attributes, in percent (Table 1).
 """
 
 from __future__ import annotations

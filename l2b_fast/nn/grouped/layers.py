@@ -279,7 +279,8 @@ class BasicBlockStep(Step):
 
 
 class BiasStep(Step):
-    """``x + bias`` with the bias over the last dim (:class:`l2b_fast.nn.Bias`, the task heads of the paper's synthetic experiment)."""
+    """``x + bias`` with the bias over the last dim (:class:`l2b_fast.nn.Bias`, the task heads of the paper's
+    synthetic experiment)."""
 
     layout = CHILDREN
 
