@@ -11,7 +11,7 @@ DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.l2b-built
 CSRC := $(wildcard csrc/*.* csrc/*/*.*)
 
-.PHONY: demo op-demo test bench cuda-check cmake-test ci clean
+.PHONY: demo op-demo test bench cuda-check lint cmake-test ci clean
 
 $(DEPS): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: $(BUILT)
 
 cuda-check: $(DEPS)
 	$(BIN)/python tools/nvcc_compile_check.py --arch 90 --arch 80
+
+# Lint and formatting (ruff, configured in pyproject.toml): fails on any finding or unformatted file.
+lint: $(DEPS)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 # The wheels the GPU image lacks (expecttest, webdataset, braceexpand, pyspng), for its Python 3.12 on x86-64
 # Linux, into gpu-wheels/: run here, where the package index is; the GPU run installs them offline from there.

@@ -3,8 +3,8 @@ launch per layer).
 
 Variants run interleaved, round by round, so a shared machine's noise hits them alike; medians are
 reported with the ratios, of wall time and of the process's CPU time (steadier on a shared machine:
-time spent descheduled does not count). Writes ``grouped_block_<device>_<mode>.{csv,json}`` tagged with device, versions,
-config and thread count.
+time spent descheduled does not count). Writes ``grouped_block_<device>_<mode>.{csv,json}`` tagged with
+device, versions, config and thread count.
 
     python benchmarks/grouped_block_benchmark.py --out benchmarks/results [--device cuda] [--mode frozen]
 """
@@ -26,7 +26,9 @@ from l2b_fast.nn.supernet import run_per_child
 
 
 def vgg_node(channels_in: int, channels: int):
-    return lambda: nn.Sequential(nn.Conv2d(channels_in, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+    return lambda: nn.Sequential(
+        nn.Conv2d(channels_in, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
+    )
 
 
 # name: (parents I, children J, batch, channels in, spatial, node factory)
@@ -67,8 +69,12 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--mode", choices=("search", "frozen"), default="search", help="frozen: logits get no gradient (warmup)")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated names (prefixes) of " + ", ".join(CASES))
+    parser.add_argument(
+        "--mode", choices=("search", "frozen"), default="search", help="frozen: logits get no gradient (warmup)"
+    )
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help="comma-separated names (prefixes) of " + ", ".join(CASES)
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -99,17 +105,35 @@ def main(argv=None):
         wall_median = {variant: statistics.median(values) for variant, values in walls.items()}
         cpu_median = {variant: statistics.median(values) for variant, values in cpus.items()}
         for variant in variants:
-            rows.append({
-                "case": name, "variant": variant, "median_ms": round(wall_median[variant] * 1e3, 3),
-                "min_ms": round(min(walls[variant]) * 1e3, 3), "cpu_median_ms": round(cpu_median[variant] * 1e3, 3),
-                "speedup_vs_per_child": round(wall_median["per_child"] / wall_median[variant], 3),
-                "cpu_speedup_vs_per_child": round(cpu_median["per_child"] / cpu_median[variant], 3),
-            })
-        print(f"{name}: " + ", ".join(
-            f"{v} {wall_median[v] * 1e3:.1f} ms wall ({wall_median['per_child'] / wall_median[v]:.2f}x), "
-            f"{cpu_median[v] * 1e3:.1f} ms cpu ({cpu_median['per_child'] / cpu_median[v]:.2f}x)" for v in variants), flush=True)
-    meta = {**environment(device), "repeat": args.repeat, "warmup": args.warmup, "mode": f"{args.mode}, forward + backward, fp32",
-            "cases": {name: dict(zip(("parents", "children", "batch", "channels_in", "size"), CASES[name][:5])) for name in wanted}}
+            rows.append(
+                {
+                    "case": name,
+                    "variant": variant,
+                    "median_ms": round(wall_median[variant] * 1e3, 3),
+                    "min_ms": round(min(walls[variant]) * 1e3, 3),
+                    "cpu_median_ms": round(cpu_median[variant] * 1e3, 3),
+                    "speedup_vs_per_child": round(wall_median["per_child"] / wall_median[variant], 3),
+                    "cpu_speedup_vs_per_child": round(cpu_median["per_child"] / cpu_median[variant], 3),
+                }
+            )
+        print(
+            f"{name}: "
+            + ", ".join(
+                f"{v} {wall_median[v] * 1e3:.1f} ms wall ({wall_median['per_child'] / wall_median[v]:.2f}x), "
+                f"{cpu_median[v] * 1e3:.1f} ms cpu ({cpu_median['per_child'] / cpu_median[v]:.2f}x)"
+                for v in variants
+            ),
+            flush=True,
+        )
+    meta = {
+        **environment(device),
+        "repeat": args.repeat,
+        "warmup": args.warmup,
+        "mode": f"{args.mode}, forward + backward, fp32",
+        "cases": {
+            name: dict(zip(("parents", "children", "batch", "channels_in", "size"), CASES[name][:5])) for name in wanted
+        },
+    }
     if args.out is not None:
         stem = f"grouped_block_{device.type}_{args.mode}"
         for path in write_results(rows, meta, args.out, stem):

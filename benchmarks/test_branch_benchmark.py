@@ -21,7 +21,9 @@ CASES = [("cpu", "cpu-target"), ("cuda", "taskonomy"), ("cuda", "celeba")]
 
 
 def implementations(device: str) -> list[str]:
-    names = [n for n, why in backends.available(device).items() if why is None and not (n == "triton" and device == "cpu")]
+    names = [
+        n for n, why in backends.available(device).items() if why is None and not (n == "triton" and device == "cpu")
+    ]
     return ["naive", *names]
 
 

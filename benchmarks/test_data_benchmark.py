@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from l2b_fast.data import shards
-from l2b_fast.datasets.taskonomy import synthetic as synthetic_taskonomy
 from l2b_fast.datasets.taskonomy import protocol as T
+from l2b_fast.datasets.taskonomy import synthetic as synthetic_taskonomy
 
 PROTOCOL = T.TaskonomyProtocol()
 

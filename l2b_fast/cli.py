@@ -1,19 +1,19 @@
 """``l2b``: search a tree, retrain it, show it.
 
-    l2b search --preset synthetic-a --seed 0 --out runs/a      # writes runs/a/tree.json, tree.png, logs, checkpoints
-    l2b search --preset synthetic-a --seed 0 --out runs/a --resume   # continue a killed run
-    l2b retrain --tree runs/a/tree.json                         # from scratch, into runs/a/retrain
-    l2b show runs/a/tree.json                                   # text + picture
-    l2b search --preset taskonomy-resnet34 --data shards/ --out runs/t [--set search.epochs=5 ...]   # shard data
-    l2b retrain --tree runs/t/tree.json                         # at the preset's retrain size, into runs/t/retrain
-    l2b eval runs/t --split test                                # the paper's table; writes runs/t/eval.json
-    l2b presets [--print NAME]                                  # list presets with what each is / print one to copy and edit
-    l2b --version
-    l2b data taskonomy --root RAW --split tiny --out shards/    # raw Taskonomy -> webdataset shards
-    l2b data celeba --root RAW --out shards/                    # raw CelebA (any usual layout) -> shards
-    l2b data synthetic-taskonomy --out shards/ --n 2000         # the embedded default data
-    l2b data synthetic-celeba --out shards/ --n 2000            # synthetic faces with the 40 CelebA attributes
-    l2b bench search --preset cpu --out benchmarks/results      # search-step images/s and memory of the paper's models
+l2b search --preset synthetic-a --seed 0 --out runs/a      # writes runs/a/tree.json, tree.png, logs, checkpoints
+l2b search --preset synthetic-a --seed 0 --out runs/a --resume   # continue a killed run
+l2b retrain --tree runs/a/tree.json                         # from scratch, into runs/a/retrain
+l2b show runs/a/tree.json                                   # text + picture
+l2b search --preset taskonomy-resnet34 --data shards/ --out runs/t [--set search.epochs=5 ...]   # shard data
+l2b retrain --tree runs/t/tree.json                         # at the preset's retrain size, into runs/t/retrain
+l2b eval runs/t --split test                                # the paper's table; writes runs/t/eval.json
+l2b presets [--print NAME]                                  # list presets (what each is) / print one to edit
+l2b --version
+l2b data taskonomy --root RAW --split tiny --out shards/    # raw Taskonomy -> webdataset shards
+l2b data celeba --root RAW --out shards/                    # raw CelebA (any usual layout) -> shards
+l2b data synthetic-taskonomy --out shards/ --n 2000         # the embedded default data
+l2b data synthetic-celeba --out shards/ --n 2000            # synthetic faces with the 40 CelebA attributes
+l2b bench search --preset cpu --out benchmarks/results      # search-step images/s and memory of the paper's models
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def check_device(name: str) -> torch.device:
     """The torch device ``name`` if this torch can use it; else ``ValueError`` in one line."""
     try:
         device = torch.device(name)
-    except RuntimeError as error:
+    except RuntimeError:
         raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
@@ -41,7 +41,9 @@ def check_device(name: str) -> torch.device:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as error:  # e.g. a missing device index or backend
         first_sentence = str(error).splitlines()[0].split(". ")[0]
-        raise ValueError(f"--device {name!r} is not available in this torch {torch.__version__} ({first_sentence})") from None
+        raise ValueError(
+            f"--device {name!r} is not available in this torch {torch.__version__} ({first_sentence})"
+        ) from None
     return device
 
 
@@ -83,7 +85,9 @@ def _lock_run(out: Path) -> None:
         handle.seek(0)
         owner = handle.read().strip() or "another process"
         handle.close()
-        raise RunFailed(f"{out} is in use by another l2b process ({owner}): wait for it, or use another --out") from None
+        raise RunFailed(
+            f"{out} is in use by another l2b process ({owner}): wait for it, or use another --out"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}\n")
@@ -92,30 +96,81 @@ def _lock_run(out: Path) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=None, help="seed of the data, initialisation and sampling (default 0; on --resume: the run's)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint (after a kill or Ctrl-C) with the settings it was started with; the only change allowed is more epochs (--set search.epochs=N or retrain.epochs=N)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the data, initialisation and sampling (default 0; on --resume: the run's)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help=(
+            "continue the run in OUT from its last checkpoint (after a kill or Ctrl-C) with the settings it was "
+            "started with; the only change allowed is more epochs (--set search.epochs=N or retrain.epochs=N)"
+        ),
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 is fastest for the small synthetic nets)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is fastest for the small synthetic nets)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
-    parser.add_argument("--overwrite", action="store_true", help="start afresh even if OUT holds a run (its checkpoint and logs are replaced)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh even if OUT holds a run (its checkpoint and logs are replaced)",
+    )
 
 
 def _add_stream_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, default=None, help="presets of shard data: shard directory of `l2b data ...` (default for search: small synthetic shards made in OUT/synthetic-data; for retrain and eval: the search's)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config setting by its dotted key, value as TOML (repeatable), e.g. --set search.epochs=3 --set model.width=0.5")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=(
+            "presets of shard data: shard directory of `l2b data ...` (default for search: small synthetic shards "
+            "made in OUT/synthetic-data; for retrain and eval: the search's)"
+        ),
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=(
+            "override a config setting by its dotted key, value as TOML (repeatable), e.g. --set search.epochs=3 "
+            "--set model.width=0.5"
+        ),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from l2b_fast import __version__, datasets
 
     parser = argparse.ArgumentParser(
-        prog="l2b", description="Learning to Branch: search a multi-task tree, retrain it, show it.", epilog=EXIT_CODES,
+        prog="l2b",
+        description="Learning to Branch: search a multi-task tree, retrain it, show it.",
+        epilog=EXIT_CODES,
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"l2b_fast {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    search = commands.add_parser("search", epilog=EXIT_CODES, formatter_class=_Formatter, help="train the supernet, derive and prune the tree", description="Train the tree supernet with gumbel-softmax branching, derive the tree (argmax, paper Eq. 7), prune it and write OUT/tree.json, OUT/tree.png/.svg, OUT/probabilities.png/.svg, logs, checkpoints and OUT/summary.json.")
+    search = commands.add_parser(
+        "search",
+        epilog=EXIT_CODES,
+        formatter_class=_Formatter,
+        help="train the supernet, derive and prune the tree",
+        description=(
+            "Train the tree supernet with gumbel-softmax branching, derive the tree (argmax, paper Eq. 7), prune it "
+            "and write OUT/tree.json, OUT/tree.png/.svg, OUT/probabilities.png/.svg, logs, checkpoints and "
+            "OUT/summary.json."
+        ),
+    )
     source = search.add_mutually_exclusive_group()
     source.add_argument("--preset", help="a built-in preset (see `l2b presets`); not needed with --resume")
     source.add_argument("--config", type=Path, help="a TOML config file (e.g. an edited copy of a preset)")
@@ -123,41 +178,91 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stream_options(search)
     _add_common(search)
 
-    retrain = commands.add_parser("retrain", epilog=EXIT_CODES, formatter_class=_Formatter, help="train the derived tree from scratch", description="Build the derived tree's network with fresh weights and train it (config from the search directory unless given).")
+    retrain = commands.add_parser(
+        "retrain",
+        epilog=EXIT_CODES,
+        formatter_class=_Formatter,
+        help="train the derived tree from scratch",
+        description=(
+            "Build the derived tree's network with fresh weights and train it (config from the search directory "
+            "unless given)."
+        ),
+    )
     retrain.add_argument("--tree", type=Path, required=True, help="tree.json written by `l2b search`")
     retrain_source = retrain.add_mutually_exclusive_group()
     retrain_source.add_argument("--preset", help="config preset (default: the config saved next to the tree)")
     retrain_source.add_argument("--config", type=Path, help="config TOML file")
     retrain.add_argument("--out", type=Path, default=None, help="output directory (default: <tree dir>/retrain)")
-    retrain.add_argument("--no-baselines", action="store_true", help="train only the tree, not the two baselines (all tasks sharing every layer; every task alone); default: the config's [retrain] baselines (true if unset)")
+    retrain.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help=(
+            "train only the tree, not the two baselines (all tasks sharing every layer; every task alone); default: "
+            "the config's [retrain] baselines (true if unset)"
+        ),
+    )
     _add_stream_options(retrain)
     _add_common(retrain)
 
-    evaluate = commands.add_parser("eval", epilog=EXIT_CODES, formatter_class=_Formatter, help="test a retrained tree: the paper's table", description="Evaluate the retrained tree of RUN (a search folder holding retrain/, or a retrain folder) on a split of the shards; print the data set's table (the paper's rows where it has them) with our row and write RUN/eval.json.")
+    evaluate = commands.add_parser(
+        "eval",
+        epilog=EXIT_CODES,
+        formatter_class=_Formatter,
+        help="test a retrained tree: the paper's table",
+        description=(
+            "Evaluate the retrained tree of RUN (a search folder holding retrain/, or a retrain folder) on a split "
+            "of the shards; print the data set's table (the paper's rows where it has them) with our row and write "
+            "RUN/eval.json."
+        ),
+    )
     evaluate.add_argument("run", type=Path, help="the search (or retrain) output directory")
     evaluate.add_argument("--data", type=Path, default=None, help="shard directory (default: the data the run used)")
     evaluate.add_argument("--split", default="test", help="split of the shards (default test)")
     evaluate.add_argument("--device", default="cpu", help="torch device (default cpu)")
     evaluate.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
-    show = commands.add_parser("show", help="print a tree and draw it", description="Print a tree.json as text and write its picture (PNG and SVG).")
+    show = commands.add_parser(
+        "show",
+        help="print a tree and draw it",
+        description="Print a tree.json as text and write its picture (PNG and SVG).",
+    )
     show.add_argument("tree", type=Path, help="tree.json")
     show.add_argument("--out", type=Path, default=None, help="picture path without suffix (default: next to the tree)")
 
-    data = commands.add_parser("data", help="make or convert webdataset shards", description="Shards for streaming training (schema: docs/data-schema.md).")
+    data = commands.add_parser(
+        "data",
+        help="make or convert webdataset shards",
+        description="Shards for streaming training (schema: docs/data-schema.md).",
+    )
     data_commands = data.add_subparsers(dest="data_command", required=True)
     for recipe in datasets.recipes():
         for command in recipe.data_commands:
-            command.add_arguments(data_commands.add_parser(command.name, help=command.help, description=command.description))
+            command.add_arguments(
+                data_commands.add_parser(command.name, help=command.help, description=command.description)
+            )
 
-    presets = commands.add_parser("presets", help="list presets (with what each is) or print one", description="List the built-in presets with a line on what each one is, or print one to copy and edit.")
+    presets = commands.add_parser(
+        "presets",
+        help="list presets (with what each is) or print one",
+        description="List the built-in presets with a line on what each one is, or print one to copy and edit.",
+    )
     presets.add_argument("--print", dest="print_name", metavar="NAME", help="print this preset's TOML")
 
     from l2b_fast.bench import search_step
 
-    bench = commands.add_parser("bench", help="benchmarks (CSV/JSON/PNG tagged with device and versions)", description="Benchmarks of whole training steps.")
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks (CSV/JSON/PNG tagged with device and versions)",
+        description="Benchmarks of whole training steps.",
+    )
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    search_step.add_arguments(bench_commands.add_parser("search", help="images/s and peak memory of a search step: naive, per_child, grouped, static floor", description=search_step.__doc__.splitlines()[0]))
+    search_step.add_arguments(
+        bench_commands.add_parser(
+            "search",
+            help="images/s and peak memory of a search step: naive, per_child, grouped, static floor",
+            description=search_step.__doc__.splitlines()[0],
+        )
+    )
     return parser
 
 
@@ -207,12 +312,19 @@ def _search(args) -> int:
     if _is_main_rank():
         _lock_run(args.out)
         (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (args.out / "run.json").write_text(json.dumps({"seed": seed, "data": None if data is None else str(data)}) + "\n")
-    summary = pipeline.search(config, args.out, data, seed=seed, resume=args.resume, progress=not args.quiet, device=args.device)
+        (args.out / "run.json").write_text(
+            json.dumps({"seed": seed, "data": None if data is None else str(data)}) + "\n"
+        )
+    summary = pipeline.search(
+        config, args.out, data, seed=seed, resume=args.resume, progress=not args.quiet, device=args.device
+    )
     if _is_main_rank():
         timing = summary["timing"]
         print(viz.tree_text(json.loads((args.out / "tree.json").read_text())))
-        print(f"supernet parameters {summary['supernet_parameters']:,}, derived tree {summary['tree_parameters']:,}; {timing['seconds']} s, {timing['images_per_second']} images/s")
+        print(
+            f"supernet parameters {summary['supernet_parameters']:,}, derived tree "
+            f"{summary['tree_parameters']:,}; {timing['seconds']} s, {timing['images_per_second']} images/s"
+        )
         for line in recipe.report_lines(summary):
             print(line)
         print(f"wrote {args.out}/tree.json, tree.png, tree.svg, probabilities.png, log.csv, epochs.csv, summary.json")
@@ -229,15 +341,30 @@ def _resumed_config(args) -> tuple[dict, dict]:
     saved = json.loads(saved_path.read_text())
     unsafe = [item for item in args.overrides if item.partition("=")[0].strip() not in SAFE_RESUME_KEYS]
     if unsafe:
-        raise ValueError(f"--resume continues the run as it was started; of --set it takes only {', '.join(SAFE_RESUME_KEYS)} (got {', '.join(unsafe)})")
+        raise ValueError(
+            f"--resume continues the run as it was started; of --set it takes only {', '.join(SAFE_RESUME_KEYS)} "
+            f"(got {', '.join(unsafe)})"
+        )
     if args.preset is not None or args.config is not None:
         given = configs.load_config(preset=args.preset, path=args.config, overrides=args.overrides)
-        differs = sorted(section for section in set(given) | set(saved) if given.get(section) != saved.get(section) and section not in ("search", "retrain"))
+        differs = sorted(
+            section
+            for section in set(given) | set(saved)
+            if given.get(section) != saved.get(section) and section not in ("search", "retrain")
+        )
         for section in ("search", "retrain"):
             keys = set(given.get(section) or {}) | set(saved.get(section) or {})
-            differs += [f"{section}.{key}" for key in sorted(keys) if f"{section}.{key}" not in SAFE_RESUME_KEYS and (given.get(section) or {}).get(key) != (saved.get(section) or {}).get(key)]
+            differs += [
+                f"{section}.{key}"
+                for key in sorted(keys)
+                if f"{section}.{key}" not in SAFE_RESUME_KEYS
+                and (given.get(section) or {}).get(key) != (saved.get(section) or {}).get(key)
+            ]
         if differs:
-            raise ValueError(f"{args.out} was started with another configuration (differs in {', '.join(differs)}): resume it with only --out and --resume")
+            raise ValueError(
+                f"{args.out} was started with another configuration (differs in {', '.join(differs)}): resume it "
+                "with only --out and --resume"
+            )
     config = configs.apply_overrides(saved, args.overrides)
     configs.check_config(config, str(saved_path))
     run_path = args.out / "run.json"
@@ -271,13 +398,30 @@ def _retrain(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         _lock_run(out)
     baselines = False if args.no_baselines else None
-    summary = pipeline.retrain(config, tree, out, data, seed=0 if args.seed is None else args.seed, resume=args.resume, progress=not args.quiet, device=args.device, baselines=baselines)
+    summary = pipeline.retrain(
+        config,
+        tree,
+        out,
+        data,
+        seed=0 if args.seed is None else args.seed,
+        resume=args.resume,
+        progress=not args.quiet,
+        device=args.device,
+        baselines=baselines,
+    )
     if _is_main_rank():
         final, timing = summary["final"], summary["timing"]
-        print(f"retrained tree: {summary['parameters']:,} parameters, train loss {final['loss']:.4f}" + (f", validation loss {final['val_loss']:.4f}" if "val_loss" in final else "") + f"; {timing['seconds']} s, {timing['images_per_second']} images/s")
+        print(
+            f"retrained tree: {summary['parameters']:,} parameters, train loss {final['loss']:.4f}"
+            + (f", validation loss {final['val_loss']:.4f}" if "val_loss" in final else "")
+            + f"; {timing['seconds']} s, {timing['images_per_second']} images/s"
+        )
         for line in recipe.retrain_lines(summary):
             print(line)
-        print(f"wrote {out}/retrain_summary.json, log.csv, epochs.csv, checkpoints/last.pt" + (", baselines/" if len(summary["models"]) > 1 else ""))
+        print(
+            f"wrote {out}/retrain_summary.json, log.csv, epochs.csv, checkpoints/last.pt"
+            + (", baselines/" if len(summary["models"]) > 1 else "")
+        )
     return 0
 
 
@@ -316,7 +460,9 @@ def _refuse_to_clobber(out: Path, args) -> None:
     if args.resume and not (out / "checkpoints" / "last.pt").is_file():
         raise ValueError(f"{out} holds no checkpoint to resume (checkpoints/last.pt): start the run without --resume")
     if not args.resume and not args.overwrite and (out / "checkpoints" / "last.pt").exists():
-        raise ValueError(f"{out} already holds a run: use --resume to continue it, --overwrite to replace it, or another --out")
+        raise ValueError(
+            f"{out} already holds a run: use --resume to continue it, --overwrite to replace it, or another --out"
+        )
 
 
 def run(args) -> int:
@@ -365,7 +511,9 @@ def _resume_hint(argv, args) -> str:
     if args.command == "search":
         command = ["l2b", "search", "--out", str(args.out), "--resume"]
     else:
-        command = ["l2b", "retrain", "--tree", str(args.tree), "--resume"] + (["--out", str(args.out)] if args.out else [])
+        command = ["l2b", "retrain", "--tree", str(args.tree), "--resume"] + (
+            ["--out", str(args.out)] if args.out else []
+        )
     return "continue with: " + shlex.join(command)
 
 

@@ -9,10 +9,11 @@ all of it, so a bad setting fails before a run writes anything.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+
+import tomllib
 
 from l2b_fast import datasets
 from l2b_fast.train import TrainConfig
@@ -107,8 +108,9 @@ def _settable(table_path: list[str], leaf: str) -> bool:
 
 def apply_overrides(config: dict, assignments: Sequence[str]) -> dict:
     """Sets each ``"dotted.key=VALUE"`` in ``config`` (in place; returned). The key must exist already, or be a
-    trainer setting of ``[search]``/``[retrain]`` (a typo is a ValueError naming it); VALUE is read as a TOML value (``3``, ``1e-4``, ``true``, ``[64, 64]``,
-    ``{kind = "constant"}``, ``"text"``), a bare word that is not one as a string (``--set model.branching=stage``)."""
+    trainer setting of ``[search]``/``[retrain]`` (a typo is a ValueError naming it); VALUE is read as a TOML
+    value (``3``, ``1e-4``, ``true``, ``[64, 64]``, ``{kind = "constant"}``, ``"text"``), a bare word that is not
+    one as a string (``--set model.branching=stage``)."""
     for assignment in assignments:
         key, equals, text = assignment.partition("=")
         key = key.strip()
@@ -122,7 +124,9 @@ def apply_overrides(config: dict, assignments: Sequence[str]) -> dict:
                 where = ".".join(parents[: depth + 1])
                 raise ValueError(f"--set {key}: unknown key ({where} is not a table of the config)")
         if not isinstance(table, dict) or (leaf not in table and not _settable(parents, leaf)):
-            known = ", ".join(sorted(k for k in table if not isinstance(table[k], dict))) if isinstance(table, dict) else ""
+            known = (
+                ", ".join(sorted(k for k in table if not isinstance(table[k], dict))) if isinstance(table, dict) else ""
+            )
             raise ValueError(f"--set {key}: unknown key" + (f"; keys here: {known}" if known else ""))
         try:
             value = tomllib.loads(f"value = {text.strip()}")["value"]

@@ -78,9 +78,13 @@ def _environment(context: distributed.DistContext) -> dict:
 def _train(config, recipe, net, source, section, out, *, seed, resume, progress, context) -> tuple[dict, dict]:
     """Trains ``net`` on ``source`` with ``section``'s settings; returns the last epoch's means and the timing."""
     trainer = Trainer(
-        recipe.wrap(net), recipe.dataset(config), source.train(section, seed, context.world_size),
-        configs.train_config(section, recipe, seed=seed, progress=progress), out,
-        val_data=source.evaluation("val", section), context=context,
+        recipe.wrap(net),
+        recipe.dataset(config),
+        source.train(section, seed, context.world_size),
+        configs.train_config(section, recipe, seed=seed, progress=progress),
+        out,
+        val_data=source.evaluation("val", section),
+        context=context,
     )
     counter, started = _StepCounter(), time.perf_counter()
     final = trainer.fit(resume=resume, on_step=counter)
@@ -92,8 +96,14 @@ def _write_json(path: Path, value) -> None:
 
 
 def search(
-    config: Mapping, out: str | Path, data_dir: str | Path | None = None, *, seed: int = 0, resume: bool = False,
-    progress: bool = True, device: str = "cpu",
+    config: Mapping,
+    out: str | Path,
+    data_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Trains the supernet, derives and prunes the tree, writes the outputs; returns the summary.
 
@@ -107,8 +117,9 @@ def search(
     spec = recipe.model_spec(config, section)
     torch.manual_seed(seed)
     supernet = recipe.supernet(config, spec)
-    final, timing = _train(config, recipe, supernet, source, section, out, seed=seed, resume=resume,
-                           progress=progress, context=context)
+    final, timing = _train(
+        config, recipe, supernet, source, section, out, seed=seed, resume=resume, progress=progress, context=context
+    )
     tree = derive(supernet).pruned()
     summary = {
         "name": config["name"],
@@ -132,8 +143,16 @@ def search(
 
 
 def retrain(
-    config: Mapping, tree: Tree, out: str | Path, data_dir: str | Path | None = None, *, seed: int = 0,
-    resume: bool = False, progress: bool = True, device: str = "cpu", baselines: bool | None = None,
+    config: Mapping,
+    tree: Tree,
+    out: str | Path,
+    data_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+    baselines: bool | None = None,
 ) -> dict:
     """Trains the derived tree from scratch and, with ``baselines`` (default: ``[retrain] baselines``, true unless
     the config says otherwise), the two baselines of the same node widths (all tasks sharing every layer; every task
@@ -159,8 +178,18 @@ def retrain(
         net = recipe.treenet(config, spec, model_tree)
         # a baseline the killed run had not reached yet starts afresh; the learned tree must resume
         resume_this = resume and (name == "learned_tree" or (model_out / "checkpoints" / "last.pt").is_file())
-        final, timing = _train(config, recipe, net, source, section, model_out, seed=seed, resume=resume_this,
-                               progress=progress, context=context)
+        final, timing = _train(
+            config,
+            recipe,
+            net,
+            source,
+            section,
+            model_out,
+            seed=seed,
+            resume=resume_this,
+            progress=progress,
+            context=context,
+        )
         results[name] = {
             "description": RETRAIN_DESCRIPTIONS[name],
             "tree": model_tree.to_dict(),
@@ -238,7 +267,9 @@ def evaluate(run: str | Path, data_dir: str | Path | None = None, *, split: str 
         net.load_state_dict(read_checkpoint(folder / "checkpoints" / "last.pt", "cpu")["model"])
     except RuntimeError as error:  # weights of another tree, model or width
         first = str(error).splitlines()[0]
-        raise ValueError(f"{folder}/checkpoints/last.pt does not fit the tree and model of {folder}/config.json ({first})") from None
+        raise ValueError(
+            f"{folder}/checkpoints/last.pt does not fit the tree and model of {folder}/config.json ({first})"
+        ) from None
     net.to(context.device).eval()
     loader = source.evaluation(split, section)
     if loader is None:

@@ -85,7 +85,11 @@ class Tree:
         validate_tree(data)
         layers = data["layers"]
         origins = [layer.get("supernet_nodes") for layer in layers]
-        return cls(list(data["tasks"]), [list(layer["parents"]) for layer in layers], origins if all(o is not None for o in origins) else None)
+        return cls(
+            list(data["tasks"]),
+            [list(layer["parents"]) for layer in layers],
+            origins if all(o is not None for o in origins) else None,
+        )
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -137,9 +141,14 @@ def validate_tree(tree: dict) -> None:
             if isinstance(parent, bool) or not isinstance(parent, int):
                 raise ValueError(f"layer {number} child {child}: parent {parent!r} is not an int")
             if number == 0 and parent != 0:
-                raise ValueError(f"layer 0 child {child}: parent {parent} must be 0 (the first layer's parent is the single input)")
+                raise ValueError(
+                    f"layer 0 child {child}: parent {parent} must be 0 (the first layer's parent is the single input)"
+                )
             if not 0 <= parent < previous:
-                raise ValueError(f"layer {number} child {child}: parent {parent} is out of range (the previous layer has {previous} nodes: 0..{previous - 1})")
+                raise ValueError(
+                    f"layer {number} child {child}: parent {parent} is out of range (the previous layer has "
+                    f"{previous} nodes: 0..{previous - 1})"
+                )
         previous = len(parents)
     if previous != len(tasks):
         raise ValueError(f"the task layer (layer {len(layers) - 1}) has {previous} nodes for {len(tasks)} tasks")

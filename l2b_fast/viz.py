@@ -3,7 +3,8 @@
 * :func:`draw_tree` draws a ``tree.json`` tree like the paper's Fig. 3 (PNG and SVG).
 * :func:`tree_text` renders the same tree as indented text for terminals (``l2b show``).
 * :func:`draw_probability_heatmaps` draws the ``p.b<b>.i<i>.j<j>`` columns of a trainer ``log.csv``.
-* :func:`validate_tree` (from :mod:`l2b_fast.tree`) checks a parsed ``tree.json`` dict; :func:`task_groups` groups ``<group>-<index>`` names.
+* :func:`validate_tree` (from :mod:`l2b_fast.tree`) checks a parsed ``tree.json`` dict; :func:`task_groups`
+  groups ``<group>-<index>`` names.
 
 The ``tree.json`` schema (see :mod:`l2b_fast.tree`)::
 
@@ -21,8 +22,8 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections.abc import Sequence
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from l2b_fast.tree import validate_tree  # the schema lives with the Tree; re-exported here
@@ -147,10 +148,14 @@ def tree_text(tree) -> str:
     s = _Structure(tree)
     widths = "-".join(str(len(p)) for p in s.parents)
     grouped = any(len(members) > 1 for members in s.groups.values())
+
     def plural(n: int, word: str) -> str:
         return f"{n} {word}{'' if n == 1 else 's'}"
 
-    lines = [f"tree: {plural(len(s.tasks), 'task')}, {plural(s.depth, 'layer')} (widths {widths}), {plural(len(s.groups), 'task group')}"]
+    lines = [
+        f"tree: {plural(len(s.tasks), 'task')}, {plural(s.depth, 'layer')} (widths {widths}), "
+        f"{plural(len(s.groups), 'task group')}"
+    ]
 
     def describe(key: tuple[int, int]) -> str:
         if key[0] == s.depth - 1:
@@ -209,8 +214,13 @@ def _save(figure, path_stem: str | Path) -> list[Path]:
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for path in paths:
         raster = path.suffix.lower() == ".png"
-        figure.savefig(path, format=path.suffix[1:].lower(), bbox_inches="tight", facecolor="white",
-                       **({"dpi": 150} if raster else {}))
+        figure.savefig(
+            path,
+            format=path.suffix[1:].lower(),
+            bbox_inches="tight",
+            facecolor="white",
+            **({"dpi": 150} if raster else {}),
+        )
     return paths
 
 
@@ -272,11 +282,13 @@ def draw_tree(tree, path_stem: str | Path, *, title: str | None = None) -> list[
             carried = len(s.below[child])
             used = carried > 0
             axes.plot(
-                [x[key], x[child]], [y(key[0]), y(child[0])],
+                [x[key], x[child]],
+                [y(key[0]), y(child[0])],
                 color=colour(child) if used else _UNUSED_COLOUR,
                 linewidth=(0.9 + 3.2 * math.sqrt(carried / n_tasks)) if used else 0.9,
                 linestyle="-" if used else (0, (3, 2)),
-                solid_capstyle="round", zorder=1,
+                solid_capstyle="round",
+                zorder=1,
             )
 
     # nodes
@@ -284,20 +296,39 @@ def draw_tree(tree, path_stem: str | Path, *, title: str | None = None) -> list[
     diameter = max(6.0, min(17.0, 0.55 * slot_pt))
     keys = s.preorder()
     axes.scatter(
-        [x[k] for k in keys], [y(k[0]) for k in keys], s=[(diameter * (1.25 if k == s.ROOT else 1.0)) ** 2 for k in keys],
-        c=[colour(k) for k in keys], edgecolors=["#9a9a9a" if not s.used(k) else "#202020" for k in keys],
-        linewidths=0.8, zorder=3,
+        [x[k] for k in keys],
+        [y(k[0]) for k in keys],
+        s=[(diameter * (1.25 if k == s.ROOT else 1.0)) ** 2 for k in keys],
+        c=[colour(k) for k in keys],
+        edgecolors=["#9a9a9a" if not s.used(k) else "#202020" for k in keys],
+        linewidths=0.8,
+        zorder=3,
     )
-    axes.annotate("input", (x[s.ROOT], y(-1)), xytext=(0, diameter * 0.75 + 3), textcoords="offset points",
-                  ha="center", va="bottom", fontsize=fontsize + 1, fontweight="bold")
+    axes.annotate(
+        "input",
+        (x[s.ROOT], y(-1)),
+        xytext=(0, diameter * 0.75 + 3),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=fontsize + 1,
+        fontweight="bold",
+    )
 
     # task names under the leaves, coloured by group
     for t, name in enumerate(s.tasks):
         key = (leaf_layer, t)
         axes.annotate(
-            name, (x[key], y(leaf_layer)), xytext=(0, -(diameter / 2 + 4)), textcoords="offset points",
-            ha="center", va="top", rotation=90 if rotate else 0, fontsize=fontsize,
-            color=colours[s.group_of[t]] if len(s.groups) <= 20 else "#202020", fontweight="bold" if len(s.groups) <= 20 else "normal",
+            name,
+            (x[key], y(leaf_layer)),
+            xytext=(0, -(diameter / 2 + 4)),
+            textcoords="offset points",
+            ha="center",
+            va="top",
+            rotation=90 if rotate else 0,
+            fontsize=fontsize,
+            color=colours[s.group_of[t]] if len(s.groups) <= 20 else "#202020",
+            fontweight="bold" if len(s.groups) <= 20 else "normal",
         )
 
     # row labels at the left
@@ -312,20 +343,61 @@ def draw_tree(tree, path_stem: str | Path, *, title: str | None = None) -> list[
     grouped = any(len(members) > 1 for members in s.groups.values())  # singleton groups: the leaf labels say it all
     handles = []
     if grouped:
-        handles = [Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=colours[g], markeredgecolor="#202020",
-                          label=f"{g} ({len(members)})") for g, members in s.groups.items()]
+        handles = [
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="",
+                markersize=8,
+                markerfacecolor=colours[g],
+                markeredgecolor="#202020",
+                label=f"{g} ({len(members)})",
+            )
+            for g, members in s.groups.items()
+        ]
     internal = [k for k in keys if k != s.ROOT and k[0] != leaf_layer]
     if any(s.used(k) and s.node_group(k) is None for k in internal):
-        handles.append(Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=_SHARED_COLOUR,
-                              markeredgecolor="#202020", label="shared (several groups)"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="",
+                markersize=8,
+                markerfacecolor=_SHARED_COLOUR,
+                markeredgecolor="#202020",
+                label="shared (several groups)",
+            )
+        )
     if any(not s.used(k) for k in internal):
-        handles.append(Line2D([], [], marker="o", linestyle=(0, (3, 2)), color=_UNUSED_COLOUR, markersize=8,
-                              markerfacecolor=_UNUSED_COLOUR, markeredgecolor="#9a9a9a", label="unused"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle=(0, (3, 2)),
+                color=_UNUSED_COLOUR,
+                markersize=8,
+                markerfacecolor=_UNUSED_COLOUR,
+                markeredgecolor="#9a9a9a",
+                label="unused",
+            )
+        )
     if handles:
         columns = 1 if len(handles) <= 14 else math.ceil(len(handles) / 14)
-        axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=fontsize - 0.5,
-                    title="task groups" if grouped else None, title_fontsize=fontsize, ncols=columns, handletextpad=0.3,
-                    columnspacing=1.0)
+        axes.legend(
+            handles=handles,
+            loc="upper left",
+            bbox_to_anchor=(1.0, 1.0),
+            frameon=False,
+            fontsize=fontsize - 0.5,
+            title="task groups" if grouped else None,
+            title_fontsize=fontsize,
+            ncols=columns,
+            handletextpad=0.3,
+            columnspacing=1.0,
+        )
     if title:
         axes.set_title(title, fontsize=fontsize + 3, pad=4)
     return _save(figure, path_stem)
@@ -349,7 +421,10 @@ def _read_probabilities(history_csv: Path):
         if match:
             probability[tuple(int(g) for g in match.groups())] = column
     if not probability:
-        raise ValueError(f"{history_csv} has no branching-probability columns (p.b<block>.i<parent>.j<child>); columns: {header[:8]}{' ...' if len(header) > 8 else ''}")
+        raise ValueError(
+            f"{history_csv} has no branching-probability columns (p.b<block>.i<parent>.j<child>); columns: "
+            f"{header[:8]}{' ...' if len(header) > 8 else ''}"
+        )
 
     def number(text: str) -> float:
         text = text.strip()
@@ -415,8 +490,10 @@ def draw_probability_heatmaps(
         return _save(figure, path_stem)
 
     if not shown:
-        return message_figure(f"branching probabilities: all {len(blocks)} block(s) have a single parent,\n"
-                              "so every probability is constant 1 (nothing to draw)")
+        return message_figure(
+            f"branching probabilities: all {len(blocks)} block(s) have a single parent,\n"
+            "so every probability is constant 1 (nothing to draw)"
+        )
     if len(steps) == 0:
         return message_figure("branching probabilities: the log has no rows yet")
 
@@ -426,8 +503,18 @@ def draw_probability_heatmaps(
     gap, top, bottom = 0.55, 0.7, 0.55  # inches: between panels (room for a panel title), above, below
     total = sum(heights) + gap * (len(heights) - 1) + top + bottom
     figure = _figure(9.0, total)
-    grid = figure.add_gridspec(len(shown), 2, height_ratios=heights, width_ratios=(1.0, 0.018), hspace=gap / (sum(heights) / len(heights)),
-                               wspace=0.02, top=1 - top / total, bottom=bottom / total, left=0.14, right=0.93)
+    grid = figure.add_gridspec(
+        len(shown),
+        2,
+        height_ratios=heights,
+        width_ratios=(1.0, 0.018),
+        hspace=gap / (sum(heights) / len(heights)),
+        wspace=0.02,
+        top=1 - top / total,
+        bottom=bottom / total,
+        left=0.14,
+        right=0.93,
+    )
     mappable = None
     axes_list = []
     if len(steps) > 1:
@@ -440,20 +527,35 @@ def draw_probability_heatmaps(
         axes_list.append(axes)
         order = [(i, j) for j in range(children) for i in range(parents)]
         values = np.vstack([pairs.get(pair, np.full(len(steps), np.nan)) for pair in order])
-        mappable = axes.pcolormesh(edges, np.arange(len(order) + 1) - 0.5, np.ma.masked_invalid(values), cmap="viridis",
-                                   vmin=0.0, vmax=1.0, shading="flat", rasterized=True)
+        mappable = axes.pcolormesh(
+            edges,
+            np.arange(len(order) + 1) - 0.5,
+            np.ma.masked_invalid(values),
+            cmap="viridis",
+            vmin=0.0,
+            vmax=1.0,
+            shading="flat",
+            rasterized=True,
+        )
         axes.set_ylim(len(order) - 0.5, -0.5)
         named = tasks is not None and b == last_block and len(tasks) == children
         child_name = (lambda j: str(tasks[j])) if named else (lambda j: f"j{j}")
         rows = len(order)
         if rows <= 60:
-            axes.set_yticks(range(rows), [f"{child_name(j)}\u2190i{i}" for i, j in order], fontsize=6.5 if rows > 24 else 8)
+            axes.set_yticks(
+                range(rows), [f"{child_name(j)}\u2190i{i}" for i, j in order], fontsize=6.5 if rows > 24 else 8
+            )
         else:  # too many rows to name each: one tick per child
-            axes.set_yticks([j * parents + (parents - 1) / 2 for j in range(children)], [child_name(j) for j in range(children)],
-                            fontsize=6.5)
+            axes.set_yticks(
+                [j * parents + (parents - 1) / 2 for j in range(children)],
+                [child_name(j) for j in range(children)],
+                fontsize=6.5,
+            )
         for j in range(1, children):
             axes.axhline(j * parents - 0.5, color="white", linewidth=1.2)
-        axes.set_title(f"block {b} (layer L{b + 1}): {parents} parents \u2192 {children} children", fontsize=9.5, loc="left")
+        axes.set_title(
+            f"block {b} (layer L{b + 1}): {parents} parents \u2192 {children} children", fontsize=9.5, loc="left"
+        )
         axes.tick_params(axis="x", labelsize=8)
         if panel < len(shown) - 1:
             axes.tick_params(axis="x", labelbottom=False)
@@ -465,7 +567,10 @@ def draw_probability_heatmaps(
     skipped = sorted(set(blocks) - set(shown))
     heading = title or "branching probabilities over training"
     if skipped:
-        heading += f"  (single-parent block{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))} omitted: constant 1)"
+        heading += (
+            f"  (single-parent block{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))} "
+            "omitted: constant 1)"
+        )
     figure.suptitle(heading, fontsize=11, x=0.02, y=1 - 0.15 / total, ha="left", va="top")
     return _save(figure, path_stem)
 
@@ -476,6 +581,8 @@ def draw_search_pictures(tree: dict, out: str | Path, name: str) -> None:
     out = Path(out)
     try:
         draw_tree(tree, out / "tree", title=name)
-        draw_probability_heatmaps(out / "log.csv", out / "probabilities", title=f"{name}: branching probabilities", tasks=tree["tasks"])
+        draw_probability_heatmaps(
+            out / "log.csv", out / "probabilities", title=f"{name}: branching probabilities", tasks=tree["tasks"]
+        )
     except (ImportError, ValueError) as error:
         print(f"no pictures ({error}); tree.json and logs are written", file=sys.stderr)

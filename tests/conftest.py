@@ -61,19 +61,25 @@ def pytest_report_header(config):
         mode = "interpreter (TRITON_INTERPRET=1)" if backends.triton_interpreting() else "compiled kernels"
         lines.append(f"triton {importlib.metadata.version('triton')}: {mode}")
     for device_type in ("cpu", "cuda"):
-        status = ", ".join(f"{name}: {'yes' if why is None else 'no'}" for name, why in backends.available(device_type).items())
+        status = ", ".join(
+            f"{name}: {'yes' if why is None else 'no'}" for name, why in backends.available(device_type).items()
+        )
         lines.append(f"l2b_fast backends on {device_type}: {status}")
     return lines
 
 
 def backend_cases(include_ref: bool = False) -> list:
     """(device, backend) pairs for parametrize: CPU backends that run here, CUDA ones skipped without a GPU."""
-    cases = [pytest.param("cpu", name, id=f"cpu-{name}") for name in runnable_backends("cpu") if include_ref or name != "ref"]
+    cases = [
+        pytest.param("cpu", name, id=f"cpu-{name}") for name in runnable_backends("cpu") if include_ref or name != "ref"
+    ]
     for name in ("ref", "cpp", "triton"):
         if name == "ref" and not include_ref:
             continue
         why = "needs a CUDA device" if not CUDA else backends.unavailable_reason(name, "cuda")
-        cases.append(pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.skipif(why is not None, reason=str(why))))
+        cases.append(
+            pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.skipif(why is not None, reason=str(why)))
+        )
     return cases
 
 
@@ -83,7 +89,9 @@ def gumbel(shape, generator: torch.Generator, dtype=torch.float64) -> torch.Tens
     return (-torch.log(-torch.log(uniform))).to(dtype)
 
 
-def bent_square_toml(*, tasks: int, samples: int, hidden: int, validation: float, search: dict, retrain: dict | None = None) -> str:
+def bent_square_toml(
+    *, tasks: int, samples: int, hidden: int, validation: float, search: dict, retrain: dict | None = None
+) -> str:
     """A small synthetic config (bent vs square families, two 2-node blocks) as TOML text."""
 
     def table(values: dict) -> str:
@@ -107,7 +115,9 @@ hidden = {hidden}
     return text + (f"[retrain]\n{table(retrain)}\n" if retrain else "")
 
 
-def assert_compiled_step_matches_eager(eager: torch.nn.Module, x: torch.Tensor, seed: torch.Tensor, tasks, *, tol: float = 1e-5) -> None:
+def assert_compiled_step_matches_eager(
+    eager: torch.nn.Module, x: torch.Tensor, seed: torch.Tensor, tasks, *, tol: float = 1e-5
+) -> None:
     """A search step of ``eager`` and of a ``torch.compile(fullgraph=True, backend="aot_eager")`` copy (dynamo and
     AOT autograd, no inductor C++ compile) with the same seed tensor: same outputs, same gradients."""
     import copy

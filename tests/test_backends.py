@@ -42,7 +42,9 @@ def test_auto_prefers_compiled_kernels_on_cpu():
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
     environment = {**os.environ, **env}
     environment.pop("L2B_BACKEND", None)
-    return subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, env=environment, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, env=environment, timeout=300
+    )
 
 
 def test_without_extension_and_triton_the_package_works_and_says_so_once():

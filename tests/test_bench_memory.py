@@ -61,7 +61,9 @@ def test_rows_carry_memory_next_to_time(monkeypatch, tmp_path):
         # out [J, N] and grad_parents [I, N] are alive together at the end of the backward
         assert row["step_peak_MiB"] >= (3 + 4) * shape.numel * element / 2**20 - 0.01
     by_name = {row["implementation"]: row for row in rows}
-    assert by_name["naive"]["step_peak_MiB"] > min(by_name[n]["step_peak_MiB"] for n in names)  # stacks and weights every parent
+    assert by_name["naive"]["step_peak_MiB"] > min(
+        by_name[n]["step_peak_MiB"] for n in names
+    )  # stacks and weights every parent
     csv_path, json_path = report.write_results(rows, report.environment(CPU), tmp_path, "branch_cpu_memory-test")
     with csv_path.open() as handle:
         assert "step_peak_MiB" in next(csv.reader(handle))
@@ -70,13 +72,31 @@ def test_rows_carry_memory_next_to_time(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
 def test_plot_draws_memory_and_still_reads_csvs_without_it(tmp_path):
-    spec = importlib.util.spec_from_file_location("plot_branch_benchmark", Path(__file__).resolve().parent.parent / "benchmarks" / "plot_branch_benchmark.py")
+    spec = importlib.util.spec_from_file_location(
+        "plot_branch_benchmark", Path(__file__).resolve().parent.parent / "benchmarks" / "plot_branch_benchmark.py"
+    )
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)
     base = {"device": "cpu", "parents": 3, "children": 4, "activation": "64x1024", "dtype": "float32"}
     rows = [
-        {**base, "shape": "a", "implementation": "naive", "fwd_bwd_ms": 4.0, "speedup_vs_naive": 1.0, "step_peak_MiB": 3.5, "inputs_MiB": 1.8},
-        {**base, "shape": "a", "implementation": "cpp", "fwd_bwd_ms": 1.0, "speedup_vs_naive": 4.0, "step_peak_MiB": 1.8, "inputs_MiB": 1.8},
+        {
+            **base,
+            "shape": "a",
+            "implementation": "naive",
+            "fwd_bwd_ms": 4.0,
+            "speedup_vs_naive": 1.0,
+            "step_peak_MiB": 3.5,
+            "inputs_MiB": 1.8,
+        },
+        {
+            **base,
+            "shape": "a",
+            "implementation": "cpp",
+            "fwd_bwd_ms": 1.0,
+            "speedup_vs_naive": 4.0,
+            "step_peak_MiB": 1.8,
+            "inputs_MiB": 1.8,
+        },
     ]
     with_memory, without = tmp_path / "new.csv", tmp_path / "old.csv"
     for path, fields in ((with_memory, list(rows[0])), (without, [k for k in rows[0] if not k.endswith("MiB")])):

@@ -15,8 +15,8 @@ from PIL import Image
 pytest.importorskip("webdataset")
 
 from l2b_fast import cli  # noqa: E402
-from l2b_fast.datasets.celeba import convert as cc  # noqa: E402
 from l2b_fast.data import shards  # noqa: E402
+from l2b_fast.datasets.celeba import convert as cc  # noqa: E402
 from l2b_fast.datasets.celeba.synthetic import ATTRIBUTES  # noqa: E402
 
 LAYOUTS = ("flat", "official", "kaggle")
@@ -35,8 +35,16 @@ def input_paths(root, layout: str):
     """(image folder, attribute file, partition file) of a raw tree in ``layout``."""
     return {
         "flat": (root / "img_align_celeba", root / "list_attr_celeba.txt", root / "list_eval_partition.txt"),
-        "official": (root / "Img" / "img_align_celeba", root / "Anno" / "list_attr_celeba.txt", root / "Eval" / "list_eval_partition.txt"),
-        "kaggle": (root / "img_align_celeba" / "img_align_celeba", root / "list_attr_celeba.csv", root / "list_eval_partition.csv"),
+        "official": (
+            root / "Img" / "img_align_celeba",
+            root / "Anno" / "list_attr_celeba.txt",
+            root / "Eval" / "list_eval_partition.txt",
+        ),
+        "kaggle": (
+            root / "img_align_celeba" / "img_align_celeba",
+            root / "list_attr_celeba.csv",
+            root / "list_eval_partition.csv",
+        ),
     }[layout]
 
 
@@ -53,14 +61,21 @@ def make_raw(root, layout: str = "flat", seed: int = 0) -> dict[str, dict]:
         stem = f"{index:06d}"
         data = jpeg_bytes(rng)
         (images / f"{stem}.jpg").write_bytes(data)
-        expected[stem] = {"jpg": data, "attributes": rng.choice([-1, 1], len(ATTRIBUTES)).tolist(), "split": SPLIT_NAMES[partition], "partition": partition}
+        expected[stem] = {
+            "jpg": data,
+            "attributes": rng.choice([-1, 1], len(ATTRIBUTES)).tolist(),
+            "split": SPLIT_NAMES[partition],
+            "partition": partition,
+        }
     if layout == "kaggle":
         attribute_lines = [",".join(("image_id", *ATTRIBUTES))]
         attribute_lines += [",".join((f"{stem}.jpg", *map(str, e["attributes"]))) for stem, e in expected.items()]
         partition_lines = ["image_id,partition"] + [f"{stem}.jpg,{e['partition']}" for stem, e in expected.items()]
     else:  # count line, names line (with its trailing space), values right-aligned in 2 columns
         attribute_lines = [str(len(expected)), " ".join(ATTRIBUTES) + " "]
-        attribute_lines += [f"{stem}.jpg " + " ".join(f"{v:2d}" for v in e["attributes"]) for stem, e in expected.items()]
+        attribute_lines += [
+            f"{stem}.jpg " + " ".join(f"{v:2d}" for v in e["attributes"]) for stem, e in expected.items()
+        ]
         partition_lines = [f"{stem}.jpg {e['partition']}" for stem, e in expected.items()]
     attribute_file.write_text("\n".join(attribute_lines) + "\n")
     partition_file.write_text("\n".join(partition_lines) + "\n")
@@ -107,8 +122,13 @@ def test_round_trip_in_every_layout(raw, tmp_path):
         for key, members in samples:
             assert set(members) == {"jpg", "attr.json", "json"}
             assert members["jpg"] == expected[key]["jpg"]  # the original bytes, not re-encoded
-            assert json.loads(members["attr.json"]) == {"attributes": [int(v == 1) for v in expected[key]["attributes"]]}
-            assert json.loads(members["json"]) == {"image": f"{key}.jpg", "split": split} and expected[key]["split"] == split
+            assert json.loads(members["attr.json"]) == {
+                "attributes": [int(v == 1) for v in expected[key]["attributes"]]
+            }
+            assert (
+                json.loads(members["json"]) == {"image": f"{key}.jpg", "split": split}
+                and expected[key]["split"] == split
+            )
             seen.append(key)
     assert sorted(seen) == sorted(expected)  # every image exactly once
 
@@ -142,25 +162,72 @@ def test_missing_and_corrupt_images_are_skipped_and_logged(tmp_path):
     assert log.keys() == {"000002", "000003", "000020", "000030"}
     assert log["000002"] == "cannot read 000002.jpg: No such file or directory"
     assert log["000003"].startswith("cannot decode 000003.jpg: OSError")
-    assert log["000020"].startswith("cannot decode 000020.jpg: UnidentifiedImageError") and " at 0x" not in log["000020"]
+    assert (
+        log["000020"].startswith("cannot decode 000020.jpg: UnidentifiedImageError") and " at 0x" not in log["000020"]
+    )
     assert log["000030"] == "000030.jpg is PNG, not JPEG"
     unchecked = cc.convert(root, tmp_path / "unchecked", samples_per_shard=4, progress=False, verify_images=False)
     assert sum(entry["skipped"] for entry in unchecked["splits"].values()) == 1  # only the missing file
 
 
 MALFORMED = {
-    "wrong count": ("attributes", lambda lines: ["29", *lines[1:]], r"list_attr_celeba\.txt:1: says 29 images but the file lists 30"),
+    "wrong count": (
+        "attributes",
+        lambda lines: ["29", *lines[1:]],
+        r"list_attr_celeba\.txt:1: says 29 images but the file lists 30",
+    ),
     "no count": ("attributes", lambda lines: lines[1:], r"list_attr_celeba\.txt:1: expected the number of images"),
-    "39 names": ("attributes", lambda lines: [lines[0], lines[1].replace("Young", ""), *lines[2:]], r"list_attr_celeba\.txt:2: expected 40 attribute names, got 39"),
-    "names out of order": ("attributes", lambda lines: [lines[0], "Arched_Eyebrows 5_o_Clock_Shadow" + lines[1].split("Arched_Eyebrows")[1], *lines[2:]], r"list_attr_celeba\.txt:2: attribute 1 is 'Arched_Eyebrows', expected '5_o_Clock_Shadow'"),
-    "short row": ("attributes", lambda lines: [*lines[:4], lines[4][:-3], *lines[5:]], r"list_attr_celeba\.txt:5: expected 40 values after 000003\.jpg, got 39"),
-    "value 0": ("attributes", lambda lines: [*lines[:4], lines[4][:-2] + " 0", *lines[5:]], r"list_attr_celeba\.txt:5: attribute value '0' is not -1 or 1"),
-    "duplicate attribute row": ("attributes", lambda lines: ["31", *lines[1:], lines[2]], r"list_attr_celeba\.txt:33: duplicate image 000001\.jpg"),
-    "bad image name": ("attributes", lambda lines: [*lines[:2], "a.b" + lines[2][6:], *lines[3:]], r"list_attr_celeba\.txt:3: bad image name 'a\.b\.jpg'"),
-    "partition value 3": ("partition", lambda lines: [*lines[:6], lines[6][:-1] + "3", *lines[7:]], r"list_eval_partition\.txt:7: expected an image name and 0 \(train\), 1 \(val\) or 2 \(test\), got '000007\.jpg 3'"),
-    "duplicate partition row": ("partition", lambda lines: [*lines, lines[0]], r"list_eval_partition\.txt:31: duplicate image 000001\.jpg"),
-    "image only in the attributes": ("partition", lambda lines: lines[:-1], r"list different images: 0 only in the partition \[\], 1 only in the attributes \['000030\.jpg'\]"),
-    "image only in the partition": ("partition", lambda lines: [*lines, "000031.jpg 2"], r"list different images: 1 only in the partition \['000031\.jpg'\], 0 only"),
+    "39 names": (
+        "attributes",
+        lambda lines: [lines[0], lines[1].replace("Young", ""), *lines[2:]],
+        r"list_attr_celeba\.txt:2: expected 40 attribute names, got 39",
+    ),
+    "names out of order": (
+        "attributes",
+        lambda lines: [lines[0], "Arched_Eyebrows 5_o_Clock_Shadow" + lines[1].split("Arched_Eyebrows")[1], *lines[2:]],
+        r"list_attr_celeba\.txt:2: attribute 1 is 'Arched_Eyebrows', expected '5_o_Clock_Shadow'",
+    ),
+    "short row": (
+        "attributes",
+        lambda lines: [*lines[:4], lines[4][:-3], *lines[5:]],
+        r"list_attr_celeba\.txt:5: expected 40 values after 000003\.jpg, got 39",
+    ),
+    "value 0": (
+        "attributes",
+        lambda lines: [*lines[:4], lines[4][:-2] + " 0", *lines[5:]],
+        r"list_attr_celeba\.txt:5: attribute value '0' is not -1 or 1",
+    ),
+    "duplicate attribute row": (
+        "attributes",
+        lambda lines: ["31", *lines[1:], lines[2]],
+        r"list_attr_celeba\.txt:33: duplicate image 000001\.jpg",
+    ),
+    "bad image name": (
+        "attributes",
+        lambda lines: [*lines[:2], "a.b" + lines[2][6:], *lines[3:]],
+        r"list_attr_celeba\.txt:3: bad image name 'a\.b\.jpg'",
+    ),
+    "partition value 3": (
+        "partition",
+        lambda lines: [*lines[:6], lines[6][:-1] + "3", *lines[7:]],
+        r"list_eval_partition\.txt:7: expected an image name and 0 \(train\), 1 \(val\) or 2 \(test\), got "
+        r"'000007\.jpg 3'",
+    ),
+    "duplicate partition row": (
+        "partition",
+        lambda lines: [*lines, lines[0]],
+        r"list_eval_partition\.txt:31: duplicate image 000001\.jpg",
+    ),
+    "image only in the attributes": (
+        "partition",
+        lambda lines: lines[:-1],
+        r"list different images: 0 only in the partition \[\], 1 only in the attributes \['000030\.jpg'\]",
+    ),
+    "image only in the partition": (
+        "partition",
+        lambda lines: [*lines, "000031.jpg 2"],
+        r"list different images: 1 only in the partition \['000031\.jpg'\], 0 only",
+    ),
     "empty attribute file": ("attributes", lambda lines: [], r"list_attr_celeba\.txt: empty file"),
 }
 
@@ -201,10 +268,22 @@ def test_missing_inputs_are_named(tmp_path):
         cc.convert(tmp_path / "nothing", tmp_path / "out")
     make_raw(tmp_path, "official")
     (tmp_path / "Eval" / "list_eval_partition.txt").unlink()
-    with pytest.raises(FileNotFoundError, match="no CelebA partition file under .*: looked for list_eval_partition.txt, Eval/list_eval_partition.txt, list_eval_partition.csv"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=(
+            "no CelebA partition file under .*: looked for list_eval_partition.txt, "
+            "Eval/list_eval_partition.txt, list_eval_partition.csv"
+        ),
+    ):
         cc.convert(tmp_path, tmp_path / "out")
     shutil.rmtree(tmp_path / "Img")
-    with pytest.raises(FileNotFoundError, match="no CelebA image folder under .*: looked for img_align_celeba/img_align_celeba, img_align_celeba, Img/img_align_celeba"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=(
+            "no CelebA image folder under .*: looked for img_align_celeba/img_align_celeba, img_align_celeba, "
+            "Img/img_align_celeba"
+        ),
+    ):
         cc.find_inputs(tmp_path)
 
 
@@ -236,12 +315,35 @@ def test_resume_after_interruption_matches_a_full_run(tmp_path):
 def test_cli_end_to_end(tmp_path, capsys):
     make_raw(tmp_path / "raw", "kaggle")
     out = tmp_path / "shards"
-    assert cli.main(["data", "celeba", "--root", str(tmp_path / "raw"), "--out", str(out), "--samples-per-shard", "8", "--seed", "3"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "celeba",
+                "--root",
+                str(tmp_path / "raw"),
+                "--out",
+                str(out),
+                "--samples-per-shard",
+                "8",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
-    assert captured.out.splitlines() == ["train: 18 samples in 3 shard(s)", "val: 6 samples in 1 shard(s)", "test: 6 samples in 1 shard(s)", f"wrote {out}/manifest.json"]
+    assert captured.out.splitlines() == [
+        "train: 18 samples in 3 shard(s)",
+        "val: 6 samples in 1 shard(s)",
+        "test: 6 samples in 1 shard(s)",
+        f"wrote {out}/manifest.json",
+    ]
     assert "warning:" in captured.err and "train: train-000000.tar (8 images, 8/18 scanned)" in captured.err
     assert shards.read_manifest(out)["seed"] == 3
-    assert cli.main(["data", "celeba", "--root", str(tmp_path / "raw"), "--out", str(out), "--resume", "--no-verify"]) == 2
+    assert (
+        cli.main(["data", "celeba", "--root", str(tmp_path / "raw"), "--out", str(out), "--resume", "--no-verify"]) == 2
+    )
     assert "other settings" in capsys.readouterr().err
 
 
@@ -250,12 +352,23 @@ def test_shards_load_through_the_celeba_loader(raw, tmp_path):
 
     root, expected = raw
     cc.convert(root, tmp_path, samples_per_shard=4, progress=False)
-    loader = celeba_loader(shards.shard_paths(tmp_path, "val"), batch_size=4, train=False, size=(HEIGHT, WIDTH), rank=0, world_size=1, with_keys=True)
+    loader = celeba_loader(
+        shards.shard_paths(tmp_path, "val"),
+        batch_size=4,
+        train=False,
+        size=(HEIGHT, WIDTH),
+        rank=0,
+        world_size=1,
+        with_keys=True,
+    )
     seen = []
     for rgb, targets, keys in loader:
         assert rgb.shape[1:] == (3, HEIGHT, WIDTH) and rgb.min() >= -1 and rgb.max() <= 1
         for image, attributes, key in zip(rgb.numpy(), targets["attributes"].numpy(), keys, strict=True):
-            decoded = np.asarray(Image.open(io.BytesIO(expected[key]["jpg"])).convert("RGB"), dtype=np.float32) * (2 / 255) - 1
+            decoded = (
+                np.asarray(Image.open(io.BytesIO(expected[key]["jpg"])).convert("RGB"), dtype=np.float32) * (2 / 255)
+                - 1
+            )
             np.testing.assert_allclose(image.transpose(1, 2, 0), decoded, atol=1e-6)
             np.testing.assert_array_equal(attributes, [float(v == 1) for v in expected[key]["attributes"]])
             seen.append(key)

@@ -5,16 +5,26 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import l2b_fast
-import torch
+from conftest import bent_square_toml
 from l2b_fast import cli
 from l2b_fast import config as configs
-from conftest import bent_square_toml
 
 TINY = bent_square_toml(
-    tasks=2, samples=200, hidden=8, validation=0.2,
-    search={"epochs": 2, "batch_size": 50, "warmup_epochs": 1, "lr_logits": 0.1, "tau": '{ kind = "inverse_sqrt", tau0 = 5.0 }', "log_every": 1},
+    tasks=2,
+    samples=200,
+    hidden=8,
+    validation=0.2,
+    search={
+        "epochs": 2,
+        "batch_size": 50,
+        "warmup_epochs": 1,
+        "lr_logits": 0.1,
+        "tau": '{ kind = "inverse_sqrt", tau0 = 5.0 }',
+        "log_every": 1,
+    },
     retrain={"epochs": 2, "batch_size": 50},
 )
 
@@ -85,11 +95,24 @@ def test_search_show_retrain(tmp_path, capsys):
     assert "bent-0" in printed and "derived tree" in printed
     assert "tasks learned" in printed or "NOT every task learned" in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["task_losses"]) == {"bent-0", "bent-1", "square-0", "square-1"} and summary["task_losses_split"] == "validation"
+    assert (
+        set(summary["task_losses"]) == {"bent-0", "bent-1", "square-0", "square-1"}
+        and summary["task_losses_split"] == "validation"
+    )
     assert summary["learned_threshold"] == 0.5 and isinstance(summary["all_tasks_learned"], bool)
     assert summary["tasks_not_learned"] == [t for t, v in summary["task_losses"].items() if v >= 0.5]
     assert summary["numerics"]["dtype"] == "float32" and summary["numerics"]["cpu_capability"]
-    for name in ("tree.json", "tree.png", "tree.svg", "probabilities.png", "probabilities.svg", "log.csv", "epochs.csv", "summary.json", "config.json"):
+    for name in (
+        "tree.json",
+        "tree.png",
+        "tree.svg",
+        "probabilities.png",
+        "probabilities.svg",
+        "log.csv",
+        "epochs.csv",
+        "summary.json",
+        "config.json",
+    ):
         assert (out / name).is_file(), name
     tree = json.loads((out / "tree.json").read_text())
     assert tree["tasks"] == ["bent-0", "bent-1", "square-0", "square-1"] and len(tree["layers"]) == 3
@@ -112,18 +135,35 @@ def test_search_show_retrain(tmp_path, capsys):
     assert list(models) == ["learned_tree", "all_shared", "independent"]
     assert [len(layer["parents"]) for layer in models["all_shared"]["tree"]["layers"]] == [1, 1, 4]
     assert [len(layer["parents"]) for layer in models["independent"]["tree"]["layers"]] == [4, 4, 4]
-    assert models["all_shared"]["parameters"] <= models["learned_tree"]["parameters"] <= models["independent"]["parameters"]
+    assert (
+        models["all_shared"]["parameters"]
+        <= models["learned_tree"]["parameters"]
+        <= models["independent"]["parameters"]
+    )
     assert all(set(m["task_losses"]) == set(summary["models"]["learned_tree"]["task_losses"]) for m in models.values())
     assert (out / "retrain" / "baselines" / "independent" / "epochs.csv").is_file()
-    assert cli.main(["retrain", "--tree", str(out / "tree.json"), "--out", str(tmp_path / "alone"), "--no-baselines", "--quiet"]) == 0
+    assert (
+        cli.main(
+            ["retrain", "--tree", str(out / "tree.json"), "--out", str(tmp_path / "alone"), "--no-baselines", "--quiet"]
+        )
+        == 0
+    )
     assert list(json.loads((tmp_path / "alone" / "retrain_summary.json").read_text())["models"]) == ["learned_tree"]
-    assert cli.main(["retrain", "--tree", str(out / "tree.json"), "--device", "cuda:7", "--quiet"]) == 2 or torch.cuda.device_count() > 7
+    assert (
+        cli.main(["retrain", "--tree", str(out / "tree.json"), "--device", "cuda:7", "--quiet"]) == 2
+        or torch.cuda.device_count() > 7
+    )
 
 
 def test_data_commands(tmp_path, capsys):
     pytest.importorskip("webdataset")
     out = tmp_path / "syn"
-    assert cli.main(["data", "synthetic-taskonomy", "--out", str(out), "--n", "12", "--size", "32", "--samples-per-shard", "8"]) == 0
+    assert (
+        cli.main(
+            ["data", "synthetic-taskonomy", "--out", str(out), "--n", "12", "--size", "32", "--samples-per-shard", "8"]
+        )
+        == 0
+    )
     assert "train: " in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(entry["total"] for entry in manifest["splits"].values()) == 12

@@ -42,14 +42,23 @@ print(json.dumps(results))
 
 def test_missing_webdataset_names_the_install_command(tmp_path):
     out = tmp_path / "shards"
-    commands = [["data", "synthetic-taskonomy", "--out", str(out), "--n", "4"], ["data", "taskonomy", "--root", str(tmp_path), "--out", str(out)]]
-    result = subprocess.run([sys.executable, "-c", WITHOUT_WEBDATASET, json.dumps(commands)], capture_output=True, text=True, timeout=120)
+    commands = [
+        ["data", "synthetic-taskonomy", "--out", str(out), "--n", "4"],
+        ["data", "taskonomy", "--root", str(tmp_path), "--out", str(out)],
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_WEBDATASET, json.dumps(commands)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     *runs, import_error = json.loads(result.stdout)
     for code, stderr in runs:
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("l2b data: error:"), stderr
-        assert "'webdataset'" in lines[0] and "pip install --no-build-isolation -e '.[data]'" in lines[0] and "pip install webdataset pillow" in lines[0]
+        assert (
+            "'webdataset'" in lines[0]
+            and "pip install --no-build-isolation -e '.[data]'" in lines[0]
+            and "pip install webdataset pillow" in lines[0]
+        )
     assert not out.exists()
     assert import_error.startswith("MissingDataDependency:") and "-e '.[data]'" in import_error
 
@@ -60,7 +69,11 @@ def test_converting_an_empty_root_fails_before_writing(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["data", "taskonomy", "--root", str(empty), "--out", str(out)]) == 2
     error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and "no Taskonomy view of the tiny split's buildings" in error and "it is empty" in error
+    assert (
+        len(error.splitlines()) == 1
+        and "no Taskonomy view of the tiny split's buildings" in error
+        and "it is empty" in error
+    )
     assert not out.exists()
     (empty / "some_building").mkdir()
     assert cli.main(["data", "taskonomy", "--root", str(empty), "--out", str(out)]) == 2
@@ -117,7 +130,12 @@ def test_synthetic_into_a_non_empty_folder_refuses_or_overwrites_cleanly(tmp_pat
 def test_readme_data_commands_parse():
     """Every `l2b data ...` line of the README's shell examples is a valid command line."""
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
-    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines() if line.strip().startswith("l2b data ")]
+    lines = [
+        line.split("#")[0].strip()
+        for block in blocks
+        for line in block.splitlines()
+        if line.strip().startswith("l2b data ")
+    ]
     assert len(lines) >= 4
     parser = cli.build_parser()
     for line in lines:
@@ -126,8 +144,9 @@ def test_readme_data_commands_parse():
         assert args.command == "data", line
 
 
-@pytest.mark.parametrize("kind, module", [("synthetic-celeba", "celeba.synthetic"),
-                                          ("synthetic-taskonomy", "taskonomy.synthetic")])
+@pytest.mark.parametrize(
+    "kind, module", [("synthetic-celeba", "celeba.synthetic"), ("synthetic-taskonomy", "taskonomy.synthetic")]
+)
 def test_synthetic_size_has_one_minimum_the_generators(tmp_path, capsys, kind, module):
     import importlib
 

@@ -18,13 +18,38 @@ from l2b_fast.datasets.celeba import synthetic as synthetic_celeba
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Tiny everything: a few synthetic samples, 32-pixel images, narrow models, one or two short epochs.
-COMMON = ["search.size=32", "retrain.size=32", "search.epochs=2", "search.warmup_epochs=1", "retrain.epochs=1", "data.num_workers=0",
-          "data.eval_batch_size=2", "synthetic.size=32", "search.log_every=1", "retrain.log_every=1"]
+COMMON = [
+    "search.size=32",
+    "retrain.size=32",
+    "search.epochs=2",
+    "search.warmup_epochs=1",
+    "retrain.epochs=1",
+    "data.num_workers=0",
+    "data.eval_batch_size=2",
+    "synthetic.size=32",
+    "search.log_every=1",
+    "retrain.log_every=1",
+]
 TINY = {
-    "taskonomy-resnet34": COMMON + ["synthetic.samples=20", "model.width=0.0625", "model.aspp_channels=8", "model.children=2",
-                                    "model.branching=stage", "search.batch_size=4", "retrain.batch_size=4",
-                                    "retrain.size=36"],  # 36 is no multiple of the output stride 8: predictions are resized
-    "celeba-vgg": COMMON + ["synthetic.samples=20", "model.width=0.125", "model.children=[2, 2, 2, 2, 2, 2, 2, 40]", "search.batch_size=8", "retrain.batch_size=8"],
+    "taskonomy-resnet34": COMMON
+    + [
+        "synthetic.samples=20",
+        "model.width=0.0625",
+        "model.aspp_channels=8",
+        "model.children=2",
+        "model.branching=stage",
+        "search.batch_size=4",
+        "retrain.batch_size=4",
+        "retrain.size=36",
+    ],  # 36 is no multiple of the output stride 8: predictions are resized
+    "celeba-vgg": COMMON
+    + [
+        "synthetic.samples=20",
+        "model.width=0.125",
+        "model.children=[2, 2, 2, 2, 2, 2, 2, 40]",
+        "search.batch_size=8",
+        "retrain.batch_size=8",
+    ],
 }
 
 
@@ -38,7 +63,17 @@ def test_search_retrain_eval_end_to_end(preset, tmp_path, capsys):
     assert cli.main(["search", "--preset", preset, "--out", str(run), "--quiet", *_sets(preset)]) == 0
     out = capsys.readouterr().out
     assert "images/s" in out and f"wrote {run}/tree.json" in out
-    for name in ("tree.json", "tree.png", "probabilities.png", "log.csv", "epochs.csv", "summary.json", "config.json", "checkpoints/last.pt", "synthetic-data/manifest.json"):
+    for name in (
+        "tree.json",
+        "tree.png",
+        "probabilities.png",
+        "log.csv",
+        "epochs.csv",
+        "summary.json",
+        "config.json",
+        "checkpoints/last.pt",
+        "synthetic-data/manifest.json",
+    ):
         assert (run / name).is_file(), name
     assert json.loads((run / "config.json").read_text())["search"]["size"] == 32  # the overrides are what ran
     assert cli.main(["retrain", "--tree", str(run / "tree.json"), "--quiet"]) == 0  # data: the search's
@@ -70,21 +105,48 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     _fails_cleanly(search + ["--data", str(tmp_path / "empty")], "no manifest", capsys, run)
     synthetic_celeba.generate(tmp_path / "faces", 10, 16, samples_per_shard=5)
-    _fails_cleanly(search + ["--data", str(tmp_path / "faces")], "the shards hold 'celeba' data, not 'taskonomy'", capsys, run)
+    _fails_cleanly(
+        search + ["--data", str(tmp_path / "faces")], "the shards hold 'celeba' data, not 'taskonomy'", capsys, run
+    )
     _fails_cleanly(search + ["--set", "search.epochz=3"], "--set search.epochz: unknown key", capsys, run)
     _fails_cleanly(search + ["--set", "search.epochs"], "expected KEY=VALUE", capsys, run)
     if not torch.cuda.is_available():
         _fails_cleanly(search + ["--device", "cuda"], "--device 'cuda' is not available", capsys, run)
-    _fails_cleanly(["search", "--preset", "synthetic-a", "--out", str(run), "--data", str(tmp_path / "faces")], "--data is for shard data", capsys, run)
+    _fails_cleanly(
+        ["search", "--preset", "synthetic-a", "--out", str(run), "--data", str(tmp_path / "faces")],
+        "--data is for shard data",
+        capsys,
+        run,
+    )
     _fails_cleanly(["eval", str(run)], "holds no retrained tree", capsys, run)
 
 
 def test_torchrun_two_ranks_search(tmp_path):
     """`torchrun ... l2b search`: two gloo ranks train one supernet; rank 0 alone makes the data and writes."""
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "l2b_fast.cli",
-               "search", "--preset", "celeba-vgg", "--out", str(run), "--quiet", *_sets("celeba-vgg")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "l2b_fast.cli",
+        "search",
+        "--preset",
+        "celeba-vgg",
+        "--out",
+        str(run),
+        "--quiet",
+        *_sets("celeba-vgg"),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])
+        ),
+    }
     finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())

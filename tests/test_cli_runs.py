@@ -74,7 +74,11 @@ def test_interrupt_then_resume_with_only_out_equals_an_uninterrupted_run(tmp_pat
     interrupted = l2b("search", *common, "--out", str(tmp_path / "cut"))
     checkpoint = tmp_path / "cut" / "checkpoints" / "last.pt"
     deadline = time.time() + 120
-    while time.time() < deadline and interrupted.poll() is None and not (checkpoint.exists() and len((tmp_path / "cut" / "log.csv").read_text().splitlines()) > 10):
+    while (
+        time.time() < deadline
+        and interrupted.poll() is None
+        and not (checkpoint.exists() and len((tmp_path / "cut" / "log.csv").read_text().splitlines()) > 10)
+    ):
         time.sleep(0.05)
     assert interrupted.poll() is None, "the run finished before it could be interrupted: make it longer"
     interrupted.send_signal(signal.SIGINT)
@@ -117,7 +121,9 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path, config_fil
     assert code == 1 and "in use by another l2b process (pid" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_a_diverging_loss_stops_with_one_line_naming_the_task_and_keeps_the_last_finite_checkpoint(tmp_path, config_file):
+def test_a_diverging_loss_stops_with_one_line_naming_the_task_and_keeps_the_last_finite_checkpoint(
+    tmp_path, config_file
+):
     diverging = tmp_path / "diverging.toml"
     diverging.write_text(TINY.replace("lr_weights = 0.003", "lr_weights = 1e30"))
     code, _, err = run("search", "--config", str(diverging), "--out", str(tmp_path / "run"), "--quiet")
@@ -151,7 +157,16 @@ def test_streaming_run_killed_mid_epoch_resumes_byte_for_byte(tmp_path, stage):
     def start(out):
         if stage == "search":
             return l2b("search", *common, "--out", str(out))
-        return l2b("retrain", "--tree", str(tmp_path / "searched" / "tree.json"), "--out", str(out), "--threads", "1", "--quiet")
+        return l2b(
+            "retrain",
+            "--tree",
+            str(tmp_path / "searched" / "tree.json"),
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--quiet",
+        )
 
     if stage == "retrain":
         assert run("search", *common, "--out", str(tmp_path / "searched"))[0] == 0
@@ -161,7 +176,11 @@ def test_streaming_run_killed_mid_epoch_resumes_byte_for_byte(tmp_path, stage):
     log = tmp_path / "killed" / "log.csv"
     deadline = time.time() + 300
     while time.time() < deadline and killed.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) > 12 and (tmp_path / "killed" / "checkpoints" / "last.pt").exists():
+        if (
+            log.exists()
+            and len(log.read_text().splitlines()) > 12
+            and (tmp_path / "killed" / "checkpoints" / "last.pt").exists()
+        ):
             break
         time.sleep(0.02)
     assert killed.poll() is None, "the run finished before it could be killed: make it longer"
@@ -170,8 +189,8 @@ def test_streaming_run_killed_mid_epoch_resumes_byte_for_byte(tmp_path, stage):
     if stage == "search":
         code, _, err = run("search", "--out", str(tmp_path / "killed"), "--resume", "--quiet")
     else:
-        code, _, err = run("retrain", "--tree", str(tmp_path / "searched" / "tree.json"), "--out", str(tmp_path / "killed"),
-                           "--resume", "--quiet")  # fmt: skip
+        tree = str(tmp_path / "searched" / "tree.json")
+        code, _, err = run("retrain", "--tree", tree, "--out", str(tmp_path / "killed"), "--resume", "--quiet")
     assert code == 0, err
     names = ("tree.json", "log.csv", "epochs.csv") if stage == "search" else ("log.csv", "epochs.csv")
     for name in names:

@@ -30,11 +30,19 @@ def emulator():
 
 @pytest.mark.parametrize(
     "dtype, timing",
-    [(torch.float32, "at_wait"), (torch.float32, "at_issue"), (torch.float32, "random"), (torch.bfloat16, "random"), (torch.float64, "random")],
+    [
+        (torch.float32, "at_wait"),
+        (torch.float32, "at_issue"),
+        (torch.float32, "random"),
+        (torch.bfloat16, "random"),
+        (torch.float64, "random"),
+    ],
 )
 def test_steady_state_pipeline(emulator, dtype, timing):
     """Many tiles per block: every stage of the cp.async ring is refilled while others are read."""
-    plan, parents_error, dots_error = emulator.check(5, 5, 20 * 1024 + 40, dtype, timing=timing)  # N % 8 == 0: vectorised
+    plan, parents_error, dots_error = emulator.check(
+        5, 5, 20 * 1024 + 40, dtype, timing=timing
+    )  # N % 8 == 0: vectorised
     assert plan["tiles_per_block"] > 3 * plan["stages"] and plan["vectorised"]
     tolerance = emulator.TOLERANCE[dtype]
     assert parents_error <= tolerance[0] and dots_error <= tolerance[1]

@@ -9,8 +9,24 @@ from l2b_fast.bench import data_throughput
 
 
 def test_data_throughput_writes_profile_loader_and_estimate(tmp_path, capsys):
-    argv = ["--samples", "16", "--stored-size", "48", "--sizes", "32", "--workers", "0", "--batch-size", "8",
-            "--batches", "2", "--gpu-samples-per-s", "500", "--out", str(tmp_path)]
+    argv = [
+        "--samples",
+        "16",
+        "--stored-size",
+        "48",
+        "--sizes",
+        "32",
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+        "--batches",
+        "2",
+        "--gpu-samples-per-s",
+        "500",
+        "--out",
+        str(tmp_path),
+    ]
     assert data_throughput.main(argv) == 0
     (csv_path,) = tmp_path.glob("data_taskonomy_*cores.csv")
     rows = list(csv.DictReader(csv_path.open()))
@@ -22,7 +38,9 @@ def test_data_throughput_writes_profile_loader_and_estimate(tmp_path, capsys):
     loaders = {row["normalise_in"]: row for row in rows if row["kind"] == "loader"}
     assert sorted(loaders) == ["device", "worker"]
     loader = loaders["worker"]
-    assert all(row["workers"] == "0" and float(row["samples_per_s"]) > 0 and row["skipped"] == "0" for row in loaders.values())
+    assert all(
+        row["workers"] == "0" and float(row["samples_per_s"]) > 0 and row["skipped"] == "0" for row in loaders.values()
+    )
     (estimate,) = [row for row in rows if row["kind"] == "estimate" and row["normalise_in"] == "worker"]
     per_core = float(estimate["samples_per_s_per_core"])
     assert per_core == float(loader["samples_per_s"]) and int(estimate["cores_per_gpu"]) == -(-500 // per_core)

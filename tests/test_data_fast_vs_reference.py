@@ -80,7 +80,11 @@ def test_augment_same_draws_as_reference():
 
 PROTOCOLS = [
     {},
-    {"rgb_normalization": "caffe_bgr", "mask_invalid_normals": True, "segmentation_mask": "ignore_uncertain_background"},
+    {
+        "rgb_normalization": "caffe_bgr",
+        "mask_invalid_normals": True,
+        "segmentation_mask": "ignore_uncertain_background",
+    },
     {"keypoints_clip": 0.01, "edge_clip": 0.5, "depth_valid_below": 1000, "tasks": ("normal", "edge_texture")},
 ]
 
@@ -99,7 +103,13 @@ def test_to_targets_tables_match_formulas(settings):
     assert sorted(targets) == sorted(protocol.tasks)
     for task in protocol.tasks:
         expected = protocol.target_values(task, raw[task])
-        expected = np.moveaxis(expected, 2, 0) if task == "normal" else expected if task == "segment_semantic" else expected[None]
+        expected = (
+            np.moveaxis(expected, 2, 0)
+            if task == "normal"
+            else expected
+            if task == "segment_semantic"
+            else expected[None]
+        )
         if task == "segment_semantic":
             expected = np.where(valid, expected, 255)
         np.testing.assert_array_equal(targets[task].numpy(), expected, err_msg=task)
@@ -163,7 +173,10 @@ def test_to_targets_batch_matches_to_targets(settings):
     for sample in samples:  # int16 bit patterns must widen back to these
         sample["depth_zbuffer"].flat[:4] = (0, 64499, 64500, 65535)
         sample["edge_texture"].flat[:2] = (32768, 65535)
-    raw = {key: torch.stack([protocol.raw_tensors(sample)[key] for sample in samples]) for key in protocol.raw_tensors(samples[0])}
+    raw = {
+        key: torch.stack([protocol.raw_tensors(sample)[key] for sample in samples])
+        for key in protocol.raw_tensors(samples[0])
+    }
     assert raw["edge_texture"].dtype == torch.int16 and raw["rgb"].dtype == torch.uint8
     rgb, targets, masks = protocol.to_targets_batch(raw, "cpu")
     expected = [protocol.to_targets(sample) for sample in samples]
@@ -180,7 +193,10 @@ def test_to_targets_batch_on_cuda_matches_cpu():
     rng = np.random.default_rng(7)
     samples = [protocol.raw_tensors(T.augment(random_raw(rng, 33, 33), rng, crop=31)) for _ in range(4)]
     raw = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
-    on_cpu, on_gpu = protocol.to_targets_batch(raw, "cpu"), protocol.to_targets_batch({k: v.pin_memory() for k, v in raw.items()}, "cuda")
+    on_cpu, on_gpu = (
+        protocol.to_targets_batch(raw, "cpu"),
+        protocol.to_targets_batch({k: v.pin_memory() for k, v in raw.items()}, "cuda"),
+    )
     torch.testing.assert_close(on_gpu[0].cpu(), on_cpu[0], rtol=0, atol=0)
     for task in protocol.tasks:
         torch.testing.assert_close(on_gpu[1][task].cpu(), on_cpu[1][task], rtol=0, atol=0)

@@ -19,9 +19,9 @@ import torch
 wds = pytest.importorskip("webdataset")
 Image = pytest.importorskip("PIL.Image")
 
+from l2b_fast.data import loader as L  # noqa: E402
 from l2b_fast.datasets.celeba import loaders as CL  # noqa: E402
 from l2b_fast.datasets.taskonomy import loaders as TL  # noqa: E402
-from l2b_fast.data import loader as L  # noqa: E402
 from l2b_fast.datasets.taskonomy import protocol as T  # noqa: E402
 
 S = 16  # stored size of the synthetic shards
@@ -67,7 +67,10 @@ def write_shard(path, indices, *, seed=0, corrupt=None, missing=None) -> dict[st
             raw = make_raw(rng)
             key = sample_key(index)
             raws[key] = raw
-            sample = {"__key__": key, "json": json.dumps({"building": "bldg", "point": index, "view": 0, "size": S}).encode()}
+            sample = {
+                "__key__": key,
+                "json": json.dumps({"building": "bldg", "point": index, "view": 0, "size": S}).encode(),
+            }
             sample.update({f"{name}.png": png(value) for name, value in raw.items()})
             if corrupt and index in corrupt:
                 sample["rgb.png"] = b"\x89PNG\r\n\x1a\n" + b"garbage" * 20
@@ -120,14 +123,20 @@ def test_rgb_normalisation():
     assert rgb.shape == (3, 1, 2) and rgb.dtype == torch.float32
     np.testing.assert_allclose(rgb[:, 0, 0].numpy(), [-1.0, -0.6, 1.0], atol=1e-6)
     rgb, _, _ = T.TaskonomyProtocol(tasks=(), rgb_normalization="caffe_bgr").to_targets(raw)
-    np.testing.assert_allclose(rgb[:, 0, 1].numpy(), [30 - 104.00698793, 20 - 116.66876762, 10 - 122.67891434], atol=1e-4)
+    np.testing.assert_allclose(
+        rgb[:, 0, 1].numpy(), [30 - 104.00698793, 20 - 116.66876762, 10 - 122.67891434], atol=1e-4
+    )
 
 
 def test_depth_normalisation_and_mask():
     d = np.array([[0, 511, 64499, 64500, 65535]], np.uint16)
     target, mask = _single(d, "depth_zbuffer")
     assert target.shape == (1, 1, 5)
-    np.testing.assert_allclose(target[0, 0], [0.0, 0.5625, math.log(64500) / math.log(65536), math.log(64501) / math.log(65536), 1.0], rtol=1e-6)
+    np.testing.assert_allclose(
+        target[0, 0],
+        [0.0, 0.5625, math.log(64500) / math.log(65536), math.log(64501) / math.log(65536), 1.0],
+        rtol=1e-6,
+    )
     np.testing.assert_array_equal(mask[0], [True, True, True, False, False])
 
 
@@ -162,7 +171,9 @@ def test_segmentation_targets_and_mask_rules():
     target, mask = _single(s, "segment_semantic", segmentation_mask="ignore_uncertain_background")
     np.testing.assert_array_equal(target[0], [0, 0, 1, 16])
     np.testing.assert_array_equal(mask[0], [False, False, True, True])
-    assert T.TaskonomyProtocol(segmentation_mask="ignore_uncertain_background").mask_rule.startswith("seg=ignore_uncertain_background")
+    assert T.TaskonomyProtocol(segmentation_mask="ignore_uncertain_background").mask_rule.startswith(
+        "seg=ignore_uncertain_background"
+    )
     with pytest.raises(ValueError):
         T.TaskonomyProtocol(segmentation_mask="paper")
 
@@ -248,7 +259,10 @@ def _check_batch(batch, batch_size, size):
     rgb, targets, masks = batch[:3]
     assert rgb.shape == (batch_size, 3, size, size) and rgb.dtype == torch.float32
     assert set(targets) == set(T.TASKS) == set(masks)
-    assert targets["segment_semantic"].shape == (batch_size, size, size) and targets["segment_semantic"].dtype == torch.int64
+    assert (
+        targets["segment_semantic"].shape == (batch_size, size, size)
+        and targets["segment_semantic"].dtype == torch.int64
+    )
     assert targets["normal"].shape == (batch_size, 3, size, size)
     for task in ("depth_zbuffer", "keypoints2d", "edge_texture"):
         assert targets[task].shape == (batch_size, 1, size, size)
@@ -259,7 +273,9 @@ def _check_batch(batch, batch_size, size):
 
 def test_train_loader_shapes_and_epoch_length(shards):
     urls, _ = shards
-    loader = TL.taskonomy_train_loader(urls, batch_size=4, size=SIZE, seed=1, epoch_samples=12, num_workers=0, shuffle_buffer=8, world_size=1)
+    loader = TL.taskonomy_train_loader(
+        urls, batch_size=4, size=SIZE, seed=1, epoch_samples=12, num_workers=0, shuffle_buffer=8, world_size=1
+    )
     assert loader.batches_per_epoch == 3
     for _ in range(2):  # two epochs, each stops after with_epoch
         batches = list(loader)
@@ -267,7 +283,12 @@ def test_train_loader_shapes_and_epoch_length(shards):
         for batch in batches:
             _check_batch(batch, 4, SIZE)
     # DDP: the global epoch is shared by the ranks
-    assert TL.taskonomy_train_loader(urls, batch_size=4, size=SIZE, epoch_samples=16, world_size=2, rank=1).batches_per_epoch == 2
+    assert (
+        TL.taskonomy_train_loader(
+            urls, batch_size=4, size=SIZE, epoch_samples=16, world_size=2, rank=1
+        ).batches_per_epoch
+        == 2
+    )
     # reproducible for a seed
     a = next(iter(TL.taskonomy_train_loader(urls, batch_size=4, size=SIZE, seed=5, epoch_samples=8, world_size=1)))
     b = next(iter(TL.taskonomy_train_loader(urls, batch_size=4, size=SIZE, seed=5, epoch_samples=8, world_size=1)))
@@ -276,7 +297,9 @@ def test_train_loader_shapes_and_epoch_length(shards):
 
 def test_train_loader_with_workers(shards):
     urls, _ = shards
-    loader = TL.taskonomy_train_loader(urls, batch_size=2, size=SIZE, epoch_samples=8, num_workers=2, shuffle_buffer=4, world_size=1, with_keys=True)
+    loader = TL.taskonomy_train_loader(
+        urls, batch_size=2, size=SIZE, epoch_samples=8, num_workers=2, shuffle_buffer=4, world_size=1, with_keys=True
+    )
     batches = list(loader)
     assert loader.batches_per_epoch == 4 and len(batches) == 4
     for batch in batches:
@@ -288,7 +311,16 @@ def test_train_loader_with_workers(shards):
 def test_raw_batches_normalised_later_equal_normalised_batches(shards, num_workers):
     """normalize=False: the same samples and augmentations, normalised by to_targets_batch to the same values."""
     urls, _ = shards
-    options = dict(batch_size=3, size=SIZE, seed=3, epoch_samples=12, num_workers=num_workers, shuffle_buffer=6, world_size=1, with_keys=True)
+    options = dict(
+        batch_size=3,
+        size=SIZE,
+        seed=3,
+        epoch_samples=12,
+        num_workers=num_workers,
+        shuffle_buffer=6,
+        world_size=1,
+        with_keys=True,
+    )
     normalised = list(TL.taskonomy_train_loader(urls, **options))
     raw_batches = list(TL.taskonomy_train_loader(urls, normalize=False, **options))
     assert len(raw_batches) == len(normalised) == 4
@@ -308,7 +340,9 @@ def test_eval_loader_every_sample_once_deterministic(shards):
 
     def run():
         keys, rgbs = [], []
-        for rgb, targets, masks, batch_keys in TL.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=0, world_size=1, with_keys=True):
+        for rgb, targets, masks, batch_keys in TL.taskonomy_eval_loader(
+            urls, batch_size=4, size=SIZE, rank=0, world_size=1, with_keys=True
+        ):
             keys += batch_keys
             rgbs.append(rgb)
         return keys, torch.cat(rgbs)
@@ -346,7 +380,9 @@ def _eval_rank(rank, world_size, port, urls, n, out_path):
             count += len(keys)
         sums, total = L.reduce_metric_sums({"histogram": histogram, "checksum": checksum}, count)
         if rank == 0:
-            torch.save({"histogram": sums["histogram"], "checksum": sums["checksum"], "count": total, "local": count}, out_path)
+            torch.save(
+                {"histogram": sums["histogram"], "checksum": sums["checksum"], "count": total, "local": count}, out_path
+            )
     finally:
         dist.destroy_process_group()
 
@@ -394,12 +430,16 @@ def test_corrupt_samples_and_shards_are_skipped(tmp_path):
     # training over the same shards completes its epochs too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", L.SkippedDataWarning)
-        train = TL.taskonomy_train_loader(urls, batch_size=2, size=SIZE, epoch_samples=10, world_size=1, shuffle_buffer=4)
+        train = TL.taskonomy_train_loader(
+            urls, batch_size=2, size=SIZE, epoch_samples=10, world_size=1, shuffle_buffer=4
+        )
         assert len(list(train)) == 5
         assert train.skips.count > 0
         # only broken shards: the epoch ends instead of looping forever
         counter = L.SkipCounter("broken", max_consecutive_failures=20)
-        broken = TL.taskonomy_train_loader([str(garbage)], batch_size=2, size=SIZE, epoch_samples=10, world_size=1, skip_counter=counter)
+        broken = TL.taskonomy_train_loader(
+            [str(garbage)], batch_size=2, size=SIZE, epoch_samples=10, world_size=1, skip_counter=counter
+        )
         assert list(broken) == []
         assert counter.count > 20
 
@@ -410,18 +450,22 @@ def test_celeba_loader(tmp_path):
     with wds.TarWriter(str(path)) as sink:
         for i in range(5):
             attrs = rng.integers(0, 2, 40).tolist()
-            sink.write({
-                "__key__": f"{i:06d}",
-                "png": png(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)),
-                "attr.json": json.dumps({"attributes": attrs}).encode(),
-                "json": json.dumps({"image": f"{i:06d}.jpg", "split": "train"}).encode(),
-            })
+            sink.write(
+                {
+                    "__key__": f"{i:06d}",
+                    "png": png(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)),
+                    "attr.json": json.dumps({"attributes": attrs}).encode(),
+                    "json": json.dumps({"image": f"{i:06d}.jpg", "split": "train"}).encode(),
+                }
+            )
     batches = list(CL.celeba_loader([str(path)], batch_size=2, train=False, rank=0, world_size=1))
     assert [b[0].shape[0] for b in batches] == [2, 2, 1]
     rgb, targets = batches[0]
     assert rgb.shape == (2, 3, 12, 10) and targets["attributes"].shape == (2, 40)
     assert set(targets["attributes"].unique().tolist()) <= {0.0, 1.0}
-    train = CL.celeba_loader([str(path)], batch_size=2, train=True, size=8, epoch_samples=6, world_size=1, shuffle_buffer=4)
+    train = CL.celeba_loader(
+        [str(path)], batch_size=2, train=True, size=8, epoch_samples=6, world_size=1, shuffle_buffer=4
+    )
     batches = list(train)
     assert len(batches) == 3 and batches[0][0].shape == (2, 3, 8, 8)
 
@@ -436,7 +480,9 @@ def test_evaluation_reports_samples_against_the_manifest(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:-3000])  # cuts the last sample(s): lost without a per-sample event
     (tmp_path / "test-000003.tar").write_bytes(b"not a tar file" * 40)  # unreadable: one event, three samples lost
     names = [f"test-{i:06d}.tar" for i in range(4)]
-    shard_files.write_manifest(tmp_path, "taskonomy", S, {"test": {"shards": names, "samples": [4, 6, 6, 3], "total": 19}}, 0)
+    shard_files.write_manifest(
+        tmp_path, "taskonomy", S, {"test": {"shards": names, "samples": [4, 6, 6, 3], "total": 19}}, 0
+    )
     urls = [str(tmp_path / name) for name in names]
 
     with pytest.warns(L.SkippedDataWarning):
@@ -444,23 +490,39 @@ def test_evaluation_reports_samples_against_the_manifest(tmp_path):
         seen = sum(len(batch[0]) for batch in loader)
     skips = loader.skips
     assert loader.expected_samples == 19 and seen < 14
-    assert skips.skipped_samples >= 2 and skips.shard_errors >= 1 and skips.count == skips.skipped_samples + skips.shard_errors
+    assert (
+        skips.skipped_samples >= 2
+        and skips.shard_errors >= 1
+        and skips.count == skips.skipped_samples + skips.shard_errors
+    )
     assert seen + skips.skipped_samples < 19  # the skip events do not account for every lost sample
     listed = f"evaluated {seen} of the 19 samples the manifest lists: {19 - seen} missing"
     with pytest.warns(L.SkippedDataWarning, match=listed):
         report = L.sample_count_report(loader, seen)
-    assert report == {"samples": seen, "manifest_samples": 19, "missing_samples": 19 - seen,
-                      "skipped_samples": skips.skipped_samples, "shard_errors": skips.shard_errors}
+    assert report == {
+        "samples": seen,
+        "manifest_samples": 19,
+        "missing_samples": 19 - seen,
+        "skipped_samples": skips.skipped_samples,
+        "shard_errors": skips.shard_errors,
+    }
     never_read = 19 - seen - skips.skipped_samples  # the numbers of the message add up to the manifest's
-    assert f"({skips.skipped_samples} corrupt sample(s) skipped, {never_read} never read ({skips.shard_errors} shard" \
+    assert (
+        f"({skips.skipped_samples} corrupt sample(s) skipped, {never_read} never read ({skips.shard_errors} shard"
         in L.sample_count_message(report)
+    )
 
     complete = TL.taskonomy_eval_loader(urls[:1], batch_size=4, size=SIZE, rank=0, world_size=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", L.SkippedDataWarning)  # a complete pass warns about nothing
         report = L.sample_count_report(complete, sum(len(batch[0]) for batch in complete))
-    assert report == {"samples": 4, "manifest_samples": 4, "missing_samples": 0, "skipped_samples": 0,
-                      "shard_errors": 0}
+    assert report == {
+        "samples": 4,
+        "manifest_samples": 4,
+        "missing_samples": 0,
+        "skipped_samples": 0,
+        "shard_errors": 0,
+    }
     assert L.sample_count_message(report) is None
     # rank 1 of 2 reads shards 1 and 3; shards outside any manifest cannot be compared
     assert TL.taskonomy_eval_loader(urls, batch_size=4, size=SIZE, rank=1, world_size=2).expected_samples == 6 + 3
@@ -473,16 +535,21 @@ def test_evaluation_reports_samples_against_the_manifest(tmp_path):
 
 def test_sample_count_message_adds_up_to_the_manifest():
     def message(samples, listed, skipped, shard_errors):
-        return L.sample_count_message({"samples": samples, "manifest_samples": listed, "skipped_samples": skipped,
-                                       "shard_errors": shard_errors})
+        return L.sample_count_message(
+            {"samples": samples, "manifest_samples": listed, "skipped_samples": skipped, "shard_errors": shard_errors}
+        )
 
     # one of two shards truncated: 1 sample evaluated, its partly read sample skipped, 4 never read
-    assert message(1, 6, 1, 1) == ("evaluated 1 of the 6 samples the manifest lists: 5 missing "
-                                   "(1 corrupt sample(s) skipped, 4 never read (1 shard read error(s)))")
-    assert message(4, 6, 2, 0) == ("evaluated 4 of the 6 samples the manifest lists: 2 missing "
-                                   "(2 corrupt sample(s) skipped)")
-    assert message(3, 6, 0, 0) == ("evaluated 3 of the 6 samples the manifest lists: 3 missing "
-                                   "(3 never read (absent from the shards))")
+    assert message(1, 6, 1, 1) == (
+        "evaluated 1 of the 6 samples the manifest lists: 5 missing "
+        "(1 corrupt sample(s) skipped, 4 never read (1 shard read error(s)))"
+    )
+    assert message(4, 6, 2, 0) == (
+        "evaluated 4 of the 6 samples the manifest lists: 2 missing (2 corrupt sample(s) skipped)"
+    )
+    assert message(3, 6, 0, 0) == (
+        "evaluated 3 of the 6 samples the manifest lists: 3 missing (3 never read (absent from the shards))"
+    )
     assert message(7, 6, 0, 0) == "evaluated 7 samples, more than the 6 the manifest lists for these shards"
     assert message(6, 6, 0, 0) is None and message(6, None, 0, 0) is None
 
@@ -495,8 +562,14 @@ def test_a_broken_shard_warns_once_however_often_it_is_read(tmp_path):
     write_shard(corrupt, range(10, 14), corrupt={10, 12})  # two bad samples: still one warning for the shard
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", L.SkippedDataWarning)
-        train = TL.taskonomy_train_loader([str(good), str(truncated), str(corrupt)], batch_size=2, size=SIZE,
-                                         epoch_samples=12, world_size=1, shuffle_buffer=2)
+        train = TL.taskonomy_train_loader(
+            [str(good), str(truncated), str(corrupt)],
+            batch_size=2,
+            size=SIZE,
+            epoch_samples=12,
+            world_size=1,
+            shuffle_buffer=2,
+        )
         for _ in range(3):  # resampling with replacement: each shard is drawn several times per epoch
             assert len(list(train)) == 6
     warned = [str(w.message) for w in caught if issubclass(w.category, L.SkippedDataWarning)]
@@ -511,8 +584,9 @@ def test_loader_workers_are_capped_at_the_usable_cpus(tmp_path, monkeypatch, cap
     write_shard(shard, range(0, 4))
     monkeypatch.setattr(L, "usable_cpus", lambda: 1)
     monkeypatch.setattr(L, "_capped_worker_notices", set())
-    train = TL.taskonomy_train_loader([str(shard)], batch_size=2, size=SIZE, epoch_samples=4, world_size=1,
-                                     rank=0, num_workers=4)
+    train = TL.taskonomy_train_loader(
+        [str(shard)], batch_size=2, size=SIZE, epoch_samples=4, world_size=1, rank=0, num_workers=4
+    )
     workers = lambda loader: loader.pipeline[0].num_workers  # noqa: E731 (the DataLoader inside the WebLoader)
     assert workers(train) == 1 and train.batches_per_epoch == 2  # the epoch length follows the capped count
     evaluation = TL.taskonomy_eval_loader([str(shard)], batch_size=2, size=SIZE, rank=0, world_size=1, num_workers=4)

@@ -108,7 +108,11 @@ def test_rgb_follows_class_colour():
     """The same class looks alike across scenes (so segmentation is learnable from rgb)."""
     scenes = _scenes(12, seed=3)
     for label in range(2, 18):
-        means = [s["rgb"][s["segment_semantic"] == label].mean(0) for s in scenes if (s["segment_semantic"] == label).sum() > 20]
+        means = [
+            s["rgb"][s["segment_semantic"] == label].mean(0)
+            for s in scenes
+            if (s["segment_semantic"] == label).sum() > 20
+        ]
         if len(means) >= 2:
             assert np.abs(means[0] - means[1]).max() < 120
 
@@ -176,8 +180,11 @@ def test_celeba_attributes_binary_and_correlated():
 
 @pytest.mark.parametrize("base", ["zeros", "ones", "sampled"])
 def test_celeba_each_attribute_changes_the_image(base):
-    a = {"zeros": np.zeros(40, np.int64), "ones": np.ones(40, np.int64),
-         "sampled": SC.sample_attributes(np.random.default_rng(11))}[base]
+    a = {
+        "zeros": np.zeros(40, np.int64),
+        "ones": np.ones(40, np.int64),
+        "sampled": SC.sample_attributes(np.random.default_rng(11)),
+    }[base]
     for k, name in enumerate(SC.ATTRIBUTES):
         off, on = a.copy(), a.copy()
         off[k], on[k] = 0, 1
@@ -221,8 +228,14 @@ def test_read_manifest_errors(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"dataset": "taskonomy", "size": 16}))
     with pytest.raises(ValueError, match="splits"):
         SH.read_manifest(tmp_path)
-    entry = SH.write_split(({"__key__": f"k{i}", "json": {"i": i}} for i in range(5)), tmp_path, "train", samples_per_shard=2)
-    assert entry == {"shards": ["train-000000.tar", "train-000001.tar", "train-000002.tar"], "samples": [2, 2, 1], "total": 5}
+    entry = SH.write_split(
+        ({"__key__": f"k{i}", "json": {"i": i}} for i in range(5)), tmp_path, "train", samples_per_shard=2
+    )
+    assert entry == {
+        "shards": ["train-000000.tar", "train-000001.tar", "train-000002.tar"],
+        "samples": [2, 2, 1],
+        "total": 5,
+    }
     SH.write_manifest(tmp_path, "taskonomy", 16, {"train": entry}, 0)
     assert SH.read_manifest(tmp_path)["splits"]["train"]["total"] == 5
     bad = dict(entry, total=6)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from l2b_fast import datasets
-from l2b_fast.datasets.taskonomy import dataset as T
 from l2b_fast.datasets.celeba.dataset import ATTRIBUTES
+from l2b_fast.datasets.taskonomy import dataset as T
 
 DTYPES = [torch.float64, torch.float32]
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
@@ -33,11 +33,15 @@ def test_l1_loss_and_metric_by_hand(task, dtype):
     target = torch.zeros_like(pred)
     mask = torch.tensor([[[True, False], [True, True]], [[True, False], [False, False]]])
     loss = dataset.loss(task, pred, target, mask)
-    torch.testing.assert_close(loss, torch.tensor((1 + 3 + 4 + 6) / 4, dtype=dtype), **TOL[dtype])  # pooled over the batch
+    torch.testing.assert_close(
+        loss, torch.tensor((1 + 3 + 4 + 6) / 4, dtype=dtype), **TOL[dtype]
+    )  # pooled over the batch
     metrics = dataset.metrics()
     metrics.update({task: pred}, {task: target}, {task: mask})
     name = "mae_masked" if task == "depth_zbuffer" else "mae"
-    assert metrics.compute()[task][name] == pytest.approx(((1 + 3 + 4) / 3 + 6) / 2, rel=1e-6)  # mean of per-image means
+    assert metrics.compute()[task][name] == pytest.approx(
+        ((1 + 3 + 4) / 3 + 6) / 2, rel=1e-6
+    )  # mean of per-image means
     pixel = T.Taskonomy(tasks=(task,), average="pixel").metrics()
     pixel.update({task: pred}, {task: target}, {task: mask})
     assert pixel.compute()[task][name] == pytest.approx(14 / 4, rel=1e-6)
@@ -83,7 +87,9 @@ def test_normal_loss_and_cosine_by_hand(dtype):
     target[0, :, 0, 2] = torch.tensor([1.0, 0.0, 0.0])
     mask = torch.tensor([[[True, True, False]]])
     torch.testing.assert_close(dataset.loss("normal", pred, target, mask), torch.tensor(0.5, dtype=dtype), **TOL[dtype])
-    torch.testing.assert_close(dataset.loss("normal", pred, target), torch.tensor((0 + 1 + 2) / 3, dtype=dtype), **TOL[dtype])
+    torch.testing.assert_close(
+        dataset.loss("normal", pred, target), torch.tensor((0 + 1 + 2) / 3, dtype=dtype), **TOL[dtype]
+    )
     metrics = dataset.metrics()
     metrics.update({"normal": pred}, {"normal": target}, {"normal": mask})
     assert metrics.compute() == {"normal": {"cosine_similarity": pytest.approx(0.5)}}
@@ -109,12 +115,20 @@ def test_segmentation_loss_by_hand(dtype):
     background, objects = T.DEFAULT_CLASS_WEIGHTS[0], T.DEFAULT_CLASS_WEIGHTS[1]
     dataset = T.Taskonomy(tasks=("segment_semantic",))
     expected = (background * uniform + objects * peaked + objects * uniform) / (background + 2 * objects)
-    torch.testing.assert_close(dataset.loss("segment_semantic", logits, target), torch.tensor(expected, dtype=dtype), **TOL[dtype])
+    torch.testing.assert_close(
+        dataset.loss("segment_semantic", logits, target), torch.tensor(expected, dtype=dtype), **TOL[dtype]
+    )
     mask = torch.tensor([[[True, True, True, False]]])  # the loader's mask drops the last pixel
     expected = (background * uniform + objects * peaked) / (background + objects)
-    torch.testing.assert_close(dataset.loss("segment_semantic", logits, target, mask), torch.tensor(expected, dtype=dtype), **TOL[dtype])
+    torch.testing.assert_close(
+        dataset.loss("segment_semantic", logits, target, mask), torch.tensor(expected, dtype=dtype), **TOL[dtype]
+    )
     unweighted = T.Taskonomy(tasks=("segment_semantic",), class_weights=None)
-    torch.testing.assert_close(unweighted.loss("segment_semantic", logits, target), torch.tensor((2 * uniform + peaked) / 3, dtype=dtype), **TOL[dtype])
+    torch.testing.assert_close(
+        unweighted.loss("segment_semantic", logits, target),
+        torch.tensor((2 * uniform + peaked) / 3, dtype=dtype),
+        **TOL[dtype],
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -138,23 +152,43 @@ def test_segmentation_metric_mask_rules_by_hand():
     paper = T.Taskonomy(tasks=("segment_semantic",)).metrics()
     paper.update({"segment_semantic": logits}, {"segment_semantic": target})
     # the paper's rule masks background/uncertain (class 0) and padding: pixels 1 and 3, equal weights
-    assert paper.compute() == {"segment_semantic": {"cross_entropy_mask_paper": pytest.approx((peaked + uniform) / 2), "pixel_accuracy_mask_paper": pytest.approx(1 / 2)}}
+    assert paper.compute() == {
+        "segment_semantic": {
+            "cross_entropy_mask_paper": pytest.approx((peaked + uniform) / 2),
+            "pixel_accuracy_mask_paper": pytest.approx(1 / 2),
+        }
+    }
     adashare = T.Taskonomy(tasks=("segment_semantic",), segmentation_mask="adashare").metrics()
     # the loader's segmentation mask is not the metric's rule: passing one that drops everything changes nothing
-    adashare.update({"segment_semantic": logits}, {"segment_semantic": target}, {"segment_semantic": torch.zeros(1, 1, 4, dtype=torch.bool)})
+    adashare.update(
+        {"segment_semantic": logits},
+        {"segment_semantic": target},
+        {"segment_semantic": torch.zeros(1, 1, 4, dtype=torch.bool)},
+    )
     background, objects = T.DEFAULT_CLASS_WEIGHTS[:2]
     assert adashare.compute()["segment_semantic"] == {
-        "cross_entropy_mask_adashare": pytest.approx((background * uniform + objects * peaked + objects * uniform) / (background + 2 * objects)),
+        "cross_entropy_mask_adashare": pytest.approx(
+            (background * uniform + objects * peaked + objects * uniform) / (background + 2 * objects)
+        ),
         "pixel_accuracy_mask_adashare": pytest.approx(2 / 3),  # argmax of uniform logits is class 0: right at pixel 0
     }
-    assert adashare.summary() == {"segment_semantic": adashare.compute()["segment_semantic"]["cross_entropy_mask_adashare"]}
+    assert adashare.summary() == {
+        "segment_semantic": adashare.compute()["segment_semantic"]["cross_entropy_mask_adashare"]
+    }
 
 
 # -------------------------------------------------------------------------------------- accumulation
 def random_taskonomy_batch(batch, height, width, dtype, seed):
     generator = torch.Generator().manual_seed(seed)
-    outputs = {task: torch.randn(batch, channels, height, width, dtype=dtype, generator=generator) for task, channels in T.Taskonomy().out_channels.items()}
-    targets = {task: torch.randn(batch, channels, height, width, dtype=dtype, generator=generator) for task, channels in T.Taskonomy().out_channels.items() if task != "segment_semantic"}
+    outputs = {
+        task: torch.randn(batch, channels, height, width, dtype=dtype, generator=generator)
+        for task, channels in T.Taskonomy().out_channels.items()
+    }
+    targets = {
+        task: torch.randn(batch, channels, height, width, dtype=dtype, generator=generator)
+        for task, channels in T.Taskonomy().out_channels.items()
+        if task != "segment_semantic"
+    }
     targets["segment_semantic"] = torch.randint(0, 17, (batch, height, width), generator=generator)
     targets["segment_semantic"][torch.rand(batch, height, width, generator=generator) < 0.2] = 255
     masks = {task: torch.rand(batch, height, width, generator=generator) < 0.7 for task in T.TASKS}
@@ -167,7 +201,9 @@ def split(tree, start, stop):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("options", [{}, {"average": "pixel"}, {"segmentation_mask": "adashare", "class_weights": None}])
+@pytest.mark.parametrize(
+    "options", [{}, {"average": "pixel"}, {"segmentation_mask": "adashare", "class_weights": None}]
+)
 @pytest.mark.parametrize("size", [(5, 3, 4), (7, 5, 2)])
 def test_taskonomy_accumulation_over_batches_equals_one_batch(options, dtype, size):
     dataset = T.Taskonomy(**options)
@@ -182,7 +218,10 @@ def test_taskonomy_accumulation_over_batches_equals_one_batch(options, dtype, si
     expected = whole.compute()
     for task, values in pieces.compute().items():
         for name, value in values.items():
-            assert value == pytest.approx(expected[task][name], rel=1e-6 if dtype == torch.float32 else 1e-12), (task, name)
+            assert value == pytest.approx(expected[task][name], rel=1e-6 if dtype == torch.float32 else 1e-12), (
+                task,
+                name,
+            )
 
 
 def test_image_average_equals_mean_of_single_image_values():
@@ -233,7 +272,15 @@ def _reduce_rank(rank, world, port, out_path):
         celeba.update(split(celeba_outputs, *rows), split(celeba_targets, *rows))
         celeba.all_reduce()
         if rank == 0:
-            torch.save({"values": mine.compute(), "samples": mine.samples, "celeba": celeba.compute(), "celeba_samples": celeba.samples}, out_path)
+            torch.save(
+                {
+                    "values": mine.compute(),
+                    "samples": mine.samples,
+                    "celeba": celeba.compute(),
+                    "celeba_samples": celeba.samples,
+                },
+                out_path,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -278,7 +325,10 @@ def test_class_weights_from_frequencies_by_hand():
 
 
 def test_segmentation_pixel_counts_of_loader_batches():
-    batches = [(None, {"segment_semantic": torch.tensor([[[0, 0, 3], [255, 16, 3]]])}, None), (None, {"segment_semantic": torch.tensor([[[255, 0]]])}, None)]
+    batches = [
+        (None, {"segment_semantic": torch.tensor([[[0, 0, 3], [255, 16, 3]]])}, None),
+        (None, {"segment_semantic": torch.tensor([[[255, 0]]])}, None),
+    ]
     counts = T.segmentation_pixel_counts(batches)
     assert len(counts) == 17 and counts[0] == 3 and counts[3] == 2 and counts[16] == 1 and sum(counts) == 6
     with pytest.raises(ValueError, match="label 17"):
@@ -322,7 +372,10 @@ def test_celeba_loss_and_accuracy_by_hand(dtype):
     table[:, ATTRIBUTES.index("Smiling")] = torch.tensor([0.0, 0.0, 1.0])
     targets, masks = dataset.task_targets({"attributes": table})
     assert masks is None and targets["Male"].tolist() == [1.0, 0.0, 1.0]
-    outputs = {"Male": torch.tensor([[0.0], [-2.0], [2.0]], dtype=dtype), "Smiling": torch.tensor([3.0, 1.0, -1.0], dtype=dtype)}
+    outputs = {
+        "Male": torch.tensor([[0.0], [-2.0], [2.0]], dtype=dtype),
+        "Smiling": torch.tensor([3.0, 1.0, -1.0], dtype=dtype),
+    }
     losses = dataset.losses(outputs, targets)
     # BCE(logit, y) = log(1 + e^-logit) for y = 1, log(1 + e^logit) for y = 0
     male = (math.log(2) + math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-2))) / 3
@@ -347,7 +400,9 @@ def test_celeba_accumulation_and_all_40_attributes():
     for start, stop in ((0, 4), (4, 5), (5, 9)):
         pieces.update(split(outputs, start, stop), split(targets, start, stop))
     assert pieces.compute() == whole.compute() and pieces.samples == 9
-    expected = sum(((outputs[t][:, 0] > 0) == (targets[t] > 0.5)).float().mean().item() for t in dataset.tasks) / 40 * 100
+    expected = (
+        sum(((outputs[t][:, 0] > 0) == (targets[t] > 0.5)).float().mean().item() for t in dataset.tasks) / 40 * 100
+    )
     assert whole.summary()["mean_accuracy"] == pytest.approx(expected)
 
 
@@ -355,9 +410,23 @@ def test_celeba_accumulation_and_all_40_attributes():
 def test_paper_rows_and_table():
     taskonomy, celeba = datasets.get("taskonomy"), datasets.get("celeba")
     ours = {row.method: row for row in taskonomy.paper_rows}["LearnToBranch (Guo et al., 2020)"]
-    assert ours.parameters_millions == 51 and dict(ours.values) == {"segment_semantic": 0.462, "normal": 0.709, "depth_zbuffer": 0.018, "keypoints2d": 0.122, "edge_texture": 0.136}
-    assert {row.method: row.values["mean_accuracy"] for row in celeba.paper_rows}["LearnToBranch-VGG (Guo et al., 2020)"] == 91.55
-    assert [c.name for c in taskonomy.columns] == list(T.TASKS) and [c.higher_is_better for c in taskonomy.columns] == [False, True, False, False, False]
+    assert ours.parameters_millions == 51 and dict(ours.values) == {
+        "segment_semantic": 0.462,
+        "normal": 0.709,
+        "depth_zbuffer": 0.018,
+        "keypoints2d": 0.122,
+        "edge_texture": 0.136,
+    }
+    assert {row.method: row.values["mean_accuracy"] for row in celeba.paper_rows}[
+        "LearnToBranch-VGG (Guo et al., 2020)"
+    ] == 91.55
+    assert [c.name for c in taskonomy.columns] == list(T.TASKS) and [c.higher_is_better for c in taskonomy.columns] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
     table = datasets.format_table(taskonomy, {"segment_semantic": 0.5, "normal": 0.7}, 51_000_000)
     lines = table.splitlines()
     assert len(lines) == 2 + len(taskonomy.paper_rows) + 1
@@ -416,19 +485,40 @@ def test_targets_of_the_taskonomy_loaders_fit(tmp_path):
     synthetic_taskonomy.generate(tmp_path, 10, 16, samples_per_shard=4, splits=(("train", 0.5), ("test", 0.5)))
     dataset = T.Taskonomy(segmentation_mask="adashare")
     metrics = dataset.metrics()
-    for rgb, targets, masks in loader.taskonomy_eval_loader(shards.shard_paths(tmp_path, "test"), batch_size=3, size=16, rank=0, world_size=1):
+    for rgb, targets, masks in loader.taskonomy_eval_loader(
+        shards.shard_paths(tmp_path, "test"), batch_size=3, size=16, rank=0, world_size=1
+    ):
         targets, masks = dataset.task_targets(targets, masks)
         perfect = {task: targets[task].clone() for task in dataset.tasks if task != "segment_semantic"}
         perfect["segment_semantic"] = F.one_hot(targets["segment_semantic"], 17).permute(0, 3, 1, 2).double() * 50
         metrics.update(perfect, targets, masks)
-        assert all(float(loss) < 1e-6 for task, loss in dataset.losses(perfect, targets, masks).items() if task != "normal")
+        assert all(
+            float(loss) < 1e-6 for task, loss in dataset.losses(perfect, targets, masks).items() if task != "normal"
+        )
     values = metrics.compute()
     assert metrics.samples == 5
-    assert values["depth_zbuffer"]["mae_masked"] == 0 and values["keypoints2d"]["mae"] == 0 and values["edge_texture"]["mae"] == 0
-    assert values["normal"]["cosine_similarity"] == pytest.approx(1.0) and values["segment_semantic"]["pixel_accuracy_mask_adashare"] == 1.0
-    train = loader.taskonomy_train_loader(shards.shard_paths(tmp_path, "train"), batch_size=2, size=16, epoch_samples=4, world_size=1, rank=0, shuffle_buffer=2)
+    assert (
+        values["depth_zbuffer"]["mae_masked"] == 0
+        and values["keypoints2d"]["mae"] == 0
+        and values["edge_texture"]["mae"] == 0
+    )
+    assert (
+        values["normal"]["cosine_similarity"] == pytest.approx(1.0)
+        and values["segment_semantic"]["pixel_accuracy_mask_adashare"] == 1.0
+    )
+    train = loader.taskonomy_train_loader(
+        shards.shard_paths(tmp_path, "train"),
+        batch_size=2,
+        size=16,
+        epoch_samples=4,
+        world_size=1,
+        rank=0,
+        shuffle_buffer=2,
+    )
     rgb, targets, masks = next(iter(train))  # augmented: padding is masked and segmentation 255
-    outputs = {task: torch.randn(2, channels, 16, 16, requires_grad=True) for task, channels in dataset.out_channels.items()}
+    outputs = {
+        task: torch.randn(2, channels, 16, 16, requires_grad=True) for task, channels in dataset.out_channels.items()
+    }
     total = sum(dataset.losses(outputs, *dataset.task_targets(targets, masks)).values())
     total.backward()
     assert torch.isfinite(total) and all(torch.isfinite(o.grad).all() for o in outputs.values())

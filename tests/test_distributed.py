@@ -18,11 +18,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_stream_trainer import HIDDEN, IN, MSE, TASKS, Killed, _kill_after, config, make_batches, tiny_supernet  # noqa: E402
-
 from l2b_fast import datasets  # noqa: E402
 from l2b_fast.nn import BlockSpec, Branching, TreeSupernet  # noqa: E402
 from l2b_fast.train import StreamTrainer, distributed  # noqa: E402
+from test_stream_trainer import HIDDEN, IN, MSE, TASKS, Killed, _kill_after, config, make_batches, tiny_supernet  # noqa: E402
 
 WORLD = 2
 PER_RANK = 3  # samples per rank and batch; the global batch is WORLD * PER_RANK
@@ -41,7 +40,12 @@ def _record_trees(net) -> list:
     def hook(module, args, output):
         if module.training and module.mode != "eval":
             parents = args[0]
-            records.append([next(i for i in range(parents.shape[0]) if torch.equal(output[j], parents[i])) for j in range(output.shape[0])])
+            records.append(
+                [
+                    next(i for i in range(parents.shape[0]) if torch.equal(output[j], parents[i]))
+                    for j in range(output.shape[0])
+                ]
+            )
 
     for module in net.modules():
         if isinstance(module, Branching) and module.logits.shape[0] > 1:
@@ -51,12 +55,21 @@ def _record_trees(net) -> list:
 
 def _attribute_batches(sizes: list[int], seed: int) -> list:
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, IN, generator=generator, dtype=torch.float64), {"attributes": torch.randint(0, 2, (size, 40), generator=generator).double()}) for size in sizes]
+    return [
+        (
+            torch.randn(size, IN, generator=generator, dtype=torch.float64),
+            {"attributes": torch.randint(0, 2, (size, 40), generator=generator).double()},
+        )
+        for size in sizes
+    ]
 
 
 def _attribute_supernet(tasks) -> TreeSupernet:
     torch.manual_seed(0)
-    blocks = [BlockSpec(2, lambda b, j: nn.Linear(IN, HIDDEN)), BlockSpec(len(tasks), lambda b, j: nn.Linear(HIDDEN, 1))]
+    blocks = [
+        BlockSpec(2, lambda b, j: nn.Linear(IN, HIDDEN)),
+        BlockSpec(len(tasks), lambda b, j: nn.Linear(HIDDEN, 1)),
+    ]
     return TreeSupernet(blocks, tasks).double()
 
 
@@ -75,10 +88,26 @@ def run_rank(out: Path) -> None:
     settings = dict(epochs=2, warmup_epochs=1, accumulation=2, log_every=1)
     trainer = StreamTrainer(ddp, MSE, _rank_part(global_batches, rank), config(**settings), out / f"wrapped-rank{rank}")
     warm_logits = []
-    trainer.fit(on_step=lambda t: warm_logits.append([b.logits.detach().clone() for b in net.branchings]) if t.step == 2 else None)
-    results.update(trees=trees, state=net.state_dict(), warm_logits=warm_logits[0], wrapped_files=sorted(os.listdir(out / "wrapped-rank0")) if rank == 0 else None)
+    trainer.fit(
+        on_step=lambda t: (
+            warm_logits.append([b.logits.detach().clone() for b in net.branchings]) if t.step == 2 else None
+        )
+    )
+    results.update(
+        trees=trees,
+        state=net.state_dict(),
+        warm_logits=warm_logits[0],
+        wrapped_files=sorted(os.listdir(out / "wrapped-rank0")) if rank == 0 else None,
+    )
     if rank == 0:  # one process on the global batches: what the two ranks together must compute
-        single = StreamTrainer(tiny_supernet(seed=0), MSE, global_batches, config(**settings), out / "single", context=distributed.DistContext())
+        single = StreamTrainer(
+            tiny_supernet(seed=0),
+            MSE,
+            global_batches,
+            config(**settings),
+            out / "single",
+            context=distributed.DistContext(),
+        )
         single.fit()
         results["single_state"] = single.module.state_dict()
 
@@ -98,7 +127,11 @@ def run_rank(out: Path) -> None:
     results.update(whole=whole.module.state_dict(), resumed=resumed.module.state_dict(), resumed_step=resumed.step)
 
     # Evaluation: ranks hold different numbers of samples (8 + 1 and 2), each counted once.
-    val = [make_batches(2, 4, seed=30)[0], make_batches(2, 4, seed=30)[1], make_batches(1, 1, seed=31)[0]] if rank == 0 else make_batches(1, 2, seed=32)
+    val = (
+        [make_batches(2, 4, seed=30)[0], make_batches(2, 4, seed=30)[1], make_batches(1, 1, seed=31)[0]]
+        if rank == 0
+        else make_batches(1, 2, seed=32)
+    )
     evaluation = whole.evaluate(val)
     results.update(val_samples=evaluation.samples, val_losses=evaluation.losses)
     if rank == 0:
@@ -111,9 +144,20 @@ def run_rank(out: Path) -> None:
     val = _attribute_batches([3, 3], seed=40) if rank == 0 else _attribute_batches([2], seed=41)
     evaluator = StreamTrainer(_attribute_supernet(celeba.tasks), celeba, val, config(epochs=1), out / "celeba")
     evaluation = evaluator.evaluate(val)
-    results.update(celeba_samples=(evaluation.samples, evaluation.metrics.samples), celeba=evaluation.metrics.compute(), celeba_losses=evaluation.losses)
+    results.update(
+        celeba_samples=(evaluation.samples, evaluation.metrics.samples),
+        celeba=evaluation.metrics.compute(),
+        celeba_losses=evaluation.losses,
+    )
     if rank == 0:
-        alone = StreamTrainer(_attribute_supernet(celeba.tasks), celeba, val, config(epochs=1), out / "celeba-alone", context=distributed.DistContext())
+        alone = StreamTrainer(
+            _attribute_supernet(celeba.tasks),
+            celeba,
+            val,
+            config(epochs=1),
+            out / "celeba-alone",
+            context=distributed.DistContext(),
+        )
         everything = alone.evaluate(val + _attribute_batches([2], seed=41))
         results.update(celeba_alone=everything.metrics.compute(), celeba_alone_losses=everything.losses)
     torch.save(results, out / f"rank{rank}.pt")
@@ -124,11 +168,21 @@ def run_rank(out: Path) -> None:
 
 def _run_ranks(out: Path, timeout: float) -> subprocess.CompletedProcess:
     """``torchrun`` of this file with WORLD CPU ranks writing to ``out``; TimeoutExpired after ``timeout`` s."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", __file__,
-               str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        __file__,
+        str(out),
+    ]
     package_root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+    }
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -147,7 +201,7 @@ def test_ranks_sample_the_same_tree_every_step(ranks):
     assert len(trees[0]) == 2 * 4 * 2  # 2 epochs x 4 batches x 2 blocks with several parents
     assert trees[0] == trees[1]
     assert len({tuple(tree) for tree in trees[0]}) > 2  # the trees do change from step to step
-    steps = [trees[0][k:k + 2] for k in range(0, len(trees[0]), 2)]
+    steps = [trees[0][k : k + 2] for k in range(0, len(trees[0]), 2)]
     assert steps[0::2] == steps[1::2]  # both accumulated batches of a step route through one tree
 
 

@@ -13,8 +13,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_taskonomy():
-    return SPECS["taskonomy_resnet34"](width=1 / 32, input_size=16, children=2, branching="stage", aspp_channels=16,
-                                       dropout=0.0)
+    return SPECS["taskonomy_resnet34"](
+        width=1 / 32, input_size=16, children=2, branching="stage", aspp_channels=16, dropout=0.0
+    )
 
 
 def real_step(spec, batch: int) -> tuple[int, int]:
@@ -60,7 +61,10 @@ def test_estimate_scales_with_the_batch_and_adds_up():
     assert eight.activation_bytes == saved_eight and one.activation_bytes == saved_one  # linear in the batch
     assert eight.weight_state_bytes == 16 * eight.parameters  # fp32 weights, gradients and Adam's two moments
     assert eight.peak_bytes == eight.weight_state_bytes + eight.activation_bytes + eight.workspace_bytes
-    assert eight.workspace_bytes == int(estimate.WORKSPACE_FRACTION * eight.activation_bytes) + estimate.WORKSPACE_FIXED_BYTES
+    assert (
+        eight.workspace_bytes
+        == int(estimate.WORKSPACE_FRACTION * eight.activation_bytes) + estimate.WORKSPACE_FIXED_BYTES
+    )
     assert eight.fits is True and one.fits is None
     assert estimate.estimate(spec, 8, device_memory_gib=0.5).fits is False
     text = estimate.format_estimate(eight)
@@ -82,11 +86,14 @@ def test_input_size_rebuilds_the_model():
     assert larger.saved_bytes_per_image > 3 * estimate.estimate(spec, 1).saved_bytes_per_image
 
 
-@pytest.mark.parametrize(("arguments", "message"), [
-    (("not a spec", 1), "ModelSpec"),
-    ((None, 0), "batch"),
-    ((None, 1, "fp8"), "precision"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (("not a spec", 1), "ModelSpec"),
+        ((None, 0), "batch"),
+        ((None, 1, "fp8"), "precision"),
+    ],
+)
 def test_bad_input_fails_clearly(arguments, message):
     spec = SPECS["celeba_branch_vgg"](width=1 / 8, input_size=32)
     arguments = tuple(spec if a is None else a for a in arguments)
@@ -109,7 +116,9 @@ def test_dense_peaks_by_device_name_and_precision():
 
 
 def test_command_line_prints_the_estimate(capsys):
-    assert estimate.main(["--model", "celeba_deep_wide", "--option", "width=0.125", "--size", "32", "--batch", "2"]) == 0
+    assert (
+        estimate.main(["--model", "celeba_deep_wide", "--option", "width=0.125", "--size", "32", "--batch", "2"]) == 0
+    )
     assert "estimated peak per GPU" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         estimate.main(["--model", "celeba_deep_wide", "--option", "widthx=2"])

@@ -12,8 +12,8 @@ the Triton kernels at least once, in fp16/bf16/fp32/fp64:
   channels_last parents, and a non-contiguous upstream gradient (copied into the children layout).
 
 On CPU the same checks run at reduced sizes on the C++ CPU kernels and the interpreted Triton kernels
-(``test_path_checks_on_cpu``), so the checking code itself is exercised by CI; the CUDA tests skip there. ``tools/gpu_validate.py`` runs
-this file first on a GPU machine.
+(``test_path_checks_on_cpu``), so the checking code itself is exercised by CI; the CUDA tests skip there.
+``tools/gpu_validate.py`` runs this file first on a GPU machine.
 """
 
 from __future__ import annotations
@@ -172,7 +172,9 @@ def check_against_reference(case: PathCase, shape, dtype, device: str, backend: 
             assert not grad_parents[i].any(), f"parent {i} was sampled by no child but has a gradient"
         elif count == 1:
             j = int((index == i).nonzero()[0])
-            assert torch.equal(grad_parents[i], grad[j]), f"parent {i}: the single child's gradient is not copied exactly"
+            assert torch.equal(grad_parents[i], grad[j]), (
+                f"parent {i}: the single child's gradient is not copied exactly"
+            )
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(grad_parents.double(), ref_grad_parents, atol=atol, rtol=rtol)
 
@@ -182,7 +184,9 @@ def check_against_reference(case: PathCase, shape, dtype, device: str, backend: 
     bound = logits_grad_bound(parents, grad, soft, dtype, ref_grad_logits)
     error = (grad_logits.double() - ref_grad_logits).abs()
     worst = (error / bound).max().item()
-    assert worst <= 1.0, f"grad_logits off the fp64 reference by {worst:.3g} x its error bound (max error {error.max().item():.3g})"
+    assert worst <= 1.0, (
+        f"grad_logits off the fp64 reference by {worst:.3g} x its error bound (max error {error.max().item():.3g})"
+    )
 
 
 @needs_cuda
@@ -212,8 +216,9 @@ for step, name in enumerate(("pairs8-30x40", "fallback-46x46", "pairs8-30x40")):
 
 @needs_cuda
 @pytest.mark.cuda
-@pytest.mark.skipif(CUDA and backends.unavailable_reason("cpp", "cuda") is not None,
-                    reason="the cpp backend has no CUDA kernels")
+@pytest.mark.skipif(
+    CUDA and backends.unavailable_reason("cpp", "cuda") is not None, reason="the cpp backend has no CUDA kernels"
+)
 def test_cuda_shared_memory_attribute_survives_a_smaller_launch():
     """fp32 30x40 (110 KB of shared memory on an H100), 46x46 (95 KB groups of the same kernel), 30x40 again,
     in a fresh process (the launch cache is per process): the smaller launch must not lower the kernel's
@@ -239,12 +244,16 @@ DETERMINISM_CASES = [case for case in CASES if case.name in ("pipeline-5x5-N4M",
 @pytest.mark.parametrize("case", DETERMINISM_CASES, ids=[case.name for case in DETERMINISM_CASES])
 def test_cuda_backward_is_bitwise_deterministic(case, dtype, backend):
     """Two backward passes over the same inputs give the same bits (fixed-order reductions, no atomics)."""
-    parents, logits, noise, grad = make_inputs(case, case.shape, dtype, "cuda", case_seed("determinism", case.name, dtype))
+    parents, logits, noise, grad = make_inputs(
+        case, case.shape, dtype, "cuda", case_seed("determinism", case.name, dtype)
+    )
     first = run_branch(parents, logits, noise, grad, backend)
     poison_allocator("cuda", 4 * parents.element_size() * parents.numel())
     second = run_branch(parents, logits, noise, grad, backend)
     for name, a, b in (("grad_parents", first[1], second[1]), ("grad_logits", first[2], second[2])):
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{name} differs between two runs"
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), (
+            f"{name} differs between two runs"
+        )
 
 
 @pytest.mark.parametrize("backend", fast_backends("cpu"))

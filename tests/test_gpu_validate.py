@@ -77,7 +77,9 @@ def test_bad_options_are_refused(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would build and run the GPU stages")
 def test_cpu_run_skips_the_gpu_stages_with_the_reason(tmp_path):
-    rc = gpu_validate.main(["--out", str(tmp_path), "--stages", "env,build,kernel-paths,sanitizer,op-bench", "--python", sys.executable])
+    rc = gpu_validate.main(
+        ["--out", str(tmp_path), "--stages", "env,build,kernel-paths,sanitizer,op-bench", "--python", sys.executable]
+    )
     assert rc == 0
     found = statuses(tmp_path)
     assert found["env"] == "passed"
@@ -102,7 +104,9 @@ def fake_stages(monkeypatch, outcomes: dict[str, str], ran: list[str], seconds: 
 
     stages = [dataclasses.replace(s, run=runner(s.name)) for s in gpu_validate.STAGES]
     monkeypatch.setattr(gpu_validate, "STAGES", stages)
-    monkeypatch.setattr(gpu_validate.Context, "python_json", lambda self, code, timeout=180: {"cuda_available": True, "torch": "fake"})
+    monkeypatch.setattr(
+        gpu_validate.Context, "python_json", lambda self, code, timeout=180: {"cuda_available": True, "torch": "fake"}
+    )
 
 
 def test_a_correctness_failure_stops_the_run_before_the_benchmarks(tmp_path, monkeypatch):
@@ -200,7 +204,10 @@ def test_a_command_over_its_budget_is_stopped_with_its_children(tmp_path):
 
 def write_junit(path: Path, tests: int, failures: int, skipped: int, reason: str = "needs a CUDA device") -> None:
     cases = "".join(f'<testcase name="t{k}"><skipped message="{reason}"/></testcase>' for k in range(skipped))
-    path.write_text(f'<testsuites><testsuite tests="{tests}" failures="{failures}" errors="0" skipped="{skipped}">{cases}</testsuite></testsuites>')
+    path.write_text(
+        f'<testsuites><testsuite tests="{tests}" failures="{failures}" errors="0" skipped="{skipped}">{cases}'
+        "</testsuite></testsuites>"
+    )
 
 
 def test_pytest_stages_read_the_junit_counts(tmp_path):
@@ -244,7 +251,10 @@ def test_wheels_stage_without_wheels_says_what_is_missing(tmp_path):
 
 def test_sanitizer_driver_runs_its_cases_on_cpu(capsys):
     cases = "fallback-46x46,odd-misaligned-5x7,pairs8-30x40"
-    assert gpu_sanitize.main(["--device", "cpu", "--backends", "cpp", "--dtypes", "float32,bfloat16", "--cases", cases]) == 0
+    assert (
+        gpu_sanitize.main(["--device", "cpu", "--backends", "cpp", "--dtypes", "float32,bfloat16", "--cases", cases])
+        == 0
+    )
     assert capsys.readouterr().out.count(" ran in ") == 6
     with pytest.raises(SystemExit):
         gpu_sanitize.main(["--device", "cpu", "--cases", "nope"])
@@ -277,7 +287,8 @@ FAKE_PYTHON = """#!/bin/sh
 # Stands in for the GPU machine's python3: -c answers the extension probe, -m pip and setup.py "build".
 state="{state}"
 case "$1" in
-  -c) if [ -f "$state/built" ]; then echo '{{"load_error": null, "cuda": {{"ref": null, "cpp": null, "triton": null}}}}';
+  -c) if [ -f "$state/built" ]; then
+        echo '{{"load_error": null, "cuda": {{"ref": null, "cpp": null, "triton": null}}}}';
       else echo '{{"load_error": "ImportError", "cuda": {{"ref": null, "cpp": "not built", "triton": null}}}}'; fi;;
   -m) echo pip >> "$state/calls"; [ -f "$state/pip_builds" ] && touch "$state/built"; exit "$(cat "$state/pip_rc")";;
   setup.py) echo setup >> "$state/calls"; [ -f "$state/setup_fails" ] && exit 1; touch "$state/built";;
@@ -295,7 +306,9 @@ esac
     ],
     ids=["pip", "pip-fails", "pip-builds-elsewhere", "nothing-builds"],
 )
-def test_build_stage_builds_in_place_when_pip_does_not(tmp_path, monkeypatch, pip_rc, pip_builds, setup_fails, status, calls, how):
+def test_build_stage_builds_in_place_when_pip_does_not(
+    tmp_path, monkeypatch, pip_rc, pip_builds, setup_fails, status, calls, how
+):
     state, out = tmp_path / "state", tmp_path / "out"
     state.mkdir()
     out.mkdir()
@@ -506,7 +519,8 @@ def make_wheel(folder: Path, project: str, version: str) -> Path:
         f"{project}.py": f"VERSION = {version!r}\n",
         f"{project}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {project}\nVersion: {version}\n",
         f"{project}-{version}.dist-info/WHEEL": (
-            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"),
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
     }
     record = []
     for name, text in files.items():
@@ -562,8 +576,17 @@ def test_make_gpu_wheels_runs_the_download(tmp_path):
 
 def test_the_calls_are_plain_shell_commands(tmp_path):
     out = tmp_path / "plan"
-    command = ["bash", str(TOOLS / "gpu_validate.sh"), "--call", "1", "--dry-run", "--time-limit", "540",
-               "--out", str(out)]
+    command = [
+        "bash",
+        str(TOOLS / "gpu_validate.sh"),
+        "--call",
+        "1",
+        "--dry-run",
+        "--time-limit",
+        "540",
+        "--out",
+        str(out),
+    ]
     environment = {**os.environ, "PYTHON": sys.executable}
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -582,8 +605,10 @@ def test_sanitizer_runs_name_cases_and_dtypes_the_driver_has():
 def test_a_pytest_stage_stopped_at_its_budget_reports_the_tests_that_ran(tmp_path):
     """The stop sends SIGINT first: pytest still writes its junit report, so the note says how far it got."""
     tests = tmp_path / "test_slow.py"
-    tests.write_text("import time\n\n\ndef test_a():\n    pass\n\n\ndef test_b():\n    pass\n\n\n"
-                     "def test_c():\n    time.sleep(120)\n")
+    tests.write_text(
+        "import time\n\n\ndef test_a():\n    pass\n\n\ndef test_b():\n    pass\n\n\n"
+        "def test_c():\n    time.sleep(120)\n"
+    )
     out = tmp_path / "out"
     out.mkdir()
     ctx = gpu_validate.Context(gpu_validate.parse_args(["--out", str(out)]))

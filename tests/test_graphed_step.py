@@ -37,17 +37,32 @@ def tiny_supernet(seed: int = 0, dtype=torch.float64, dropout: float = 0.0) -> T
 
 def epoch_batches(sizes, seed: int, dtype=torch.float64, device="cpu") -> list:
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, IN, generator=generator, dtype=dtype).to(device),
-             {t: torch.randn(size, OUT, generator=generator, dtype=dtype).to(device) for t in TASKS}) for size in sizes]
+    return [
+        (
+            torch.randn(size, IN, generator=generator, dtype=dtype).to(device),
+            {t: torch.randn(size, OUT, generator=generator, dtype=dtype).to(device) for t in TASKS},
+        )
+        for size in sizes
+    ]
 
 
 SIZES = (4, 4, 4, 4, 4, 3)  # five full batches and the epoch's short last one
 
 
 def config(**overrides) -> StreamConfig:
-    settings = dict(epochs=3, warmup_epochs=1, batches_per_epoch=len(SIZES), lr_weights=1e-2, lr_logits=0.2, log_every=1, progress=False,
-                    tau={"kind": "inverse_sqrt", "tau0": 5.0}, lr_schedule={"kind": "cosine", "warmup_steps": 2},
-                    weight_decay_weights=1e-3, weight_decay_logits=1e-3)
+    settings = dict(
+        epochs=3,
+        warmup_epochs=1,
+        batches_per_epoch=len(SIZES),
+        lr_weights=1e-2,
+        lr_logits=0.2,
+        log_every=1,
+        progress=False,
+        tau={"kind": "inverse_sqrt", "tau0": 5.0},
+        lr_schedule={"kind": "cosine", "warmup_steps": 2},
+        weight_decay_weights=1e-3,
+        weight_decay_logits=1e-3,
+    )
     return StreamConfig(**{**settings, **overrides})
 
 
@@ -58,12 +73,23 @@ def with_eager_twin(trainer: StreamTrainer) -> StreamTrainer:
 
 def assert_same_training_state(left: StreamTrainer, right: StreamTrainer, **tolerance) -> None:
     pairs = list(zip(left.module.state_dict().items(), right.module.state_dict().values()))
-    for optimizer_left, optimizer_right in [(left.weight_optimizer, right.weight_optimizer), (left.logits_optimizer, right.logits_optimizer)]:
+    for optimizer_left, optimizer_right in [
+        (left.weight_optimizer, right.weight_optimizer),
+        (left.logits_optimizer, right.logits_optimizer),
+    ]:
         for k, (a, b) in enumerate(zip(optimizer_left.state.values(), optimizer_right.state.values())):
-            pairs += [((f"optimizer state {k} {key}", a[key]), b[key].to(a[key].device)) for key in ("exp_avg", "exp_avg_sq", "step")]
+            pairs += [
+                ((f"optimizer state {k} {key}", a[key]), b[key].to(a[key].device))
+                for key in ("exp_avg", "exp_avg_sq", "step")
+            ]
     for (name, a), b in pairs:
         if tolerance:
-            torch.testing.assert_close(a.float() if name.endswith("step") else a, b.float() if name.endswith("step") else b, **tolerance, msg=name)
+            torch.testing.assert_close(
+                a.float() if name.endswith("step") else a,
+                b.float() if name.endswith("step") else b,
+                **tolerance,
+                msg=name,
+            )
         else:
             assert torch.equal(a, b), name
 
@@ -75,15 +101,22 @@ def test_eager_twin_gives_the_trainers_results_bit_for_bit(tmp_path, dtype):
     batches (run eagerly): the static-buffer step equals the trainer's ordinary step in every bit."""
     data = lambda epoch: epoch_batches(SIZES, seed=10 + epoch, dtype=dtype)
     plain = StreamTrainer(tiny_supernet(dtype=dtype, dropout=0.2), MSE, data, config(), tmp_path / "plain")
-    twin = with_eager_twin(StreamTrainer(tiny_supernet(dtype=dtype, dropout=0.2), MSE, data, config(), tmp_path / "twin"))
+    twin = with_eager_twin(
+        StreamTrainer(tiny_supernet(dtype=dtype, dropout=0.2), MSE, data, config(), tmp_path / "twin")
+    )
     plain.fit()
     twin.fit()
     assert twin.step == plain.step == 18
     # Per phase: 2 eager steps, then the static buffers; every short batch eagerly (frozen, search, search).
     assert twin.graphed_step.counts == {"eager": 2 + 1 + 2 + 1 + 1, "static": 3 + 3 + 5, "captures": 2}
-    assert all(isinstance(group["lr"], torch.Tensor) for group in twin.weight_optimizer.param_groups + twin.logits_optimizer.param_groups)
+    assert all(
+        isinstance(group["lr"], torch.Tensor)
+        for group in twin.weight_optimizer.param_groups + twin.logits_optimizer.param_groups
+    )
     assert_same_training_state(plain, twin)
-    assert not torch.equal(twin.module.branchings[1].logits, torch.zeros_like(twin.module.branchings[1].logits))  # searched
+    assert not torch.equal(
+        twin.module.branchings[1].logits, torch.zeros_like(twin.module.branchings[1].logits)
+    )  # searched
     for name in ("log.csv", "epochs.csv"):
         assert (tmp_path / "plain" / name).read_text() == (tmp_path / "twin" / name).read_text()
 
@@ -164,10 +197,18 @@ def test_static_buffers_keep_structure_and_layout():
     assert _layout(static) == _layout(batch) and static[2] is None
     fresh = (torch.randn(2, 3, 5, 4), {"a": torch.randn(2, 3), "b": torch.arange(2) + 7}, None)  # contiguous: copied in
     _copy_into(static, fresh)
-    assert torch.equal(static[0], fresh[0]) and torch.equal(static[1]["a"], fresh[1]["a"]) and torch.equal(static[1]["b"], fresh[1]["b"])
-    for other in [(torch.randn(3, 3, 5, 4), batch[1], None), (inputs.double(), batch[1], None),
-                  (inputs, {"a": batch[1]["a"]}, None), (inputs, {"b": batch[1]["b"], "a": batch[1]["a"]}, None),
-                  (inputs, batch[1], {"a": torch.ones(2)})]:
+    assert (
+        torch.equal(static[0], fresh[0])
+        and torch.equal(static[1]["a"], fresh[1]["a"])
+        and torch.equal(static[1]["b"], fresh[1]["b"])
+    )
+    for other in [
+        (torch.randn(3, 3, 5, 4), batch[1], None),
+        (inputs.double(), batch[1], None),
+        (inputs, {"a": batch[1]["a"]}, None),
+        (inputs, {"b": batch[1]["b"], "a": batch[1]["a"]}, None),
+        (inputs, batch[1], {"a": torch.ones(2)}),
+    ]:
         assert _layout(other) != _layout(batch)
 
 
@@ -206,8 +247,13 @@ def test_trainer_refusals(tmp_path):
     trainer = StreamTrainer(tiny_supernet(), MSE, data, config(), tmp_path)
     with pytest.raises(ValueError, match="eager_steps must be an integer >= 1"):
         GraphedStep(trainer, capture=False, eager_steps=0)
-    fake_ddp = types.SimpleNamespace(config=trainer.config, device=trainer.device, context=types.SimpleNamespace(distributed=True),
-                                     searching=True, _forward_takes_seed=True)
+    fake_ddp = types.SimpleNamespace(
+        config=trainer.config,
+        device=trainer.device,
+        context=types.SimpleNamespace(distributed=True),
+        searching=True,
+        _forward_takes_seed=True,
+    )
     with pytest.raises(ValueError, match="not supported under DistributedDataParallel"):
         GraphedStep(fake_ddp, capture=False)
 
@@ -229,7 +275,13 @@ def test_pipeline_setting_and_older_checkpoints(tmp_path):
 
 # ------------------------------------------------------------------------------------------- CUDA: captured
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-PRECISIONS = ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(not (CUDA and torch.cuda.is_bf16_supported()), reason="needs bf16 on a CUDA device"))]
+PRECISIONS = [
+    "fp32",
+    pytest.param(
+        "bf16",
+        marks=pytest.mark.skipif(not (CUDA and torch.cuda.is_bf16_supported()), reason="needs bf16 on a CUDA device"),
+    ),
+]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -239,8 +291,17 @@ def test_cuda_graph_run_equals_the_eager_trainer(tmp_path, precision):
     """Captured warmup and search graphs (short last batches eager) against the ordinary trainer: the same
     trees and, up to capturable Adam's on-device bias correction, the same weights, logits and losses."""
     data = lambda epoch: epoch_batches(SIZES, seed=30 + epoch, dtype=torch.float32, device="cuda")
-    eager = StreamTrainer(tiny_supernet(dtype=torch.float32), MSE, data, config(precision=precision), tmp_path / "eager", device="cuda")
-    graphed = StreamTrainer(tiny_supernet(dtype=torch.float32), MSE, data, config(precision=precision, cuda_graph=True), tmp_path / "graphed", device="cuda")
+    eager = StreamTrainer(
+        tiny_supernet(dtype=torch.float32), MSE, data, config(precision=precision), tmp_path / "eager", device="cuda"
+    )
+    graphed = StreamTrainer(
+        tiny_supernet(dtype=torch.float32),
+        MSE,
+        data,
+        config(precision=precision, cuda_graph=True),
+        tmp_path / "graphed",
+        device="cuda",
+    )
     eager.fit()
     graphed.fit()
     assert graphed.graphed_step.counts == {"eager": 7, "static": 11, "captures": 2}
@@ -250,7 +311,9 @@ def test_cuda_graph_run_equals_the_eager_trainer(tmp_path, precision):
     graphed_log = (tmp_path / "graphed" / "log.csv").read_text().splitlines()
     assert len(eager_log) == len(graphed_log) == 19
     for row_eager, row_graphed in zip(eager_log[1:], graphed_log[1:]):
-        values_eager, values_graphed = (torch.tensor([float(v) for v in row.split(",")]) for row in (row_eager, row_graphed))
+        values_eager, values_graphed = (
+            torch.tensor([float(v) for v in row.split(",")]) for row in (row_eager, row_graphed)
+        )
         torch.testing.assert_close(values_graphed, values_eager, **tolerance)
 
 
@@ -290,7 +353,9 @@ def test_cuda_graph_run_resumes_like_the_whole_run(tmp_path):
     part = StreamTrainer(tiny_supernet(dtype=torch.float32), MSE, data, cfg, tmp_path / "part", device="cuda")
     with pytest.raises(Killed):
         part.fit(on_step=kill_after(10))
-    resumed = StreamTrainer(tiny_supernet(seed=5, dtype=torch.float32), MSE, data, cfg, tmp_path / "part", device="cuda")
+    resumed = StreamTrainer(
+        tiny_supernet(seed=5, dtype=torch.float32), MSE, data, cfg, tmp_path / "part", device="cuda"
+    )
     resumed.fit(resume=True)
     assert resumed.step == whole.step == 18
     assert_same_training_state(whole, resumed, rtol=1e-5, atol=1e-6)
@@ -302,8 +367,9 @@ def test_cuda_uncaptured_step_runs_like_the_captured_one(tmp_path):
     """``GraphedStep(capture=False)`` on CUDA: capturable Adam with tensor lrs, uncaptured; it follows the eager
     trainer and, closer still, the captured run (the same kernels and the same on-device optimizer arithmetic)."""
     data = lambda epoch: epoch_batches(SIZES, seed=80 + epoch, dtype=torch.float32, device="cuda")
-    make = lambda name, **overrides: StreamTrainer(tiny_supernet(dtype=torch.float32), MSE, data, config(**overrides),
-                                                   tmp_path / name, device="cuda")
+    make = lambda name, **overrides: StreamTrainer(
+        tiny_supernet(dtype=torch.float32), MSE, data, config(**overrides), tmp_path / name, device="cuda"
+    )
     eager, twin, graphed = make("eager"), with_eager_twin(make("twin")), make("graphed", cuda_graph=True)
     for trainer in (eager, twin, graphed):
         trainer.fit()
@@ -336,10 +402,21 @@ def conv_supernet(execution: str, conv_backend: str, seed: int = 0) -> TreeSuper
     """Conv + BatchNorm + ReLU + dropout blocks (a strided, dilated one too), per-task pooling heads."""
     torch.manual_seed(seed)
     blocks = [
-        BlockSpec(2, lambda b, j: nn.Sequential(nn.Conv2d(CONV_IN, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                                nn.Dropout(0.2))),
-        BlockSpec(3, lambda b, j: nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, bias=False),
-                                                nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout2d(0.1))),
+        BlockSpec(
+            2,
+            lambda b, j: nn.Sequential(
+                nn.Conv2d(CONV_IN, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2)
+            ),
+        ),
+        BlockSpec(
+            3,
+            lambda b, j: nn.Sequential(
+                nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, bias=False),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                nn.Dropout2d(0.1),
+            ),
+        ),
         BlockSpec(len(TASKS), lambda b, j: nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())),
     ]
     heads = lambda task: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, OUT))
@@ -348,8 +425,13 @@ def conv_supernet(execution: str, conv_backend: str, seed: int = 0) -> TreeSuper
 
 def conv_batches(epoch: int) -> list:
     generator = torch.Generator().manual_seed(100 + epoch)
-    return [(torch.randn(size, CONV_IN, CONV_SIZE, CONV_SIZE, generator=generator).cuda(),
-             {t: torch.randn(size, OUT, generator=generator).cuda() for t in TASKS}) for size in SIZES]
+    return [
+        (
+            torch.randn(size, CONV_IN, CONV_SIZE, CONV_SIZE, generator=generator).cuda(),
+            {t: torch.randn(size, OUT, generator=generator).cuda() for t in TASKS},
+        )
+        for size in SIZES
+    ]
 
 
 def _triton_reason():
@@ -362,13 +444,16 @@ needs_triton = pytest.mark.skipif(CUDA and _triton_reason() is not None, reason=
 bf16_only = pytest.mark.skipif(not (CUDA and torch.cuda.is_bf16_supported()), reason="needs bf16 on a CUDA device")
 
 
-@pytest.mark.parametrize("execution, conv_backend, precision", [
-    ("per_child", "cudnn", "fp32"),
-    ("grouped", "cudnn", "fp32"),
-    pytest.param("grouped", "triton", "fp32", marks=needs_triton),
-    pytest.param("grouped", "cudnn", "bf16", marks=bf16_only),
-    pytest.param("grouped", "triton", "bf16", marks=[needs_triton, bf16_only]),
-])
+@pytest.mark.parametrize(
+    "execution, conv_backend, precision",
+    [
+        ("per_child", "cudnn", "fp32"),
+        ("grouped", "cudnn", "fp32"),
+        pytest.param("grouped", "triton", "fp32", marks=needs_triton),
+        pytest.param("grouped", "cudnn", "bf16", marks=bf16_only),
+        pytest.param("grouped", "triton", "bf16", marks=[needs_triton, bf16_only]),
+    ],
+)
 @pytest.mark.cuda
 @cuda_only
 def test_cuda_graph_conv_supernet_equals_the_eager_trainer(tmp_path, execution, conv_backend, precision):

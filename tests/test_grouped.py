@@ -28,14 +28,22 @@ def cnn_blocks():
 
     def middle(block, child):
         return nn.Sequential(
-            nn.Conv2d(5, 6, 3, stride=2, padding=2, dilation=2, bias=False), nn.BatchNorm2d(6, momentum=None),
-            nn.LeakyReLU(0.1), nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(5, 6, 3, stride=2, padding=2, dilation=2, bias=False),
+            nn.BatchNorm2d(6, momentum=None),
+            nn.LeakyReLU(0.1),
+            nn.MaxPool2d(2, ceil_mode=True),
         )
 
     def last(block, child):
         return nn.Sequential(
-            BasicBlock(6, 4, stride=2), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 7), nn.Dropout(0.0),
-            nn.GELU(), nn.BatchNorm1d(7), nn.Linear(7, 3),
+            BasicBlock(6, 4, stride=2),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16, 7),
+            nn.Dropout(0.0),
+            nn.GELU(),
+            nn.BatchNorm1d(7),
+            nn.Linear(7, 3),
         )
 
     return [BlockSpec(3, first), BlockSpec(4, middle), BlockSpec(3, last)]
@@ -54,7 +62,9 @@ def mlp_blocks():
     """Linear first (routed), activations, BatchNorm1d without affine, Linear without bias."""
     return [
         BlockSpec(3, lambda b, j: nn.Sequential(nn.Linear(5, 6), nn.Tanh())),
-        BlockSpec(4, lambda b, j: nn.Sequential(nn.Linear(6, 7, bias=False), nn.BatchNorm1d(7, affine=False), nn.SiLU())),
+        BlockSpec(
+            4, lambda b, j: nn.Sequential(nn.Linear(6, 7, bias=False), nn.BatchNorm1d(7, affine=False), nn.SiLU())
+        ),
         BlockSpec(3, lambda b, j: nn.Sequential(nn.Linear(7, 2), nn.Sigmoid())),
     ]
 
@@ -63,8 +73,17 @@ def conv1d_blocks():
     """Conv1d with reflect padding and groups (started by the gather), BatchNorm without running stats,
     average pooling, a block of pure activations (an empty program start)."""
     return [
-        BlockSpec(2, lambda b, j: nn.Sequential(nn.Conv1d(4, 6, 3, padding=1, padding_mode="reflect", groups=2), nn.BatchNorm1d(6, track_running_stats=False), nn.ReLU())),
-        BlockSpec(3, lambda b, j: nn.Sequential(nn.ReLU(), nn.Conv1d(6, 6, 2, stride=2), nn.AvgPool1d(2, ceil_mode=True))),
+        BlockSpec(
+            2,
+            lambda b, j: nn.Sequential(
+                nn.Conv1d(4, 6, 3, padding=1, padding_mode="reflect", groups=2),
+                nn.BatchNorm1d(6, track_running_stats=False),
+                nn.ReLU(),
+            ),
+        ),
+        BlockSpec(
+            3, lambda b, j: nn.Sequential(nn.ReLU(), nn.Conv1d(6, 6, 2, stride=2), nn.AvgPool1d(2, ceil_mode=True))
+        ),
         BlockSpec(3, lambda b, j: nn.Sequential(nn.Conv1d(6, 3, 1), nn.Tanh())),
     ]
 
@@ -89,7 +108,9 @@ def reference_and_grouped(model: str, dtype=torch.float64, seed: int = 0):
     return reference, grouped
 
 
-def step(net: TreeSupernet, x: torch.Tensor, mode: str, seed: int, *, default_generator: bool = False) -> dict[str, torch.Tensor]:
+def step(
+    net: TreeSupernet, x: torch.Tensor, mode: str, seed: int, *, default_generator: bool = False
+) -> dict[str, torch.Tensor]:
     if mode == "eval":
         net.eval()
     else:
@@ -141,11 +162,14 @@ def test_grouped_equals_per_child_channels_last(model):
     assert_equivalent(reference, grouped, x, "search", TOLERANCES[torch.float64])
 
 
-@pytest.mark.parametrize(("node", "shape"), [
-    (lambda: BasicBlock(2, 2), (3, 2, 2, 4, 3)),
-    (lambda: BasicBlock(2, 3, stride=2), (2, 2, 2, 3, 3)),
-    (lambda: nn.Sequential(nn.Linear(3, 2, bias=False), nn.Tanh()), (3, 4, 3)),
-])
+@pytest.mark.parametrize(
+    ("node", "shape"),
+    [
+        (lambda: BasicBlock(2, 2), (3, 2, 2, 4, 3)),
+        (lambda: BasicBlock(2, 3, stride=2), (2, 2, 2, 3, 3)),
+        (lambda: nn.Sequential(nn.Linear(3, 2, bias=False), nn.Tanh()), (3, 4, 3)),
+    ],
+)
 def test_grouped_block_passes_gradcheck(node, shape):
     """Search mode: the parents' gradient of a grouped block is the true derivative of its outputs for the sampled
     index."""
@@ -228,7 +252,9 @@ def test_unbatched_convolution_inputs_are_rejected_clearly():
 
 def test_state_dict_is_the_same_for_every_execution_and_loads_across():
     reference, grouped = reference_and_grouped("cnn")
-    assert {k: v.shape for k, v in reference.state_dict().items()} == {k: v.shape for k, v in grouped.state_dict().items()}
+    assert {k: v.shape for k, v in reference.state_dict().items()} == {
+        k: v.shape for k, v in grouped.state_dict().items()
+    }
     step(grouped, torch.randn(MODELS["cnn"][1], dtype=torch.float64), "search", 0)  # moves the buffers
     torch.manual_seed(1)
     loaded = TreeSupernet(cnn_blocks(), TASKS, execution="per_child").double()
@@ -297,7 +323,9 @@ def test_grouped_cnn_search_step_compiles_fullgraph():
 def test_dropout_is_random_per_child_and_position():
     """Train-mode dropout draws one mask for the whole stack: equal to per_child in distribution only,
     so the grouped children still drop independently (different masks)."""
-    net = TreeSupernet([BlockSpec(3, lambda b, j: nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5)))], TASKS, execution="grouped")
+    net = TreeSupernet(
+        [BlockSpec(3, lambda b, j: nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5)))], TASKS, execution="grouped"
+    )
     with torch.no_grad():
         for node in net.nodes[0]:
             node[0].weight.copy_(net.nodes[0][0][0].weight)
@@ -344,7 +372,9 @@ def test_auto_leaves_large_cpu_blocks_per_child(monkeypatch):
     reference.set_execution("per_child")
     calls = []
     original = grouped_block.GroupedBlock.__call__
-    monkeypatch.setattr(grouped_block.GroupedBlock, "__call__", lambda self, *args: calls.append(self.block) or original(self, *args))
+    monkeypatch.setattr(
+        grouped_block.GroupedBlock, "__call__", lambda self, *args: calls.append(self.block) or original(self, *args)
+    )
     x = torch.randn(MODELS["cnn"][1], dtype=torch.float64)  # 891 elements per child in block 0, 1485 in block 1
     step(auto, x, "search", 0)
     assert calls == [0, 1, 2]
@@ -361,7 +391,7 @@ def test_auto_leaves_large_cpu_blocks_per_child(monkeypatch):
     assert calls == [0, 1, 2]  # execution="grouped" always groups
 
 
-class Scale(nn.Module):
+class WeightScale(nn.Module):
     """A user's layer type: ``x * weight`` over the last dim."""
 
     def __init__(self, features: int):
@@ -383,14 +413,17 @@ def test_a_registered_layer_type_runs_grouped_as_per_child(monkeypatch):
             weight = torch.stack([module.weight for module in self.modules])  # [J, F]
             return x.with_tensor(x.tensor * weight.view(x.children, *[1] * (x.tensor.dim() - 2), -1))
 
-    monkeypatch.setitem(GROUPED_STEPS, Scale, None)  # restored after the test
-    del GROUPED_STEPS[Scale]
-    blocks = [BlockSpec(3, lambda b, c: nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh())), BlockSpec(3, lambda b, c: Scale(5))]
+    monkeypatch.setitem(GROUPED_STEPS, WeightScale, None)  # restored after the test
+    del GROUPED_STEPS[WeightScale]
+    blocks = [
+        BlockSpec(3, lambda b, c: nn.Sequential(nn.Linear(4, 5), WeightScale(5), nn.Tanh())),
+        BlockSpec(3, lambda b, c: WeightScale(5)),
+    ]
     torch.manual_seed(0)
     reference = TreeSupernet(blocks, TASKS, execution="per_child").double()
-    with pytest.raises(UnsupportedNodeError, match=r"block 0 node\.1 is a .*Scale.*register_grouped_step"):
+    with pytest.raises(UnsupportedNodeError, match=r"block 0 node\.1 is a .*WeightScale.*register_grouped_step"):
         copy.deepcopy(reference).set_execution("grouped")
-    register_grouped_step(Scale, ScaleStep)
+    register_grouped_step(WeightScale, ScaleStep)
     grouped = copy.deepcopy(reference)
     grouped.set_execution("grouped")
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
@@ -400,10 +433,16 @@ def test_a_registered_layer_type_runs_grouped_as_per_child(monkeypatch):
 
 
 def test_a_mis_shaped_layer_names_the_users_module():
-    blocks = [BlockSpec(2, lambda b, c: nn.Sequential(nn.Linear(4, 5), nn.ReLU())), BlockSpec(3, lambda b, c: nn.Linear(7, 2))]
+    blocks = [
+        BlockSpec(2, lambda b, c: nn.Sequential(nn.Linear(4, 5), nn.ReLU())),
+        BlockSpec(3, lambda b, c: nn.Linear(7, 2)),
+    ]
     net = TreeSupernet(blocks, TASKS, execution="grouped")
     with pytest.raises(ValueError, match=r"block 1 node \(Linear\): expected 7 input features, got 5"):
         net(torch.randn(3, 4))
-    conv = [BlockSpec(2, lambda b, c: nn.Conv2d(3, 4, 3, padding=1)), BlockSpec(3, lambda b, c: nn.Sequential(nn.ReLU(), nn.Conv2d(6, 2, 1)))]
+    conv = [
+        BlockSpec(2, lambda b, c: nn.Conv2d(3, 4, 3, padding=1)),
+        BlockSpec(3, lambda b, c: nn.Sequential(nn.ReLU(), nn.Conv2d(6, 2, 1))),
+    ]
     with pytest.raises(ValueError, match=r"block 1 node\.1 \(Conv2d\): expected 6 input channels, got 4"):
         TreeSupernet(conv, TASKS, execution="grouped")(torch.randn(2, 3, 5, 5))

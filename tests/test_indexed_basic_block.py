@@ -13,9 +13,9 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_compiled_step_matches_eager
 from torch import nn
 
+from conftest import assert_compiled_step_matches_eager
 from l2b_fast.models import taskonomy_resnet34
 from l2b_fast.nn import BasicBlock, BlockSpec, TreeSupernet
 from l2b_fast.nn.grouped import indexed
@@ -119,7 +119,11 @@ def bf16_errors(reference, triton_net, x, mode):
     for name, net in (("per_child", reference), ("triton", triton_net)):
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             got = vectors(net, search_step(net, x, mode, 1))
-        errors[name] = {group: float((got[group] - v).norm() / v.norm()) for group, v in expected.items() if v is not None and v.norm() > 0}
+        errors[name] = {
+            group: float((got[group] - v).norm() / v.norm())
+            for group, v in expected.items()
+            if v is not None and v.norm() > 0
+        }
     return errors
 
 
@@ -161,7 +165,9 @@ def test_basic_blocks_channels_last():
 def test_basic_blocks_in_fp64_keep_the_cudnn_path(monkeypatch):
     reference, triton_net = supernets(basic_blocks(), torch.float64)
     calls = record_calls(monkeypatch)
-    assert_same_step(reference, triton_net, torch.randn(2, 4, 7, 7, dtype=torch.float64), "search", {"atol": 1e-10, "rtol": 1e-10})
+    assert_same_step(
+        reference, triton_net, torch.randn(2, 4, 7, 7, dtype=torch.float64), "search", {"atol": 1e-10, "rtol": 1e-10}
+    )
     assert calls["started"] == [(0, False), (1, False), (2, False), (3, False)]
     assert (calls["convolutions"], calls["gathers"]) == (0, 0)
 
@@ -171,7 +177,9 @@ def test_basic_blocks_under_autocast_compute_the_convolutions_in_the_autocast_dt
     reference, triton_net = supernets(basic_blocks()[1:], torch.float32)  # block 2: identity with 3 parents
     dtypes = []
     real = conv_op._indexed_conv2d_op
-    monkeypatch.setattr(conv_op, "_indexed_conv2d_op", lambda parents, *args: dtypes.append(parents.dtype) or real(parents, *args))
+    monkeypatch.setattr(
+        conv_op, "_indexed_conv2d_op", lambda parents, *args: dtypes.append(parents.dtype) or real(parents, *args)
+    )
     errors = bf16_errors(reference, triton_net, torch.randn(4, 4, 9, 9), "search")
     assert dtypes == [torch.bfloat16] * 5  # conv1 of every block, the downsamples of the first and last
     assert set(errors["per_child"]) == {"outputs", "logits", "weights"}
@@ -195,7 +203,9 @@ def test_taskonomy_resnet34_with_the_triton_backend_equals_per_child(monkeypatch
     make the fp32 gradients ill-conditioned (per_child's own differ from fp64 by up to ~1e-3 of a tensor's
     range), so errors are relative to each tensor's range; a wrong gradient path is off by O(1)."""
     torch.manual_seed(0)
-    reference = taskonomy_resnet34(width=1 / 16, children=2, branching="block", input_size=16, aspp_channels=32, dropout=0.0, execution="per_child")
+    reference = taskonomy_resnet34(
+        width=1 / 16, children=2, branching="block", input_size=16, aspp_channels=32, dropout=0.0, execution="per_child"
+    )
     with torch.no_grad():
         for branching in reference.branchings:
             branching.logits.normal_()

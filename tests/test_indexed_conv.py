@@ -14,9 +14,9 @@ import types
 
 import pytest
 import torch
-from conftest import assert_compiled_step_matches_eager
 from torch import nn
 
+from conftest import assert_compiled_step_matches_eager
 from l2b_fast import backends, ops
 from l2b_fast.nn import BlockSpec, TreeSupernet
 from l2b_fast.nn.grouped import indexed
@@ -25,7 +25,9 @@ from l2b_fast.ops import indexed_conv as conv_op
 CUDA = torch.cuda.is_available()
 INTERPRETED = backends.TRITON_INSTALLED and backends.triton_interpreting()
 needs_triton = pytest.mark.skipif(not backends.TRITON_INSTALLED, reason="needs Triton (its kernels are faked)")
-interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs the kernels in Triton's interpreter (CPU, TRITON_INTERPRET=1)")
+interpreted_only = pytest.mark.skipif(
+    not INTERPRETED, reason="runs the kernels in Triton's interpreter (CPU, TRITON_INTERPRET=1)"
+)
 needs_cuda = pytest.mark.skipif(not (CUDA and backends.TRITON_INSTALLED), reason="needs a CUDA device and Triton")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +37,9 @@ GEOMETRIES = [(3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), (3, 2, 2, 2), (2, 3, 0, 
 TAU = 1.3
 
 
-def make_inputs(num_parents, children, batch, channels, out_channels, size, kernel, *, dtype, device="cpu", seed=0, bias=True):
+def make_inputs(
+    num_parents, children, batch, channels, out_channels, size, kernel, *, dtype, device="cpu", seed=0, bias=True
+):
     generator = torch.Generator().manual_seed(seed)
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     rand = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
@@ -55,8 +59,12 @@ def run(
     kernel, stride, padding, dilation = geometry
     leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (parents, logits, weight, bias)]
     leaves[1].requires_grad_(not frozen)
-    out = function(leaves[0], leaves[1], index, soft, TAU, leaves[2], leaves[3], stride=stride, padding=padding, dilation=dilation)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(out.device, out.dtype)
+    out = function(
+        leaves[0], leaves[1], index, soft, TAU, leaves[2], leaves[3], stride=stride, padding=padding, dilation=dilation
+    )
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(
+        out.device, out.dtype
+    )
     if memory_format is not None:
         upstream = upstream.contiguous(memory_format=memory_format)
     grads = torch.autograd.grad(out, [t for t in leaves if t is not None and t.requires_grad], upstream)
@@ -74,7 +82,9 @@ def assert_matches_reference(inputs, geometry, atol, rtol):
     scale = lambda t: float(t.detach().abs().max()) or 1.0  # noqa: E731  error relative to the tensor's range
     torch.testing.assert_close(out.double(), ref_out, atol=atol * scale(ref_out), rtol=rtol)
     for name, got, expected in zip(("parents", "logits", "weight", "bias"), grads, ref_grads):
-        torch.testing.assert_close(got.double(), expected, atol=atol * scale(expected), rtol=rtol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            got.double(), expected, atol=atol * scale(expected), rtol=rtol, msg=lambda m: f"grad {name}: {m}"
+        )
 
 
 @interpreted_only
@@ -134,12 +144,18 @@ def test_frozen_logits_skip_the_dots_and_input_without_grad_skips_the_input_grad
     got = torch.autograd.grad(out, [frozen_parents, w], upstream)
     assert calls == []  # the parent-major kernel writes grad_parents itself: no dX, no branch_backward
     monkeypatch.setattr(conv_op, "FUSED_BACKWARD", False)
-    torch.autograd.grad(conv_op.indexed_conv2d(frozen_parents, logits, index, soft, TAU, w, bias, padding=1), frozen_parents, upstream)
+    torch.autograd.grad(
+        conv_op.indexed_conv2d(frozen_parents, logits, index, soft, TAU, w, bias, padding=1), frozen_parents, upstream
+    )
     assert calls == [(True, False)]  # the reference path: segment sums only
     monkeypatch.setattr(conv_op, "FUSED_BACKWARD", True)
     ref_parents = parents.double().requires_grad_(True)
-    ref_out = conv_op.indexed_conv2d_ref(ref_parents, logits.double(), index, soft.double(), TAU, weight.double(), bias.double(), padding=1)
-    torch.testing.assert_close(got[0].double(), torch.autograd.grad(ref_out, ref_parents, upstream.double())[0], atol=1e-5, rtol=1e-5)
+    ref_out = conv_op.indexed_conv2d_ref(
+        ref_parents, logits.double(), index, soft.double(), TAU, weight.double(), bias.double(), padding=1
+    )
+    torch.testing.assert_close(
+        got[0].double(), torch.autograd.grad(ref_out, ref_parents, upstream.double())[0], atol=1e-5, rtol=1e-5
+    )
 
     calls.clear()
     w = weight.clone().requires_grad_(True)
@@ -154,7 +170,9 @@ def straight_through_grads(function, parents, logits, index, soft, weight, bias,
     parents = parents.detach().requires_grad_(True)
     logits = logits.detach().requires_grad_(mode == "search")
     out = function(parents, logits, index, soft, TAU, weight, bias, stride=stride, padding=padding, dilation=dilation)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out.device, out.dtype)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(
+        out.device, out.dtype
+    )
     grads = torch.autograd.grad(out, [parents, logits] if mode == "search" else [parents], upstream)
     return grads if mode == "search" else (grads[0], None)
 
@@ -177,7 +195,9 @@ def test_fused_straight_through_backward_matches_the_reference_path(case, dtype,
     the dX + branch_backward path and the pure-PyTorch reference, and is bitwise deterministic."""
     num_parents, index, channels, out_channels, size, geometry = FUSED_CASES[case]
     children = len(index)
-    parents, logits, _, soft, weight, bias = make_inputs(num_parents, children, 2, channels, out_channels, size, geometry[0], dtype=dtype, seed=len(case))
+    parents, logits, _, soft, weight, bias = make_inputs(
+        num_parents, children, 2, channels, out_channels, size, geometry[0], dtype=dtype, seed=len(case)
+    )
     index = torch.tensor(index)
     inputs = (parents, logits, index, soft, weight, bias)
     fused = straight_through_grads(conv_op.indexed_conv2d, *inputs, geometry, mode)
@@ -193,8 +213,16 @@ def test_fused_straight_through_backward_matches_the_reference_path(case, dtype,
         assert got.dtype == path.dtype and got.shape == path.shape and got.stride() == path.stride(), name
         assert torch.equal(got, repeat), f"grad {name}: two runs differ"
         scale = float(expected.abs().max())
-        torch.testing.assert_close(got.double(), path.double(), atol=tol * scale, rtol=tol, msg=lambda m: f"grad {name} vs dX + branch_backward: {m}")
-        torch.testing.assert_close(got.double(), expected, atol=tol * scale, rtol=tol, msg=lambda m: f"grad {name} vs reference: {m}")
+        torch.testing.assert_close(
+            got.double(),
+            path.double(),
+            atol=tol * scale,
+            rtol=tol,
+            msg=lambda m: f"grad {name} vs dX + branch_backward: {m}",
+        )
+        torch.testing.assert_close(
+            got.double(), expected, atol=tol * scale, rtol=tol, msg=lambda m: f"grad {name} vs reference: {m}"
+        )
     unpicked = [i for i in range(num_parents) if i not in index.tolist()]
     assert all(fused[0][i].abs().max() == 0 for i in unpicked)
 
@@ -205,15 +233,23 @@ def test_search_mode_without_a_parents_gradient_writes_no_dx(monkeypatch):
     parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 6), 3, dtype=torch.float32, seed=13)
     written = []
     real = conv_op._kernels().conv_input_grad
-    monkeypatch.setattr(conv_op._kernels(), "conv_input_grad", lambda *args, **kw: written.append(kw.get("write_children", True)) or real(*args, **kw))
+    monkeypatch.setattr(
+        conv_op._kernels(),
+        "conv_input_grad",
+        lambda *args, **kw: written.append(kw.get("write_children", True)) or real(*args, **kw),
+    )
     logits = logits.clone().requires_grad_(True)
     out = conv_op.indexed_conv2d(parents, logits, index, soft, TAU, weight, bias, padding=1)
     upstream = torch.randn_like(out)
     (got,) = torch.autograd.grad(out, logits, upstream)
     assert written == [False]
     ref_logits = logits.detach().double().requires_grad_(True)
-    ref_out = conv_op.indexed_conv2d_ref(parents.double(), ref_logits, index, soft.double(), TAU, weight.double(), bias.double(), padding=1)
-    torch.testing.assert_close(got.double(), torch.autograd.grad(ref_out, ref_logits, upstream.double())[0], atol=1e-5, rtol=1e-5)
+    ref_out = conv_op.indexed_conv2d_ref(
+        parents.double(), ref_logits, index, soft.double(), TAU, weight.double(), bias.double(), padding=1
+    )
+    torch.testing.assert_close(
+        got.double(), torch.autograd.grad(ref_out, ref_logits, upstream.double())[0], atol=1e-5, rtol=1e-5
+    )
 
 
 @interpreted_only
@@ -254,10 +290,16 @@ def test_one_parent_search_skips_the_zero_logits_gradient(parents_need_grad, mon
 @pytest.mark.parametrize("mode", ["search", "frozen"])
 def test_opcheck(mode):
     parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 5), 3, dtype=torch.float32, seed=11)
-    parents.requires_grad_(True), logits.requires_grad_(mode == "search"), weight.requires_grad_(True), bias.requires_grad_(True)
+    (
+        parents.requires_grad_(True),
+        logits.requires_grad_(mode == "search"),
+        weight.requires_grad_(True),
+        bias.requires_grad_(True),
+    )
     tau = torch.tensor(TAU, dtype=torch.float64)
     torch.library.opcheck(
-        conv_op._indexed_conv2d_op, (parents, logits, index, soft, tau, weight, bias, [2, 1], [1, 0], [1, 2]),
+        conv_op._indexed_conv2d_op,
+        (parents, logits, index, soft, tau, weight, bias, [2, 1], [1, 0], [1, 2]),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
 
@@ -266,8 +308,14 @@ def test_opcheck(mode):
 def test_bad_inputs_raise_clear_errors(monkeypatch):
     parents, logits, index, soft, weight, bias = make_inputs(2, 3, 2, 3, 4, (5, 5), 3, dtype=torch.float32)
     call = lambda **changed: conv_op.indexed_conv2d(  # noqa: E731
-        *[changed.get(name, value) for name, value in zip(("parents", "logits", "index", "soft"), (parents, logits, index, soft))],
-        TAU, changed.get("weight", weight), changed.get("bias", bias), **changed.get("geometry", {}),
+        *[
+            changed.get(name, value)
+            for name, value in zip(("parents", "logits", "index", "soft"), (parents, logits, index, soft))
+        ],
+        TAU,
+        changed.get("weight", weight),
+        changed.get("bias", bias),
+        **changed.get("geometry", {}),
     )
     with pytest.raises(TypeError, match="float64"):
         call(parents=parents.double(), weight=weight.double(), bias=bias.double())
@@ -481,10 +529,16 @@ TASKS = ["a", "b", "c"]
 
 
 def conv_blocks():
-    """Every block starts with a Conv2d (bias or not, strided, dilated, 1x1); the last starts with a ReLU (cudnn path)."""
+    """Every block starts with a Conv2d (bias or not, strided, dilated, 1x1); the last starts with a ReLU (cudnn
+    path)."""
     return [
         BlockSpec(2, lambda b, j: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())),
-        BlockSpec(3, lambda b, j: nn.Sequential(nn.Conv2d(4, 5, 3, stride=2, padding=2, dilation=2, bias=False), nn.BatchNorm2d(5), nn.ReLU())),
+        BlockSpec(
+            3,
+            lambda b, j: nn.Sequential(
+                nn.Conv2d(4, 5, 3, stride=2, padding=2, dilation=2, bias=False), nn.BatchNorm2d(5), nn.ReLU()
+            ),
+        ),
         BlockSpec(2, lambda b, j: nn.Sequential(nn.Conv2d(5, 3, 1), nn.Tanh())),
         BlockSpec(3, lambda b, j: nn.Sequential(nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1))),
     ]
@@ -505,7 +559,9 @@ def supernets(dtype, device="cpu"):
 def search_step(net, x, mode, seed):
     net.eval() if mode == "eval" else (net.train(), net.set_mode(mode))
     out = net(x, generator=torch.Generator(x.device).manual_seed(seed))
-    loss = sum((v * torch.linspace(-1, 2, v.numel(), dtype=v.dtype, device=v.device).view_as(v)).sum() for v in out.values())
+    loss = sum(
+        (v * torch.linspace(-1, 2, v.numel(), dtype=v.dtype, device=v.device).view_as(v)).sum() for v in out.values()
+    )
     loss.backward()
     return out
 
@@ -546,7 +602,9 @@ def test_grouped_triton_equals_per_child(mode, monkeypatch):
 @interpreted_only
 def test_grouped_triton_leaves_fp64_to_cudnn_and_is_selectable():
     reference, triton_net = supernets(torch.float64)
-    assert_same_step(reference, triton_net, torch.randn(2, 3, 9, 7, dtype=torch.float64), "search", {"atol": 1e-10, "rtol": 1e-10})
+    assert_same_step(
+        reference, triton_net, torch.randn(2, 3, 9, 7, dtype=torch.float64), "search", {"atol": 1e-10, "rtol": 1e-10}
+    )
     triton_net.set_execution("auto")  # the choice survives a new execution
     assert all(block.conv_backend == "triton" for block in triton_net._grouped if block is not None)
     assert TreeSupernet(conv_blocks(), TASKS, conv_backend="triton").conv_backend == "triton"
@@ -561,7 +619,9 @@ def test_grouped_triton_under_autocast_computes_in_the_autocast_dtype(monkeypatc
     reference, triton_net = supernets(torch.float32)
     dtypes = []
     real = conv_op._indexed_conv2d_op
-    monkeypatch.setattr(conv_op, "_indexed_conv2d_op", lambda parents, *args: dtypes.append(parents.dtype) or real(parents, *args))
+    monkeypatch.setattr(
+        conv_op, "_indexed_conv2d_op", lambda parents, *args: dtypes.append(parents.dtype) or real(parents, *args)
+    )
     x = torch.randn(2, 3, 9, 7)
     outputs = []
     for net in (reference, triton_net):
@@ -611,15 +671,29 @@ CUDA_TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2
 def test_cuda_kernels_match_reference(shape, dtype, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # an fp32 reference, not TF32
     num_parents, children, batch, channels, out_channels, height, width, kernel, stride, padding = CUDA_SHAPES[shape]
-    inputs = make_inputs(num_parents, children, batch, channels, out_channels, (height, width), kernel, dtype=dtype, device="cuda")
+    inputs = make_inputs(
+        num_parents, children, batch, channels, out_channels, (height, width), kernel, dtype=dtype, device="cuda"
+    )
     parents, logits, index, soft, weight, bias = inputs
     geometry = (kernel, stride, padding, 1)
     out, grads = run(conv_op.indexed_conv2d, *inputs, geometry)
     # fp32 reference on the same (rounded) inputs: fp64 convolutions are slow on a GPU
-    ref_out, ref_grads = run(conv_op.indexed_conv2d_ref, *[t.float() if t is not None and t.is_floating_point() else t for t in inputs], geometry)
+    ref_out, ref_grads = run(
+        conv_op.indexed_conv2d_ref,
+        *[t.float() if t is not None and t.is_floating_point() else t for t in inputs],
+        geometry,
+    )
     tol = CUDA_TOLERANCE[dtype]
-    for name, got, expected in zip(("out", "parents", "logits", "weight", "bias"), (out, *grads), (ref_out, *ref_grads)):
-        torch.testing.assert_close(got.float(), expected, atol=tol * float(expected.detach().abs().max()), rtol=tol, msg=lambda m: f"{shape} {name}: {m}")
+    for name, got, expected in zip(
+        ("out", "parents", "logits", "weight", "bias"), (out, *grads), (ref_out, *ref_grads)
+    ):
+        torch.testing.assert_close(
+            got.float(),
+            expected,
+            atol=tol * float(expected.detach().abs().max()),
+            rtol=tol,
+            msg=lambda m: f"{shape} {name}: {m}",
+        )
 
 
 @needs_cuda
@@ -630,7 +704,9 @@ def test_cuda_fused_straight_through_backward_matches_the_reference_path(shape, 
     """Compiled fused backward (parent-major in frozen mode, epilogue dots in search mode) against the
     dX + branch_backward path, with a parent no child picked; two runs bitwise identical."""
     num_parents, children, batch, channels, out_channels, height, width, kernel, stride, padding = CUDA_SHAPES[shape]
-    parents, logits, _, soft, weight, bias = make_inputs(num_parents, children, batch, channels, out_channels, (height, width), kernel, dtype=dtype, device="cuda")
+    parents, logits, _, soft, weight, bias = make_inputs(
+        num_parents, children, batch, channels, out_channels, (height, width), kernel, dtype=dtype, device="cuda"
+    )
     index = torch.tensor([(j % 2) * (num_parents - 1) for j in range(children)], device="cuda")  # parent 1 unpicked
     inputs, geometry = (parents, logits, index, soft, weight, bias), (kernel, stride, padding, 1)
     fused = straight_through_grads(conv_op.indexed_conv2d, *inputs, geometry, mode)
@@ -642,7 +718,13 @@ def test_cuda_fused_straight_through_backward_matches_the_reference_path(shape, 
         if expected is None:
             continue
         assert torch.equal(got, repeat), f"{shape} grad {name}: two runs differ"
-        torch.testing.assert_close(got.float(), expected.float(), atol=tol * float(expected.abs().max()), rtol=tol, msg=lambda m: f"{shape} grad {name}: {m}")
+        torch.testing.assert_close(
+            got.float(),
+            expected.float(),
+            atol=tol * float(expected.abs().max()),
+            rtol=tol,
+            msg=lambda m: f"{shape} grad {name}: {m}",
+        )
     assert fused[0][1].abs().max() == 0
 
 

@@ -7,13 +7,18 @@ import pickle
 import pytest
 import torch
 
-from l2b_fast.models import celeba_branch_vgg, celeba_branch_vgg_spec, celeba_deep_wide_spec, taskonomy_resnet34, taskonomy_resnet34_spec
-from l2b_fast.models import counts
 from l2b_fast.datasets.celeba.layers import CELEBA_ATTRIBUTES
 from l2b_fast.datasets.taskonomy.resnet import TASK_CHANNELS
+from l2b_fast.models import (
+    celeba_branch_vgg,
+    celeba_branch_vgg_spec,
+    celeba_deep_wide_spec,
+    counts,
+    taskonomy_resnet34,
+    taskonomy_resnet34_spec,
+)
 from l2b_fast.nn import TreeNet, parameter_count
 from l2b_fast.tree import derive
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,7 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Tiny versions: a few channels, small inputs, few children (odd sizes where the model allows them).
 TINY = {
     "taskonomy-block": lambda: taskonomy_resnet34_spec(width=1 / 32, input_size=(24, 16), children=2, aspp_channels=48),
-    "taskonomy-stage": lambda: taskonomy_resnet34_spec(width=1 / 16, input_size=16, children=3, branching="stage", aspp_channels=32),
+    "taskonomy-stage": lambda: taskonomy_resnet34_spec(
+        width=1 / 16, input_size=16, children=3, branching="stage", aspp_channels=32
+    ),
     "celeba-vgg": lambda: celeba_branch_vgg_spec(width=1 / 8, input_size=(37, 33), children=(2, 3, 2, 2, 3, 3, 4, 5)),
     "celeba-deep-wide": lambda: celeba_deep_wide_spec(width=1 / 8, input_size=(35, 41), children=(2, 3, 3, 4, 2)),
 }
@@ -60,7 +67,11 @@ def test_parameter_counts_match_the_modules(name):
         branching.logits.data.normal_()
     for tree in (counts.all_shared_tree(spec), counts.all_separate_tree(spec), derive(net), derive(net).pruned()):
         assert counts.tree_parameters(spec, tree) == parameter_count(TreeNet(tree, spec.blocks, spec.heads))
-    assert counts.tree_parameters(spec, counts.all_shared_tree(spec)) <= counts.tree_parameters(spec, derive(net).pruned()) <= counts.supernet_parameters(spec)
+    assert (
+        counts.tree_parameters(spec, counts.all_shared_tree(spec))
+        <= counts.tree_parameters(spec, derive(net).pruned())
+        <= counts.supernet_parameters(spec)
+    )
 
 
 def test_derive_prune_retrain_and_carry_weights():
@@ -87,7 +98,9 @@ def test_specs_pickle_and_supernet_keeps_its_spec():
     for make in TINY.values():
         spec = make()
         assert pickle.loads(pickle.dumps(spec)) == spec  # node and head factories are plain picklable objects
-    net = taskonomy_resnet34(width=1 / 32, children=2, branching="stage", aspp_channels=8, input_size=16, execution="per_child")
+    net = taskonomy_resnet34(
+        width=1 / 32, children=2, branching="stage", aspp_channels=8, input_size=16, execution="per_child"
+    )
     assert isinstance(net.model_spec, type(TINY["celeba-vgg"]()))
     assert net.executions == ["per_child"] * len(net.model_spec.blocks)
 
@@ -95,7 +108,13 @@ def test_specs_pickle_and_supernet_keeps_its_spec():
 def test_full_size_structure():
     resnet = taskonomy_resnet34_spec()
     assert [block.children for block in resnet.blocks] == [1] + [5] * 16  # stem, then every residual block
-    assert [block.children for block in taskonomy_resnet34_spec(branching="stage", children=4).blocks] == [1, 4, 4, 4, 5]
+    assert [block.children for block in taskonomy_resnet34_spec(branching="stage", children=4).blocks] == [
+        1,
+        4,
+        4,
+        4,
+        5,
+    ]
     assert resnet.tasks == tuple(TASK_CHANNELS)
     # The backbone alone (one node per block) is torchvision's ResNet-34 without its classifier:
     # 21,797,672 - 513,000 parameters; dilation changes no parameter count.
@@ -140,7 +159,14 @@ def test_bad_arguments_name_the_problem(make, message):
 
 
 def test_custom_task_channels():
-    spec = taskonomy_resnet34_spec(tasks=("depth_zbuffer", "curvature"), out_channels={"curvature": 2}, width=1 / 32, input_size=16, children=2, aspp_channels=8)
+    spec = taskonomy_resnet34_spec(
+        tasks=("depth_zbuffer", "curvature"),
+        out_channels={"curvature": 2},
+        width=1 / 32,
+        input_size=16,
+        children=2,
+        aspp_channels=8,
+    )
     out = spec.supernet(execution="per_child")(spec.example_input(1))
     assert out["curvature"].shape == (1, 2, 16, 16) and out["depth_zbuffer"].shape == (1, 1, 16, 16)
 

@@ -232,7 +232,9 @@ def test_basic_block_matches_its_definition(stride, in_channels, dilation):
     f = nn.functional
     body = f.relu(block.bn1(f.conv2d(x, block.conv1.weight, stride=stride, padding=dilation, dilation=dilation)))
     body = block.bn2(f.conv2d(body, block.conv2.weight, padding=dilation, dilation=dilation))
-    shortcut = x if block.downsample is None else block.downsample[1](f.conv2d(x, block.downsample[0].weight, stride=stride))
+    shortcut = (
+        x if block.downsample is None else block.downsample[1](f.conv2d(x, block.downsample[0].weight, stride=stride))
+    )
     torch.testing.assert_close(out, f.relu(body + shortcut))
     assert out.shape == (2, 4, (9 - 1) // stride + 1, (7 - 1) // stride + 1)
     with pytest.raises(ValueError, match="stride"):

@@ -21,7 +21,9 @@ SHAPES = [  # (parents I, children J, per-parent shape S)
 def make_case(parents, children, shape, dtype, device, seed):
     generator = torch.Generator().manual_seed(seed)
     y = torch.randn((parents, *shape), generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-    logits = torch.randn((parents, children), generator=generator, dtype=torch.float64).to(device=device, dtype=torch.float32)
+    logits = torch.randn((parents, children), generator=generator, dtype=torch.float64).to(
+        device=device, dtype=torch.float32
+    )
     noise = gumbel((parents, children), generator).to(device=device, dtype=torch.float32)
     grad = torch.randn((children, *shape), generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
     return y, logits, noise, grad
@@ -56,7 +58,9 @@ def test_branch_matches_reference(device, backend, dtype, atol, rtol, parents, c
     assert grad_logits.dtype == logits.dtype
     # G sums N products: allow for the accumulation error of the input precision.
     scale = max(1.0, shape_numel(shape) ** 0.5)
-    torch.testing.assert_close(grad_logits.double(), ref_grad_logits, atol=max(atol, 1e-6) * scale, rtol=max(rtol, 1e-5) * scale)
+    torch.testing.assert_close(
+        grad_logits.double(), ref_grad_logits, atol=max(atol, 1e-6) * scale, rtol=max(rtol, 1e-5) * scale
+    )
 
 
 def shape_numel(shape) -> int:
@@ -86,7 +90,9 @@ def test_seeded_noise_identical_across_backends(device, backend):
     """The same generator state gives the same parents on every backend (shared Philox stream)."""
     logits = torch.randn(5, 33, generator=torch.Generator().manual_seed(2)).to(device)
     index, soft = ops.sample_branches(logits, 1.3, generator=torch.Generator(device).manual_seed(5), backend=backend)
-    ref_index, ref_soft = ops.sample_branches(logits, 1.3, generator=torch.Generator(device).manual_seed(5), backend="ref")
+    ref_index, ref_soft = ops.sample_branches(
+        logits, 1.3, generator=torch.Generator(device).manual_seed(5), backend="ref"
+    )
     torch.testing.assert_close(index, ref_index)
     torch.testing.assert_close(soft, ref_soft, atol=1e-6, rtol=1e-5)
 
@@ -96,7 +102,12 @@ def test_seeded_noise_identical_across_backends(device, backend):
 def test_channels_last_parents(device, backend, dtype):
     """Parents laid out channels_last per parent: output keeps the layout, gradients stay exact."""
     generator = torch.Generator().manual_seed(4)
-    members = [torch.randn(2, 3, 5, 4, generator=generator).to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last) for _ in range(3)]
+    members = [
+        torch.randn(2, 3, 5, 4, generator=generator)
+        .to(device=device, dtype=dtype)
+        .contiguous(memory_format=torch.channels_last)
+        for _ in range(3)
+    ]
     logits = torch.randn(3, 4, generator=generator).to(device)
     noise = gumbel((3, 4), generator, dtype=torch.float32).to(device)
     stacked = torch.stack(members)

@@ -10,8 +10,8 @@ import torch
 
 from l2b_fast import config as configs
 from l2b_fast import datasets, pipeline
-from l2b_fast.datasets.recipe import ToInputSize
 from l2b_fast.datasets.celeba import synthetic as synthetic_celeba
+from l2b_fast.datasets.recipe import ToInputSize
 from l2b_fast.tree import Tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,7 +22,11 @@ STREAM_PRESETS = ("taskonomy-resnet34", "celeba-vgg", "celeba-deepwide")
 @pytest.mark.parametrize("name", STREAM_PRESETS)
 def test_presets_hold_the_papers_settings(name):
     config = configs.load_config(preset=name)
-    assert pipeline.recipe_of(config).reads_shards and config["name"] == name and config["description"].startswith("paper Table")
+    assert (
+        pipeline.recipe_of(config).reads_shards
+        and config["name"] == name
+        and config["description"].startswith("paper Table")
+    )
     search, retrain = config["search"], config["retrain"]
     assert search["optimizer"] == "adam" and search["batch_size"] == 64 and search["warmup_epochs"] == 2
     assert search["tau"] == {"kind": "epoch_decay", "tau0": 10.0, "rate": 0.965, "min": 0.1}
@@ -32,7 +36,10 @@ def test_presets_hold_the_papers_settings(name):
     else:
         assert search["size"] == retrain["size"] == [218, 178]
     for section in (search, retrain):  # every training setting is one the streaming trainer takes
-        assert configs.train_config(section, pipeline.recipe_of(config), seed=0, progress=False).epochs == section["epochs"]
+        assert (
+            configs.train_config(section, pipeline.recipe_of(config), seed=0, progress=False).epochs
+            == section["epochs"]
+        )
     # the preset's model at its search size builds (on the meta device: no memory for the full model)
     with torch.device("meta"):
         spec = pipeline.recipe_of(config).model_spec(config, search)
@@ -40,13 +47,33 @@ def test_presets_hold_the_papers_settings(name):
 
 
 def test_overrides_parse_toml_values_and_reject_unknown_keys():
-    config = configs.load_config(preset="celeba-vgg", overrides=["search.epochs=3", "search.lr_logits=1e-2", "model.width=0.5", "search.size=[64, 48]", "search.tau.tau0=5", "data.kind=celeba", "search.precision=bf16"])
+    config = configs.load_config(
+        preset="celeba-vgg",
+        overrides=[
+            "search.epochs=3",
+            "search.lr_logits=1e-2",
+            "model.width=0.5",
+            "search.size=[64, 48]",
+            "search.tau.tau0=5",
+            "data.kind=celeba",
+            "search.precision=bf16",
+        ],
+    )
     assert config["search"]["epochs"] == 3 and config["search"]["lr_logits"] == 0.01 and config["model"]["width"] == 0.5
-    assert config["search"]["size"] == [64, 48] and config["search"]["tau"]["tau0"] == 5 and config["search"]["precision"] == "bf16"
+    assert (
+        config["search"]["size"] == [64, 48]
+        and config["search"]["tau"]["tau0"] == 5
+        and config["search"]["precision"] == "bf16"
+    )
     assert configs.apply_overrides({"a": {"b": 1}}, ['a.b={kind = "constant"}'])["a"]["b"] == {"kind": "constant"}
     assert configs.apply_overrides({"a": {"b": 1}}, ["a.b = true"])["a"]["b"] is True
-    for bad, message in (("search.epoch=3", "unknown key"), ("nope.epochs=3", "nope is not a table"), ("search.epochs", "KEY=VALUE"),
-                         ("=3", "KEY=VALUE"), ("search.epochs.x=1", "search.epochs is not a table")):
+    for bad, message in (
+        ("search.epoch=3", "unknown key"),
+        ("nope.epochs=3", "nope is not a table"),
+        ("search.epochs", "KEY=VALUE"),
+        ("=3", "KEY=VALUE"),
+        ("search.epochs.x=1", "search.epochs is not a table"),
+    ):
         with pytest.raises(ValueError, match=message):
             configs.load_config(preset="celeba-vgg", overrides=[bad])
     with pytest.raises(ValueError, match="data kind 'mnist'"):
@@ -56,7 +83,12 @@ def test_overrides_parse_toml_values_and_reject_unknown_keys():
     with pytest.raises(ValueError, match="batch_size"):
         configs.load_config(preset="taskonomy-resnet34", overrides=["search.batch_size=0"])
     # the synthetic presets take --set too
-    assert configs.load_config(preset="synthetic-a", overrides=["search.epochs=2", "search.warmup_epochs=1"])["search"]["epochs"] == 2
+    assert (
+        configs.load_config(preset="synthetic-a", overrides=["search.epochs=2", "search.warmup_epochs=1"])["search"][
+            "epochs"
+        ]
+        == 2
+    )
     with pytest.raises(ValueError, match="warmup_epochs"):  # checked when loaded, before a run writes anything
         configs.load_config(preset="synthetic-a", overrides=["search.epochs=2"])
 
@@ -77,9 +109,18 @@ def test_check_data_names_each_problem(tmp_path):
 
 
 TINY_CELEBA = [
-    "search.size=32", "retrain.size=32", "model.width=0.125", "search.batch_size=8", "retrain.batch_size=8",
-    "search.epochs=2", "search.warmup_epochs=1", "retrain.epochs=1", "data.num_workers=0", "data.eval_batch_size=3",
-    "search.log_every=1", "retrain.log_every=1",
+    "search.size=32",
+    "retrain.size=32",
+    "model.width=0.125",
+    "search.batch_size=8",
+    "retrain.batch_size=8",
+    "search.epochs=2",
+    "search.warmup_epochs=1",
+    "retrain.epochs=1",
+    "data.num_workers=0",
+    "data.eval_batch_size=3",
+    "search.log_every=1",
+    "retrain.log_every=1",
 ]
 
 
@@ -88,7 +129,10 @@ def test_search_retrain_evaluate_through_the_api(tmp_path):
     data = synthetic_celeba.generate(tmp_path / "data", 40, 32, samples_per_shard=8) and tmp_path / "data"
     summary = pipeline.search(config, tmp_path / "run", data, progress=False)
     tree = Tree.load(tmp_path / "run" / "tree.json")
-    assert tree.tasks == list(datasets.get("celeba").tasks) and summary["tree_parameters"] <= summary["supernet_parameters"]
+    assert (
+        tree.tasks == list(datasets.get("celeba").tasks)
+        and summary["tree_parameters"] <= summary["supernet_parameters"]
+    )
     assert summary["timing"]["images"] == 2 * (32 // 8) * 8 and summary["timing"]["images_per_second"] > 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["data"] == str(data)
     with pytest.raises(ValueError, match="holds no retrained tree"):
@@ -126,7 +170,9 @@ def test_dense_predictions_are_resized_to_the_input(side, dtype):
     seed = torch.tensor([5])
     outputs = net(inputs, seed=seed)
     assert inner.options["seed"] is seed and inner.options["generator"] is None and net.tasks == inner.tasks
-    reference = torch.nn.functional.interpolate(inputs[:, :, ::2, ::2] * 2, size=(side, side + 1), mode="bilinear", align_corners=False)
+    reference = torch.nn.functional.interpolate(
+        inputs[:, :, ::2, ::2] * 2, size=(side, side + 1), mode="bilinear", align_corners=False
+    )
     torch.testing.assert_close(outputs["dense"], reference)
     torch.testing.assert_close(outputs["vector"], inputs.mean(dim=(2, 3)))
     same_size = {"dense": inputs}

@@ -32,9 +32,7 @@ def test_docs_have_examples():
     assert any(page.parent.name == "docs" for page, _ in EXAMPLES)
 
 
-@pytest.mark.parametrize(
-    "page, index", EXAMPLES, ids=[f"{page.relative_to(ROOT)}:{index}" for page, index in EXAMPLES]
-)
+@pytest.mark.parametrize("page, index", EXAMPLES, ids=[f"{page.relative_to(ROOT)}:{index}" for page, index in EXAMPLES])
 def test_example_runs(page, index):
     namespace: dict = {}
     source = _blocks(page)[index]

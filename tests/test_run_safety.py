@@ -14,12 +14,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_cli_pipeline import _sets  # noqa: E402
-
 from l2b_fast import cli  # noqa: E402
-from l2b_fast.datasets.celeba import synthetic as synthetic_celeba  # noqa: E402
 from l2b_fast.data.loader import SkippedDataWarning  # noqa: E402
+from l2b_fast.datasets.celeba import synthetic as synthetic_celeba  # noqa: E402
 from l2b_fast.train.checkpoints import atomic_save, read_checkpoint, rng_state, set_rng_state  # noqa: E402
+from test_cli_pipeline import _sets  # noqa: E402
 
 
 class WritesMarker:

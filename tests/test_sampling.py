@@ -70,21 +70,31 @@ def test_default_generator_follows_manual_seed(device, backend):
 @pytest.mark.parametrize("tau", [1e-4, 1.0, 1e4])
 def test_extreme_logits_stay_finite(device, backend, dtype, tau):
     big = torch.finfo(dtype).max
-    logits = torch.tensor([[big, -big, 0.0, big], [-big, big, 0.0, big], [0.0, 0.0, 0.0, -big]], dtype=dtype, device=device)
+    logits = torch.tensor(
+        [[big, -big, 0.0, big], [-big, big, 0.0, big], [0.0, 0.0, 0.0, -big]], dtype=dtype, device=device
+    )
     generator = torch.Generator(device).manual_seed(3)
     for _ in range(3):
         index, soft = ops.sample_branches(logits, tau, generator=generator, backend=backend)
         assert torch.isfinite(soft).all()
         assert ((index >= 0) & (index < 3)).all()
-        torch.testing.assert_close(soft.double().sum(0), torch.ones(4, dtype=torch.float64, device=device), atol=1e-2, rtol=0)
+        torch.testing.assert_close(
+            soft.double().sum(0), torch.ones(4, dtype=torch.float64, device=device), atol=1e-2, rtol=0
+        )
     assert index[0].item() == 0 and index[1].item() == 1  # a logit of +max always wins against -max
 
 
 @pytest.mark.parametrize("device, backend", ALL_BACKENDS)
 def test_branch_gradient_finite_with_extreme_logits(device, backend):
     big = torch.finfo(torch.float16).max
-    y = torch.randn(3, 8, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=torch.float16).requires_grad_(True)
-    logits = torch.tensor([[big, 0.0], [-big, 0.0], [0.0, -big]], dtype=torch.float16, device=device, requires_grad=True)
+    y = (
+        torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+        .to(device=device, dtype=torch.float16)
+        .requires_grad_(True)
+    )
+    logits = torch.tensor(
+        [[big, 0.0], [-big, 0.0], [0.0, -big]], dtype=torch.float16, device=device, requires_grad=True
+    )
     out = ops.branch(y, logits, 1e-3, generator=torch.Generator(device).manual_seed(0), backend=backend)
     out.float().square().sum().backward()
     assert torch.isfinite(y.grad).all() and torch.isfinite(logits.grad).all()

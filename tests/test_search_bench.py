@@ -12,19 +12,51 @@ from l2b_fast import cli
 from l2b_fast.bench import estimate, search_step
 from l2b_fast.models import SPECS, celeba_branch_vgg_spec, celeba_deep_wide_spec
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_smoke_run_writes_tagged_csv_json_and_plot(tmp_path, capsys):
-    code = cli.main(["bench", "search", "--preset", "tiny", "--models", "celeba_deep_wide", "--repeat", "1", "--warmup", "0", "--no-memory", "--threads", "1", "--out", str(tmp_path)])
+    code = cli.main(
+        [
+            "bench",
+            "search",
+            "--preset",
+            "tiny",
+            "--models",
+            "celeba_deep_wide",
+            "--repeat",
+            "1",
+            "--warmup",
+            "0",
+            "--no-memory",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     stem = next(tmp_path.glob("search_cpu_*_tiny.csv")).stem
     assert (tmp_path / f"{stem}.png").stat().st_size > 0
     with open(tmp_path / f"{stem}.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["variant"] for row in rows] == list(search_step.VARIANTS)
-    for column in ("model", "batch", "input", "median_ms", "images_per_s", "vs_naive", "vs_per_child", "vs_static", "step_peak_MiB", "resident_MiB", "memory", "device", "torch", "cpu_threads"):
+    for column in (
+        "model",
+        "batch",
+        "input",
+        "median_ms",
+        "images_per_s",
+        "vs_naive",
+        "vs_per_child",
+        "vs_static",
+        "step_peak_MiB",
+        "resident_MiB",
+        "memory",
+        "device",
+        "torch",
+        "cpu_threads",
+    ):
         assert column in rows[0], column
     for column in ("precision", "layout", "flops_per_step", "achieved_tflops", "peak_tflops", "peak_fraction", "timer"):
         assert column in rows[0], column

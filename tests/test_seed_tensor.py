@@ -41,7 +41,9 @@ def test_derive_seed_wraps_the_same_under_inductor():
     or compiled and eager runs would sample different trees."""
     torch._dynamo.reset()
     try:
-        derive_all = torch.compile(lambda seed: torch.cat([ops.derive_seed(seed, block) for block in range(4)]), fullgraph=True)
+        derive_all = torch.compile(
+            lambda seed: torch.cat([ops.derive_seed(seed, block) for block in range(4)]), fullgraph=True
+        )
         for seed in INT64_EDGES:
             assert derive_all(torch.tensor([seed])).tolist() == [derive_seed_value(seed, block) for block in range(4)]
     finally:
@@ -51,7 +53,9 @@ def test_derive_seed_wraps_the_same_under_inductor():
 @pytest.mark.parametrize("device, backend", backend_cases(include_ref=True))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("parents_count, children", [(5, 7), (3, 1), (2, 9)])
-def test_seed_tensor_sampling_is_reproducible_and_matches_the_reference(device, backend, dtype, parents_count, children):
+def test_seed_tensor_sampling_is_reproducible_and_matches_the_reference(
+    device, backend, dtype, parents_count, children
+):
     generator = torch.Generator().manual_seed(3)
     logits = torch.randn(parents_count, children, generator=generator, dtype=dtype).to(device)
     parents = torch.randn(parents_count, 3, 11, generator=generator, dtype=dtype).to(device)
@@ -137,9 +141,14 @@ def test_supernet_seed_gives_one_tree_per_seed(execution, dtype):
 def _search_step_runs(execution: str, compiled: bool, counting_backend=None):
     """Three search steps, each with a new tau and a new seed (both updated in place), SGD on both groups."""
     net = _supernet(execution, torch.float32)
-    optimizer = torch.optim.SGD([{"params": net.weight_parameters(), "lr": 0.1}, {"params": net.logits_parameters(), "lr": 0.5}])
+    optimizer = torch.optim.SGD(
+        [{"params": net.weight_parameters(), "lr": 0.1}, {"params": net.logits_parameters(), "lr": 0.5}]
+    )
     seed = torch.zeros(1, dtype=torch.int64)
-    x, target = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)), torch.randn(4, 4, generator=torch.Generator().manual_seed(2))
+    x, target = (
+        torch.randn(4, 6, generator=torch.Generator().manual_seed(1)),
+        torch.randn(4, 4, generator=torch.Generator().manual_seed(2)),
+    )
 
     def loss_fn(inputs, wanted, step_seed):
         return sum(nn.functional.mse_loss(out, wanted) for out in net(inputs, seed=step_seed).values())
@@ -215,6 +224,8 @@ def test_branching_module_takes_the_seed():
     block = Branching(4, 6, tau=0.5)
     parents = torch.randn(4, 2, 3)
     seed = torch.tensor([99])
-    torch.testing.assert_close(block(parents, seed=seed), ops.branch(parents, block.logits, 0.5, seed=seed), atol=0, rtol=0)
+    torch.testing.assert_close(
+        block(parents, seed=seed), ops.branch(parents, block.logits, 0.5, seed=seed), atol=0, rtol=0
+    )
     block.eval()  # argmax: the seed is validated, not used
     torch.testing.assert_close(block(parents, seed=seed), parents.index_select(0, block.logits.argmax(0)))

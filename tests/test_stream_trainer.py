@@ -33,7 +33,13 @@ def tiny_supernet(seed: int = 0, dtype=torch.float64, dropout: float = 0.0) -> T
 
 def make_batches(count: int, size: int, seed: int, dtype=torch.float64) -> list:
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, IN, generator=generator, dtype=dtype), {t: torch.randn(size, OUT, generator=generator, dtype=dtype) for t in TASKS}) for _ in range(count)]
+    return [
+        (
+            torch.randn(size, IN, generator=generator, dtype=dtype),
+            {t: torch.randn(size, OUT, generator=generator, dtype=dtype) for t in TASKS},
+        )
+        for _ in range(count)
+    ]
 
 
 MSE = {task: nn.functional.mse_loss for task in TASKS}
@@ -58,13 +64,23 @@ def assert_same_state(left: nn.Module, right: nn.Module, **tolerance) -> None:
 
 
 # ------------------------------------------------------------------------------------------- accumulation
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, dict(rtol=1e-10, atol=1e-12)), (torch.float32, dict(rtol=2e-4, atol=2e-5))])
+@pytest.mark.parametrize(
+    "dtype, tolerance", [(torch.float64, dict(rtol=1e-10, atol=1e-12)), (torch.float32, dict(rtol=2e-4, atol=2e-5))]
+)
 def test_accumulation_equals_a_bigger_batch(tmp_path, dtype, tolerance):
     """Accumulating 2 batches of 3 = one batch of 6 (one tree per step), the epoch's odd last batch included."""
     small = make_batches(5, 3, seed=1, dtype=dtype)  # steps of 2 + 2 + 1 batches
-    big = [(torch.cat([x for x, _ in small[k:k + 2]]), {t: torch.cat([y[t] for _, y in small[k:k + 2]]) for t in TASKS}) for k in (0, 2)]
+    big = [
+        (
+            torch.cat([x for x, _ in small[k : k + 2]]),
+            {t: torch.cat([y[t] for _, y in small[k : k + 2]]) for t in TASKS},
+        )
+        for k in (0, 2)
+    ]
     big.append(small[4])
-    accumulated = StreamTrainer(tiny_supernet(dtype=dtype), MSE, small, config(accumulation=2), tmp_path / "accumulated")
+    accumulated = StreamTrainer(
+        tiny_supernet(dtype=dtype), MSE, small, config(accumulation=2), tmp_path / "accumulated"
+    )
     whole = StreamTrainer(tiny_supernet(dtype=dtype), MSE, big, config(), tmp_path / "whole")
     assert accumulated.steps_per_epoch == whole.steps_per_epoch == 3
     accumulated.fit()
@@ -81,7 +97,9 @@ def test_warmup_freezes_logits_found_by_the_model(tmp_path):
     net = tiny_supernet()
     trainer = StreamTrainer(net, MSE, make_batches(3, 4, seed=2), config(epochs=2), tmp_path)
     assert [id(p) for p in trainer.logits_optimizer.param_groups[0]["params"]] == [id(b.logits) for b in net.branchings]
-    assert not {id(p) for p in trainer.weight_optimizer.param_groups[0]["params"]} & {id(b.logits) for b in net.branchings}
+    assert not {id(p) for p in trainer.weight_optimizer.param_groups[0]["params"]} & {
+        id(b.logits) for b in net.branchings
+    }
     trainer.fit(stop_after_steps=3)  # the warmup epoch
     assert all(b.mode == "frozen" for b in net.branchings)
     assert all(torch.equal(b.logits.detach(), torch.zeros_like(b.logits)) for b in net.branchings)
@@ -101,7 +119,11 @@ def test_retrain_treenet_has_no_logits_optimizer(tmp_path):
     supernet = tiny_supernet()
     tree = derive(supernet).pruned()
     torch.manual_seed(3)
-    blocks = [BlockSpec(2, lambda b, j: nn.Linear(HIDDEN if b else IN, HIDDEN)), BlockSpec(3, lambda b, j: nn.Linear(HIDDEN, HIDDEN)), BlockSpec(2, lambda b, j: nn.Linear(HIDDEN, OUT))]
+    blocks = [
+        BlockSpec(2, lambda b, j: nn.Linear(HIDDEN if b else IN, HIDDEN)),
+        BlockSpec(3, lambda b, j: nn.Linear(HIDDEN, HIDDEN)),
+        BlockSpec(2, lambda b, j: nn.Linear(HIDDEN, OUT)),
+    ]
     net = TreeNet(tree, blocks).double()
     before = [p.detach().clone() for p in net.parameters()]
     trainer = StreamTrainer(net, MSE, make_batches(3, 4, seed=4), config(epochs=1, warmup_epochs=0), tmp_path)
@@ -121,7 +143,13 @@ def _conv_supernet(seed: int, dtype=torch.float32) -> TreeSupernet:
 
 def _image_batches(count: int, dtype=torch.float32) -> list:
     generator = torch.Generator().manual_seed(5)
-    return [(torch.randn(2, 3, 9, 7, generator=generator, dtype=dtype), {t: torch.randn(2, OUT, generator=generator, dtype=dtype) for t in TASKS}) for _ in range(count)]
+    return [
+        (
+            torch.randn(2, 3, 9, 7, generator=generator, dtype=dtype),
+            {t: torch.randn(2, OUT, generator=generator, dtype=dtype) for t in TASKS},
+        )
+        for _ in range(count)
+    ]
 
 
 def test_bf16_autocast(tmp_path):
@@ -136,7 +164,9 @@ def test_bf16_autocast(tmp_path):
 
 
 def test_fp16_uses_a_gradient_scaler(tmp_path):
-    trainer = StreamTrainer(_conv_supernet(0), MSE, _image_batches(2), config(epochs=1, warmup_epochs=0, precision="fp16"), tmp_path)
+    trainer = StreamTrainer(
+        _conv_supernet(0), MSE, _image_batches(2), config(epochs=1, warmup_epochs=0, precision="fp16"), tmp_path
+    )
     assert trainer.scaler.is_enabled()
     trainer.fit()
     state = torch.load(trainer.checkpoint_path, weights_only=True)
@@ -144,8 +174,16 @@ def test_fp16_uses_a_gradient_scaler(tmp_path):
 
 
 def test_channels_last_matches_contiguous(tmp_path):
-    plain = StreamTrainer(_conv_supernet(1, torch.float64), MSE, _image_batches(3, torch.float64), config(epochs=2), tmp_path / "plain")
-    last = StreamTrainer(_conv_supernet(1, torch.float64), MSE, _image_batches(3, torch.float64), config(epochs=2, channels_last=True), tmp_path / "last")
+    plain = StreamTrainer(
+        _conv_supernet(1, torch.float64), MSE, _image_batches(3, torch.float64), config(epochs=2), tmp_path / "plain"
+    )
+    last = StreamTrainer(
+        _conv_supernet(1, torch.float64),
+        MSE,
+        _image_batches(3, torch.float64),
+        config(epochs=2, channels_last=True),
+        tmp_path / "last",
+    )
     assert last.module.nodes[0][0][0].weight.is_contiguous(memory_format=torch.channels_last)
     plain.fit()
     last.fit()
@@ -157,7 +195,9 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
     """``compile`` (dynamo with the eager backend: tracing, graph breaks and guards without codegen time)."""
     batches = make_batches(3, 4, seed=12)
     eager = StreamTrainer(tiny_supernet(), MSE, batches, config(epochs=2), tmp_path / "eager")
-    compiled = StreamTrainer(tiny_supernet(), MSE, batches, config(epochs=2, compile={"backend": "eager"}), tmp_path / "compiled")
+    compiled = StreamTrainer(
+        tiny_supernet(), MSE, batches, config(epochs=2, compile={"backend": "eager"}), tmp_path / "compiled"
+    )
     assert compiled.model is not compiled.module and unwrap_model(compiled.model) is compiled.module
     eager.fit()
     compiled.fit()
@@ -187,7 +227,13 @@ def test_compiled_search_is_fullgraph_and_samples_the_eager_trees(tmp_path):
     batches = make_batches(3, 4, seed=14)
     settings = dict(epochs=2, tau={"kind": "inverse_sqrt", "tau0": 5.0})
     eager = StreamTrainer(tiny_supernet(), MSE, batches, config(**settings), tmp_path / "eager")
-    compiled = StreamTrainer(tiny_supernet(), MSE, batches, config(**settings, compile={"backend": COUNTING_BACKEND, "fullgraph": True}), tmp_path / "compiled")
+    compiled = StreamTrainer(
+        tiny_supernet(),
+        MSE,
+        batches,
+        config(**settings, compile={"backend": COUNTING_BACKEND, "fullgraph": True}),
+        tmp_path / "compiled",
+    )
     assert compiled._step_seed is not None and compiled._generator is None  # TreeSupernet takes seed=
     torch._dynamo.reset()
     counters.clear()
@@ -195,7 +241,9 @@ def test_compiled_search_is_fullgraph_and_samples_the_eager_trees(tmp_path):
         eager.fit()
         compiled.fit()
         assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-        assert len(_COUNTED_COMPILES) == 2, f"{len(_COUNTED_COMPILES)} compiles: expected one per mode (frozen warmup, search)"
+        assert len(_COUNTED_COMPILES) == 2, (
+            f"{len(_COUNTED_COMPILES)} compiles: expected one per mode (frozen warmup, search)"
+        )
     finally:
         torch._dynamo.reset()
     assert_same_state(eager.module, compiled.module, rtol=1e-12, atol=1e-14)
@@ -210,7 +258,14 @@ def test_cuda_reduce_overhead_compile_replays_cuda_graphs_like_eager(tmp_path):
     batches = [(x.cuda(), {t: y.cuda() for t, y in targets.items()}) for x, targets in make_batches(3, 4, seed=16)]
     settings = dict(epochs=2, tau={"kind": "inverse_sqrt", "tau0": 5.0})
     eager = StreamTrainer(tiny_supernet(), MSE, batches, config(**settings), tmp_path / "eager", device="cuda")
-    compiled = StreamTrainer(tiny_supernet(), MSE, batches, config(**settings, compile={"mode": "reduce-overhead", "fullgraph": True}), tmp_path / "compiled", device="cuda")
+    compiled = StreamTrainer(
+        tiny_supernet(),
+        MSE,
+        batches,
+        config(**settings, compile={"mode": "reduce-overhead", "fullgraph": True}),
+        tmp_path / "compiled",
+        device="cuda",
+    )
     torch._dynamo.reset()
     try:
         eager.fit()
@@ -228,7 +283,9 @@ def test_cuda_search_steps_between_logs_have_no_sync_debug_error(tmp_path, compi
     ``set_sync_debug_mode("error")``: nothing waits for the GPU. The first step (compiles, allocations) and the
     epoch's end (logs, checkpoint) run outside the checked region."""
     batches = [(x.cuda(), {t: y.cuda() for t, y in targets.items()}) for x, targets in make_batches(5, 4, seed=17)]
-    cfg = config(epochs=1, warmup_epochs=0, log_every=1000, tau={"kind": "inverse_sqrt", "tau0": 5.0}, compile=compile_options)
+    cfg = config(
+        epochs=1, warmup_epochs=0, log_every=1000, tau={"kind": "inverse_sqrt", "tau0": 5.0}, compile=compile_options
+    )
     trainer = StreamTrainer(tiny_supernet(dtype=torch.float32), MSE, batches, cfg, tmp_path, device="cuda")
     checked = []
 
@@ -274,7 +331,9 @@ def test_prepare_batch_turns_raw_batches_into_inputs_and_targets(tmp_path):
     raw = [({"x": x, **y},) for x, y in batches]  # e.g. the raw Taskonomy batches, normalised where the model runs
     prepare = lambda batch, device: (batch[0]["x"].to(device), {t: batch[0][t].to(device) for t in TASKS})
     plain = StreamTrainer(tiny_supernet(), MSE, batches, config(epochs=2), tmp_path / "plain")
-    prepared = StreamTrainer(tiny_supernet(), MSE, raw, config(epochs=2), tmp_path / "prepared", val_data=raw, prepare_batch=prepare)
+    prepared = StreamTrainer(
+        tiny_supernet(), MSE, raw, config(epochs=2), tmp_path / "prepared", val_data=raw, prepare_batch=prepare
+    )
     plain.fit()
     prepared.fit()
     assert_same_state(plain.module, prepared.module)
@@ -311,13 +370,24 @@ def test_learning_rate_schedules():
     assert [step(0, e, None) for e in range(4)] == [1.0, 0.5, 0.5, 0.25]
     assert lr_schedules.from_config(None)(5, 5, None) == 1.0
     assert lr_schedules.from_config({"kind": "constant", "warmup_steps": 4})(1, 0, None) == 0.5
-    for bad in ({"kind": "nope"}, {"kind": "cosine", "nope": 1}, {"kind": "step", "gamma": -1.0, "milestones": [0]}, "cosine", {"kind": "constant", "warmup_steps": -1}):
+    for bad in (
+        {"kind": "nope"},
+        {"kind": "cosine", "nope": 1},
+        {"kind": "step", "gamma": -1.0, "milestones": [0]},
+        "cosine",
+        {"kind": "constant", "warmup_steps": -1},
+    ):
         with pytest.raises(ValueError):
             lr_schedules.from_config(bad)
 
 
 def test_logged_lr_tau_task_weights_and_probabilities(tmp_path):
-    cfg = config(epochs=3, tau={"kind": "epoch_decay", "tau0": 10.0, "rate": 0.5}, lr_schedule={"kind": "cosine", "warmup_steps": 2}, task_weights={"a": 2.0})
+    cfg = config(
+        epochs=3,
+        tau={"kind": "epoch_decay", "tau0": 10.0, "rate": 0.5},
+        lr_schedule={"kind": "cosine", "warmup_steps": 2},
+        task_weights={"a": 2.0},
+    )
     trainer = StreamTrainer(tiny_supernet(), MSE, make_batches(4, 3, seed=6), cfg, tmp_path)
     trainer.fit()
     rows = read_csv(tmp_path / "log.csv")
@@ -343,7 +413,9 @@ def test_validation_and_evaluate_count_samples(tmp_path):
     trainer.module.eval()
     with torch.no_grad():
         outputs = [trainer.module(x) for x, _ in val]
-        expected = sum(nn.functional.mse_loss(o["a"], y["a"], reduction="sum") / OUT for o, (_, y) in zip(outputs, val)) / 12
+        expected = (
+            sum(nn.functional.mse_loss(o["a"], y["a"], reduction="sum") / OUT for o, (_, y) in zip(outputs, val)) / 12
+        )
     assert math.isclose(evaluation.losses["a"], float(expected), rel_tol=1e-12)
     assert math.isclose(float(row["val_loss.a"]), evaluation.losses["a"], rel_tol=1e-12)
 
@@ -426,7 +498,9 @@ def test_resume_of_webdataset_loaders_built_per_epoch(tmp_path):
     celeba = datasets.get("celeba", attributes=("Smiling", "Male", "Young"))
 
     def data(epoch):
-        return loader.celeba_loader(urls, batch_size=2, train=True, epoch_samples=8, seed=1000 + epoch, shuffle_buffer=8, rank=0, world_size=1)
+        return loader.celeba_loader(
+            urls, batch_size=2, train=True, epoch_samples=8, seed=1000 + epoch, shuffle_buffer=8, rank=0, world_size=1
+        )
 
     def model(seed):
         torch.manual_seed(seed)
@@ -434,7 +508,9 @@ def test_resume_of_webdataset_loaders_built_per_epoch(tmp_path):
         heads = lambda task: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
         return TreeSupernet([BlockSpec(2, node), BlockSpec(len(celeba.tasks), node)], celeba.tasks, heads)
 
-    val = lambda: loader.celeba_loader(shards.shard_paths(tmp_path / "shards", "val"), batch_size=3, train=False, rank=0, world_size=1)
+    val = lambda: loader.celeba_loader(
+        shards.shard_paths(tmp_path / "shards", "val"), batch_size=3, train=False, rank=0, world_size=1
+    )
     cfg = config(epochs=2, batches_per_epoch=4, checkpoint_every=3)
     whole = StreamTrainer(model(0), celeba, data, cfg, tmp_path / "whole", val_data=val)
     whole.fit()
@@ -459,7 +535,8 @@ KILL_SCRIPT = textwrap.dedent("""
         if trainer.step == 5:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    StreamTrainer(tiny_supernet(dropout=0.2), MSE, make_batches(5, 3, seed=10), config(accumulation=2, checkpoint_every=2), sys.argv[1]).fit(on_step=kill)
+    model, data = tiny_supernet(dropout=0.2), make_batches(5, 3, seed=10)
+    StreamTrainer(model, MSE, data, config(accumulation=2, checkpoint_every=2), sys.argv[1]).fit(on_step=kill)
 """)
 
 
@@ -481,10 +558,20 @@ def test_sigkilled_process_resumes_exactly(tmp_path):
 
 # ------------------------------------------------------------------------------------------- bad input
 def test_bad_configs():
-    for bad in (dict(epochs=0), dict(epochs=2, warmup_epochs=3), dict(epochs=1, accumulation=0), dict(epochs=1, precision="fp8"),
-                dict(epochs=1, optimizer="sgd"), dict(epochs=1, lr_weights=-1.0), dict(epochs=1, lr_logits=math.nan),
-                dict(epochs=1, batches_per_epoch=0), dict(epochs=1, tau=0.0), dict(epochs=1, lr_schedule={"kind": "x"}),
-                dict(epochs=1, compile="yes"), dict(epochs=1, checkpoint_every=-1)):
+    for bad in (
+        dict(epochs=0),
+        dict(epochs=2, warmup_epochs=3),
+        dict(epochs=1, accumulation=0),
+        dict(epochs=1, precision="fp8"),
+        dict(epochs=1, optimizer="sgd"),
+        dict(epochs=1, lr_weights=-1.0),
+        dict(epochs=1, lr_logits=math.nan),
+        dict(epochs=1, batches_per_epoch=0),
+        dict(epochs=1, tau=0.0),
+        dict(epochs=1, lr_schedule={"kind": "x"}),
+        dict(epochs=1, compile="yes"),
+        dict(epochs=1, checkpoint_every=-1),
+    ):
         with pytest.raises(ValueError):
             StreamConfig(**bad)
 
@@ -509,14 +596,22 @@ def test_bad_trainer_input(tmp_path):
         StreamTrainer(tiny_supernet(), MSE, batches, config(), tmp_path / "none").fit(resume=True)
     StreamTrainer(tiny_supernet(), MSE, batches, config(epochs=1, warmup_epochs=0), tmp_path / "done").fit()
     with pytest.raises(ValueError, match=r"another configuration \(differs in \['lr_weights'\]\)"):
-        StreamTrainer(tiny_supernet(), MSE, batches, config(epochs=1, warmup_epochs=0, lr_weights=0.5), tmp_path / "done").fit(resume=True)
+        StreamTrainer(
+            tiny_supernet(), MSE, batches, config(epochs=1, warmup_epochs=0, lr_weights=0.5), tmp_path / "done"
+        ).fit(resume=True)
     with pytest.raises(FloatingPointError, match="lower the learning rates"):
-        StreamTrainer(tiny_supernet(), MSE, [(batches[0][0] * math.inf, batches[0][1])], config(), tmp_path / "inf").fit()
+        StreamTrainer(
+            tiny_supernet(), MSE, [(batches[0][0] * math.inf, batches[0][1])], config(), tmp_path / "inf"
+        ).fit()
 
 
 def test_devices():
     assert distributed.resolve_device("cpu") == torch.device("cpu")
-    assert distributed.resolve_device("auto") == torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert (
+        distributed.resolve_device("auto") == torch.device("cuda", 0)
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here"):
             distributed.resolve_device("cuda")
@@ -528,7 +623,13 @@ def test_single_process_setup_initialises_nothing(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     context = distributed.setup("cpu")
-    assert (context.rank, context.world_size, context.distributed, context.is_main, context.backend) == (0, 1, False, True, None)
+    assert (context.rank, context.world_size, context.distributed, context.is_main, context.backend) == (
+        0,
+        1,
+        False,
+        True,
+        None,
+    )
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="LOCAL_RANK, MASTER_ADDR, MASTER_PORT are missing"):

@@ -8,26 +8,37 @@ import math
 import pytest
 import torch
 
+from conftest import bent_square_toml
 from l2b_fast import config as configs
 from l2b_fast import pipeline
-from l2b_fast.datasets.synthetic import RECIPE
-from l2b_fast.datasets.synthetic import outcomes
+from l2b_fast.datasets.synthetic import RECIPE, outcomes
 from l2b_fast.datasets.synthetic import tasks as synthetic
 from l2b_fast.nn import TreeNet, parameter_count
 from l2b_fast.tree import Tree
-from conftest import bent_square_toml
 
 SHORT = bent_square_toml(
-    tasks=3, samples=2000, hidden=32, validation=0.0,
-    search={"epochs": 30, "batch_size": 100, "warmup_epochs": 3, "lr_weights": 3e-3, "lr_logits": 0.2,
-            "tau": '{ kind = "inverse_sqrt", tau0 = 20.0, min = 0.1 }', "log_every": 20},
+    tasks=3,
+    samples=2000,
+    hidden=32,
+    validation=0.0,
+    search={
+        "epochs": 30,
+        "batch_size": 100,
+        "warmup_epochs": 3,
+        "lr_weights": 3e-3,
+        "lr_logits": 0.2,
+        "tau": '{ kind = "inverse_sqrt", tau0 = 20.0, min = 0.1 }',
+        "log_every": 20,
+    },
 )
 
 
 def test_activations():
     x = torch.tensor([-2.0, 0.0, 1.5])
     torch.testing.assert_close(synthetic.ACTIVATIONS["bent"](x), (torch.sqrt(x * x + 1) - 1) / 2 + x)
-    torch.testing.assert_close(synthetic.ACTIVATIONS["sinc"](x), torch.tensor([math.sin(-2.0) / -2.0, 1.0, math.sin(1.5) / 1.5]))
+    torch.testing.assert_close(
+        synthetic.ACTIVATIONS["sinc"](x), torch.tensor([math.sin(-2.0) / -2.0, 1.0, math.sin(1.5) / 1.5])
+    )
 
 
 def test_task_names_and_shapes():
@@ -59,12 +70,22 @@ def test_tasks_are_drawn_in_float64_and_cast():
 def test_learning_report_names_the_tasks_that_did_not_learn():
     final = {"loss": 1.4, "a-0": 0.1, "a-1": 0.2, "b-0": 0.9, "val_a-0": 0.2, "val_a-1": 0.3, "val_b-0": 0.95}
     report = outcomes.learning_report(final, ["a-0", "a-1", "b-0"], 0.5)
-    assert report["task_losses_split"] == "validation" and report["task_losses"] == {"a-0": 0.2, "a-1": 0.3, "b-0": 0.95}
+    assert report["task_losses_split"] == "validation" and report["task_losses"] == {
+        "a-0": 0.2,
+        "a-1": 0.3,
+        "b-0": 0.95,
+    }
     assert report["group_losses"] == pytest.approx({"a": 0.25, "b": 0.95})
-    assert not report["all_tasks_learned"] and report["tasks_not_learned"] == ["b-0"] and report["learned_threshold"] == 0.5
+    assert (
+        not report["all_tasks_learned"]
+        and report["tasks_not_learned"] == ["b-0"]
+        and report["learned_threshold"] == 0.5
+    )
     training_only = outcomes.learning_report({"a-0": 0.1, "b-0": 0.4}, ["a-0", "b-0"], 0.5)
     assert training_only["task_losses_split"] == "training" and training_only["all_tasks_learned"]
-    assert outcomes.learning_report({"a-0": float("nan")}, ["a-0"], 0.5)["tasks_not_learned"] == ["a-0"]  # NaN never "learned"
+    assert outcomes.learning_report({"a-0": float("nan")}, ["a-0"], 0.5)["tasks_not_learned"] == [
+        "a-0"
+    ]  # NaN never "learned"
 
 
 def test_baseline_trees_have_the_searched_node_widths():
@@ -80,7 +101,11 @@ def test_baseline_trees_have_the_searched_node_widths():
 
 def test_presets_load_and_name_their_tasks():
     assert {"synthetic-a", "synthetic-b", "synthetic-c"} <= set(configs.preset_names())
-    expected_groups = {"synthetic-a": {"bent", "square", "sinc"}, "synthetic-b": {"sin_x1", "sin_x2", "sin_x3"}, "synthetic-c": {"cos", "sinc", "square"}}
+    expected_groups = {
+        "synthetic-a": {"bent", "square", "sinc"},
+        "synthetic-b": {"sin_x1", "sin_x2", "sin_x3"},
+        "synthetic-c": {"cos", "sinc", "square"},
+    }
     for name, groups in expected_groups.items():
         config = configs.load_config(preset=name)
         names = synthetic.task_names(RECIPE.groups(config))
@@ -101,14 +126,28 @@ def test_expected_outcome_checks():
     assert not outcomes.check_outcome(grouped, "b")
     c_tasks = [f"{g}-{s}" for g in ("cos", "sinc", "square") for s in range(2)]
     assert outcomes.check_outcome(Tree(c_tasks, [[0, 0], [0, 1], [0, 0, 0, 0, 1, 1]]), "c")
-    assert not outcomes.check_outcome(Tree(c_tasks, [[0, 0], [0, 0], [0, 0, 0, 0, 1, 1]]), "c")  # split only at the leaf
+    assert not outcomes.check_outcome(
+        Tree(c_tasks, [[0, 0], [0, 0], [0, 0, 0, 0, 1, 1]]), "c"
+    )  # split only at the leaf
+
 
 # Few inputs and outputs, so that square (an even function: no first-order signal) is learnable in seconds.
 TINY_LEARNABLE = bent_square_toml(
-    tasks=2, samples=1000, hidden=48, validation=0.2,
-    search={"epochs": 20, "batch_size": 50, "warmup_epochs": 2, "lr_weights": 3e-3, "lr_logits": 0.1,
-            "weight_decay_weights": 1e-4, "tau": '{ kind = "inverse_sqrt", tau0 = 10.0 }', "log_every": 20},
-).replace("[model]", "input_dim = 16\noutput_dim = 4\n[model]\ndtype = \"float64\"")
+    tasks=2,
+    samples=1000,
+    hidden=48,
+    validation=0.2,
+    search={
+        "epochs": 20,
+        "batch_size": 50,
+        "warmup_epochs": 2,
+        "lr_weights": 3e-3,
+        "lr_logits": 0.1,
+        "weight_decay_weights": 1e-4,
+        "tau": '{ kind = "inverse_sqrt", tau0 = 10.0 }',
+        "log_every": 20,
+    },
+).replace("[model]", 'input_dim = 16\noutput_dim = 4\n[model]\ndtype = "float64"')
 
 
 def test_every_task_learns_on_a_tiny_config(tmp_path):

@@ -14,7 +14,12 @@ pytest.importorskip("webdataset")
 
 from l2b_fast.datasets.taskonomy import convert as tc  # noqa: E402
 
-OLD_NAMES = {"depth_zbuffer": "depth", "segment_semantic": "segmentsemantic", "edge_texture": "edge2d", "keypoints2d": "keypoint2d"}
+OLD_NAMES = {
+    "depth_zbuffer": "depth",
+    "segment_semantic": "segmentsemantic",
+    "edge_texture": "edge2d",
+    "keypoints2d": "keypoint2d",
+}
 
 
 def raw_arrays(rng: np.random.Generator, size: int = 512) -> dict[str, np.ndarray]:
@@ -37,7 +42,11 @@ def write_raw(root, layout: str, building: str, point: int, view: int, arrays: d
         if domain in skip:
             continue
         name = OLD_NAMES.get(domain, domain) if layout == "2018" else domain
-        folder = {"omnidata": root / name / "taskonomy" / building, "flat": root / name / building, "2018": root / building / name}[layout]
+        folder = {
+            "omnidata": root / name / "taskonomy" / building,
+            "flat": root / name / building,
+            "2018": root / building / name,
+        }[layout]
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"point_{point}_view_{view}_domain_{name}.png"
         if domain in corrupt:
@@ -52,7 +61,13 @@ def raw_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("raw")
     rng = np.random.default_rng(0)
     expected = {}
-    for layout, building in (("omnidata", "hanson"), ("flat", "merom"), ("2018", "klickitat"), ("flat", "darden"), ("omnidata", "ihlen")):
+    for layout, building in (
+        ("omnidata", "hanson"),
+        ("flat", "merom"),
+        ("2018", "klickitat"),
+        ("flat", "darden"),
+        ("omnidata", "ihlen"),
+    ):
         for view in range(2):
             arrays = raw_arrays(rng)
             write_raw(root, layout, building, 7, view, arrays)
@@ -87,7 +102,10 @@ def test_converts_every_layout_and_skips_bad_views(raw_tree, tmp_path):
             np.testing.assert_array_equal(decoded, array[::2, ::2])  # cv2 nearest, 16-bit kept
         meta = json.loads(samples[key]["json"])
         assert meta["size"] == 256 and key.startswith(meta["building"])
-    assert samples["hanson_point_7_view_0"]["depth_zbuffer.png"] and np.asarray(Image.open(io.BytesIO(samples["hanson_point_7_view_0"]["depth_zbuffer.png"]))).max() == 65535
+    assert (
+        samples["hanson_point_7_view_0"]["depth_zbuffer.png"]
+        and np.asarray(Image.open(io.BytesIO(samples["hanson_point_7_view_0"]["depth_zbuffer.png"]))).max() == 65535
+    )
     log = (tmp_path / "skipped.tsv").read_text()
     assert "merom_point_9_view_0\tmissing normal" in log and "klickitat_point_9_view_0\tcannot decode" in log
 
@@ -135,4 +153,6 @@ def test_same_input_gives_byte_identical_shards(raw_tree, tmp_path):
     first = tc.convert(root, tmp_path / "a", samples_per_shard=4, progress=False)
     second = tc.convert(root, tmp_path / "b", samples_per_shard=4, progress=False)
     names = [name for split in first["splits"].values() for name in split["shards"]]
-    assert first == second and all((tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes() for name in names)
+    assert first == second and all(
+        (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes() for name in names
+    )

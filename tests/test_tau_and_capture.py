@@ -96,7 +96,7 @@ class _RecordBackwardCalls(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.__name__.startswith("branch_backward"):
             flags = tuple(args[5:7])  # (need_grad_parents, need_grad_logits); defaults (True) may be left out
-            self.calls.append(flags + (True, True)[len(flags):])
+            self.calls.append(flags + (True, True)[len(flags) :])
         return func(*args, **kwargs)
 
 
@@ -111,7 +111,9 @@ def test_frozen_logits_skip_the_dot_products(device, backend):
         block(y, generator=torch.Generator(device).manual_seed(3)).backward(grad)
     assert recorder.calls == [(True, False)]
     assert block.logits.grad is None
-    index, _ = ops.sample_branches(block.logits.detach(), 0.7, generator=torch.Generator(device).manual_seed(3), backend="ref")
+    index, _ = ops.sample_branches(
+        block.logits.detach(), 0.7, generator=torch.Generator(device).manual_seed(3), backend="ref"
+    )
     torch.testing.assert_close(y.grad, torch.zeros_like(y).index_add_(0, index, grad))
     block.mode = "search"
     with _RecordBackwardCalls() as recorder:
@@ -129,7 +131,9 @@ def test_backward_output_flags(device, backend, dtype):
     y = torch.randn(5, 3, 11, generator=generator).to(device=device, dtype=dtype)
     grad = torch.randn(6, 3, 11, generator=generator).to(device=device, dtype=dtype)
     tau = torch.tensor(0.6, dtype=torch.float64, device=device)
-    soft, index = namespace.sample_branches(torch.randn(5, 6, generator=generator).to(device), tau, None, torch.tensor([4], device=device))
+    soft, index = namespace.sample_branches(
+        torch.randn(5, 6, generator=generator).to(device), tau, None, torch.tensor([4], device=device)
+    )
     full_parents, full_logits = namespace.branch_backward(grad, y, index, soft, tau)
     parents_only = namespace.branch_backward(grad, y, index, soft, tau, True, False)
     logits_only = namespace.branch_backward(grad, y, index, soft, tau, False, True)
@@ -157,7 +161,12 @@ def _search_steps(net: TreeSupernet, loss_fn, update, taus, x, target) -> list[t
 
 def _slow_ref(cases):
     """The reference's traced Philox makes its compile case take ~15 s on 2 cores."""
-    return [pytest.param(*case.values, id=case.id, marks=[*case.marks, pytest.mark.slow]) if case.values[1] == "ref" else case for case in cases]
+    return [
+        pytest.param(*case.values, id=case.id, marks=[*case.marks, pytest.mark.slow])
+        if case.values[1] == "ref"
+        else case
+        for case in cases
+    ]
 
 
 @pytest.mark.parametrize("device, backend", _slow_ref(backend_cases(include_ref=True)))

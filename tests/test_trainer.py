@@ -14,15 +14,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import bent_square_toml
 from l2b_fast import config as configs
 from l2b_fast import datasets
 from l2b_fast.train import TrainConfig, Trainer
-from conftest import bent_square_toml
 
 TINY = bent_square_toml(
-    tasks=2, samples=300, hidden=16, validation=0.2,
-    search={"epochs": 4, "batch_size": 40, "warmup_epochs": 1, "lr_weights": 3e-3, "lr_logits": 0.1,
-            "tau": '{ kind = "inverse_sqrt", tau0 = 5.0 }', "checkpoint_every": 3, "log_every": 2},
+    tasks=2,
+    samples=300,
+    hidden=16,
+    validation=0.2,
+    search={
+        "epochs": 4,
+        "batch_size": 40,
+        "warmup_epochs": 1,
+        "lr_weights": 3e-3,
+        "lr_logits": 0.1,
+        "tau": '{ kind = "inverse_sqrt", tau0 = 5.0 }',
+        "checkpoint_every": 3,
+        "log_every": 2,
+    },
     retrain={"epochs": 2, "batch_size": 40},
 )
 
@@ -43,8 +54,12 @@ def make_trainer(config: dict, out: Path, **overrides) -> Trainer:
     torch.manual_seed(0)
     net = RECIPE.supernet(config, RECIPE.model_spec(config, settings))
     return Trainer(
-        net, RECIPE.dataset(config), source.train(settings, 0, 1),
-        configs.train_config(settings, RECIPE, seed=0, progress=False), out, val_data=source.evaluation("val", settings),
+        net,
+        RECIPE.dataset(config),
+        source.train(settings, 0, 1),
+        configs.train_config(settings, RECIPE, seed=0, progress=False),
+        out,
+        val_data=source.evaluation("val", settings),
     )
 
 
@@ -106,7 +121,14 @@ def test_bad_train_config():
 def l2b(*args, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.Popen([sys.executable, "-m", "l2b_fast.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "l2b_fast.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_killed_search_resumes_to_the_same_tree(tmp_path):
@@ -119,7 +141,11 @@ def test_killed_search_resumes_to_the_same_tree(tmp_path):
     checkpoint = tmp_path / "killed" / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while time.time() < deadline and killed.poll() is None:
-        if checkpoint.exists() and checkpoint.stat().st_size > 0 and len((tmp_path / "killed" / "log.csv").read_text().splitlines()) > 20:
+        if (
+            checkpoint.exists()
+            and checkpoint.stat().st_size > 0
+            and len((tmp_path / "killed" / "log.csv").read_text().splitlines()) > 20
+        ):
             break
         time.sleep(0.05)
     assert killed.poll() is None, "the run finished before it could be killed: make it longer"

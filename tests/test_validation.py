@@ -126,10 +126,14 @@ def test_cpp_op_checks_direct_callers():
     with pytest.raises(ValueError, match="tau must be a one-element floating tensor"):
         torch.ops.l2b_fast.sample_branches(logits, torch.ones(2), torch.zeros(3, 2), None)
     with pytest.raises(ValueError, match="tau"):
-        torch.ops.l2b_fast.branch_backward(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 2]), torch.rand(3, 2), torch.tensor(-1.0))
+        torch.ops.l2b_fast.branch_backward(
+            torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 2]), torch.rand(3, 2), torch.tensor(-1.0)
+        )
     with pytest.raises(ValueError, match="exactly one"):
         torch.ops.l2b_fast.sample_branches(logits, one, None, None)
     with pytest.raises(ValueError, match="out of range"):
-        torch.ops.l2b_fast.straight_through_branch(torch.randn(3, 4), logits, torch.tensor([0, 3]), torch.rand(3, 2), one)
+        torch.ops.l2b_fast.straight_through_branch(
+            torch.randn(3, 4), logits, torch.tensor([0, 3]), torch.rand(3, 2), one
+        )
     with pytest.raises(ValueError, match="NaN or inf"):
         torch.ops.l2b_fast.sample_branches(torch.full((3, 2), math.nan), one, None, torch.tensor([1]))

@@ -51,7 +51,12 @@ CELEBA = (
 ).split()
 FORTY = {
     "tasks": CELEBA,
-    "layers": [{"parents": [0, 0, 0, 0]}, {"parents": [0, 1, 2, 3]}, {"parents": [0, 0, 1, 2, 3, 3]}, {"parents": [i % 6 for i in range(40)]}],
+    "layers": [
+        {"parents": [0, 0, 0, 0]},
+        {"parents": [0, 1, 2, 3]},
+        {"parents": [0, 0, 1, 2, 3, 3]},
+        {"parents": [i % 6 for i in range(40)]},
+    ],
 }
 TREES = {"synthetic_a": SYNTHETIC_A, "unpruned": UNPRUNED, "chain": CHAIN, "forty": FORTY}
 
@@ -132,7 +137,11 @@ def test_tree_text_structure_synthetic_a():
     assert "input [15 tasks: bent:5 square:5 sinc:5]" in text
     assert "(unused)" not in text
     # leaves appear in task order within each group, groups in task order
-    order = [line.rsplit("-- ", 1)[1] for line in text.splitlines() if line.rstrip().rsplit("-- ", 1)[-1] in SYNTHETIC_A_TASKS]
+    order = [
+        line.rsplit("-- ", 1)[1]
+        for line in text.splitlines()
+        if line.rstrip().rsplit("-- ", 1)[-1] in SYNTHETIC_A_TASKS
+    ]
     assert order == SYNTHETIC_A_TASKS
 
 
@@ -145,7 +154,8 @@ def test_tree_text_marks_unused_nodes():
 
 def test_tree_text_chain():
     assert viz.tree_text(CHAIN) == (
-        "tree: 1 task, 3 layers (widths 1-1-1), 1 task group\ninput [1 task]\n`-- L1.n0 [1 task]\n    `-- L2.n0 [1 task]\n        `-- only\n"
+        "tree: 1 task, 3 layers (widths 1-1-1), 1 task group\ninput [1 task]\n"
+        "`-- L1.n0 [1 task]\n    `-- L2.n0 [1 task]\n        `-- only\n"
     )
 
 
@@ -199,11 +209,26 @@ def _broken(**changes):
         (_broken(layers=[]), "non-empty list"),
         (_broken(layers=[{"parents": [0]}, {"children": [0]}]), 'layer 1 must be an object with a "parents" list'),
         (_broken(layers=[{"parents": [0, 0, 1]}] + SYNTHETIC_A["layers"][1:]), "layer 0 child 2: parent 1 must be 0"),
-        (_broken(layers=SYNTHETIC_A["layers"][:2] + [{"parents": [0, 3, 1]}] + SYNTHETIC_A["layers"][3:]), "layer 2 child 1: parent 3 is out of range"),
-        (_broken(layers=SYNTHETIC_A["layers"][:2] + [{"parents": [0, -1, 1]}] + SYNTHETIC_A["layers"][3:]), "out of range"),
-        (_broken(layers=SYNTHETIC_A["layers"][:2] + [{"parents": [0, 1.0, 1]}] + SYNTHETIC_A["layers"][3:]), "is not an int"),
-        (_broken(layers=SYNTHETIC_A["layers"][:2] + [{"parents": [0, True, 1]}] + SYNTHETIC_A["layers"][3:]), "is not an int"),
-        (_broken(layers=SYNTHETIC_A["layers"][:4] + [{"parents": [0] * 14}]), "task layer (layer 4) has 14 nodes for 15 tasks"),
+        (
+            _broken(layers=SYNTHETIC_A["layers"][:2] + [{"parents": [0, 3, 1]}] + SYNTHETIC_A["layers"][3:]),
+            "layer 2 child 1: parent 3 is out of range",
+        ),
+        (
+            _broken(layers=SYNTHETIC_A["layers"][:2] + [{"parents": [0, -1, 1]}] + SYNTHETIC_A["layers"][3:]),
+            "out of range",
+        ),
+        (
+            _broken(layers=SYNTHETIC_A["layers"][:2] + [{"parents": [0, 1.0, 1]}] + SYNTHETIC_A["layers"][3:]),
+            "is not an int",
+        ),
+        (
+            _broken(layers=SYNTHETIC_A["layers"][:2] + [{"parents": [0, True, 1]}] + SYNTHETIC_A["layers"][3:]),
+            "is not an int",
+        ),
+        (
+            _broken(layers=SYNTHETIC_A["layers"][:4] + [{"parents": [0] * 14}]),
+            "task layer (layer 4) has 14 nodes for 15 tasks",
+        ),
     ],
 )
 def test_validate_tree_errors(tree, message, tmp_path):
@@ -263,7 +288,9 @@ def test_heatmaps_task_names_and_title(tmp_path):
 
 def test_heatmaps_unordered_duplicate_and_blank_rows(tmp_path):
     # a resumed run may log a step twice and out of order; blank cells are drawn as gaps
-    log = write_log(tmp_path / "log.csv", [(2, 2)], steps=(30, 10, 20), extra_rows=[[20, 1, 1.0, 0.1, 0.2, "", "", "", ""]])
+    log = write_log(
+        tmp_path / "log.csv", [(2, 2)], steps=(30, 10, 20), extra_rows=[[20, 1, 1.0, 0.1, 0.2, "", "", "", ""]]
+    )
     steps, blocks, has_step = viz._read_probabilities(log)
     assert has_step and list(steps) == [10.0, 20.0, 30.0]
     parents, children, pairs = blocks[0]

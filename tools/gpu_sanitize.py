@@ -46,7 +46,9 @@ def run_case(name: str, dtype: torch.dtype, backend: str, device: str = "cuda") 
     parents = dense((parents_count, *shape), dtype, generator, misaligned).requires_grad_(True)
     grad = dense((children, *shape), dtype, generator, misaligned)
     logits_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    logits = torch.randn(parents_count, children, generator=generator, device=device, dtype=logits_dtype, requires_grad=True)
+    logits = torch.randn(
+        parents_count, children, generator=generator, device=device, dtype=logits_dtype, requires_grad=True
+    )
     out = ops.branch(parents, logits, 0.7, generator=generator, backend=backend)  # seeded Philox sampling kernel too
     out.backward(grad)
     if device == "cuda":
@@ -60,7 +62,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="cpp,triton", help="comma-separated CUDA backends (default cpp,triton)")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, from {', '.join(DTYPES)}")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of this driver (no sanitizer there)")
+    parser.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of this driver (no sanitizer there)"
+    )
     args = parser.parse_args(argv)
     backends_, dtypes, cases = args.backends.split(","), args.dtypes.split(","), args.cases.split(",")
     for value, known, what in ((dtypes, DTYPES, "dtype"), (cases, CASES, "case")):
@@ -74,7 +78,9 @@ def main(argv=None) -> int:
             for dtype_name in dtypes:
                 begin = time.perf_counter()
                 run_case(name, DTYPES[dtype_name], backend, args.device)
-                print(f"{backend:7s} {name:20s} {dtype_name:9s} ran in {time.perf_counter() - begin:6.2f} s", flush=True)
+                print(
+                    f"{backend:7s} {name:20s} {dtype_name:9s} ran in {time.perf_counter() - begin:6.2f} s", flush=True
+                )
     return 0
 
 

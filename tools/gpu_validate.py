@@ -53,8 +53,8 @@ import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_STAMP = REPO / "build" / "gpu-validate-build.json"  # the sources the extension in the checkout was built from
@@ -182,8 +182,14 @@ class Context:
             handle.write(f"$ {' '.join(command)}\n")
             handle.flush()
             try:
-                process = subprocess.Popen(command, cwd=REPO, env=self.env(**extra_env), stdout=handle,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
+                process = subprocess.Popen(
+                    command,
+                    cwd=REPO,
+                    env=self.env(**extra_env),
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             except OSError as error:
                 handle.write(f"cannot start: {error}\n")
                 return 127
@@ -262,13 +268,25 @@ def junit_counts(path: Path) -> dict:
 def pytest_command(ctx: Context, name: str, *selection: str) -> list[str]:
     report = ctx.work / f"{name}.xml"
     report.unlink(missing_ok=True)  # no stale counts from an earlier run into the same folder
-    return [ctx.python, "-m", "pytest", *selection, "-q", "-rfEs", "-p", "no:cacheprovider",
-            f"--maxfail={PYTEST_MAXFAIL}", f"--junitxml={report}"]
+    return [
+        ctx.python,
+        "-m",
+        "pytest",
+        *selection,
+        "-q",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        f"--maxfail={PYTEST_MAXFAIL}",
+        f"--junitxml={report}",
+    ]
 
 
 def pytest_result(ctx: Context, name: str, rc: int | None, *, skips_fail: bool = False) -> Result:
     counts = junit_counts(ctx.work / f"{name}.xml")
-    summary = f"{counts['tests']} tests, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped"
+    summary = (
+        f"{counts['tests']} tests, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped"
+    )
     if rc is None:  # out of time: what ran is still reported; a test that failed before the stop is a failure
         if counts["failures"] or counts["errors"]:
             return Result("failed", f"stopped at its time budget after failures ({summary})")
@@ -289,7 +307,11 @@ def pytest_result(ctx: Context, name: str, rc: int | None, *, skips_fail: bool =
 
 def find_tool(name: str) -> str | None:
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    candidates = [shutil.which(name), f"{cuda_home}/bin/{name}", *sorted(glob.glob(f"/usr/local/cuda*/bin/{name}"), reverse=True)]
+    candidates = [
+        shutil.which(name),
+        f"{cuda_home}/bin/{name}",
+        *sorted(glob.glob(f"/usr/local/cuda*/bin/{name}"), reverse=True),
+    ]
     return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
 
 
@@ -297,8 +319,17 @@ def run_env(ctx: Context) -> Result:
     log = ctx.work / "env.txt"
     with log.open("a") as handle:
         handle.write(f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat()}\nrepository: {REPO}\n")
-        handle.write(f"commit: {(ctx.output(['git', 'rev-parse', 'HEAD'], 10) or 'unknown (no git metadata)').strip()}\n")
-    for command in (["nvidia-smi"], ["nvidia-smi", "--query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw", "--format=csv"]):
+        handle.write(
+            f"commit: {(ctx.output(['git', 'rev-parse', 'HEAD'], 10) or 'unknown (no git metadata)').strip()}\n"
+        )
+    for command in (
+        ["nvidia-smi"],
+        [
+            "nvidia-smi",
+            "--query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw",
+            "--format=csv",
+        ],
+    ):
         if shutil.which(command[0]):
             ctx.sh(command, "env.txt", timeout=30)
     tools = {name: find_tool(name) for name in ("nvcc", "compute-sanitizer", "ncu", "cuobjdump")}
@@ -311,7 +342,11 @@ def run_env(ctx: Context) -> Result:
         handle.write(json.dumps(ctx.probe, indent=2) + "\n")
     if "torch" not in ctx.probe:
         return Result("failed", f"{ctx.python} cannot import torch: {ctx.probe.get('torch_error', 'probe failed')}")
-    gpu = f"{ctx.probe['gpu']} (sm_{ctx.probe['capability'].replace('.', '')}, {ctx.probe['sm_count']} SMs)" if ctx.has_cuda else "no CUDA device"
+    gpu = (
+        f"{ctx.probe['gpu']} (sm_{ctx.probe['capability'].replace('.', '')}, {ctx.probe['sm_count']} SMs)"
+        if ctx.has_cuda
+        else "no CUDA device"
+    )
     versions = ", ".join(f"{k} {ctx.probe.get(k)}" for k in ("python", "torch", "triton", "numpy"))
     sanitizer = "compute-sanitizer found" if tools["compute-sanitizer"] else "no compute-sanitizer"
     return Result("passed", f"{gpu}; {versions}; {sanitizer}")
@@ -328,8 +363,21 @@ def requirement_project(requirement: str) -> str:
 
 def wheels_install_command(python: str, wheels: Path, site: str, requirements: list[str]) -> list[str]:
     """The offline install: only the carried folder is read (--no-index), pip never looks for updates."""
-    return [python, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "--disable-pip-version-check",
-            "--no-deps", "--no-compile", "--target", site, *requirements]
+    return [
+        python,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--find-links",
+        str(wheels),
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--no-compile",
+        "--target",
+        site,
+        *requirements,
+    ]
 
 
 def run_wheels(ctx: Context) -> Result:
@@ -338,8 +386,14 @@ def run_wheels(ctx: Context) -> Result:
     requirements = [r for r in GPU_WHEELS if requirement_project(r) in carried]
     absent = [requirement_project(r) for r in GPU_WHEELS if requirement_project(r) not in carried]
     missing_here = [name for name in absent if not ctx.probe.get(name)]
-    missing_note = (f"not carried and not installed here: {', '.join(missing_here)} (tests needing them fail or skip; "
-                    "prepare the wheels with `make gpu-wheels`)") if missing_here else ""
+    missing_note = (
+        (
+            f"not carried and not installed here: {', '.join(missing_here)} (tests needing them fail or skip; "
+            "prepare the wheels with `make gpu-wheels`)"
+        )
+        if missing_here
+        else ""
+    )
     if not requirements:
         return Result("skipped", f"no wheels in {wheels}/" + (f"; {missing_note}" if missing_note else ""))
     site = tempfile.mkdtemp(prefix="l2b-gpu-site-")
@@ -358,7 +412,12 @@ def tree_digest() -> str:
     """sha256 over the code a run checks (csrc, the package, tests, tools, setup.py): ties results to a
     checkout where the device copy has no git metadata (`--dry-run` prints the same digest anywhere)."""
     digest = hashlib.sha256()
-    files = [p for folder in ("csrc", "l2b_fast", "tests", "tools") for p in (REPO / folder).rglob("*") if p.is_file() and p.suffix in (".py", ".cpp", ".cu", ".h", ".sh", ".txt", ".toml")]
+    files = [
+        p
+        for folder in ("csrc", "l2b_fast", "tests", "tools")
+        for p in (REPO / folder).rglob("*")
+        if p.is_file() and p.suffix in (".py", ".cpp", ".cu", ".h", ".sh", ".txt", ".toml")
+    ]
     for path in sorted([*files, REPO / "setup.py"]):
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
@@ -385,9 +444,15 @@ def run_build(ctx: Context) -> Result:
     extension = ctx.python_json(EXTENSION_PROBE)
     if stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest and cpp_on_cuda(extension):
         return Result("passed", f"reused the extension an earlier call built from these sources (sm {arch})")
-    build_env = {"TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)), "L2B_BUILD_CUDA": "1"}
+    build_env = {
+        "TORCH_CUDA_ARCH_LIST": arch,
+        "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)),
+        "L2B_BUILD_CUDA": "1",
+    }
     how = "pip install -e ."
-    rc = ctx.sh([ctx.python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], "build.log", **build_env)
+    rc = ctx.sh(
+        [ctx.python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], "build.log", **build_env
+    )
     if rc is None:
         return status_of(rc, how)
     extension = ctx.python_json(EXTENSION_PROBE) if rc == 0 else None
@@ -403,7 +468,9 @@ def run_build(ctx: Context) -> Result:
         return Result("failed", "the built package does not import (see build.log)")
     unavailable = {name: why for name, why in extension["cuda"].items() if why is not None}
     if unavailable:
-        return Result("failed", "built, but unavailable on CUDA: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
+        return Result(
+            "failed", "built, but unavailable on CUDA: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items())
+        )
     stamp.parent.mkdir(exist_ok=True)
     stamp.write_text(json.dumps({"digest": digest, "arch": arch}) + "\n")
     return Result("passed", f"built with {how} for sm {arch}; cpp and triton run on CUDA")
@@ -416,8 +483,13 @@ def workers(ctx: Context, most: int) -> list[str]:
 
 
 def run_kernel_paths(ctx: Context) -> Result:
-    selection = ["tests/test_gpu_paths.py", "tests/test_indexed_conv.py", "tests/test_indexed_basic_block.py",
-                 "-k", "cuda"]
+    selection = [
+        "tests/test_gpu_paths.py",
+        "tests/test_indexed_conv.py",
+        "tests/test_indexed_basic_block.py",
+        "-k",
+        "cuda",
+    ]
     rc = ctx.sh(pytest_command(ctx, "kernel-paths", *selection, *workers(ctx, 4)), "kernel-paths.log")
     return pytest_result(ctx, "kernel-paths", rc, skips_fail=True)
 
@@ -426,9 +498,18 @@ def run_kernel_paths(ctx: Context) -> Result:
 # accesses, both backends) on the pair blocks, the fallback and the unvectorised kernels; racecheck and synccheck
 # (shared memory and barriers: only the CUDA backward's cp.async pipeline uses them) on the pipeline's case.
 SANITIZER_RUNS = [
-    ("memcheck", ["--backends", "cpp,triton", "--dtypes", "float32,bfloat16",
-                  "--cases", "pairs8-30x40,fallback-46x46,odd-misaligned-5x7"],
-     {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
+    (
+        "memcheck",
+        [
+            "--backends",
+            "cpp,triton",
+            "--dtypes",
+            "float32,bfloat16",
+            "--cases",
+            "pairs8-30x40,fallback-46x46,odd-misaligned-5x7",
+        ],
+        {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
+    ),
     ("racecheck", ["--backends", "cpp", "--dtypes", "float32", "--cases", "pipeline-5x5"], {}),
     ("synccheck", ["--backends", "cpp", "--dtypes", "float32", "--cases", "pipeline-5x5"], {}),
 ]
@@ -441,8 +522,18 @@ def run_sanitizer(ctx: Context) -> Result:
     verdicts, failed, incomplete = [], False, False
     for tool, driver_args, extra in SANITIZER_RUNS:
         log = f"sanitizer-{tool}.log"
-        command = [sanitizer, "--tool", tool, "--error-exitcode", str(SANITIZER_ERROR_EXIT), "--print-limit", "30",
-                   ctx.python, "tools/gpu_sanitize.py", *driver_args]
+        command = [
+            sanitizer,
+            "--tool",
+            tool,
+            "--error-exitcode",
+            str(SANITIZER_ERROR_EXIT),
+            "--print-limit",
+            "30",
+            ctx.python,
+            "tools/gpu_sanitize.py",
+            *driver_args,
+        ]
         rc = ctx.sh(command, log, **extra)
         text = (ctx.work / log).read_text(errors="replace")
         errors = [line.split("ERROR SUMMARY:")[-1].strip() for line in text.splitlines() if "ERROR SUMMARY:" in line]
@@ -457,7 +548,9 @@ def run_sanitizer(ctx: Context) -> Result:
         else:
             failed = True
             found = errors[-1] if errors else f"exit status {rc}"
-            verdicts.append(f"{tool}: {found}" + (" (errors found)" if rc == SANITIZER_ERROR_EXIT else " (the driver failed)"))
+            verdicts.append(
+                f"{tool}: {found}" + (" (errors found)" if rc == SANITIZER_ERROR_EXIT else " (the driver failed)")
+            )
         if ctx.remaining() < MIN_STAGE_S and tool != SANITIZER_RUNS[-1][0]:
             verdicts.append("the time budget ran out before the next tool")
             incomplete = True
@@ -472,7 +565,9 @@ def run_sanitizer(ctx: Context) -> Result:
 
 
 def run_determinism(ctx: Context) -> Result:
-    rc = ctx.sh(pytest_command(ctx, "determinism", "tests", "-k", DETERMINISM_TESTS, *workers(ctx, 4)), "determinism.log")
+    rc = ctx.sh(
+        pytest_command(ctx, "determinism", "tests", "-k", DETERMINISM_TESTS, *workers(ctx, 4)), "determinism.log"
+    )
     return pytest_result(ctx, "determinism", rc)
 
 
@@ -500,8 +595,11 @@ def run_op_bench(ctx: Context) -> Result:
                 break
     csvs = sorted(map(str, bench_dir.glob("branch_cuda_*.csv")))
     if csvs and ctx.probe.get("matplotlib") and ctx.remaining() > 10:
-        ctx.sh([ctx.python, "benchmarks/plot_branch_benchmark.py", *csvs, "--out", str(bench_dir / "branch_cuda.png")],
-               "op-bench.log", timeout=60)
+        ctx.sh(
+            [ctx.python, "benchmarks/plot_branch_benchmark.py", *csvs, "--out", str(bench_dir / "branch_cuda.png")],
+            "op-bench.log",
+            timeout=60,
+        )
     ctx.targets = op_targets(bench_dir)
     notes += [f"{k}: {v}" for k, v in ctx.targets.items()]
     return Result(status, "; ".join(notes))
@@ -517,9 +615,13 @@ def op_targets(bench_dir: Path) -> dict[str, str]:
             name = row["implementation"]
             speedup, copy_pct = row.get("speedup_vs_naive"), row.get("backward_pct_of_copy")
             if speedup is not None:
-                targets[f"{name} fwd+bwd vs naive"] = f"{speedup}x (target {TARGET_SPEEDUP:g}x: {'met' if speedup >= TARGET_SPEEDUP else 'missed'})"
+                targets[f"{name} fwd+bwd vs naive"] = (
+                    f"{speedup}x (target {TARGET_SPEEDUP:g}x: {'met' if speedup >= TARGET_SPEEDUP else 'missed'})"
+                )
             if copy_pct is not None:
-                targets[f"{name} backward / copy bandwidth"] = f"{copy_pct}% (target {TARGET_COPY_PCT:g}%: {'met' if copy_pct >= TARGET_COPY_PCT else 'missed'})"
+                targets[f"{name} backward / copy bandwidth"] = (
+                    f"{copy_pct}% (target {TARGET_COPY_PCT:g}%: {'met' if copy_pct >= TARGET_COPY_PCT else 'missed'})"
+                )
     return targets
 
 
@@ -535,8 +637,22 @@ def run_search_bench(ctx: Context) -> Result:
         return Result("skipped", "`l2b bench search` is not in this checkout")
     done = []
     for model in SEARCH_MODELS:
-        rc = ctx.sh([*command, "--device", "cuda", "--preset", "gpu", "--models", model, "--repeat", str(SEARCH_REPEAT),
-                     "--out", str(ctx.work / "search" / model)], "search-bench.log")
+        rc = ctx.sh(
+            [
+                *command,
+                "--device",
+                "cuda",
+                "--preset",
+                "gpu",
+                "--models",
+                model,
+                "--repeat",
+                str(SEARCH_REPEAT),
+                "--out",
+                str(ctx.work / "search" / model),
+            ],
+            "search-bench.log",
+        )
         if rc != 0:
             result = status_of(rc, f"l2b bench search, {model}")
             measured = f" (measured: {', '.join(done)})" if done else ""
@@ -551,7 +667,8 @@ def search_rate(search_dir: Path) -> float | None:
         row["images_per_s"]
         for path in search_dir.rglob("search_cuda_*.json")
         for row in json.loads(path.read_text())["rows"]
-        if row.get("model") == "taskonomy_resnet34" and row.get("variant") in ("per_child", "grouped")
+        if row.get("model") == "taskonomy_resnet34"
+        and row.get("variant") in ("per_child", "grouped")
         and row.get("status") == "ok"
     ]
     return max(rates) if rates else None
@@ -564,64 +681,174 @@ def run_data_bench(ctx: Context) -> Result:
     extra = ["--gpu-samples-per-s", str(rate)] if rate else []
     command = [ctx.python, "-m", "l2b_fast.bench.data_throughput", "--out", str(ctx.work / "data"), *extra]
     result = status_of(ctx.sh(command, "data-bench.log"), "data throughput benchmark")
-    return Result(result.status, result.note or (f"cores per GPU at the measured {rate} images/s: see data-bench.log" if rate else ""))
+    return Result(
+        result.status,
+        result.note or (f"cores per GPU at the measured {rate} images/s: see data-bench.log" if rate else ""),
+    )
 
 
 CALL_1, CALL_2 = (1,), (2,)
 BOTH_CALLS = (1, 2)  # a second call may land on a fresh machine: it needs the environment and the build again
 STAGES = [
-    Stage("env", "machine, versions, tools",
-          Budget(30, "estimated", "the same stage took 4.8 s on a 2-core CPU machine (torch import and probe, "
-                 "nvcc --version); nvidia-smi, CUDA start-up and compute-sanitizer --version add a few seconds"),
-          True, False, "nvidia-smi; python probe of torch/CUDA/triton/numpy; compute-sanitizer/nvcc --version", run_env,
-          BOTH_CALLS),
-    Stage("wheels", "carried test dependencies",
-          Budget(15, "measured", "the offline install of the four wheels took 1.2 s on a 2-core CPU machine; "
-                 "the rest covers pip's start-up"),
-          False, False, "pip install --no-index --find-links gpu-wheels --disable-pip-version-check --no-deps "
-          "--target /tmp/... expecttest webdataset braceexpand pyspng", run_wheels, BOTH_CALLS),
-    Stage("build", "extension with CUDA kernels",
-          Budget(150, "estimated", "nvcc of both .cu files for sm_90 took 60 s of CPU time (120 s wall on 2 busy "
-                 "cores) on a CPU machine; on 16 cores they compile in parallel with the 3 C++ files, so about "
-                 "60-80 s with pip and the link; seconds when a warm machine reuses the build"),
-          True, True, "CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=<this GPU> MAX_JOBS=<cores> "
-          "pip install --no-build-isolation --no-deps -e .", run_build, BOTH_CALLS),
-    Stage("kernel-paths", "compiled Triton + CUDA vs fp64, every path",
-          Budget(90, "estimated", "119 tests; Triton compiles for sm_90 took about 1 s per kernel on a CPU "
-                 "machine (72 kernels in 69 s): about 70 kernels here, shared by 4 pytest-xdist workers through "
-                 "Triton's cache, plus each worker's torch and CUDA start (about 10 s); the kernels run in ms"),
-          True, True, "pytest tests/test_gpu_paths.py tests/test_indexed_conv.py tests/test_indexed_basic_block.py "
-          f"-k cuda --maxfail={PYTEST_MAXFAIL} (no skips allowed)", run_kernel_paths, CALL_1),
-    Stage("sanitizer", "memcheck on a few cases, racecheck and synccheck on one each",
-          Budget(120, "estimated", "3 runs, each a python and torch start under compute-sanitizer (about 20 s) "
-                 "and 12, 1 and 1 cases whose kernels take milliseconds natively (memcheck's 10-100x slow-down "
-                 "keeps each under a second); Triton compiles about 1 s per kernel, measured"),
-          True, True, "compute-sanitizer --tool memcheck (3 cases x cpp,triton x fp32,bf16), racecheck and "
-          "synccheck (pipeline-5x5, cpp, fp32) python tools/gpu_sanitize.py", run_sanitizer, CALL_2),
-    Stage("determinism", "bitwise runs, CUDA graphs, compile-once",
-          Budget(100, "estimated", "59 tests, 20 of them torch.compile (4-8 s each on a CPU machine; on a GPU "
-                 "inductor compiles its Triton kernels at about 1 s each, in parallel), over 4 workers"),
-          True, True, f"pytest tests -k '{DETERMINISM_TESTS}' --maxfail={PYTEST_MAXFAIL}", run_determinism, CALL_1),
-    Stage("test-suite", "the whole test suite on the GPU",
-          Budget(130, "estimated", "what call 2 leaves after its other stages; the suite's 1206 tests have not "
-                 "been timed on a GPU, so a stop at the budget reports how many ran (incomplete)"),
-          True, True, f"pytest tests --maxfail={PYTEST_MAXFAIL} [-n 8 with pytest-xdist]", run_test_suite, CALL_2),
-    Stage("op-bench", "op benchmark at the paper's sizes, copy bandwidth, memory",
-          Budget(55, "estimated", "2 processes (fp32, bf16), each a torch and CUDA start (about 10 s), about 6 "
-                 "Triton kernels at about 1 s each (measured), 4 implementations x 2 shapes x 52 steps of a few "
-                 "ms; the plot about 5 s"),
-          False, True, "python -m l2b_fast.bench --device cuda --dtype {float32,bfloat16}; plot", run_op_bench, CALL_1),
-    Stage("search-bench", "search-step benchmark at the paper's sizes",
-          Budget(80, "estimated", f"3 models x 7 variants x {SEARCH_REPEAT + 2} rounds: a Taskonomy step at batch "
-                 "64 and 128x128 is about 2.3 TFLOP, 20-60 ms in bf16 on an H100/H200, the CelebA steps less; "
-                 "building the models about 20 s; the grouped_triton variant's convolution kernels about 1 s each"),
-          False, True, f"l2b bench search --device cuda --preset gpu --repeat {SEARCH_REPEAT} --models <one at a time>",
-          run_search_bench, CALL_1),
-    Stage("data-bench", "data loader benchmark",
-          Budget(75, "estimated", "the 2-core CPU results in benchmarks/results: 12 loader runs of 768 samples "
-                 "at 140-480 samples/s (about 45 s) plus writing 384 synthetic samples; a GPU machine's cores are "
-                 "no slower"),
-          False, True, "python -m l2b_fast.bench.data_throughput", run_data_bench, CALL_2),
+    Stage(
+        "env",
+        "machine, versions, tools",
+        Budget(
+            30,
+            "estimated",
+            "the same stage took 4.8 s on a 2-core CPU machine (torch import and probe, "
+            "nvcc --version); nvidia-smi, CUDA start-up and compute-sanitizer --version add a few seconds",
+        ),
+        True,
+        False,
+        "nvidia-smi; python probe of torch/CUDA/triton/numpy; compute-sanitizer/nvcc --version",
+        run_env,
+        BOTH_CALLS,
+    ),
+    Stage(
+        "wheels",
+        "carried test dependencies",
+        Budget(
+            15,
+            "measured",
+            "the offline install of the four wheels took 1.2 s on a 2-core CPU machine; the rest covers pip's start-up",
+        ),
+        False,
+        False,
+        "pip install --no-index --find-links gpu-wheels --disable-pip-version-check --no-deps "
+        "--target /tmp/... expecttest webdataset braceexpand pyspng",
+        run_wheels,
+        BOTH_CALLS,
+    ),
+    Stage(
+        "build",
+        "extension with CUDA kernels",
+        Budget(
+            150,
+            "estimated",
+            "nvcc of both .cu files for sm_90 took 60 s of CPU time (120 s wall on 2 busy "
+            "cores) on a CPU machine; on 16 cores they compile in parallel with the 3 C++ files, so about "
+            "60-80 s with pip and the link; seconds when a warm machine reuses the build",
+        ),
+        True,
+        True,
+        "CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=<this GPU> MAX_JOBS=<cores> "
+        "pip install --no-build-isolation --no-deps -e .",
+        run_build,
+        BOTH_CALLS,
+    ),
+    Stage(
+        "kernel-paths",
+        "compiled Triton + CUDA vs fp64, every path",
+        Budget(
+            90,
+            "estimated",
+            "119 tests; Triton compiles for sm_90 took about 1 s per kernel on a CPU "
+            "machine (72 kernels in 69 s): about 70 kernels here, shared by 4 pytest-xdist workers through "
+            "Triton's cache, plus each worker's torch and CUDA start (about 10 s); the kernels run in ms",
+        ),
+        True,
+        True,
+        "pytest tests/test_gpu_paths.py tests/test_indexed_conv.py tests/test_indexed_basic_block.py "
+        f"-k cuda --maxfail={PYTEST_MAXFAIL} (no skips allowed)",
+        run_kernel_paths,
+        CALL_1,
+    ),
+    Stage(
+        "sanitizer",
+        "memcheck on a few cases, racecheck and synccheck on one each",
+        Budget(
+            120,
+            "estimated",
+            "3 runs, each a python and torch start under compute-sanitizer (about 20 s) "
+            "and 12, 1 and 1 cases whose kernels take milliseconds natively (memcheck's 10-100x slow-down "
+            "keeps each under a second); Triton compiles about 1 s per kernel, measured",
+        ),
+        True,
+        True,
+        "compute-sanitizer --tool memcheck (3 cases x cpp,triton x fp32,bf16), racecheck and "
+        "synccheck (pipeline-5x5, cpp, fp32) python tools/gpu_sanitize.py",
+        run_sanitizer,
+        CALL_2,
+    ),
+    Stage(
+        "determinism",
+        "bitwise runs, CUDA graphs, compile-once",
+        Budget(
+            100,
+            "estimated",
+            "59 tests, 20 of them torch.compile (4-8 s each on a CPU machine; on a GPU "
+            "inductor compiles its Triton kernels at about 1 s each, in parallel), over 4 workers",
+        ),
+        True,
+        True,
+        f"pytest tests -k '{DETERMINISM_TESTS}' --maxfail={PYTEST_MAXFAIL}",
+        run_determinism,
+        CALL_1,
+    ),
+    Stage(
+        "test-suite",
+        "the whole test suite on the GPU",
+        Budget(
+            130,
+            "estimated",
+            "what call 2 leaves after its other stages; the suite's 1206 tests have not "
+            "been timed on a GPU, so a stop at the budget reports how many ran (incomplete)",
+        ),
+        True,
+        True,
+        f"pytest tests --maxfail={PYTEST_MAXFAIL} [-n 8 with pytest-xdist]",
+        run_test_suite,
+        CALL_2,
+    ),
+    Stage(
+        "op-bench",
+        "op benchmark at the paper's sizes, copy bandwidth, memory",
+        Budget(
+            55,
+            "estimated",
+            "2 processes (fp32, bf16), each a torch and CUDA start (about 10 s), about 6 "
+            "Triton kernels at about 1 s each (measured), 4 implementations x 2 shapes x 52 steps of a few "
+            "ms; the plot about 5 s",
+        ),
+        False,
+        True,
+        "python -m l2b_fast.bench --device cuda --dtype {float32,bfloat16}; plot",
+        run_op_bench,
+        CALL_1,
+    ),
+    Stage(
+        "search-bench",
+        "search-step benchmark at the paper's sizes",
+        Budget(
+            80,
+            "estimated",
+            f"3 models x 7 variants x {SEARCH_REPEAT + 2} rounds: a Taskonomy step at batch "
+            "64 and 128x128 is about 2.3 TFLOP, 20-60 ms in bf16 on an H100/H200, the CelebA steps less; "
+            "building the models about 20 s; the grouped_triton variant's convolution kernels about 1 s each",
+        ),
+        False,
+        True,
+        f"l2b bench search --device cuda --preset gpu --repeat {SEARCH_REPEAT} --models <one at a time>",
+        run_search_bench,
+        CALL_1,
+    ),
+    Stage(
+        "data-bench",
+        "data loader benchmark",
+        Budget(
+            75,
+            "estimated",
+            "the 2-core CPU results in benchmarks/results: 12 loader runs of 768 samples "
+            "at 140-480 samples/s (about 45 s) plus writing 384 synthetic samples; a GPU machine's cores are "
+            "no slower",
+        ),
+        False,
+        True,
+        "python -m l2b_fast.bench.data_throughput",
+        run_data_bench,
+        CALL_2,
+    ),
 ]
 STAGE_NAMES = [stage.name for stage in STAGES]
 CALLS = sorted({call for stage in STAGES for call in stage.calls})
@@ -657,30 +884,60 @@ def plan_timeouts(stages: list[Stage], time_limit: float) -> list[tuple[float, f
 def parse_args(argv=None) -> argparse.Namespace:
     names = [stage.name for stage in STAGES]
     parser = argparse.ArgumentParser(
-        prog="tools/gpu_validate.py", description=__doc__.split("\n\n")[0], epilog="Stages: " + ", ".join(names),
+        prog="tools/gpu_validate.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="Stages: " + ", ".join(names),
     )
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder: summary.json, summary.md, results.tar.gz (default: $OUT/gpu-<date>, "
-                        "else a temporary folder)")
-    parser.add_argument("--call", type=int, choices=CALLS, default=None,
-                        help="the stages of one short device call: 1 = build, kernel paths, determinism, op and "
-                        "search benchmarks; 2 = build, sanitizer, whole test suite, data benchmark")
-    parser.add_argument("--stages", default=None,
-                        help="comma-separated subset instead of --call, always run in the fixed order (default: all)")
-    parser.add_argument("--time-limit", type=float, default=None,
-                        help="seconds for the whole run, from the call's own limit (e.g. 540 for a 600 s call); each "
-                        "stage runs for at most min(its budget, the time left) (default: the stages' budgets plus "
-                        f"{RESERVE_S} s)")
-    parser.add_argument("--keep-going", action="store_true",
-                        help="after a failed correctness stage, still run the other correctness stages "
-                        "(never the benchmarks)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder: summary.json, summary.md, results.tar.gz (default: $OUT/gpu-<date>, "
+        "else a temporary folder)",
+    )
+    parser.add_argument(
+        "--call",
+        type=int,
+        choices=CALLS,
+        default=None,
+        help="the stages of one short device call: 1 = build, kernel paths, determinism, op and "
+        "search benchmarks; 2 = build, sanitizer, whole test suite, data benchmark",
+    )
+    parser.add_argument(
+        "--stages",
+        default=None,
+        help="comma-separated subset instead of --call, always run in the fixed order (default: all)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds for the whole run, from the call's own limit (e.g. 540 for a 600 s call); each "
+        "stage runs for at most min(its budget, the time left) (default: the stages' budgets plus "
+        f"{RESERVE_S} s)",
+    )
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="after a failed correctness stage, still run the other correctness stages (never the benchmarks)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="write and print the plan with its budgets, run nothing")
-    parser.add_argument("--bundle", action="store_true",
-                        help="kept for older command lines: results are always packed into results.tar.gz")
-    parser.add_argument("--wheels", type=Path, default=REPO / "gpu-wheels", help="folder of carried wheels (default ./gpu-wheels)")
+    parser.add_argument(
+        "--bundle",
+        action="store_true",
+        help="kept for older command lines: results are always packed into results.tar.gz",
+    )
+    parser.add_argument(
+        "--wheels", type=Path, default=REPO / "gpu-wheels", help="folder of carried wheels (default ./gpu-wheels)"
+    )
     parser.add_argument("--python", default=sys.executable, help="interpreter for every stage (default: this one)")
-    parser.add_argument("--download-wheels", type=Path, metavar="DIR", default=None,
-                        help=f"download the wheels the GPU image lacks (python {GPU_PYTHON}) into DIR and exit")
+    parser.add_argument(
+        "--download-wheels",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help=f"download the wheels the GPU image lacks (python {GPU_PYTHON}) into DIR and exit",
+    )
     args = parser.parse_args(argv)
     if args.call is not None and args.stages is not None:
         parser.error("give --call or --stages, not both")
@@ -705,8 +962,22 @@ def download_command(target: Path, python: str) -> list[str]:
     """pip download, for the GPU image's Python and platform, of the packages it lacks (no dependencies:
     they are all listed)."""
     platforms = [arg for platform in GPU_PLATFORMS for arg in ("--platform", platform)]
-    return [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", GPU_PYTHON,
-            "--implementation", "cp", *platforms, "-d", str(target), *GPU_WHEELS]
+    return [
+        python,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        GPU_PYTHON,
+        "--implementation",
+        "cp",
+        *platforms,
+        "-d",
+        str(target),
+        *GPU_WHEELS,
+    ]
 
 
 def download_wheels(target: Path, python: str) -> int:
@@ -739,8 +1010,20 @@ def write_summary(ctx: Context, rows: list[dict], dry_run: bool) -> dict:
         "fits_time_limit": planned_seconds(selected) <= ctx.args.time_limit,
         "tree_digest": ctx.digest,
         "seconds": round(time.monotonic() - ctx.start, 1),
-        "machine": {k: ctx.probe.get(k) for k in ("gpu", "capability", "sm_count", "gpu_memory_GiB", "python", "torch",
-                                                  "torch_cuda", "triton", "numpy")},
+        "machine": {
+            k: ctx.probe.get(k)
+            for k in (
+                "gpu",
+                "capability",
+                "sm_count",
+                "gpu_memory_GiB",
+                "python",
+                "torch",
+                "torch_cuda",
+                "triton",
+                "numpy",
+            )
+        },
         "passed": "failed" not in statuses,
         "correctness_passed": not any(row["status"] == "failed" for row in rows if row["correctness"]),
         "complete": len(rows) == len(selected) and not {"incomplete", "not-run", "running"} & set(statuses),
@@ -750,14 +1033,22 @@ def write_summary(ctx: Context, rows: list[dict], dry_run: bool) -> dict:
         "op_targets": ctx.targets,
     }
     write_atomically(ctx.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    lines = [f"# GPU validation {summary['date']}" + (" (plan)" if dry_run else ""), "",
-             f"machine: {summary['machine']}", "",
-             f"time limit {ctx.args.time_limit:g} s, planned {summary['planned_s']} s"
-             + ("" if dry_run else f"; every stage's files are in {BUNDLE}"), "",
-             "| stage | status | s | timeout s | budget s | budget from | note |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['timeout_s']} | {r['budget_s']} "
-              f"| {r['budget_kind']} | {r['note']} |" for r in rows]
+    lines = [
+        f"# GPU validation {summary['date']}" + (" (plan)" if dry_run else ""),
+        "",
+        f"machine: {summary['machine']}",
+        "",
+        f"time limit {ctx.args.time_limit:g} s, planned {summary['planned_s']} s"
+        + ("" if dry_run else f"; every stage's files are in {BUNDLE}"),
+        "",
+        "| stage | status | s | timeout s | budget s | budget from | note |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['timeout_s']} | {r['budget_s']} "
+        f"| {r['budget_kind']} | {r['note']} |"
+        for r in rows
+    ]
     write_atomically(ctx.out / "summary.md", "\n".join(lines) + "\n")
     return summary
 
@@ -777,10 +1068,19 @@ def pack(work: Path, out: Path) -> None:
 
 
 def stage_row(stage: Stage, result: Result, seconds: float, timeout: float, commands: list[str]) -> dict:
-    return {"stage": stage.name, "what": stage.what, "status": result.status, "seconds": round(seconds, 1),
-            "note": result.note, "commands": commands, "correctness": stage.correctness,
-            "budget_s": stage.budget_s, "budget_kind": stage.budget.kind, "budget_basis": stage.budget.basis,
-            "timeout_s": round(timeout, 1)}
+    return {
+        "stage": stage.name,
+        "what": stage.what,
+        "status": result.status,
+        "seconds": round(seconds, 1),
+        "note": result.note,
+        "commands": commands,
+        "correctness": stage.correctness,
+        "budget_s": stage.budget_s,
+        "budget_kind": stage.budget.kind,
+        "budget_basis": stage.budget.basis,
+        "timeout_s": round(timeout, 1),
+    }
 
 
 def main(argv=None) -> int:
@@ -792,8 +1092,11 @@ def main(argv=None) -> int:
     ctx = Context(args, work)
     selected = [stage for stage in STAGES if stage.name in args.stages]
     what = f"call {args.call}, " if args.call else ""
-    print(f"gpu_validate: {what}{len(selected)} stages in {args.time_limit:g} s -> {args.out}, code digest {ctx.digest}"
-          + (" (dry run: nothing is run)" if args.dry_run else ""), flush=True)
+    print(
+        f"gpu_validate: {what}{len(selected)} stages in {args.time_limit:g} s -> {args.out}, code digest {ctx.digest}"
+        + (" (dry run: nothing is run)" if args.dry_run else ""),
+        flush=True,
+    )
     rows: list[dict] = []
 
     def checkpoint(running: dict | None = None) -> None:
@@ -810,10 +1113,15 @@ def main(argv=None) -> int:
             rows.append({**stage_row(stage, planned, 0.0, timeout, [stage.plan]), "planned_start_s": start})
         summary = write_summary(ctx, rows, True)
         for row in rows:
-            print(f"  {row['stage']:13s} at {row['planned_start_s']:5.0f} s, budget {row['budget_s']:4d} s "
-                  f"({row['budget_kind']}), timeout {row['timeout_s']:5.0f} s")
-        print(f"gpu_validate: planned {summary['planned_s']} s of {args.time_limit:g} s"
-              + ("" if summary["fits_time_limit"] else ": DOES NOT FIT") + f"; plan: {args.out / 'summary.json'}")
+            print(
+                f"  {row['stage']:13s} at {row['planned_start_s']:5.0f} s, budget {row['budget_s']:4d} s "
+                f"({row['budget_kind']}), timeout {row['timeout_s']:5.0f} s"
+            )
+        print(
+            f"gpu_validate: planned {summary['planned_s']} s of {args.time_limit:g} s"
+            + ("" if summary["fits_time_limit"] else ": DOES NOT FIT")
+            + f"; plan: {args.out / 'summary.json'}"
+        )
         return 0 if summary["fits_time_limit"] else 1
 
     probe_begin = time.monotonic()
@@ -826,7 +1134,10 @@ def main(argv=None) -> int:
         if stopped and (not stage.correctness or not args.keep_going):
             result = Result("not-run", f"after the failure of {stopped}")
         elif stage.needs_gpu and not ctx.has_cuda:
-            result = Result("skipped", "no CUDA device here" + (f" ({ctx.probe['torch_error']})" if "torch_error" in ctx.probe else ""))
+            result = Result(
+                "skipped",
+                "no CUDA device here" + (f" ({ctx.probe['torch_error']})" if "torch_error" in ctx.probe else ""),
+            )
         elif ctx.deadline - time.monotonic() - RESERVE_S < MIN_STAGE_S:
             result = Result("not-run", "the time limit was reached")
         else:
@@ -834,7 +1145,8 @@ def main(argv=None) -> int:
             timeout = ctx.stage_deadline - time.monotonic()
             running = Result("running", "the call ended during this stage (its log is bundled every minute)")
             ctx.checkpoint = lambda: checkpoint(
-                stage_row(stage, running, time.monotonic() - begin, timeout, ctx.stage_commands))
+                stage_row(stage, running, time.monotonic() - begin, timeout, ctx.stage_commands)
+            )
             ctx.checkpoint()
             try:
                 result = stage.run(ctx)
@@ -851,8 +1163,10 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     verdict = "passed" if summary["complete"] else "nothing failed, but incomplete"
     verdict = verdict if summary["passed"] else "FAILED"
-    print(f"gpu_validate: {verdict} in {summary['seconds']} s; summary: {args.out / 'summary.json'}, "
-          f"results: {args.out / BUNDLE}")
+    print(
+        f"gpu_validate: {verdict} in {summary['seconds']} s; summary: {args.out / 'summary.json'}, "
+        f"results: {args.out / BUNDLE}"
+    )
     return 0 if summary["passed"] else 1
 
 

@@ -29,7 +29,13 @@ from triton.backends.compiler import GPUTarget
 
 from l2b_fast.triton import branch
 
-SHAPES = [(5, 5, 64 * 64 * 32 * 32), (30, 40, 64 * 64 * 8 * 8), (5, 40, 64 * 64 * 8 * 8), (46, 46, 1 << 16), (1, 40, 1 << 16)]
+SHAPES = [
+    (5, 5, 64 * 64 * 32 * 32),
+    (30, 40, 64 * 64 * 8 * 8),
+    (5, 40, 64 * 64 * 8 * 8),
+    (46, 46, 1 << 16),
+    (1, 40, 1 << 16),
+]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 REGISTERS_PER_SM = 65536
 
@@ -40,23 +46,41 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", handle.name], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run(
+            [str(tool), "--dump-resource-usage", handle.name], capture_output=True, text=True, check=True
+        ).stdout
     return {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK|SHARED):(\d+)", text)}
 
 
-def compile_partials(arch: int, sms: int, parents: int, children: int, numel: int, dtype: torch.dtype, dots: bool = True):
+def compile_partials(
+    arch: int, sms: int, parents: int, children: int, numel: int, dtype: torch.dtype, dots: bool = True
+):
     acc_bytes = 8 if dtype == torch.float64 else 4
-    block_i, block_n, _, num_chunks, tiles_per_program = branch._partials_config(parents, children, numel, acc_bytes, False, sms)
+    block_i, block_n, _, num_chunks, tiles_per_program = branch._partials_config(
+        parents, children, numel, acc_bytes, False, sms
+    )
     pointer = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}[dtype]
     acc_pointer = "*fp64" if dtype == torch.float64 else "*fp32"
     signature = {
-        "grad_ptr": pointer, "parents_ptr": pointer, "index_ptr": "*i64", "grad_parents_ptr": pointer,
-        "partials_ptr": acc_pointer, "I": "i32", "J": "i32", "N": "i32", "num_i_blocks": "i32",
+        "grad_ptr": pointer,
+        "parents_ptr": pointer,
+        "index_ptr": "*i64",
+        "grad_parents_ptr": pointer,
+        "partials_ptr": acc_pointer,
+        "num_parents": "i32",
+        "J": "i32",
+        "N": "i32",
+        "num_i_blocks": "i32",
     }
     constexprs = {
-        "TILES_PER_PROGRAM": tiles_per_program, "NUM_STAGES": branch._NUM_STAGES, "WRITE_GRAD_PARENTS": True,
-        "COMPUTE_DOTS": dots, "ACC_F64": dtype == torch.float64, "BLOCK_I": block_i,
-        "BLOCK_J": max(2, branch._next_pow2(children)), "BLOCK_N": block_n,
+        "TILES_PER_PROGRAM": tiles_per_program,
+        "NUM_STAGES": branch._NUM_STAGES,
+        "WRITE_GRAD_PARENTS": True,
+        "COMPUTE_DOTS": dots,
+        "ACC_F64": dtype == torch.float64,
+        "BLOCK_I": block_i,
+        "BLOCK_J": max(2, branch._next_pow2(children)),
+        "BLOCK_N": block_n,
     }
     signature.update({name: "constexpr" for name in constexprs})
     # What a launch specialises on: torch allocations are 16-byte aligned, N when 16 divides it.
@@ -70,8 +94,15 @@ def compile_partials(arch: int, sms: int, parents: int, children: int, numel: in
     usage = resource_usage(compiled.asm["cubin"])
     threads = 32 * branch._NUM_WARPS
     return {
-        "I": parents, "J": children, "N": numel, "BLOCK_I": block_i, "BLOCK_N": block_n, "programs": num_chunks,
-        "tiles_per_program": tiles_per_program, "registers": usage.get("reg"), "spill_bytes": usage.get("stack", 0),
+        "I": parents,
+        "J": children,
+        "N": numel,
+        "BLOCK_I": block_i,
+        "BLOCK_N": block_n,
+        "programs": num_chunks,
+        "tiles_per_program": tiles_per_program,
+        "registers": usage.get("reg"),
+        "spill_bytes": usage.get("stack", 0),
         "shared_bytes": compiled.metadata.shared,
         "programs_per_sm_by_registers": REGISTERS_PER_SM // max(1, usage.get("reg", 1) * threads),
         "pipelined": "cp.async" in compiled.asm["ptx"],
@@ -87,15 +118,34 @@ def compile_small_kernels(arch: int) -> list[dict]:
         float_pointer = "*fp64" if f64 else "*fp32"
         logits_kernel = (
             branch._branch_backward_logits_kernel,
-            {"partials_ptr": float_pointer, "soft_ptr": float_pointer, "grad_logits_ptr": float_pointer, "I": "i32",
-             "J": "i32", "stride_si": "i32", "stride_sj": "i32", "tau_ptr": "*fp64"},
+            {
+                "partials_ptr": float_pointer,
+                "soft_ptr": float_pointer,
+                "grad_logits_ptr": float_pointer,
+                "num_parents": "i32",
+                "J": "i32",
+                "stride_si": "i32",
+                "stride_sj": "i32",
+                "tau_ptr": "*fp64",
+            },
             {"NUM_CHUNKS": 35, "OUT_F64": f64, "BLOCK_I": 32, "BLOCK_J": 64},
         )
         sample_kernel = (
             sample_branches._sample_branches_kernel,
-            {"logits_ptr": float_pointer, "noise_ptr": float_pointer, "seed_ptr": "*i64", "index_ptr": "*i64",
-             "soft_ptr": float_pointer, "I": "i32", "J": "i32", "stride_li": "i32", "stride_lj": "i32",
-             "stride_ni": "i32", "stride_nj": "i32", "tau_ptr": "*fp64"},
+            {
+                "logits_ptr": float_pointer,
+                "noise_ptr": float_pointer,
+                "seed_ptr": "*i64",
+                "index_ptr": "*i64",
+                "soft_ptr": float_pointer,
+                "num_parents": "i32",
+                "J": "i32",
+                "stride_li": "i32",
+                "stride_lj": "i32",
+                "stride_ni": "i32",
+                "stride_nj": "i32",
+                "tau_ptr": "*fp64",
+            },
             {"HAS_NOISE": False, "F64": f64, "USE_LIBDEVICE": True, "BLOCK_I": 32, "BLOCK_J": 64},
         )
         for fn, signature, constexprs in (logits_kernel, sample_kernel):
@@ -103,7 +153,9 @@ def compile_small_kernels(arch: int) -> list[dict]:
             source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
             usage = resource_usage(compiled.asm["cubin"])
-            rows.append({"kernel": fn.__name__, "f64": f64, "registers": usage.get("reg"), "spill_bytes": usage.get("stack", 0)})
+            rows.append(
+                {"kernel": fn.__name__, "f64": f64, "registers": usage.get("reg"), "spill_bytes": usage.get("stack", 0)}
+            )
     return rows
 
 
@@ -135,21 +187,46 @@ def compile_indexed_conv_kernels(arch: int, sms: int) -> list[dict]:
             bwd = conv._blocks(batch * size * size, channels, out_channels * kernel * kernel, False)
             wgt = (32, *conv._blocks(batch * out_size * out_size, out_channels, channels * kernel * kernel, False)[1:])
             cases = [
-                ("forward", conv._indexed_conv_forward_kernel, fwd, conv._num_warps(False, fwd[0], fwd[1]),
-                 {"K_TILES": triton.cdiv(channels * kernel * kernel, fwd[2]), "HAS_BIAS": True}),
-                ("input_grad+dots", conv._indexed_conv_input_grad_kernel, bwd, conv._num_warps(False, bwd[0], bwd[1]),
-                 {"K_TILES": triton.cdiv(out_channels * kernel * kernel, bwd[2]), "WRITE_DX": True, "NUM_PARENTS": parents}),
-                ("parents_grad", conv._indexed_conv_parent_grad_kernel, bwd, 8,
-                 {"K_TILES": triton.cdiv(out_channels * kernel * kernel, bwd[2]), "NUM_CHILDREN": children}),
-                ("weight_grad", conv._indexed_conv_weight_grad_kernel, wgt, conv._num_warps(False, wgt[0], wgt[1]),
-                 {}),  # the split size is a runtime value
+                (
+                    "forward",
+                    conv._indexed_conv_forward_kernel,
+                    fwd,
+                    conv._num_warps(False, fwd[0], fwd[1]),
+                    {"K_TILES": triton.cdiv(channels * kernel * kernel, fwd[2]), "HAS_BIAS": True},
+                ),
+                (
+                    "input_grad+dots",
+                    conv._indexed_conv_input_grad_kernel,
+                    bwd,
+                    conv._num_warps(False, bwd[0], bwd[1]),
+                    {
+                        "K_TILES": triton.cdiv(out_channels * kernel * kernel, bwd[2]),
+                        "WRITE_DX": True,
+                        "NUM_PARENTS": parents,
+                    },
+                ),
+                (
+                    "parents_grad",
+                    conv._indexed_conv_parent_grad_kernel,
+                    bwd,
+                    8,
+                    {"K_TILES": triton.cdiv(out_channels * kernel * kernel, bwd[2]), "NUM_CHILDREN": children},
+                ),
+                (
+                    "weight_grad",
+                    conv._indexed_conv_weight_grad_kernel,
+                    wgt,
+                    conv._num_warps(False, wgt[0], wgt[1]),
+                    {},
+                ),  # the split size is a runtime value
             ]
             for kernel_name, fn, (block_m, block_n, block_k), warps, extra in cases:
                 constexprs = {**taps, **common, **extra, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
                 params = list(inspect.signature(fn.fn).parameters)
                 signature = {
                     p: "constexpr" if p in constexprs else "*i64" if p == "index_ptr"
-                    else "*fp32" if p in ("dots_ptr", "partials_ptr") else pointer[dtype] if p.endswith("_ptr") else "i32"
+                    else "*fp32" if p in ("dots_ptr", "partials_ptr") else pointer[dtype] if p.endswith("_ptr")
+                    else "i32"
                     for p in params
                 }  # fmt: skip
                 attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params if p.endswith("_ptr")}
@@ -157,8 +234,9 @@ def compile_indexed_conv_kernels(arch: int, sms: int) -> list[dict]:
                 compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
                 usage = resource_usage(compiled.asm["cubin"])
                 rows.append({
-                    "layer": name, "dtype": dtype, "kernel": kernel_name, "block": [block_m, block_n, block_k], "warps": warps,
-                    "registers": usage.get("reg"), "spill_bytes": usage.get("stack", 0), "shared_bytes": compiled.metadata.shared,
+                    "layer": name, "dtype": dtype, "kernel": kernel_name, "block": [block_m, block_n, block_k],
+                    "warps": warps, "registers": usage.get("reg"), "spill_bytes": usage.get("stack", 0),
+                    "shared_bytes": compiled.metadata.shared,
                     "programs_per_sm_by_registers": REGISTERS_PER_SM // max(1, usage.get("reg", 1) * 32 * warps),
                 })  # fmt: skip
     return rows

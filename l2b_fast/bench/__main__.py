@@ -16,17 +16,36 @@ from l2b_fast.bench import report
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m l2b_fast.bench",
-        description="Forward+backward time of every l2b_fast backend against naive per-child "
-        "F.gumbel_softmax(hard=True) + weighted sum; writes CSV and JSON tagged with device and versions.",
+        description=(
+            "Forward+backward time of every l2b_fast backend against naive per-child "
+            "F.gumbel_softmax(hard=True) + weighted sum; writes CSV and JSON tagged with device and versions."
+        ),
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--shapes", default=None, help=f"comma-separated, from {', '.join(bench.SHAPES)} (default: taskonomy,celeba on cuda; cpu-target,taskonomy,celeba on cpu)")
-    parser.add_argument("--backends", default=None, help="comma-separated (default: every backend that runs on the device, Triton's CPU interpreter excluded)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda if present)",
+    )
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help=(
+            f"comma-separated, from {', '.join(bench.SHAPES)} (default: taskonomy,celeba on cuda; "
+            "cpu-target,taskonomy,celeba on cpu)"
+        ),
+    )
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated (default: every backend that runs on the device, Triton's CPU interpreter excluded)",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeat", type=int, default=None, help="timed repetitions (default: 50 on cuda, 5 on cpu)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
-    parser.add_argument("--out", type=Path, default=None, help="directory for the CSV/JSON results (default: print only)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="directory for the CSV/JSON results (default: print only)"
+    )
     args = parser.parse_args(argv)
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be >= 1")
@@ -39,7 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"unknown shape {shape!r}; choose from {', '.join(bench.SHAPES)}")
     if args.backends is None:
         interpreted = args.device == "cpu"
-        args.backends = [name for name, why in backends.available(args.device).items() if why is None and not (name == "triton" and interpreted)]
+        args.backends = [
+            name
+            for name, why in backends.available(args.device).items()
+            if why is None and not (name == "triton" and interpreted)
+        ]
     else:
         args.backends = args.backends.split(",")
         for name in args.backends:
@@ -61,13 +84,23 @@ def main(argv=None) -> int:
     meta["peak_memory"] = bench.MEMORY_METHOD[device.type]
     meta["timer"] = bench.TIMER[device.type]
     print(f"device copy bandwidth (read + write): {copy_gbps:.1f} GB/s")
-    rows = bench.run(args.shapes, args.backends, device, getattr(torch, args.dtype), args.warmup, args.repeat, naive=not args.no_naive)
+    rows = bench.run(
+        args.shapes,
+        args.backends,
+        device,
+        getattr(torch, args.dtype),
+        args.warmup,
+        args.repeat,
+        naive=not args.no_naive,
+    )
     for row in rows:
         row["backward_pct_of_copy"] = round(100 * row["backward_GBps"] / copy_gbps, 1) if row["backward_GBps"] else None
     print(bench.format_table(rows))
     if args.out is not None:
         stem = f"branch_{args.device}_{re.sub(r'[^A-Za-z0-9]+', '-', meta['device']).strip('-').lower()}_{args.dtype}"
-        csv_path, json_path = report.write_results(rows, meta, args.out, stem, tags=("device", "torch", "triton", "timer"))
+        csv_path, json_path = report.write_results(
+            rows, meta, args.out, stem, tags=("device", "torch", "triton", "timer")
+        )
         print(f"wrote {csv_path} and {json_path}")
     return 0
 

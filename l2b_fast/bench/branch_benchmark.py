@@ -85,7 +85,8 @@ def cuda_times(fn, repeat: int, flush: torch.Tensor, event=None) -> list[float]:
 
 
 def cpu_times(fn, repeat: int, min_run_time: float = CPU_MIN_RUN_TIME_S) -> list[float]:
-    """ms per call of ``fn``: one value per block of ``torch.utils.benchmark``'s blocked_autorange, at least ``repeat``."""
+    """ms per call of ``fn``: one value per block of ``torch.utils.benchmark``'s blocked_autorange, at least
+    ``repeat``."""
     from torch.utils import benchmark
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
@@ -196,17 +197,26 @@ def run(
             fused_parents = parents.clone().requires_grad_(True)
             fused_logits = logits.clone().requires_grad_(True)
 
+            # The F821 suppressions here and below: a false positive for closures over names that a later `del` in
+            # this scope removes; each closure runs before that `del`, in the same iteration.
             def fused_step(name=name):
-                fused_parents.grad = fused_logits.grad = None
-                branch(fused_parents, fused_logits, tau, backend=name).backward(grad)
+                fused_parents.grad = fused_logits.grad = None  # noqa: F821
+                branch(fused_parents, fused_logits, tau, backend=name).backward(grad)  # noqa: F821
 
             backward_ms = None
             if name != "ref":
                 backend_ops = _backend_ops(name)
                 with torch.no_grad():
-                    soft, index = backend_ops.sample_branches(logits, tau_tensor, None, torch.tensor([1], device=device))
+                    soft, index = backend_ops.sample_branches(
+                        logits, tau_tensor, None, torch.tensor([1], device=device)
+                    )
                 backward_ms = statistics.median(
-                    measure(lambda: backend_ops.branch_backward(grad, parents, index, soft, tau_tensor), device, warmup, repeat)
+                    measure(
+                        lambda: backend_ops.branch_backward(grad, parents, index, soft, tau_tensor),  # noqa: F821
+                        device,
+                        warmup,
+                        repeat,
+                    )
                 )
             timings[name] = (measure(fused_step, device, warmup, repeat), backward_ms)
             fused_parents.grad = fused_logits.grad = None
@@ -246,7 +256,17 @@ def _backend_ops(name: str):
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = ["shape", "dtype", "implementation", "fwd_bwd_ms", "speedup_vs_naive", "effective_GBps", "backward_ms", "backward_GBps", "step_peak_MiB"]
+    columns = [
+        "shape",
+        "dtype",
+        "implementation",
+        "fwd_bwd_ms",
+        "speedup_vs_naive",
+        "effective_GBps",
+        "backward_ms",
+        "backward_GBps",
+        "step_peak_MiB",
+    ]
     table = [columns] + [["" if row[c] is None else str(row[c]) for c in columns] for row in rows]
     widths = [max(len(line[k]) for line in table) for k in range(len(columns))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table]

@@ -5,8 +5,8 @@ Two measurements on the same shards, in one run:
 - **stage profile** (one process, one core): per sample, the time to read it from the tars (bytes only),
   decode its six PNGs, resize to the working size, augment (random scale, flip, crop), normalise (targets and
   masks) and collate it into a batch;
-- **loader throughput**: :func:`l2b_fast.datasets.taskonomy.loaders.taskonomy_train_loader` end to end (the real pipeline:
-  resampled shards, shuffle buffer, workers, batches) with 0 workers (all in this process), 1 worker, and
+- **loader throughput**: :func:`l2b_fast.datasets.taskonomy.loaders.taskonomy_train_loader` end to end (the real
+  pipeline: resampled shards, shuffle buffer, workers, batches) with 0 workers (all in this process), 1 worker, and
   one worker per core; with targets normalised in the workers, and with raw batches (``normalize=False``)
   whose normalisation ``protocol.to_targets_batch`` does on the GPU (not timed: a CPU-only run has no GPU).
 
@@ -63,7 +63,9 @@ def read_samples(urls: list[str]) -> tuple[list[dict], float]:
     return samples, time.perf_counter() - start
 
 
-def profile_stages(samples: list[dict], read_seconds: float, size: int, batch_size: int, seed: int = 0) -> dict[str, float]:
+def profile_stages(
+    samples: list[dict], read_seconds: float, size: int, batch_size: int, seed: int = 0
+) -> dict[str, float]:
     """Milliseconds per sample of each stage of the training transform, run the way the loader runs it."""
     from l2b_fast.data import loader as data_loader
     from l2b_fast.datasets.taskonomy import protocol as transforms
@@ -99,7 +101,9 @@ def profile_stages(samples: list[dict], read_seconds: float, size: int, batch_si
     return per_sample
 
 
-def loader_throughput(urls: list[str], size: int, batch_size: int, workers: int, batches: int, normalize: bool, seed: int = 0) -> dict:
+def loader_throughput(
+    urls: list[str], size: int, batch_size: int, workers: int, batches: int, normalize: bool, seed: int = 0
+) -> dict:
     """Samples per second of the training loader over ``batches`` batches after a warm-up (workers started).
 
     ``normalize=False``: the loader delivers raw batches, normalised later on the GPU (not timed here)."""
@@ -108,7 +112,14 @@ def loader_throughput(urls: list[str], size: int, batch_size: int, workers: int,
     warmup = max(2, 2 * workers)
     epoch_samples = batch_size * (warmup + batches) * max(1, workers)  # every worker yields >= warmup + batches
     loader = data_loader.taskonomy_train_loader(
-        urls, batch_size=batch_size, size=size, seed=seed, epoch_samples=epoch_samples, num_workers=workers, shuffle_buffer=4 * batch_size, normalize=normalize
+        urls,
+        batch_size=batch_size,
+        size=size,
+        seed=seed,
+        epoch_samples=epoch_samples,
+        num_workers=workers,
+        shuffle_buffer=4 * batch_size,
+        normalize=normalize,
     )
     iterator = iter(loader)
     for _ in range(warmup):
@@ -125,17 +136,55 @@ def loader_throughput(urls: list[str], size: int, batch_size: int, workers: int,
 
 def parse_args(argv=None) -> argparse.Namespace:
     cores = usable_cores()
-    parser = argparse.ArgumentParser(prog="python -m l2b_fast.bench.data_throughput", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
-    parser.add_argument("--shards", type=Path, default=None, help="a shard directory with a manifest (default: synthetic Taskonomy shards written to a temporary directory)")
+    parser = argparse.ArgumentParser(
+        prog="python -m l2b_fast.bench.data_throughput", description=__doc__.split("\n\n")[0].split(": ", 1)[1]
+    )
+    parser.add_argument(
+        "--shards",
+        type=Path,
+        default=None,
+        help="a shard directory with a manifest (default: synthetic Taskonomy shards written to a temporary directory)",
+    )
     parser.add_argument("--split", default="train", help="split of --shards to read (default train)")
-    parser.add_argument("--samples", type=int, default=384, help="synthetic samples to generate without --shards (default 384)")
-    parser.add_argument("--stored-size", type=int, default=256, help="side of the generated synthetic shards (default 256, as the converter stores)")
+    parser.add_argument(
+        "--samples", type=int, default=384, help="synthetic samples to generate without --shards (default 384)"
+    )
+    parser.add_argument(
+        "--stored-size",
+        type=int,
+        default=256,
+        help="side of the generated synthetic shards (default 256, as the converter stores)",
+    )
     parser.add_argument("--sizes", default="128,256", help="working sizes (default 128,256: search and retrain)")
-    parser.add_argument("--workers", default=None, help=f"comma-separated DataLoader worker counts (default 0,1,{cores}: in-process, one worker, one per core)")
-    parser.add_argument("--normalise-in", default="worker,device", help="where targets are normalised: worker (the loader yields targets) and/or device (the loader yields raw batches for protocol.to_targets_batch on the GPU; that step is not timed); default both")
+    parser.add_argument(
+        "--workers",
+        default=None,
+        help=f"comma-separated DataLoader worker counts (default 0,1,{cores}: in-process, one worker, one per core)",
+    )
+    parser.add_argument(
+        "--normalise-in",
+        default="worker,device",
+        help=(
+            "where targets are normalised: worker (the loader yields targets) and/or device (the loader yields "
+            "raw batches for protocol.to_targets_batch on the GPU; that step is not timed); default both"
+        ),
+    )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=None, help="timed batches per loader run (default: about two passes' worth of the profiled samples per process, at least 8)")
-    parser.add_argument("--gpu-samples-per-s", type=float, default=None, help="search-step throughput of one GPU (samples/s) to convert into cores per GPU")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help=(
+            "timed batches per loader run (default: about two passes' worth of the profiled samples per "
+            "process, at least 8)"
+        ),
+    )
+    parser.add_argument(
+        "--gpu-samples-per-s",
+        type=float,
+        default=None,
+        help="search-step throughput of one GPU (samples/s) to convert into cores per GPU",
+    )
     parser.add_argument("--out", type=Path, default=None, help="directory for CSV/JSON results (default: print only)")
     args = parser.parse_args(argv)
     args.sizes = [int(size) for size in args.sizes.split(",")]
@@ -151,7 +200,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def format_rows(rows: list[dict], columns: list[str]) -> str:
-    table = [columns] + [["" if row.get(c) is None else (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])) for c in columns] for row in rows]
+    table = [columns] + [
+        ["" if row.get(c) is None else (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])) for c in columns]
+        for row in rows
+    ]
     widths = [max(len(line[k]) for line in table) for k in range(len(columns))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table]
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -164,14 +216,29 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)  # the in-process case is one core, like a worker (DataLoader sets 1 in workers)
     meta = report.environment(torch.device("cpu"))
-    meta.update(cores=usable_cores(), png_decoder=shard_io.png_decoder(), packages=package_versions(), pin_memory=torch.cuda.is_available())
+    meta.update(
+        cores=usable_cores(),
+        png_decoder=shard_io.png_decoder(),
+        packages=package_versions(),
+        pin_memory=torch.cuda.is_available(),
+    )
     with tempfile.TemporaryDirectory(prefix="l2b-data-bench-") as scratch:
         if args.shards is None:
             from l2b_fast.datasets.taskonomy import synthetic as synthetic_taskonomy
 
             shard_dir, start = Path(scratch), time.perf_counter()
-            synthetic_taskonomy.generate(shard_dir, args.samples, args.stored_size, splits=(("train", 1.0),), samples_per_shard=max(args.batch_size, args.samples // 8))
-            print(f"wrote {args.samples} synthetic {args.stored_size}x{args.stored_size} samples in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+            synthetic_taskonomy.generate(
+                shard_dir,
+                args.samples,
+                args.stored_size,
+                splits=(("train", 1.0),),
+                samples_per_shard=max(args.batch_size, args.samples // 8),
+            )
+            print(
+                f"wrote {args.samples} synthetic {args.stored_size}x{args.stored_size} samples in "
+                f"{time.perf_counter() - start:.1f} s",
+                file=sys.stderr,
+            )
             meta["data"] = f"synthetic taskonomy {args.stored_size}x{args.stored_size}, {args.samples} samples"
         else:
             shard_dir = args.shards
@@ -179,42 +246,117 @@ def main(argv=None) -> int:
         urls = shard_io.shard_paths(shard_dir, args.split)
         meta["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         samples, read_seconds = read_samples(urls)
-        meta["mean_sample_bytes"] = round(statistics.fmean(sum(len(v) for k, v in s.items() if k.endswith(".png")) for s in samples))
+        meta["mean_sample_bytes"] = round(
+            statistics.fmean(sum(len(v) for k, v in s.items() if k.endswith(".png")) for s in samples)
+        )
         meta["shards"], meta["profiled_samples"] = len(urls), len(samples)
-        print(f"{meta['device']} | {meta['cores']} cores | torch {meta['torch']} | PNG decoder {meta['png_decoder']} | {len(samples)} samples in {len(urls)} shards, {meta['mean_sample_bytes'] / 1e3:.0f} kB each")
+        print(
+            f"{meta['device']} | {meta['cores']} cores | torch {meta['torch']} | PNG decoder "
+            f"{meta['png_decoder']} | {len(samples)} samples in {len(urls)} shards, "
+            f"{meta['mean_sample_bytes'] / 1e3:.0f} kB each"
+        )
         batches = args.batches or max(8, math.ceil(2 * len(samples) / args.batch_size))
         stage_rows, loader_rows = [], []
         for size in args.sizes:
             per_sample = profile_stages(samples, read_seconds, size, args.batch_size)
             total = sum(per_sample.values())
             for stage in STAGES:
-                stage_rows.append({"size": size, "stage": stage, "ms_per_sample": round(per_sample[stage], 4), "share_pct": round(100 * per_sample[stage] / total, 1)})
-            stage_rows.append({"size": size, "stage": "total", "ms_per_sample": round(total, 4), "share_pct": 100.0, "samples_per_s": round(1e3 / total, 1)})
+                stage_rows.append(
+                    {
+                        "size": size,
+                        "stage": stage,
+                        "ms_per_sample": round(per_sample[stage], 4),
+                        "share_pct": round(100 * per_sample[stage] / total, 1),
+                    }
+                )
+            stage_rows.append(
+                {
+                    "size": size,
+                    "stage": "total",
+                    "ms_per_sample": round(total, 4),
+                    "share_pct": 100.0,
+                    "samples_per_s": round(1e3 / total, 1),
+                }
+            )
             for normalise_in in args.normalise_in:
                 for workers in args.workers:
-                    measured = loader_throughput(urls, size, args.batch_size, workers, batches, normalize=normalise_in == "worker")
-                    row = {"size": size, "normalise_in": normalise_in, "workers": workers, "batch_size": args.batch_size, "batches": batches}
+                    measured = loader_throughput(
+                        urls, size, args.batch_size, workers, batches, normalize=normalise_in == "worker"
+                    )
+                    row = {
+                        "size": size,
+                        "normalise_in": normalise_in,
+                        "workers": workers,
+                        "batch_size": args.batch_size,
+                        "batches": batches,
+                    }
                     row.update({k: round(v, 1) if isinstance(v, float) else v for k, v in measured.items()})
                     loader_rows.append(row)
-                    print(f"  size {size}, normalise in {normalise_in}, {workers} worker(s): {measured['samples_per_s']:.1f} samples/s", file=sys.stderr)
+                    print(
+                        f"  size {size}, normalise in {normalise_in}, {workers} worker(s): "
+                        f"{measured['samples_per_s']:.1f} samples/s",
+                        file=sys.stderr,
+                    )
         print("\nstage profile (one process, ms per sample):")
         print(format_rows(stage_rows, ["size", "stage", "ms_per_sample", "share_pct", "samples_per_s"]))
         print("\ntraining loader end to end:")
-        print(format_rows(loader_rows, ["size", "normalise_in", "workers", "batch_size", "samples_per_s", "samples_per_s_per_process", "skipped"]))
+        print(
+            format_rows(
+                loader_rows,
+                [
+                    "size",
+                    "normalise_in",
+                    "workers",
+                    "batch_size",
+                    "samples_per_s",
+                    "samples_per_s_per_process",
+                    "skipped",
+                ],
+            )
+        )
         estimate_rows = []
         if args.gpu_samples_per_s is not None:
             for size in args.sizes:
                 for normalise_in in args.normalise_in:
                     # One core = one worker process (IPC included) when measured, else the in-process loader.
-                    rates = {row["workers"]: row["samples_per_s_per_process"] for row in loader_rows if row["size"] == size and row["normalise_in"] == normalise_in and row["workers"] <= 1}
-                    per_core = rates.get(1) or rates.get(0) or [row for row in stage_rows if row["size"] == size and row["stage"] == "total"][0]["samples_per_s"]
-                    estimate_rows.append({"size": size, "normalise_in": normalise_in, "gpu_samples_per_s": args.gpu_samples_per_s, "samples_per_s_per_core": per_core, "cores_per_gpu": math.ceil(args.gpu_samples_per_s / per_core)})
+                    rates = {
+                        row["workers"]: row["samples_per_s_per_process"]
+                        for row in loader_rows
+                        if row["size"] == size and row["normalise_in"] == normalise_in and row["workers"] <= 1
+                    }
+                    per_core = (
+                        rates.get(1)
+                        or rates.get(0)
+                        or [row for row in stage_rows if row["size"] == size and row["stage"] == "total"][0][
+                            "samples_per_s"
+                        ]
+                    )
+                    estimate_rows.append(
+                        {
+                            "size": size,
+                            "normalise_in": normalise_in,
+                            "gpu_samples_per_s": args.gpu_samples_per_s,
+                            "samples_per_s_per_core": per_core,
+                            "cores_per_gpu": math.ceil(args.gpu_samples_per_s / per_core),
+                        }
+                    )
             print("\ncores to feed one GPU:")
-            print(format_rows(estimate_rows, ["size", "normalise_in", "gpu_samples_per_s", "samples_per_s_per_core", "cores_per_gpu"]))
+            print(
+                format_rows(
+                    estimate_rows,
+                    ["size", "normalise_in", "gpu_samples_per_s", "samples_per_s_per_core", "cores_per_gpu"],
+                )
+            )
     if args.out is not None:
         stem = f"data_taskonomy_{re.sub(r'[^A-Za-z0-9]+', '-', meta['device']).strip('-').lower()}_{meta['cores']}cores"
-        rows = [{"kind": "stage", **row} for row in stage_rows] + [{"kind": "loader", **row} for row in loader_rows] + [{"kind": "estimate", **row} for row in estimate_rows]
-        csv_path, json_path = report.write_results(rows, meta, args.out, stem, tags=("device", "cores", "torch", "png_decoder"))
+        rows = (
+            [{"kind": "stage", **row} for row in stage_rows]
+            + [{"kind": "loader", **row} for row in loader_rows]
+            + [{"kind": "estimate", **row} for row in estimate_rows]
+        )
+        csv_path, json_path = report.write_results(
+            rows, meta, args.out, stem, tags=("device", "cores", "torch", "png_decoder")
+        )
         print(f"wrote {csv_path} and {json_path}")
     return 0
 

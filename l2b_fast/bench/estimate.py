@@ -78,15 +78,18 @@ class Estimate:
 
 def _check_arguments(spec, batch, precision, input_size, device_memory_gib) -> None:
     if not isinstance(spec, ModelSpec):
-        raise TypeError(f"spec must be a l2b_fast.models.ModelSpec (e.g. SPECS['celeba_branch_vgg']()), "
-                        f"got {type(spec).__name__}")
+        raise TypeError(
+            f"spec must be a l2b_fast.models.ModelSpec (e.g. SPECS['celeba_branch_vgg']()), got {type(spec).__name__}"
+        )
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if precision not in PRECISION_DTYPES:
         raise ValueError(f"precision must be one of {', '.join(PRECISION_DTYPES)}, got {precision!r}")
     if input_size is not None and "input_size" not in spec.config:
         raise ValueError(f"{spec.name} has no input_size option")
-    memory_ok = isinstance(device_memory_gib, (int, float)) and math.isfinite(device_memory_gib) and device_memory_gib > 0
+    memory_ok = (
+        isinstance(device_memory_gib, (int, float)) and math.isfinite(device_memory_gib) and device_memory_gib > 0
+    )
     if device_memory_gib is not None and not memory_ok:
         raise ValueError(f"device_memory_gib must be a positive number, got {device_memory_gib!r}")
 
@@ -98,8 +101,9 @@ def _resized(spec: ModelSpec, input_size) -> ModelSpec:
     return SPECS[spec.name](**{**spec.config, "tasks": spec.tasks, "input_size": input_size})
 
 
-def count_step(spec: ModelSpec, batch: int, precision: str = "fp32", execution: str = "per_child"
-               ) -> tuple[int, int, int]:
+def count_step(
+    spec: ModelSpec, batch: int, precision: str = "fp32", execution: str = "per_child"
+) -> tuple[int, int, int]:
     """``(flops, saved activation bytes, parameters)`` of one training forward + backward at ``batch``, on meta.
 
     Saved bytes count each storage autograd saves once, parameters excluded (they are resident anyway).
@@ -156,8 +160,16 @@ def estimate(
     per_image = saved_two - saved_one
     device_memory = int(device_memory_gib * 2**30) if device_memory_gib is not None else None
     return Estimate(
-        spec.name, batch, precision, tuple(spec.input_shape[1:]), execution, parameters,
-        flops_one, per_image, max(0, saved_one - per_image), device_memory,
+        spec.name,
+        batch,
+        precision,
+        tuple(spec.input_shape[1:]),
+        execution,
+        parameters,
+        flops_one,
+        per_image,
+        max(0, saved_one - per_image),
+        device_memory,
     )
 
 
@@ -180,8 +192,10 @@ def format_estimate(result: Estimate) -> str:
     ]
     if result.device_memory_bytes is not None:
         verdict = "fits" if result.fits else "does NOT fit"
-        lines.append(f"  {verdict} in {result.device_memory_bytes / gib:.0f} GiB "
-                     f"({100 * result.peak_bytes / result.device_memory_bytes:.0f}% of it)")
+        lines.append(
+            f"  {verdict} in {result.device_memory_bytes / gib:.0f} GiB "
+            f"({100 * result.peak_bytes / result.device_memory_bytes:.0f}% of it)"
+        )
     return "\n".join(lines)
 
 
@@ -230,11 +244,17 @@ def main(argv=None) -> int:
 
     from l2b_fast.models import SPECS
 
-    parser = argparse.ArgumentParser(prog="python -m l2b_fast.bench.estimate",
-                                     description="FLOPs and estimated peak GPU memory of one search step")
+    parser = argparse.ArgumentParser(
+        prog="python -m l2b_fast.bench.estimate", description="FLOPs and estimated peak GPU memory of one search step"
+    )
     parser.add_argument("--model", required=True, choices=sorted(SPECS))
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a model option, the value as JSON (e.g. aspp_channels=192, width=0.5); repeatable")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model option, the value as JSON (e.g. aspp_channels=192, width=0.5); repeatable",
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="fp32")
     parser.add_argument("--size", type=int, nargs="+", default=None, help="input side, or height width")
@@ -253,8 +273,9 @@ def main(argv=None) -> int:
     size = None if args.size is None else (args.size[0] if len(args.size) == 1 else tuple(args.size))
     try:
         spec = SPECS[args.model](**options)
-        result = estimate(spec, args.batch, args.precision, size, execution=args.execution,
-                          device_memory_gib=args.device_memory_gib)
+        result = estimate(
+            spec, args.batch, args.precision, size, execution=args.execution, device_memory_gib=args.device_memory_gib
+        )
     except (TypeError, ValueError) as error:
         parser.error(str(error))
     print(format_estimate(result))

@@ -44,7 +44,9 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def write_results(rows: list[dict], meta: dict, out_dir: Path, stem: str, tags: tuple[str, ...] = ("device", "torch", "triton")) -> tuple[Path, Path]:
+def write_results(
+    rows: list[dict], meta: dict, out_dir: Path, stem: str, tags: tuple[str, ...] = ("device", "torch", "triton")
+) -> tuple[Path, Path]:
     """``{stem}.csv`` (every row plus the ``tags`` fields of ``meta``) and ``{stem}.json`` (meta + rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"

@@ -76,8 +76,9 @@ def parse_variant(name: str) -> tuple[str, bool, bool]:
     if base.endswith("_bf16"):
         base, bf16 = base.removesuffix("_bf16"), True
     if base not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}, "
-                         "each optionally + _bf16 and/or _cl")
+        raise ValueError(
+            f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}, each optionally + _bf16 and/or _cl"
+        )
     return base, bf16, channels_last
 
 
@@ -105,7 +106,8 @@ PRESETS = {
         channels_last=True,
     ),
     "cpu": Preset(
-        "reduced for a small CPU: Taskonomy at width 1/4 and 64x64, batch 8; CelebA models at full width, 64x64, batch 16; fp32",
+        "reduced for a small CPU: Taskonomy at width 1/4 and 64x64, batch 8; CelebA models at full width, 64x64, "
+        "batch 16; fp32",
         {
             "taskonomy_resnet34": {"options": {"width": 0.25, "input_size": 64}, "batch": 8},
             "celeba_branch_vgg": {"options": {"input_size": 64}, "batch": 16},
@@ -116,9 +118,24 @@ PRESETS = {
     "tiny": Preset(
         "smoke test: tiny widths, inputs and children; fp32",
         {
-            "taskonomy_resnet34": {"options": {"width": 1 / 32, "input_size": 16, "children": 2, "branching": "stage", "aspp_channels": 64}, "batch": 2},
-            "celeba_branch_vgg": {"options": {"width": 1 / 8, "input_size": 32, "children": (2, 2, 2, 2, 2, 3, 3, 4)}, "batch": 2},
-            "celeba_deep_wide": {"options": {"width": 1 / 8, "input_size": 32, "children": (2, 2, 3, 3, 4)}, "batch": 2},
+            "taskonomy_resnet34": {
+                "options": {
+                    "width": 1 / 32,
+                    "input_size": 16,
+                    "children": 2,
+                    "branching": "stage",
+                    "aspp_channels": 64,
+                },
+                "batch": 2,
+            },
+            "celeba_branch_vgg": {
+                "options": {"width": 1 / 8, "input_size": 32, "children": (2, 2, 2, 2, 2, 3, 3, 4)},
+                "batch": 2,
+            },
+            "celeba_deep_wide": {
+                "options": {"width": 1 / 8, "input_size": 32, "children": (2, 2, 3, 3, 4)},
+                "batch": 2,
+            },
         },
     ),
 }
@@ -150,7 +167,9 @@ def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device,
     full_name = name
     name, bf16, own_channels_last = parse_variant(name)
     channels_last = channels_last or own_channels_last
-    execution = {"grouped": "grouped", "grouped_triton": "grouped", "static_grouped": "grouped", "auto": "auto"}.get(name, "per_child")
+    execution = {"grouped": "grouped", "grouped_triton": "grouped", "static_grouped": "grouped", "auto": "auto"}.get(
+        name, "per_child"
+    )
     if name == "grouped_triton" and device.type != "cuda":
         raise VariantUnavailable(f"{name}: the Triton convolution runs on CUDA only (device {device.type})")
     try:
@@ -180,8 +199,11 @@ def build_variant(name: str, spec: ModelSpec, state: dict, device: torch.device,
     return Variant(full_name, model, weights, logits, bf16, channels_last)
 
 
-def make_step(variant: Variant, x: torch.Tensor, targets: dict, amp_dtype: torch.dtype | None) -> tuple[Callable[[], None], list]:
-    """One search step of ``variant`` as a closure (forward, loss, backward, both optimizer steps), and its optimizers."""
+def make_step(
+    variant: Variant, x: torch.Tensor, targets: dict, amp_dtype: torch.dtype | None
+) -> tuple[Callable[[], None], list]:
+    """One search step of ``variant`` as a closure (forward, loss, backward, both optimizer steps), and its
+    optimizers."""
     weights_optimizer = torch.optim.Adam(variant.weights, lr=1e-4)
     logits_optimizer = torch.optim.Adam(variant.logits, lr=1e-3) if variant.logits else None
     model = variant.model
@@ -224,7 +246,15 @@ class Case:
     targets: dict
 
 
-def build_case(model: str, preset: Preset, device: torch.device, *, seed: int = 0, batch: int | None = None, width: float | None = None) -> Case:
+def build_case(
+    model: str,
+    preset: Preset,
+    device: torch.device,
+    *,
+    seed: int = 0,
+    batch: int | None = None,
+    width: float | None = None,
+) -> Case:
     entry = preset.models[model]
     options = dict(entry["options"])
     if width is not None:
@@ -241,13 +271,18 @@ def build_case(model: str, preset: Preset, device: torch.device, *, seed: int = 
         x = x.contiguous(memory_format=torch.channels_last)
     reference.eval()
     with torch.no_grad():  # output shapes from one image: a full-size batch would take minutes on a CPU
-        shapes = {task: (batch, *out.shape[1:]) for task, out in reference(spec.example_input(1, generator=generator).to(device)).items()}
+        shapes = {
+            task: (batch, *out.shape[1:])
+            for task, out in reference(spec.example_input(1, generator=generator).to(device)).items()
+        }
     del reference
     targets = {task: torch.randn(shape, generator=generator).to(device) for task, shape in shapes.items()}
     return Case(model, spec, batch, state, x, targets)
 
 
-def time_variants(case: Case, variants: list[str], preset: Preset, device: torch.device, warmup: int, repeat: int) -> tuple[dict, dict]:
+def time_variants(
+    case: Case, variants: list[str], preset: Preset, device: torch.device, warmup: int, repeat: int
+) -> tuple[dict, dict]:
     """Interleaved step times (ms) per variant, and on CUDA the step peak memory; unavailable ones skipped."""
     amp_dtype = getattr(torch, preset.amp_dtype) if preset.amp_dtype else None
     steps, resident, skipped = {}, {}, {}
@@ -266,7 +301,9 @@ def time_variants(case: Case, variants: list[str], preset: Preset, device: torch
     for name, (variant, _, optimizers) in steps.items():
         resident[name] = resident_bytes(variant, optimizers)
     # CPU peaks come from a fresh process per variant (probe_cpu_step_memory), not from the allocator here.
-    peaks = {name: step_peak_bytes(step, device) for name, (_, step, _) in steps.items()} if device.type == "cuda" else {}
+    peaks = (
+        {name: step_peak_bytes(step, device) for name, (_, step, _) in steps.items()} if device.type == "cuda" else {}
+    )
     times = {name: [] for name in order}
     flush = l2_flush_buffer(device) if device.type == "cuda" else None
     for round_index in range(repeat):
@@ -278,13 +315,15 @@ def time_variants(case: Case, variants: list[str], preset: Preset, device: torch
             else:  # the median of one blocked_autorange: a long step is one warm-up call and one timed call
                 times[name].append(statistics.median(cpu_times(steps[name][1], 1)))
     precisions = {name: variant_precision(variant, preset) for name, (variant, _, _) in steps.items()}
-    layouts = {name: "channels_last" if variant.channels_last or preset.channels_last else "contiguous"
-               for name, (variant, _, _) in steps.items()}
+    layouts = {
+        name: "channels_last" if variant.channels_last or preset.channels_last else "contiguous"
+        for name, (variant, _, _) in steps.items()
+    }
     return {"times": times, "resident": resident, "peaks": peaks, "precision": precisions, "layout": layouts}, skipped
 
 
 def variant_precision(variant: Variant, preset: Preset) -> str:
-    """"fp32", "bf16" or "fp16": the autocast dtype a variant's step runs in."""
+    """ "fp32", "bf16" or "fp16": the autocast dtype a variant's step runs in."""
     if variant.bf16:
         return "bf16"
     return {None: "fp32", "bfloat16": "bf16", "float16": "fp16"}[preset.amp_dtype]
@@ -296,8 +335,9 @@ def model_flops_per_step(spec: ModelSpec, batch: int) -> int:
     return flops_per_image * batch
 
 
-def hardware_columns(flops: int, median_ms: float, device_name: str, device_type: str, precision: str,
-                     peak_override: float | None) -> dict:
+def hardware_columns(
+    flops: int, median_ms: float, device_name: str, device_type: str, precision: str, peak_override: float | None
+) -> dict:
     """``flops_per_step``, ``achieved_tflops``, ``peak_tflops``, ``peak_fraction`` (None where no peak is known)."""
     achieved = flops / (median_ms * 1e-3) / 1e12
     peak = peak_override
@@ -311,13 +351,29 @@ def hardware_columns(flops: int, median_ms: float, device_name: str, device_type
     }
 
 
-def probe_cpu_step_memory(model: str, variant: str, preset_name: str, *, seed: int = 0, batch: int | None = None, width: float | None = None, timeout: float = 600) -> int | None:
+def probe_cpu_step_memory(
+    model: str,
+    variant: str,
+    preset_name: str,
+    *,
+    seed: int = 0,
+    batch: int | None = None,
+    width: float | None = None,
+    timeout: float = 600,
+) -> int | None:
     """CPU step peak memory (bytes) of one variant, measured in a fresh process (see the module docstring)."""
     request = {"model": model, "variant": variant, "preset": preset_name, "seed": seed, "batch": batch, "width": width}
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    environment = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": str(128 * 1024),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
     result = subprocess.run(
         [sys.executable, "-m", "l2b_fast.bench.search_step", "--memory-probe", json.dumps(request)],
-        capture_output=True, text=True, env=environment, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
     )
     if result.returncode != 0:
         raise RuntimeError(f"memory probe of {model}/{variant} failed:\n{result.stderr[-2000:]}")
@@ -335,7 +391,9 @@ def _memory_probe_main(request: dict) -> int:
     """In the probe process: build one variant, warm up one step, then measure the next step's RSS peak."""
     preset = PRESETS[request["preset"]]
     device = torch.device("cpu")
-    case = build_case(request["model"], preset, device, seed=request["seed"], batch=request["batch"], width=request["width"])
+    case = build_case(
+        request["model"], preset, device, seed=request["seed"], batch=request["batch"], width=request["width"]
+    )
     variant = build_variant(request["variant"], case.spec, case.state, device, preset.channels_last)
     step, _ = make_step(variant, case.x, case.targets, getattr(torch, preset.amp_dtype) if preset.amp_dtype else None)
     step()
@@ -363,7 +421,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         measured, skipped = time_variants(case, args.variants, preset, device, args.warmup, args.repeat)
         medians = {name: statistics.median(times) for name, times in measured["times"].items()}
         for name in args.variants:
-            row = {"model": model, "variant": name, "batch": case.batch, "input": "x".join(map(str, case.spec.input_shape[1:])), "width": case.spec.config.get("width")}
+            row = {
+                "model": model,
+                "variant": name,
+                "batch": case.batch,
+                "input": "x".join(map(str, case.spec.input_shape[1:])),
+                "width": case.spec.config.get("width"),
+            }
             if name in skipped:
                 rows.append({**row, "status": "skipped", "note": skipped[name]})
                 continue
@@ -372,33 +436,46 @@ def run(args: argparse.Namespace) -> list[dict]:
             peak = measured["peaks"].get(name)
             memory_note = "cuda max_memory_allocated" if peak is not None else "not measured"
             if peak is None and device.type == "cpu" and args.memory:
-                peak = probe_cpu_step_memory(model, name, args.preset, seed=args.seed, batch=args.batch, width=args.width)
+                peak = probe_cpu_step_memory(
+                    model, name, args.preset, seed=args.seed, batch=args.batch, width=args.width
+                )
                 memory_note = "rss high-water growth, fresh process"
-            row.update({
-                "status": "ok",
-                "median_ms": round(median, 3),
-                "min_ms": round(min(times), 3),
-                "images_per_s": round(case.batch / (median / 1e3), 2),
-                "vs_naive": round(medians["naive"] / median, 3) if "naive" in medians else None,
-                "vs_per_child": round(medians["per_child"] / median, 3) if "per_child" in medians else None,
-                "vs_static": round(median / medians["static"], 3) if "static" in medians else None,
-                "vs_static_grouped": round(median / medians["static_grouped"], 3) if "static_grouped" in medians else None,
-                "step_peak_MiB": round(peak / 2**20, 1) if peak is not None else None,
-                "resident_MiB": round(measured["resident"][name] / 2**20, 1),
-                "memory": memory_note,
-                "repeat": len(times),
-                "precision": measured["precision"][name],
-                "layout": measured["layout"][name],
-                **hardware_columns(flops, median, device_name, device.type, measured["precision"][name],
-                                   getattr(args, "peak_tflops", None)),
-                "timer": TIMER[device.type],
-            })
+            row.update(
+                {
+                    "status": "ok",
+                    "median_ms": round(median, 3),
+                    "min_ms": round(min(times), 3),
+                    "images_per_s": round(case.batch / (median / 1e3), 2),
+                    "vs_naive": round(medians["naive"] / median, 3) if "naive" in medians else None,
+                    "vs_per_child": round(medians["per_child"] / median, 3) if "per_child" in medians else None,
+                    "vs_static": round(median / medians["static"], 3) if "static" in medians else None,
+                    "vs_static_grouped": round(median / medians["static_grouped"], 3)
+                    if "static_grouped" in medians
+                    else None,
+                    "step_peak_MiB": round(peak / 2**20, 1) if peak is not None else None,
+                    "resident_MiB": round(measured["resident"][name] / 2**20, 1),
+                    "memory": memory_note,
+                    "repeat": len(times),
+                    "precision": measured["precision"][name],
+                    "layout": measured["layout"][name],
+                    **hardware_columns(
+                        flops,
+                        median,
+                        device_name,
+                        device.type,
+                        measured["precision"][name],
+                        getattr(args, "peak_tflops", None),
+                    ),
+                    "timer": TIMER[device.type],
+                }
+            )
             rows.append(row)
     return rows
 
 
-def bf16_step_difference(spec: ModelSpec, batch: int, *, seed: int = 0, channels_last: bool = True,
-                         execution: str = "auto") -> dict[str, float]:
+def bf16_step_difference(
+    spec: ModelSpec, batch: int, *, seed: int = 0, channels_last: bool = True, execution: str = "auto"
+) -> dict[str, float]:
     """Relative difference of one search step under bf16 autocast (and channels_last) from the same step in fp32.
 
     Same weights, batch, targets and branch samples; returns ``loss`` (|bf16 - fp32| / |fp32|) and, over all
@@ -440,8 +517,11 @@ def bf16_step_difference(spec: ModelSpec, batch: int, *, seed: int = 0, channels
 
 def format_table(rows: list[dict]) -> str:
     """Speed-ups over naive and per_child (higher is better); time over the static floors (lower is better)."""
-    header = (f"{'model':<19} {'variant':<15} {'median ms':>10} {'images/s':>9} {'speed-up vs naive':>18} "
-              f"{'vs per_child':>13} {'/ static':>9} {'/ static_grouped':>17} {'step peak MiB':>14} {'TFLOP/s':>8} {'of peak':>8}")
+    header = (
+        f"{'model':<19} {'variant':<15} {'median ms':>10} {'images/s':>9} {'speed-up vs naive':>18} "
+        f"{'vs per_child':>13} {'/ static':>9} {'/ static_grouped':>17} {'step peak MiB':>14} {'TFLOP/s':>8} "
+        f"{'of peak':>8}"
+    )
     lines = [header, "-" * len(header)]
 
     def ratio(value):
@@ -456,8 +536,9 @@ def format_table(rows: list[dict]) -> str:
             continue
         peak = f"{row['step_peak_MiB']:.1f}" if row["step_peak_MiB"] is not None else "n/m"
         lines.append(
-            f"{row['model']:<19} {row['variant']:<15} {row['median_ms']:>10.1f} {row['images_per_s']:>9.1f} {ratio(row['vs_naive']):>18} "
-            f"{ratio(row['vs_per_child']):>13} {ratio(row['vs_static']):>9} {ratio(row['vs_static_grouped']):>17} {peak:>14}"
+            f"{row['model']:<19} {row['variant']:<15} {row['median_ms']:>10.1f} {row['images_per_s']:>9.1f} "
+            f"{ratio(row['vs_naive']):>18} {ratio(row['vs_per_child']):>13} {ratio(row['vs_static']):>9} "
+            f"{ratio(row['vs_static_grouped']):>17} {peak:>14}"
             f" {row['achieved_tflops']:>8.3g} {fraction(row['peak_fraction']):>8}"
         )
     return "\n".join(lines)
@@ -477,7 +558,10 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     bar = 0.8 / max(1, len(variants))
     for k, variant in enumerate(variants):
         for axis, key in zip(axes, ("images_per_s", "step_peak_MiB")):
-            values = [next((row[key] or 0 for row in measured if row["model"] == m and row["variant"] == variant), 0) for m in models]
+            values = [
+                next((row[key] or 0 for row in measured if row["model"] == m and row["variant"] == variant), 0)
+                for m in models
+            ]
             axis.bar([i + k * bar for i in range(len(models))], values, bar, label=variant)
     for axis, label in zip(axes, ("images / s (higher is better)", "step peak memory, MiB")):
         axis.set_xticks([i + bar * (len(variants) - 1) / 2 for i in range(len(models))], models, fontsize=8)
@@ -493,21 +577,59 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="gpu (the paper's sizes, bf16, channels_last), cpu (reduced) or tiny (smoke test); default gpu on CUDA, else cpu")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help=(
+            "gpu (the paper's sizes, bf16, channels_last), cpu (reduced) or tiny (smoke test); default gpu on "
+            "CUDA, else cpu"
+        ),
+    )
     parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--variants", default=None, help=f"comma-separated, from {', '.join(VARIANTS)}, "
-                        "each optionally + _bf16 (bf16 autocast) and/or _cl (channels_last) (default: the preset's)")
-    parser.add_argument("--repeat", type=int, default=None, help="timed rounds, one step of every variant each (default 20 on cuda, 5 on cpu)")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help=(
+            f"comma-separated, from {', '.join(VARIANTS)}, "
+            "each optionally + _bf16 (bf16 autocast) and/or _cl (channels_last) (default: the preset's)"
+        ),
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="timed rounds, one step of every variant each (default 20 on cuda, 5 on cpu)",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     parser.add_argument("--width", type=float, default=None, help="override the preset's width multiplier")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for peak_fraction "
-                        "(default: the dense peak of an H100 or H200 for the variant's precision; none on CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 is steadier on a shared machine)")
-    parser.add_argument("--no-memory", dest="memory", action="store_false", help="CPU: skip the per-variant memory probes (a process each)")
-    parser.add_argument("--out", type=Path, default=None, help="directory for search_*.csv/.json/.png (default: print only)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help=(
+            "the device's peak TFLOP/s for peak_fraction "
+            "(default: the dense peak of an H100 or H200 for the variant's precision; none on CPU)"
+        ),
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is steadier on a shared machine)",
+    )
+    parser.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="CPU: skip the per-variant memory probes (a process each)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="directory for search_*.csv/.json/.png (default: print only)"
+    )
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
 
 
@@ -556,14 +678,24 @@ def main_from_args(args: argparse.Namespace) -> int:
     meta["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "memory_probe"}
     meta["preset"] = {"name": args.preset, **dataclasses.asdict(preset)}
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | threads {meta['cpu_threads']}")
-    print(f"preset {args.preset}: {preset.description}" + (f" (overrides: batch={args.batch}, width={args.width})" if args.batch or args.width else ""))
+    print(
+        f"preset {args.preset}: {preset.description}"
+        + (f" (overrides: batch={args.batch}, width={args.width})" if args.batch or args.width else "")
+    )
     rows = run(args)
     print(format_table(rows))
     if args.out is not None:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
         stem = f"search_{args.device}_{slug}_{args.preset}"
-        csv_path, json_path = report.write_results(rows, meta, args.out, stem, tags=("device", "torch", "triton", "cpu_threads", "date"))
-        png_path = plot(rows, args.out / f"{stem}.png", f"search step, {meta['device']} (threads={meta['cpu_threads']}), torch {meta['torch']}, preset {args.preset}")
+        csv_path, json_path = report.write_results(
+            rows, meta, args.out, stem, tags=("device", "torch", "triton", "cpu_threads", "date")
+        )
+        png_path = plot(
+            rows,
+            args.out / f"{stem}.png",
+            f"search step, {meta['device']} (threads={meta['cpu_threads']}), torch {meta['torch']}, preset "
+            f"{args.preset}",
+        )
         print(f"wrote {csv_path}, {json_path} and {png_path}")
     return 0
 

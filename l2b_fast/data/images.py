@@ -15,7 +15,13 @@ except ModuleNotFoundError:  # pragma: no cover - exercised only without pillow
     Image = None
 
 __all__ = [
-    "CorruptSampleError", "decode_image", "decode_png", "encode_png", "png_decoder", "resize_nearest", "resize_rgb",
+    "CorruptSampleError",
+    "decode_image",
+    "decode_png",
+    "encode_png",
+    "png_decoder",
+    "resize_nearest",
+    "resize_rgb",
 ]
 
 
@@ -44,7 +50,9 @@ def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
     if array.dtype == np.uint16 and array.ndim == 2:
         image = Image.fromarray(np.ascontiguousarray(array, dtype="<u2"))  # Pillow picks I;16 for uint16
         if image.mode != "I;16":  # very old Pillow: force the mode explicitly
-            image = Image.frombytes("I;16", (array.shape[1], array.shape[0]), np.ascontiguousarray(array, dtype="<u2").tobytes())
+            image = Image.frombytes(
+                "I;16", (array.shape[1], array.shape[0]), np.ascontiguousarray(array, dtype="<u2").tobytes()
+            )
     elif array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
         image = Image.fromarray(np.ascontiguousarray(array))
     else:
@@ -74,7 +82,9 @@ def _check_png_chunks(data: bytes) -> None:
         if stop + 4 > end:
             break
         if zlib.crc32(data[position + 4 : stop]) != int.from_bytes(data[stop : stop + 4], "big"):
-            raise CorruptSampleError(f"decode_png: cannot decode: CRC mismatch in chunk {data[position + 4 : position + 8]!r}")
+            raise CorruptSampleError(
+                f"decode_png: cannot decode: CRC mismatch in chunk {data[position + 4 : position + 8]!r}"
+            )
         if data[position + 4 : position + 8] == b"IEND":
             return
         position = stop + 4

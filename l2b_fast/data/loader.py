@@ -27,14 +27,13 @@ count in the shards' manifests through :func:`sample_count_report`, which report
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import random
 import sys
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -142,7 +141,8 @@ class SkipCounter:
             warnings.warn(message, SkippedDataWarning, stacklevel=2)
         if self._consecutive > self.max_consecutive_failures:
             warnings.warn(
-                f"{self.name}: {self._consecutive} consecutive failures without a good sample; giving up on this stream",
+                f"{self.name}: {self._consecutive} consecutive failures without a good sample; giving up on this "
+                "stream",
                 SkippedDataWarning,
                 stacklevel=2,
             )
@@ -292,7 +292,9 @@ def _stack(items: list):
         if torch.utils.data.get_worker_info() is not None:
             # Stack straight into shared memory, as default_collate does: otherwise sending the batch to the
             # main process copies it once more (~100 MB per 32-sample batch at 256x256).
-            storage = first.untyped_storage()._new_shared(len(items) * first.numel() * first.element_size(), device=first.device)
+            storage = first.untyped_storage()._new_shared(
+                len(items) * first.numel() * first.element_size(), device=first.device
+            )
             out = first.new_empty(0).set_(storage).view(len(items), *first.shape)
         return torch.stack(items, out=out)
     if isinstance(first, dict):
@@ -432,7 +434,11 @@ def manifest_sample_count(urls: Sequence[str]) -> int | None:
                 except ValueError:
                     pass
                 else:
-                    counts_by_folder[folder] = {name: count for entry in manifest["splits"].values() for name, count in zip(entry["shards"], entry["samples"])}
+                    counts_by_folder[folder] = {
+                        name: count
+                        for entry in manifest["splits"].values()
+                        for name, count in zip(entry["shards"], entry["samples"])
+                    }
         counts = counts_by_folder[folder]
         if counts is None or path.name not in counts:
             return None

@@ -75,7 +75,10 @@ class ResumableConversion:
         if resume and self._state_path.exists():
             self.state = json.loads(self._state_path.read_text())
             if self.state["settings"] != settings:
-                raise ValueError(f"{self.out} was converted with other settings {self.state['settings']}; convert into another directory")
+                raise ValueError(
+                    f"{self.out} was converted with other settings {self.state['settings']}; convert into "
+                    "another directory"
+                )
             log = self.out / SKIPPED_LOG  # progress files written before this field existed: trust the log
             self.state.setdefault("skipped_log_bytes", log.stat().st_size if log.exists() else 0)
         elif (self.out / shards.MANIFEST).exists() or self._state_path.exists():
@@ -114,7 +117,9 @@ class ResumableConversion:
                 self._commit(entry, scanned, skipped)
                 self.shards_written += 1
                 if self.progress:
-                    print(f"{split}: {name} ({len(batch)} {self.unit}, {scanned}/{len(items)} scanned)", file=sys.stderr)
+                    print(
+                        f"{split}: {name} ({len(batch)} {self.unit}, {scanned}/{len(items)} scanned)", file=sys.stderr
+                    )
                 batch = []
                 if self.stop_after_shards is not None and self.shards_written >= self.stop_after_shards:
                     return False
@@ -140,9 +145,16 @@ class ResumableConversion:
         if not any(entry["samples"] for entry in self.state["splits"].values()):
             skipped = sum(entry["skipped"] for entry in self.state["splits"].values())
             self._state_path.unlink(missing_ok=True)
-            raise ValueError(f"no sample could be converted: all {skipped} were skipped (reasons in {self.out / SKIPPED_LOG})")
+            raise ValueError(
+                f"no sample could be converted: all {skipped} were skipped (reasons in {self.out / SKIPPED_LOG})"
+            )
         splits = {
-            split: {"shards": entry["shards"], "samples": entry["samples"], "total": sum(entry["samples"]), "skipped": entry["skipped"]}
+            split: {
+                "shards": entry["shards"],
+                "samples": entry["samples"],
+                "total": sum(entry["samples"]),
+                "skipped": entry["skipped"],
+            }
             for split, entry in self.state["splits"].items()
         }
         return shards.write_manifest(self.out, dataset, size, splits, seed, created_by=created_by, **extra)

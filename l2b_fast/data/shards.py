@@ -8,12 +8,10 @@ mtime, so the same samples give byte-identical tars (reproducible data sets, cac
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import re
-import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -22,7 +20,18 @@ import numpy as np
 from l2b_fast.data.dependencies import import_data_package
 from l2b_fast.data.images import decode_png, encode_png, png_decoder  # noqa: F401 (the shard encodings)
 
-__all__ = ["encode_png", "decode_png", "png_decoder", "split_counts", "prepare_output_dir", "write_split", "write_manifest", "read_manifest", "shard_paths", "MANIFEST"]
+__all__ = [
+    "encode_png",
+    "decode_png",
+    "png_decoder",
+    "split_counts",
+    "prepare_output_dir",
+    "write_split",
+    "write_manifest",
+    "read_manifest",
+    "shard_paths",
+    "MANIFEST",
+]
 
 MANIFEST = "manifest.json"
 # A conversion's own files beside the shards (l2b_fast.data.resumable): its progress and the skipped samples.
@@ -56,10 +65,17 @@ def prepare_output_dir(out_dir, *, overwrite: bool = False) -> Path:
     if entries:
         shown = ", ".join(entry.name for entry in entries[:4]) + (" ..." if len(entries) > 4 else "")
         if not overwrite:
-            raise ValueError(f"output directory {out} is not empty ({shown}): new shards would mix with old ones; pass --overwrite to replace a shard directory, or choose another --out")
+            raise ValueError(
+                f"output directory {out} is not empty ({shown}): new shards would mix with old ones; pass "
+                "--overwrite to replace a shard directory, or choose another --out"
+            )
         foreign = [entry.name for entry in entries if not _is_pipeline_file(entry)]
         if foreign:
-            raise ValueError(f"output directory {out} holds files that are not shards ({', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}): --overwrite only replaces a shard directory; choose another --out")
+            raise ValueError(
+                f"output directory {out} holds files that are not shards "
+                f"({', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}): --overwrite only replaces a "
+                "shard directory; choose another --out"
+            )
         for entry in entries:
             entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +91,10 @@ def _member_bytes(key: str, name: str, value) -> bytes:
         return json.dumps(value, sort_keys=True).encode("utf-8")
     if isinstance(value, np.ndarray) and name.endswith("png"):
         return encode_png(value)
-    raise ValueError(f"sample {key!r}: member {name!r} must be bytes, str, a JSON value (for *.json) or an array (for *.png), got {type(value).__name__}")
+    raise ValueError(
+        f"sample {key!r}: member {name!r} must be bytes, str, a JSON value (for *.json) or an array (for *.png), "
+        f"got {type(value).__name__}"
+    )
 
 
 def write_tar(path: Path, samples: list[dict]) -> None:
@@ -183,12 +202,19 @@ def read_manifest(out_dir) -> dict:
             raise ValueError(f"corrupt manifest {path}: split {split!r} needs 'shards', 'samples' and 'total'")
         shards, counts = entry["shards"], entry["samples"]
         if not isinstance(shards, list) or not isinstance(counts, list) or len(shards) != len(counts):
-            raise ValueError(f"corrupt manifest {path}: split {split!r} has {len(shards)} shards but {len(counts)} counts")
+            raise ValueError(
+                f"corrupt manifest {path}: split {split!r} has {len(shards)} shards but {len(counts)} counts"
+            )
         if sum(counts) != entry["total"]:
-            raise ValueError(f"corrupt manifest {path}: split {split!r} counts sum to {sum(counts)}, total says {entry['total']}")
+            raise ValueError(
+                f"corrupt manifest {path}: split {split!r} counts sum to {sum(counts)}, total says {entry['total']}"
+            )
         missing += [name for name in shards if not (Path(out_dir) / name).is_file()]
     if missing:
-        raise ValueError(f"manifest {path} lists {len(missing)} missing shard file(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(
+            f"manifest {path} lists {len(missing)} missing shard file(s): "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
     return manifest
 
 

@@ -24,8 +24,23 @@ from l2b_fast.datasets.taskonomy import RECIPE as _TASKONOMY
 from l2b_fast.datasets.taskonomy import Taskonomy
 
 __all__ = [
-    "CelebA", "Column", "DataCommand", "DataSource", "MetricAccumulator", "MultiTaskDataset", "PaperRow", "Recipe",
-    "ShardRecipe", "SyntheticTasks", "TaskSpec", "Taskonomy", "format_table", "get", "names", "recipe", "recipes",
+    "CelebA",
+    "Column",
+    "DataCommand",
+    "DataSource",
+    "MetricAccumulator",
+    "MultiTaskDataset",
+    "PaperRow",
+    "Recipe",
+    "ShardRecipe",
+    "SyntheticTasks",
+    "TaskSpec",
+    "Taskonomy",
+    "format_table",
+    "get",
+    "names",
+    "recipe",
+    "recipes",
     "register",
 ]
 

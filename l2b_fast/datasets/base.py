@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
-__all__ = ["TaskSpec", "Column", "PaperRow", "MetricAccumulator", "MultiTaskDataset", "check_prediction", "format_table"]
+__all__ = [
+    "TaskSpec",
+    "Column",
+    "PaperRow",
+    "MetricAccumulator",
+    "MultiTaskDataset",
+    "check_prediction",
+    "format_table",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +74,20 @@ def ordered_subset(chosen, known: tuple[str, ...], error: str) -> tuple[str, ...
 def check_prediction(task: str, pred: torch.Tensor, channels: int, spatial: tuple[int, ...] | None) -> None:
     """ValueError unless ``pred`` is a floating tensor [B, channels, *spatial] (``spatial`` None: [B, channels])."""
     if not isinstance(pred, torch.Tensor) or not pred.is_floating_point():
-        raise TypeError(f"{task}: the prediction must be a floating-point tensor, got {type(pred).__name__}{'' if not isinstance(pred, torch.Tensor) else ' ' + str(pred.dtype)}")
+        raise TypeError(
+            f"{task}: the prediction must be a floating-point tensor, got "
+            f"{type(pred).__name__}{'' if not isinstance(pred, torch.Tensor) else ' ' + str(pred.dtype)}"
+        )
     expected = ("B", channels, *(spatial or ()))
-    if pred.dim() != len(expected) or pred.shape[1] != channels or (spatial is not None and tuple(pred.shape[2:]) != tuple(spatial)):
-        raise ValueError(f"{task}: prediction of shape {tuple(pred.shape)}, expected [{', '.join(map(str, expected))}] (upsample the head's output to the target's size)")
+    if (
+        pred.dim() != len(expected)
+        or pred.shape[1] != channels
+        or (spatial is not None and tuple(pred.shape[2:]) != tuple(spatial))
+    ):
+        raise ValueError(
+            f"{task}: prediction of shape {tuple(pred.shape)}, expected [{', '.join(map(str, expected))}] "
+            "(upsample the head's output to the target's size)"
+        )
 
 
 class MetricAccumulator(abc.ABC):
@@ -91,7 +109,7 @@ class MetricAccumulator(abc.ABC):
         """Samples accumulated so far (over all ranks after :meth:`all_reduce`)."""
         return int(self.counts["samples"])
 
-    def to(self, device) -> "MetricAccumulator":
+    def to(self, device) -> MetricAccumulator:
         """Moves the state (e.g. to the model's device, so updates cause no transfer); returns self."""
         self.sums = {name: value.to(device) for name, value in self.sums.items()}
         self.counts = {name: value.to(device) for name, value in self.counts.items()}
@@ -106,7 +124,12 @@ class MetricAccumulator(abc.ABC):
         state[name] += value.to(state[name].dtype)
 
     @abc.abstractmethod
-    def update(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None) -> None:
+    def update(
+        self,
+        outputs: Mapping[str, torch.Tensor],
+        targets: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Adds one batch: model ``outputs`` and the data set's per-task ``targets`` / ``masks``."""
 
     @abc.abstractmethod
@@ -117,7 +140,7 @@ class MetricAccumulator(abc.ABC):
     def summary(self) -> dict[str, float]:
         """Our values of the paper's table columns, ``{column name: value}``."""
 
-    def merge(self, other: "MetricAccumulator") -> "MetricAccumulator":
+    def merge(self, other: MetricAccumulator) -> MetricAccumulator:
         """Adds another accumulator's state (of the same kind and settings) into this one; returns self."""
         if type(other) is not type(self) or other.describe() != self.describe():
             raise ValueError("merge: the accumulators differ in kind or settings")
@@ -127,13 +150,17 @@ class MetricAccumulator(abc.ABC):
             self._add(name, value.to(self.counts[name].device))
         return self
 
-    def all_reduce(self, group=None) -> "MetricAccumulator":
+    def all_reduce(self, group=None) -> MetricAccumulator:
         """Sums the state over the ranks of ``group`` in place (identity without an initialised process group)."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return self
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(group) == "nccl"
+            else torch.device("cpu")
+        )
         for state in (self.sums, self.counts):  # one flat tensor per dtype: two collectives in all
             names = list(state)
             if not names:  # e.g. a data set with no float sums: nothing to reduce
@@ -177,19 +204,31 @@ class MultiTaskDataset(abc.ABC):
         raise ValueError(f"unknown {self.name} task {task!r}; tasks: {', '.join(self.tasks)}")
 
     @abc.abstractmethod
-    def task_targets(self, targets: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None) -> tuple[dict, dict | None]:
+    def task_targets(
+        self, targets: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[dict, dict | None]:
         """A loader batch's ``(targets, masks)`` -> per-task ``(targets, masks)`` keyed by :attr:`tasks`."""
 
     @abc.abstractmethod
-    def loss(self, task: str, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self, task: str, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The training loss of one task on a batch: a scalar tensor (0, with a gradient path, if no pixel counts)."""
 
-    def losses(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self,
+        outputs: Mapping[str, torch.Tensor],
+        targets: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """``{task: loss}`` for every task in ``outputs`` (per-task targets and masks, :meth:`task_targets`)."""
         missing = [task for task in outputs if task not in targets]
         if missing:
             raise ValueError(f"no targets for task(s) {', '.join(missing)}")
-        return {task: self.loss(task, pred, targets[task], None if masks is None else masks.get(task)) for task, pred in outputs.items()}
+        return {
+            task: self.loss(task, pred, targets[task], None if masks is None else masks.get(task))
+            for task, pred in outputs.items()
+        }
 
     @abc.abstractmethod
     def metrics(self) -> MetricAccumulator:
@@ -206,13 +245,34 @@ class MultiTaskDataset(abc.ABC):
         return {"dataset": self.name, "tasks": {spec.name: dataclasses.asdict(spec) for spec in self.task_specs}}
 
 
-def format_table(dataset: MultiTaskDataset, ours: Mapping[str, float] | None = None, ours_parameters: int | None = None, *, ours_label: str = "ours (this run)") -> str:
+def format_table(
+    dataset: MultiTaskDataset,
+    ours: Mapping[str, float] | None = None,
+    ours_parameters: int | None = None,
+    *,
+    ours_label: str = "ours (this run)",
+) -> str:
     """The paper's results table of ``dataset`` as text, with our row (``dataset.metrics().summary()``) last."""
-    header = ["method", "params (M)"] + [f"{column.label} {'(higher better)' if column.higher_is_better else '(lower better)'}" for column in dataset.columns]
-    rows = [[row.method, "-" if row.parameters_millions is None else f"{row.parameters_millions:g}"] + [format(row.values[c.name], c.number_format) if c.name in row.values else "-" for c in dataset.columns] for row in dataset.paper_rows]
+    header = ["method", "params (M)"] + [
+        f"{column.label} {'(higher better)' if column.higher_is_better else '(lower better)'}"
+        for column in dataset.columns
+    ]
+    rows = [
+        [row.method, "-" if row.parameters_millions is None else f"{row.parameters_millions:g}"]
+        + [format(row.values[c.name], c.number_format) if c.name in row.values else "-" for c in dataset.columns]
+        for row in dataset.paper_rows
+    ]
     if ours is not None:
-        rows.append([ours_label, "-" if ours_parameters is None else f"{ours_parameters / 1e6:.3g}"] + [format(ours[c.name], c.number_format) if c.name in ours else "-" for c in dataset.columns])
+        rows.append(
+            [ours_label, "-" if ours_parameters is None else f"{ours_parameters / 1e6:.3g}"]
+            + [format(ours[c.name], c.number_format) if c.name in ours else "-" for c in dataset.columns]
+        )
     widths = [max(len(line[k]) for line in [header] + rows) for k in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) if k == 0 else cell.rjust(width) for k, (cell, width) in enumerate(zip(line, widths))) for line in [header] + rows]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if k == 0 else cell.rjust(width) for k, (cell, width) in enumerate(zip(line, widths))
+        )
+        for line in [header] + rows
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)

@@ -54,9 +54,14 @@ def generator_command(name: str, what: str, generate: Callable[..., dict], defau
         if args.n < 1:
             raise ValueError("--n must be >= 1")
         return generate(
-            args.out, args.n, args.size, seed=args.seed, samples_per_shard=args.samples_per_shard,
+            args.out,
+            args.n,
+            args.size,
+            seed=args.seed,
+            samples_per_shard=args.samples_per_shard,
             overwrite=args.overwrite,
         )
 
-    return DataCommand(name, f"generate {what}", f"Generate {what} as train/val/test shards with a manifest.",
-                       add_arguments, run)
+    return DataCommand(
+        name, f"generate {what}", f"Generate {what} as train/val/test shards with a manifest.", add_arguments, run
+    )

@@ -88,7 +88,9 @@ class Recipe:
         """The config's model at the stage ``section`` (``[search]`` or ``[retrain]``) trains it."""
         model = config["model"]
         options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model.items() if k not in self.model_keys}
-        return self.model_families[model["family"]](tasks=self.dataset(config).tasks, **self.model_size(section), **options)
+        return self.model_families[model["family"]](
+            tasks=self.dataset(config).tasks, **self.model_size(section), **options
+        )
 
     def model_size(self, section: Mapping) -> dict:
         """Keyword arguments a stage's settings give the model family (the input size of image models)."""
@@ -190,8 +192,12 @@ class ShardSource(DataSource):
 
         def epoch_loader(epoch: int):  # seeded from the epoch: exact resume
             return self.recipe.train_loader(
-                urls, batch_size=batch_size // world_size, size=size, seed=seed + epoch,
-                epoch_samples=epoch_samples, num_workers=workers,
+                urls,
+                batch_size=batch_size // world_size,
+                size=size,
+                seed=seed + epoch,
+                epoch_samples=epoch_samples,
+                num_workers=workers,
             )
 
         return epoch_loader
@@ -242,7 +248,9 @@ class ShardRecipe(Recipe):
         try:
             self.dataset(config).check_manifest(manifest)
         except ValueError as error:
-            raise ValueError(f"--data {data_dir}: {error} (preset {config.get('name')} needs {self.name} shards)") from None
+            raise ValueError(
+                f"--data {data_dir}: {error} (preset {config.get('name')} needs {self.name} shards)"
+            ) from None
         for split in splits:
             entry = manifest["splits"].get(split)
             if entry is None or entry["total"] == 0:
@@ -264,8 +272,12 @@ class ShardRecipe(Recipe):
         if distributed.is_main_process() and not (out_dir / "manifest.json").is_file():
             samples = int(section.get("samples", 200))
             self.generate(
-                out_dir, samples, int(section.get("size", 64)), seed=seed,
-                samples_per_shard=max(1, samples // 8), overwrite=True,
+                out_dir,
+                samples,
+                int(section.get("size", 64)),
+                seed=seed,
+                samples_per_shard=max(1, samples // 8),
+                overwrite=True,
             )
         distributed.barrier()
         return out_dir

@@ -6,4 +6,16 @@ from l2b_fast.nn.grouped import UnsupportedNodeError
 from l2b_fast.nn.supernet import EXECUTIONS, BlockSpec, GroupedFallbackWarning, TreeSupernet
 from l2b_fast.nn.treenet import TreeNet, parameter_count
 
-__all__ = ["EXECUTIONS", "MODES", "BasicBlock", "Bias", "BlockSpec", "Branching", "GroupedFallbackWarning", "TreeNet", "TreeSupernet", "UnsupportedNodeError", "parameter_count"]
+__all__ = [
+    "EXECUTIONS",
+    "MODES",
+    "BasicBlock",
+    "Bias",
+    "BlockSpec",
+    "Branching",
+    "GroupedFallbackWarning",
+    "TreeNet",
+    "TreeSupernet",
+    "UnsupportedNodeError",
+    "parameter_count",
+]

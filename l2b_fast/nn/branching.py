@@ -35,7 +35,9 @@ class Branching(nn.Module):
     persistent (``state_dict`` is unchanged, old checkpoints load); ``module.tau`` is the Python value.
     """
 
-    def __init__(self, parents: int, children: int, *, tau: float = 1.0, backend: str | None = None, mode: str = "search"):
+    def __init__(
+        self, parents: int, children: int, *, tau: float = 1.0, backend: str | None = None, mode: str = "search"
+    ):
         super().__init__()
         if parents < 1 or children < 1:
             raise ValueError(f"a branching block needs >= 1 parent and child, got {parents} x {children}")
@@ -71,13 +73,25 @@ class Branching(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {value!r}")
         self._mode = value
 
-    def forward(self, parents: torch.Tensor, generator: torch.Generator | None = None, *, seed: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, parents: torch.Tensor, generator: torch.Generator | None = None, *, seed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``parents`` ``[I, *S]`` -> children's inputs ``[J, *S]``. The sample's noise comes from ``generator``
         or from ``seed`` (an int64 one-element tensor on the logits' device: no graph break under
         ``torch.compile``, see :func:`l2b_fast.ops.sample_branches`); neither: the device's default generator."""
         if self.active_mode == "eval":
-            return ops.branch(parents, self.logits, self.tau_tensor, training=False, generator=generator, seed=seed, backend=self.backend)
-        return ops.branch(parents, self.routed_logits(), self.tau_tensor, generator=generator, seed=seed, backend=self.backend)
+            return ops.branch(
+                parents,
+                self.logits,
+                self.tau_tensor,
+                training=False,
+                generator=generator,
+                seed=seed,
+                backend=self.backend,
+            )
+        return ops.branch(
+            parents, self.routed_logits(), self.tau_tensor, generator=generator, seed=seed, backend=self.backend
+        )
 
     @property
     def active_mode(self) -> str:
@@ -89,13 +103,17 @@ class Branching(nn.Module):
         detached, so the backward takes none of the I x J dot products (only the segment sum)."""
         return self.logits if self.active_mode == "search" else self.logits.detach()
 
-    def draw(self, generator: torch.Generator | None = None, *, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def draw(
+        self, generator: torch.Generator | None = None, *, seed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(index, soft)`` of the sample the forward would route by, without routing: in eval mode the
         argmax and no ``soft``; else :func:`l2b_fast.ops.sample_branches` of :meth:`routed_logits` (``soft``
         carries the logits' gradient in search mode), same noise as the forward for the same generator/seed."""
         if self.active_mode == "eval":
             return self.logits.detach().argmax(dim=0), None
-        return ops.sample_branches(self.routed_logits(), self.tau_tensor, generator=generator, seed=seed, backend=self.backend)
+        return ops.sample_branches(
+            self.routed_logits(), self.tau_tensor, generator=generator, seed=seed, backend=self.backend
+        )
 
     def probabilities(self) -> torch.Tensor:
         """Sampling distribution of every child over parents: softmax over dim 0 of the logits."""

@@ -73,7 +73,9 @@ def check_input_size(input_size, smallest: int) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise ValueError(f"input_size must be an int or (height, width), got {input_size!r}") from None
     if min(height, width) < smallest:
-        raise ValueError(f"input_size {(height, width)} is too small: this model needs at least {smallest} pixels per side")
+        raise ValueError(
+            f"input_size {(height, width)} is too small: this model needs at least {smallest} pixels per side"
+        )
     return height, width
 
 

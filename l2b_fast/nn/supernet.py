@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from l2b_fast.nn.branching import Branching
+from l2b_fast.nn.grouped import GroupedBlock, UnsupportedNodeError, check_conv_backend
 from l2b_fast.ops import _validation
 from l2b_fast.ops.branching import derive_seed
-from l2b_fast.nn.grouped import GroupedBlock, UnsupportedNodeError, check_conv_backend
 
 NodeFactory = Callable[[int, int], nn.Module]  # (block index, child index) -> node
 EXECUTIONS = ("auto", "grouped", "per_child")
@@ -45,7 +45,9 @@ class BlockSpec:
         check_execution(self.execution, allow_none=True)
 
 
-def make_heads(tasks: Sequence[str], heads: Mapping[str, nn.Module] | Callable[[str], nn.Module] | None) -> nn.ModuleDict:
+def make_heads(
+    tasks: Sequence[str], heads: Mapping[str, nn.Module] | Callable[[str], nn.Module] | None
+) -> nn.ModuleDict:
     if heads is None:
         return nn.ModuleDict({task: nn.Identity() for task in tasks})
     if callable(heads) and not isinstance(heads, Mapping):
@@ -62,7 +64,9 @@ def check_blocks(blocks: Sequence[BlockSpec], tasks: Sequence[str]) -> None:
     if len(set(tasks)) != len(tasks) or not tasks:
         raise ValueError(f"tasks must be unique and non-empty, got {list(tasks)}")
     if blocks[-1].children != len(tasks):
-        raise ValueError(f"the last block must have one child per task: {blocks[-1].children} children, {len(tasks)} tasks")
+        raise ValueError(
+            f"the last block must have one child per task: {blocks[-1].children} children, {len(tasks)} tasks"
+        )
     for b, spec in enumerate(blocks):
         if spec.children < 1:
             raise ValueError(f"block {b} has {spec.children} children")
@@ -72,14 +76,21 @@ def stack_outputs(block: int, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack the J node outputs of ``block``; nodes giving different shapes are a model error, named here."""
     shapes = [tuple(out.shape) for out in outputs]
     if any(shape != shapes[0] for shape in shapes):
-        raise ValueError(f"the nodes of block {block} give outputs of different shapes {shapes}; the nodes of one block must map one input shape to one output shape")
+        raise ValueError(
+            f"the nodes of block {block} give outputs of different shapes {shapes}; the nodes of one block must "
+            "map one input shape to one output shape"
+        )
     return torch.stack(list(outputs))
 
 
-def run_per_child(block: int, branching: Branching, nodes: nn.ModuleList, parents: torch.Tensor, generator, seed=None) -> torch.Tensor:
+def run_per_child(
+    block: int, branching: Branching, nodes: nn.ModuleList, parents: torch.Tensor, generator, seed=None
+) -> torch.Tensor:
     """The reference execution: gather every child's input ``[J, *S]``, then run the nodes one by one."""
     inputs = branching(parents, generator=generator, seed=seed)
-    return stack_outputs(block, [node(x) for node, x in zip(nodes, inputs.unbind(0))])  # unbind: one backward, not J zero-filled selects
+    return stack_outputs(
+        block, [node(x) for node, x in zip(nodes, inputs.unbind(0))]
+    )  # unbind: one backward, not J zero-filled selects
 
 
 class TreeSupernet(nn.Module):
@@ -120,8 +131,12 @@ class TreeSupernet(nn.Module):
         check_blocks(blocks, tasks)
         self.tasks = list(tasks)
         widths = [1] + [spec.children for spec in blocks]
-        self.branchings = nn.ModuleList(Branching(widths[b], widths[b + 1], tau=tau, backend=backend) for b in range(len(blocks)))
-        self.nodes = nn.ModuleList(nn.ModuleList(spec.node(b, j) for j in range(spec.children)) for b, spec in enumerate(blocks))
+        self.branchings = nn.ModuleList(
+            Branching(widths[b], widths[b + 1], tau=tau, backend=backend) for b in range(len(blocks))
+        )
+        self.nodes = nn.ModuleList(
+            nn.ModuleList(spec.node(b, j) for j in range(spec.children)) for b, spec in enumerate(blocks)
+        )
         self.heads = make_heads(self.tasks, heads)
         self._block_executions = [spec.execution for spec in blocks]
         self.set_conv_backend(conv_backend)
@@ -138,7 +153,9 @@ class TreeSupernet(nn.Module):
             grouped = None
             if wanted != "per_child":
                 try:
-                    grouped = GroupedBlock(nodes, block, automatic=wanted == "auto", conv_backend=getattr(self, "conv_backend", "cudnn"))
+                    grouped = GroupedBlock(
+                        nodes, block, automatic=wanted == "auto", conv_backend=getattr(self, "conv_backend", "cudnn")
+                    )
                 except UnsupportedNodeError as error:
                     if wanted == "grouped":
                         raise UnsupportedNodeError(f"execution='grouped': {error}") from None
@@ -146,9 +163,15 @@ class TreeSupernet(nn.Module):
             self._grouped.append(grouped)
         self.executions = ["per_child" if grouped is None else "grouped" for grouped in self._grouped]
         if fallbacks:  # once, here, not on every forward
-            warnings.warn("execution='auto' runs these blocks per child: " + "; ".join(fallbacks), GroupedFallbackWarning, stacklevel=3)
+            warnings.warn(
+                "execution='auto' runs these blocks per child: " + "; ".join(fallbacks),
+                GroupedFallbackWarning,
+                stacklevel=3,
+            )
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, *, seed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, *, seed: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``{task: output}``. Sampling noise (search and frozen modes): every block draws its own seed from
         ``generator`` (default: the device's default generator), or, with ``seed`` (one step seed, an int64
         one-element tensor on the logits' device), block b samples with ``ops.derive_seed(seed, b)``: derived

@@ -10,5 +10,11 @@ from l2b_fast.ops.branching import branch, derive_seed, sample_branches
 from l2b_fast.ops.indexed_conv import indexed_conv2d, indexed_conv2d_ref
 
 __all__ = [
-    "branch", "branch_ref", "derive_seed", "indexed_conv2d", "indexed_conv2d_ref", "sample_branches", "sample_branches_ref",
+    "branch",
+    "branch_ref",
+    "derive_seed",
+    "indexed_conv2d",
+    "indexed_conv2d_ref",
+    "sample_branches",
+    "sample_branches_ref",
 ]

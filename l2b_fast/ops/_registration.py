@@ -26,7 +26,9 @@ def _fake_straight_through_branch(parents, logits, index, soft, tau):
 
 def _fake_branch_backward(grad_out, parents, index, soft, tau, need_grad_parents=True, need_grad_logits=True):
     grad_parents = torch.empty_like(parents) if need_grad_parents else parents.new_empty((0,))
-    grad_logits = torch.empty_like(soft, memory_format=torch.contiguous_format) if need_grad_logits else soft.new_empty((0,))
+    grad_logits = (
+        torch.empty_like(soft, memory_format=torch.contiguous_format) if need_grad_logits else soft.new_empty((0,))
+    )
     return grad_parents, grad_logits
 
 

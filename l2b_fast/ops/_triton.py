@@ -16,7 +16,9 @@ from l2b_fast.triton import sample_branches as _sample_kernels
 
 
 @torch.library.custom_op("l2b_fast_triton::sample_branches", mutates_args=())
-def _sample_branches_op(logits: Tensor, tau: Tensor, noise: Tensor | None, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+def _sample_branches_op(
+    logits: Tensor, tau: Tensor, noise: Tensor | None, seed: Tensor | None
+) -> tuple[Tensor, Tensor]:
     index, soft = _sample_kernels.sample_branches(logits, tau, noise, seed)
     return soft, index
 

@@ -106,7 +106,10 @@ def check_seed(seed, *, generator=None, noise=None, device: torch.device) -> Non
     if seed is None:
         return
     if not isinstance(seed, torch.Tensor):
-        raise TypeError(f"seed must be an int64 tensor of one element, got {type(seed).__name__} (a Python int: use a torch.Generator)")
+        raise TypeError(
+            f"seed must be an int64 tensor of one element, got {type(seed).__name__} (a Python int: use a "
+            "torch.Generator)"
+        )
     if generator is not None:
         raise ValueError("give either seed or generator, not both")
     if noise is not None:
@@ -159,11 +162,18 @@ def as_parents_tensor(parents) -> torch.Tensor:
             if not isinstance(parent, torch.Tensor):
                 raise ValueError(f"parents[{i}] is a {type(parent).__name__}, not a tensor")
             if parent.shape != first.shape:
-                raise ValueError(f"parents must share one shape: parents[0] is {tuple(first.shape)}, parents[{i}] is {tuple(parent.shape)}")
+                raise ValueError(
+                    f"parents must share one shape: parents[0] is {tuple(first.shape)}, parents[{i}] is "
+                    f"{tuple(parent.shape)}"
+                )
             if parent.dtype != first.dtype:
-                raise ValueError(f"parents must share one dtype: parents[0] is {first.dtype}, parents[{i}] is {parent.dtype}")
+                raise ValueError(
+                    f"parents must share one dtype: parents[0] is {first.dtype}, parents[{i}] is {parent.dtype}"
+                )
             if parent.device != first.device:
-                raise ValueError(f"parents must share one device: parents[0] is on {first.device}, parents[{i}] on {parent.device}")
+                raise ValueError(
+                    f"parents must share one device: parents[0] is on {first.device}, parents[{i}] on {parent.device}"
+                )
         stacked = torch.stack(list(parents))
     else:
         raise ValueError(f"parents must be a tensor [I, *S] or a sequence of tensors, got {type(parents).__name__}")

@@ -30,7 +30,16 @@ from l2b_fast import backends
 from l2b_fast.ops import _validation
 from l2b_fast.ops._registration import children_strides, softmax_backward
 
-__all__ = ["FUSED_BACKWARD", "branch_backward_op", "branch_ops", "straight_through_branch_op", "SUPPORTED_DTYPES", "indexed_conv2d", "indexed_conv2d_ref", "unavailable_reason"]
+__all__ = [
+    "FUSED_BACKWARD",
+    "branch_backward_op",
+    "branch_ops",
+    "straight_through_branch_op",
+    "SUPPORTED_DTYPES",
+    "indexed_conv2d",
+    "indexed_conv2d_ref",
+    "unavailable_reason",
+]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # True: the backward's straight-through part rides on the input-gradient kernels (frozen: the parent-major
@@ -46,7 +55,10 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"it needs Triton ({INSTALL_HINT}); use conv_backend='cudnn'"
     if device.type == "cuda" or (device.type == "cpu" and backends.triton_interpreting()):
         return None
-    return f"its kernels run on CUDA tensors (on CPU only through Triton's interpreter, TRITON_INTERPRET=1, for tests), not {device.type}; use conv_backend='cudnn'"
+    return (
+        "its kernels run on CUDA tensors (on CPU only through Triton's interpreter, TRITON_INTERPRET=1, for "
+        f"tests), not {device.type}; use conv_backend='cudnn'"
+    )
 
 
 def _kernels():
@@ -65,17 +77,28 @@ def _pair(value, name: str, minimum: int) -> tuple[int, int]:
 def check_inputs(parents: Tensor, index: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     """Shapes, dtypes and devices of :func:`indexed_conv2d`; TypeError for what the kernels do not compute."""
     if parents.dim() != 5:
-        raise ValueError(f"indexed_conv2d: parents must be [I, B, C, H, W] (2-D convolution of batched inputs), got shape {tuple(parents.shape)}")
+        raise ValueError(
+            "indexed_conv2d: parents must be [I, B, C, H, W] (2-D convolution of batched inputs), got shape "
+            f"{tuple(parents.shape)}"
+        )
     if parents.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"indexed_conv2d: the Triton kernels take float16/bfloat16/float32 parents, got {parents.dtype}; use the cudnn path (conv_backend='cudnn') for it")
+        raise TypeError(
+            f"indexed_conv2d: the Triton kernels take float16/bfloat16/float32 parents, got {parents.dtype}; use "
+            "the cudnn path (conv_backend='cudnn') for it"
+        )
     if index.dim() != 1 or index.dtype != torch.int64:
-        raise ValueError(f"indexed_conv2d: index must be a 1-D int64 tensor, got {index.dtype} of shape {tuple(index.shape)}")
+        raise ValueError(
+            f"indexed_conv2d: index must be a 1-D int64 tensor, got {index.dtype} of shape {tuple(index.shape)}"
+        )
     if weight.dim() != 5:
         raise ValueError(f"indexed_conv2d: weight must be [J, Co, C, KH, KW], got shape {tuple(weight.shape)}")
     if weight.shape[0] != index.shape[0]:
         raise ValueError(f"indexed_conv2d: weight has {weight.shape[0]} children but index has {index.shape[0]}")
     if weight.shape[2] != parents.shape[2]:
-        raise ValueError(f"indexed_conv2d: weight expects {weight.shape[2]} input channels per child (groups=1 only), parents have {parents.shape[2]}")
+        raise ValueError(
+            f"indexed_conv2d: weight expects {weight.shape[2]} input channels per child (groups=1 only), parents "
+            f"have {parents.shape[2]}"
+        )
     if bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]):
         raise ValueError(f"indexed_conv2d: bias must be [J, Co] = {tuple(weight.shape[:2])}, got {tuple(bias.shape)}")
     for name, tensor in (("index", index), ("weight", weight), ("bias", bias)):
@@ -153,7 +176,11 @@ def _indexed_conv2d_backward_op(
         grad_logits = softmax_backward(soft.double(), dots, tau.double()).float().to(soft.dtype).contiguous()
     elif need_grad_parents:  # frozen: each parent sums its children's transposed convolutions, no dX at all
         grad_parents = kernels.conv_parents_grad(grad_out, weight, parents, index, geometry)
-    grad_weight = kernels.conv_weight_grad(grad_out, parents, index, weight.shape, geometry).to(weight.dtype) if need_grad_weight else empty(weight)
+    grad_weight = (
+        kernels.conv_weight_grad(grad_out, parents, index, weight.shape, geometry).to(weight.dtype)
+        if need_grad_weight
+        else empty(weight)
+    )
     grad_bias = empty(weight)
     if need_grad_bias:  # fp32 sums, as the weight gradient
         grad_bias = grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).view(weight.shape[:2]).to(weight.dtype)
@@ -161,7 +188,21 @@ def _indexed_conv2d_backward_op(
 
 
 @_indexed_conv2d_backward_op.register_fake
-def _(grad_out, parents, index, soft, tau, weight, stride, padding, dilation, need_grad_parents, need_grad_logits, need_grad_weight, need_grad_bias):
+def _(
+    grad_out,
+    parents,
+    index,
+    soft,
+    tau,
+    weight,
+    stride,
+    padding,
+    dilation,
+    need_grad_parents,
+    need_grad_logits,
+    need_grad_weight,
+    need_grad_bias,
+):
     return (
         torch.empty_like(parents) if need_grad_parents else parents.new_empty((0,)),
         torch.empty_like(soft, memory_format=torch.contiguous_format) if need_grad_logits else soft.new_empty((0,)),
@@ -218,14 +259,20 @@ def indexed_conv2d(
     check_inputs(parents, index, weight, bias)
     _validation.check_logits(logits, parents=parents.shape[0])
     if soft.shape != logits.shape:
-        raise ValueError(f"indexed_conv2d: soft must be shaped like logits {tuple(logits.shape)}, got {tuple(soft.shape)}")
+        raise ValueError(
+            f"indexed_conv2d: soft must be shaped like logits {tuple(logits.shape)}, got {tuple(soft.shape)}"
+        )
     if logits.shape[1] != index.shape[0]:
         raise ValueError(f"indexed_conv2d: logits have {logits.shape[1]} children but index has {index.shape[0]}")
     reason = unavailable_reason(parents.device)
     if reason is not None:
         raise backends.BackendUnavailableError(f"indexed_conv2d: {reason}")
     tau = _validation.as_tau_tensor(tau, logits.device)
-    geometry = [list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)), list(_pair(dilation, "dilation", 1))]
+    geometry = [
+        list(_pair(stride, "stride", 1)),
+        list(_pair(padding, "padding", 0)),
+        list(_pair(dilation, "dilation", 1)),
+    ]
     return _indexed_conv2d_op(parents, logits, index, soft.detach(), tau, weight, bias, *geometry)
 
 

@@ -18,7 +18,8 @@ import torch
 
 
 def atomic_save(state: dict, path: Path) -> Path:
-    """``torch.save`` to a temporary file, then rename: a kill leaves the old or the new checkpoint, never half of one."""
+    """``torch.save`` to a temporary file, then rename: a kill leaves the old or the new checkpoint, never half of
+    one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     torch.save(state, temporary)
@@ -39,8 +40,10 @@ def load_tensors_and_plain_data(path: str | Path, device: torch.device | str = "
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
         if _refused_by_weights_only(error):
-            raise ValueError(f"{path} holds objects other than tensors and plain data; refusing to load it "
-                             "(unpickling such a file can run code)") from None
+            raise ValueError(
+                f"{path} holds objects other than tensors and plain data; refusing to load it "
+                "(unpickling such a file can run code)"
+            ) from None
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]  # truncated or foreign file
         raise ValueError(f"cannot read checkpoint {path}: {first_line}") from error
 
@@ -66,8 +69,13 @@ def rng_state(device: torch.device) -> dict:
         "torch": torch.get_rng_state(),
         "python": [int(version), [int(word) for word in python_words], gauss_next],
         # numpy's MT19937 words are uint32: int64 holds them exactly (torch's uint32 tensors lack many ops)
-        "numpy": {"algorithm": str(algorithm), "keys": torch.from_numpy(keys.astype(np.int64)),
-                  "position": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "algorithm": str(algorithm),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
     }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -82,7 +90,14 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((version, tuple(python_words), gauss_next))
     numpy_state = state["numpy"]
     keys = numpy_state["keys"].cpu().numpy().astype(np.uint32)
-    np.random.set_state((numpy_state["algorithm"], keys, numpy_state["position"], numpy_state["has_gauss"],
-                         numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy_state["algorithm"],
+            keys,
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)

@@ -24,8 +24,17 @@ import torch.distributed as dist
 
 from l2b_fast.ops.branching import derive_seed_value
 
-__all__ = ["DistContext", "setup", "cleanup", "release_ddp_reducers", "resolve_device", "step_seed",
-           "all_gather_objects", "barrier", "is_main_process"]
+__all__ = [
+    "DistContext",
+    "setup",
+    "cleanup",
+    "release_ddp_reducers",
+    "resolve_device",
+    "step_seed",
+    "all_gather_objects",
+    "barrier",
+    "is_main_process",
+]
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -73,7 +82,9 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here ({built}); use --device cpu")
     index = local_rank if resolved.index is None else resolved.index
     if index >= torch.cuda.device_count():
-        raise ValueError(f"device cuda:{index} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        raise ValueError(
+            f"device cuda:{index} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
     return torch.device("cuda", index)
 
 
@@ -85,7 +96,9 @@ def _environment_int(name: str) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def setup(device: str | torch.device = "auto", *, backend: str | None = None, timeout_minutes: float = 30.0) -> DistContext:
+def setup(
+    device: str | torch.device = "auto", *, backend: str | None = None, timeout_minutes: float = 30.0
+) -> DistContext:
     """Initialise the default process group from the torchrun environment (env:// rendezvous) and pick the device.
 
     Single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``): nothing is initialised. An already initialised
@@ -94,7 +107,9 @@ def setup(device: str | torch.device = "auto", *, backend: str | None = None, ti
     present = [name for name in _TORCHRUN_VARIABLES if name in os.environ]
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = _environment_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank % max(1, torch.cuda.device_count())
+        local_rank = (
+            _environment_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank % max(1, torch.cuda.device_count())
+        )
         resolved = resolve_device(device, local_rank)
         _select_cuda(resolved)
         return DistContext(rank, world_size, local_rank, resolved, dist.get_backend())
@@ -105,7 +120,10 @@ def setup(device: str | torch.device = "auto", *, backend: str | None = None, ti
         return DistContext(0, 1, local_rank, resolved, None)
     missing = [name for name in (*_TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
-        raise ValueError(f"distributed launch: environment variables {', '.join(missing)} are missing (start the processes with torchrun)")
+        raise ValueError(
+            f"distributed launch: environment variables {', '.join(missing)} are missing (start the processes "
+            "with torchrun)"
+        )
     rank, world_size, local_rank = (_environment_int(name) for name in _TORCHRUN_VARIABLES)
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} outside WORLD_SIZE={world_size}")
@@ -117,7 +135,14 @@ def setup(device: str | torch.device = "auto", *, backend: str | None = None, ti
         raise ValueError("backend nccl needs CUDA devices; use gloo on the CPU")
     _select_cuda(resolved)
     options = {"device_id": resolved} if resolved.type == "cuda" else {}
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=timeout_minutes), **options)
+    dist.init_process_group(
+        backend,
+        init_method="env://",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+        **options,
+    )
     return DistContext(rank, world_size, local_rank, resolved, backend)
 
 

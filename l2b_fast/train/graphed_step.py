@@ -35,13 +35,16 @@ results bit for bit (tested).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 
 import torch
 
 __all__ = [
-    "GraphedStep", "CAPTURED_LAYOUTS_PER_PHASE", "EAGER_STEPS_BEFORE_CAPTURE", "check_config", "optimizer_settings",
+    "GraphedStep",
+    "CAPTURED_LAYOUTS_PER_PHASE",
+    "EAGER_STEPS_BEFORE_CAPTURE",
+    "check_config",
+    "optimizer_settings",
 ]
 
 EAGER_STEPS_BEFORE_CAPTURE = 2
@@ -54,15 +57,23 @@ _CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 def check_config(config) -> None:
     """ValueError (one line) for settings a captured step cannot honour; device-independent (a ``StreamConfig``)."""
     if config.precision == "fp16":
-        raise ValueError("cuda_graph does not support precision='fp16': its GradScaler reads inf checks on the host at every step; use 'bf16' or 'fp32'")
+        raise ValueError(
+            "cuda_graph does not support precision='fp16': its GradScaler reads inf checks on the host at every "
+            "step; use 'bf16' or 'fp32'"
+        )
     if config.sampling != "step":
         raise ValueError("cuda_graph needs sampling='step' (the step's seed is a device tensor the graph reads)")
     if config.accumulation != 1:
-        raise ValueError(f"cuda_graph needs accumulation=1 (one captured batch per optimizer step), got {config.accumulation}")
+        raise ValueError(
+            f"cuda_graph needs accumulation=1 (one captured batch per optimizer step), got {config.accumulation}"
+        )
     if isinstance(config.compile, dict):
         options = config.compile.get("options") or {}
         if config.compile.get("mode") in _CUDAGRAPH_COMPILE_MODES or options.get("triton.cudagraphs"):
-            raise ValueError(f"cuda_graph cannot be combined with torch.compile's own CUDA graphs ({config.compile}): use compile=True or {{'fullgraph': True}}")
+            raise ValueError(
+                f"cuda_graph cannot be combined with torch.compile's own CUDA graphs ({config.compile}): use "
+                "compile=True or {'fullgraph': True}"
+            )
 
 
 def _layout(value, path: str = "batch") -> tuple:
@@ -141,14 +152,24 @@ class GraphedStep:
 
     def __init__(self, trainer, *, capture: bool = True, eager_steps: int = EAGER_STEPS_BEFORE_CAPTURE):
         if not isinstance(eager_steps, int) or isinstance(eager_steps, bool) or eager_steps < 1:
-            raise ValueError(f"eager_steps must be an integer >= 1 (optimizer state and lazy set-up come before a capture), got {eager_steps!r}")
+            raise ValueError(
+                "eager_steps must be an integer >= 1 (optimizer state and lazy set-up come before a capture), "
+                f"got {eager_steps!r}"
+            )
         check_config(trainer.config)
         if capture and trainer.device.type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, the trainer runs on {trainer.device}")
         if trainer.context.distributed:
-            raise ValueError("cuda_graph is not supported under DistributedDataParallel (its gradient all-reduce is not captured here): use one process")
+            raise ValueError(
+                "cuda_graph is not supported under DistributedDataParallel (its gradient all-reduce is not "
+                "captured here): use one process"
+            )
         if trainer.searching and not trainer._forward_takes_seed:
-            raise ValueError(f"cuda_graph needs a forward that takes seed= (a device tensor): {type(trainer.module).__name__}.forward draws from a torch.Generator, which a graph would replay with the captured tree")
+            raise ValueError(
+                "cuda_graph needs a forward that takes seed= (a device tensor): "
+                f"{type(trainer.module).__name__}.forward draws from a torch.Generator, which a graph would "
+                "replay with the captured tree"
+            )
         self.trainer = trainer
         self.capture = capture
         self.eager_steps = eager_steps
@@ -257,8 +278,10 @@ class GraphedStep:
             del self._captured[layout]
             message = str(error).strip()
             first_line = message.splitlines()[0] if message else type(error).__name__
-            raise RuntimeError(f"cuda_graph: the training step could not be captured ({first_line}); a step that waits for the host "
-                               "(.item(), boolean-mask indexing, a torch.Generator) cannot be: set cuda_graph=False") from error
+            raise RuntimeError(
+                f"cuda_graph: the training step could not be captured ({first_line}); a step that waits for the host "
+                "(.item(), boolean-mask indexing, a torch.Generator) cannot be: set cuda_graph=False"
+            ) from error
         captured.graph = graph
         if first:
             self._pool = graph.pool()

@@ -68,7 +68,9 @@ def from_config(config: dict | None):
     if config is None:
         return ConstantLR()
     if not isinstance(config, dict) or "kind" not in config:
-        raise ValueError(f'a learning-rate schedule is None or {{"kind": one of {sorted(LR_SCHEDULES)}, ...}}, got {config!r}')
+        raise ValueError(
+            f'a learning-rate schedule is None or {{"kind": one of {sorted(LR_SCHEDULES)}, ...}}, got {config!r}'
+        )
     kind = config["kind"]
     if kind not in LR_SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {kind!r}; choose from {sorted(LR_SCHEDULES)}")
@@ -77,8 +79,12 @@ def from_config(config: dict | None):
     except (TypeError, ValueError) as error:
         raise ValueError(f"learning-rate schedule {kind!r}: {error}") from error
     if not isinstance(schedule.warmup_steps, int) or schedule.warmup_steps < 0:
-        raise ValueError(f"learning-rate schedule {kind!r}: warmup_steps must be an integer >= 0, got {schedule.warmup_steps!r}")
+        raise ValueError(
+            f"learning-rate schedule {kind!r}: warmup_steps must be an integer >= 0, got {schedule.warmup_steps!r}"
+        )
     for value in (schedule(0, 0, 100), schedule(99, 10**3, 100)):
         if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"learning-rate schedule {config!r} gives the factor {value}; it must stay finite and >= 0")
+            raise ValueError(
+                f"learning-rate schedule {config!r} gives the factor {value}; it must stay finite and >= 0"
+            )
     return schedule

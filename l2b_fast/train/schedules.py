@@ -66,7 +66,13 @@ class Exponential:
         return max(self.min, self.tau0 * math.exp(-self.rate * step))
 
 
-SCHEDULES = {"constant": Constant, "inverse_sqrt": InverseSqrt, "epoch_decay": EpochDecay, "linear": Linear, "exponential": Exponential}
+SCHEDULES = {
+    "constant": Constant,
+    "inverse_sqrt": InverseSqrt,
+    "epoch_decay": EpochDecay,
+    "linear": Linear,
+    "exponential": Exponential,
+}
 
 
 def from_config(config: dict | float | int):
@@ -76,7 +82,9 @@ def from_config(config: dict | float | int):
             raise ValueError(f"a constant temperature must be finite and positive, got {config!r}")
         return Constant(float(config))
     if not isinstance(config, dict) or "kind" not in config:
-        raise ValueError(f'a temperature schedule is a number or {{"kind": one of {sorted(SCHEDULES)}, ...}}, got {config!r}')
+        raise ValueError(
+            f'a temperature schedule is a number or {{"kind": one of {sorted(SCHEDULES)}, ...}}, got {config!r}'
+        )
     parameters = {k: v for k, v in config.items() if k != "kind"}
     kind = config["kind"]
     if kind not in SCHEDULES:

@@ -6,7 +6,8 @@ Search (a model holding :class:`~l2b_fast.nn.Branching` blocks, e.g. a ``TreeSup
 ``TreeNet`` or any module returning ``{task: output}``) alike: two optimizers (weights, logits; Adam with
 the paper's L2 weight decay or AdamW), warmup epochs with frozen logits, temperature and learning-rate
 schedules, task weights, mixed precision (bf16, or fp16 with gradient scaling), channels_last, gradient
-accumulation, ``torch.compile``, a whole-step CUDA graph (``cuda_graph``), CSV/TensorBoard logs, progress, atomic checkpoints and exact resume.
+accumulation, ``torch.compile``, a whole-step CUDA graph (``cuda_graph``), CSV/TensorBoard logs, progress, atomic
+checkpoints and exact resume.
 
 The logits are found by the model itself: the ``logits`` parameters of the ``Branching`` modules of the
 unwrapped module (under DistributedDataParallel and ``torch.compile``), never by looking for methods on the
@@ -46,7 +47,16 @@ from l2b_fast.train import distributed, graphed_step, lr_schedules, schedules
 from l2b_fast.train.checkpoints import atomic_save, read_checkpoint, rng_state, set_rng_state
 from l2b_fast.train.logs import Progress, RunLogs, probability_row
 
-__all__ = ["TrainConfig", "Trainer", "Evaluation", "NonFiniteLossError", "unwrap_model", "branching_modules", "StreamConfig", "StreamTrainer"]
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "Evaluation",
+    "NonFiniteLossError",
+    "unwrap_model",
+    "branching_modules",
+    "StreamConfig",
+    "StreamTrainer",
+]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -78,11 +88,11 @@ class TrainConfig:
     recompiles nor re-records). ``cuda_graph``: capture the whole step (forward, loss, backward, both optimizers'
     steps) in a CUDA graph and replay it every step (:mod:`l2b_fast.train.graphed_step`: one graph for warmup, one
     for the search; the epoch's short last batch gets its own graph after its eager steps); CUDA only, one
-    process, ``accumulation=1``, fp32 or bf16, a forward taking ``seed=``. ``sampling``: where a supernet's branch samples come from: ``"step"`` (default;
-    :func:`~l2b_fast.train.distributed.step_seed` of the run seed and the step, see below) or ``"global"`` (torch's
-    global generator seeded once with ``seed``, one process only: the stream the synthetic presets' measured outcomes
-    were found with). ``checkpoint_every``: steps between checkpoints (0: only at the end of each epoch; epochs always
-    end with one).
+    process, ``accumulation=1``, fp32 or bf16, a forward taking ``seed=``. ``sampling``: where a supernet's branch
+    samples come from: ``"step"`` (default; :func:`~l2b_fast.train.distributed.step_seed` of the run seed and the
+    step, see below) or ``"global"`` (torch's global generator seeded once with ``seed``, one process only: the
+    stream the synthetic presets' measured outcomes were found with). ``checkpoint_every``: steps between
+    checkpoints (0: only at the end of each epoch; epochs always end with one).
     """
 
     epochs: int
@@ -113,7 +123,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.batches_per_epoch is not None and (not isinstance(self.batches_per_epoch, int) or self.batches_per_epoch < 1):
+        if self.batches_per_epoch is not None and (
+            not isinstance(self.batches_per_epoch, int) or self.batches_per_epoch < 1
+        ):
             raise ValueError(f"batches_per_epoch must be None or an integer >= 1, got {self.batches_per_epoch!r}")
         if not isinstance(self.warmup_epochs, int) or not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"warmup_epochs must be an integer in [0, epochs], got {self.warmup_epochs!r}")
@@ -177,7 +189,11 @@ class _TaskLosses:
     mapping ``{task: loss_fn(prediction, target)}``."""
 
     def __init__(self, losses, model_tasks: list[str] | None):
-        self.dataset = losses if callable(getattr(losses, "task_targets", None)) and callable(getattr(losses, "losses", None)) else None
+        self.dataset = (
+            losses
+            if callable(getattr(losses, "task_targets", None)) and callable(getattr(losses, "losses", None))
+            else None
+        )
         if self.dataset is not None:
             known = list(self.dataset.tasks)
         elif isinstance(losses, Mapping):
@@ -187,7 +203,10 @@ class _TaskLosses:
                 raise TypeError(f"losses for tasks {bad} are not callable")
             self.functions = dict(losses)
         else:
-            raise TypeError(f"losses must be a data set (l2b_fast.datasets) or a mapping {{task: loss_fn}}, got {type(losses).__name__}")
+            raise TypeError(
+                f"losses must be a data set (l2b_fast.datasets) or a mapping {{task: loss_fn}}, got "
+                f"{type(losses).__name__}"
+            )
         self.tasks = list(model_tasks) if model_tasks is not None else known
         missing = [task for task in self.tasks if task not in known]
         if missing:
@@ -209,7 +228,11 @@ class _TaskLosses:
         return {task: self.functions[task](outputs[task], targets[task]) for task in self.tasks}
 
     def metrics(self):
-        return self.dataset.metrics() if self.dataset is not None and callable(getattr(self.dataset, "metrics", None)) else None
+        return (
+            self.dataset.metrics()
+            if self.dataset is not None and callable(getattr(self.dataset, "metrics", None))
+            else None
+        )
 
     def metric_columns(self) -> list[str]:
         columns = getattr(self.dataset, "columns", ()) if self.metrics() is not None else ()
@@ -223,7 +246,9 @@ class _TaskLosses:
 def _split_batch(batch) -> tuple:
     if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
         return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
-    shape = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    shape = (
+        f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    )
     raise TypeError(f"a batch must be (inputs, targets) or (inputs, targets, masks), got {shape}")
 
 
@@ -325,7 +350,11 @@ class Trainer:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = config
-        if context is not None and device is not None and distributed.resolve_device(device, context.local_rank) != context.device:
+        if (
+            context is not None
+            and device is not None
+            and distributed.resolve_device(device, context.local_rank) != context.device
+        ):
             raise ValueError(f"device {device!r} differs from the context's {context.device}; give one of them")
         self.context = context or self._default_context(model, device)
         self.device = self.context.device
@@ -354,11 +383,21 @@ class Trainer:
         # CUDA-graph safe), else a generator; both filled from (run seed, step), the same on every rank.
         stepped = self.searching and config.sampling == "step"
         if self.searching and config.sampling == "global" and self.context.distributed:
-            raise ValueError("sampling='global' draws from each process's own generator, so ranks would sample different trees: use sampling='step'")
+            raise ValueError(
+                "sampling='global' draws from each process's own generator, so ranks would sample different "
+                "trees: use sampling='step'"
+            )
         self._forward_takes_seed = stepped and "seed" in forward_parameters
         self._forward_kwargs_generator = stepped and not self._forward_takes_seed and "generator" in forward_parameters
-        if self.searching and not (self._forward_takes_seed or self._forward_kwargs_generator) and self.context.distributed:
-            raise ValueError(f"{type(self.module).__name__}.forward takes neither seed= nor generator=: ranks would sample different trees (TreeSupernet takes both)")
+        if (
+            self.searching
+            and not (self._forward_takes_seed or self._forward_kwargs_generator)
+            and self.context.distributed
+        ):
+            raise ValueError(
+                f"{type(self.module).__name__}.forward takes neither seed= nor generator=: ranks would sample "
+                "different trees (TreeSupernet takes both)"
+            )
         self._step_seed = torch.zeros(1, dtype=torch.int64, device=self.device) if self._forward_takes_seed else None
         self._generator = torch.Generator(device=self.device) if self._forward_kwargs_generator else None
         self._build_optimizers()
@@ -370,7 +409,9 @@ class Trainer:
         self.steps_per_epoch = self._known_steps_per_epoch()
         for name, schedule in (("lr_schedule", self.lr_schedule), ("lr_schedule_logits", self.lr_schedule_logits)):
             if schedule.needs_total_steps and self.steps_per_epoch is None:
-                raise ValueError(f"{name} {schedule!r} needs the number of steps: set batches_per_epoch (the data has no length)")
+                raise ValueError(
+                    f"{name} {schedule!r} needs the number of steps: set batches_per_epoch (the data has no length)"
+                )
         # Position: optimizer steps taken, the epoch, batches of this epoch used (at the last step's end).
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self._epoch_sums = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.device)
@@ -378,11 +419,21 @@ class Trainer:
         self._last_logged_loss = math.nan
         self.checkpoint_path = self.out_dir / "checkpoints" / "last.pt"
         metric_columns = [f"val.{name}" for name in self.losses.metric_columns()] if self.val_data is not None else []
-        self.logs = RunLogs(self.out_dir, {
-            "log.csv": ["step", "epoch", "tau", "lr", "loss"] + [f"loss.{t}" for t in self.tasks] + list(self._probability_row()),
-            "epochs.csv": ["step", "epoch", "train_loss"] + [f"train_loss.{t}" for t in self.tasks]
-            + (["val_loss"] + [f"val_loss.{t}" for t in self.tasks] + ["val_samples"] + metric_columns if self.val_data is not None else []),
-        })
+        self.logs = RunLogs(
+            self.out_dir,
+            {
+                "log.csv": ["step", "epoch", "tau", "lr", "loss"]
+                + [f"loss.{t}" for t in self.tasks]
+                + list(self._probability_row()),
+                "epochs.csv": ["step", "epoch", "train_loss"]
+                + [f"train_loss.{t}" for t in self.tasks]
+                + (
+                    ["val_loss"] + [f"val_loss.{t}" for t in self.tasks] + ["val_samples"] + metric_columns
+                    if self.val_data is not None
+                    else []
+                ),
+            },
+        )
 
     # ----------------------------------------------------------------------------- set-up
     @staticmethod
@@ -392,7 +443,13 @@ class Trainer:
             device = parameter.device if parameter is not None else "cpu"
         resolved = distributed.resolve_device(device)
         if dist.is_available() and dist.is_initialized():
-            return distributed.DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), resolved, dist.get_backend())
+            return distributed.DistContext(
+                dist.get_rank(),
+                dist.get_world_size(),
+                int(os.environ.get("LOCAL_RANK", 0)),
+                resolved,
+                dist.get_backend(),
+            )
         return distributed.DistContext(device=resolved)
 
     def _prepare_model(self, model: nn.Module) -> nn.Module:
@@ -400,12 +457,20 @@ class Trainer:
         self.ddp = _find_ddp(model)
         if self.ddp is not None:
             if not self.context.distributed:
-                raise ValueError("a DistributedDataParallel model needs an initialised process group of more than one rank")
+                raise ValueError(
+                    "a DistributedDataParallel model needs an initialised process group of more than one rank"
+                )
             if self.config.channels_last:
-                raise ValueError("channels_last: pass the unwrapped model (it must be converted before DistributedDataParallel wraps it)")
+                raise ValueError(
+                    "channels_last: pass the unwrapped model (it must be converted before "
+                    "DistributedDataParallel wraps it)"
+                )
         else:
             if self.context.distributed and model is not self.module:
-                raise ValueError("under DDP pass the uncompiled model and set compile=True (DistributedDataParallel must wrap the module before torch.compile)")
+                raise ValueError(
+                    "under DDP pass the uncompiled model and set compile=True (DistributedDataParallel must wrap "
+                    "the module before torch.compile)"
+                )
             if self.config.channels_last:
                 self.module.to(memory_format=torch.channels_last)
             self.module.to(self.device)
@@ -413,7 +478,9 @@ class Trainer:
                 # Every parameter gets a gradient at every step (frozen logits through a zero tie), so DDP
                 # needs no search for unused parameters.
                 device_ids = [self.device.index] if self.device.type == "cuda" else None
-                self.ddp = model = DistributedDataParallel(self.module, device_ids=device_ids, find_unused_parameters=False)
+                self.ddp = model = DistributedDataParallel(
+                    self.module, device_ids=device_ids, find_unused_parameters=False
+                )
         if self.config.compile:
             options = self.config.compile if isinstance(self.config.compile, dict) else {}
             model = torch.compile(model, **options)
@@ -427,8 +494,14 @@ class Trainer:
         # foreach: one kernel per update for all parameters (on CPU too: a quarter of a small net's step); a
         # captured step chooses its own settings (graphed_step: tensor learning rates)
         foreach = None if config.cuda_graph else True
-        self.weight_optimizer = optimizer(weights, lr=config.lr_weights, weight_decay=config.weight_decay_weights, foreach=foreach)
-        self.logits_optimizer = optimizer(logits, lr=config.lr_logits, weight_decay=config.weight_decay_logits, foreach=foreach) if logits else None
+        self.weight_optimizer = optimizer(
+            weights, lr=config.lr_weights, weight_decay=config.weight_decay_weights, foreach=foreach
+        )
+        self.logits_optimizer = (
+            optimizer(logits, lr=config.lr_logits, weight_decay=config.weight_decay_logits, foreach=foreach)
+            if logits
+            else None
+        )
         self._logits = logits
 
     def _known_steps_per_epoch(self) -> int | None:
@@ -452,7 +525,8 @@ class Trainer:
         return {"rng": rng_state(self.device), "epoch_rng": self._epoch_rng, "epoch_sums": self._epoch_sums.cpu()}
 
     def state_dict(self) -> dict:
-        """The state shared by all ranks, and this rank's own under ``ranks`` (:meth:`save_checkpoint` gathers every rank's)."""
+        """The state shared by all ranks, and this rank's own under ``ranks`` (:meth:`save_checkpoint` gathers every
+        rank's)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.module.state_dict(),
@@ -479,17 +553,30 @@ class Trainer:
         state = read_checkpoint(path, self.device)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a checkpoint of the l2b_fast trainer")
-        defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig) if field.default is not dataclasses.MISSING}
+        defaults = {
+            field.name: field.default
+            for field in dataclasses.fields(TrainConfig)
+            if field.default is not dataclasses.MISSING
+        }
         # newer settings: their defaults; more epochs is a safe change (a run continues)
         resumable = {k: v for k, v in {**defaults, **state["config"]}.items() if k not in RESUME_MAY_CHANGE}
-        saved, current = resumable, {k: v for k, v in dataclasses.asdict(self.config).items() if k not in RESUME_MAY_CHANGE}
+        saved, current = (
+            resumable,
+            {k: v for k, v in dataclasses.asdict(self.config).items() if k not in RESUME_MAY_CHANGE},
+        )
         if self.config.epochs < state["epoch"]:
-            raise ValueError(f"checkpoint {path} has trained {state['epoch']} epochs already: epochs={self.config.epochs} cannot continue it")
+            raise ValueError(
+                f"checkpoint {path} has trained {state['epoch']} epochs already: epochs={self.config.epochs} "
+                "cannot continue it"
+            )
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])
             raise ValueError(f"checkpoint {path} was written with another configuration (differs in {changed})")
         if state["world_size"] != self.context.world_size:
-            raise ValueError(f"checkpoint {path} was written by {state['world_size']} rank(s); resume it with {state['world_size']}, not {self.context.world_size}")
+            raise ValueError(
+                f"checkpoint {path} was written by {state['world_size']} rank(s); resume it with "
+                f"{state['world_size']}, not {self.context.world_size}"
+            )
         self.module.load_state_dict(state["model"])
         self.weight_optimizer.load_state_dict(state["weight_optimizer"])
         if self.logits_optimizer is not None:
@@ -505,11 +592,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- data
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator:
-        """The epoch's batches from the ``skip``-th on (at most ``batches_per_epoch``), as an uninterrupted run saw them."""
+        """The epoch's batches from the ``skip``-th on (at most ``batches_per_epoch``), as an uninterrupted run saw
+        them."""
         resuming = skip > 0
         if resuming:
             if self._epoch_rng is None:
-                raise ValueError("the checkpoint holds no RNG state of the epoch's start: it cannot be resumed mid-epoch")
+                raise ValueError(
+                    "the checkpoint holds no RNG state of the epoch's start: it cannot be resumed mid-epoch"
+                )
             current = rng_state(self.device)
             set_rng_state(self._epoch_rng, self.device)  # the state the iterable was created with
         else:
@@ -523,7 +613,9 @@ class Trainer:
             try:
                 next(iterator)
             except StopIteration:
-                raise ValueError(f"epoch {epoch}: the data gave {dropped} batches on resume, but the checkpoint had used {skip}") from None
+                raise ValueError(
+                    f"epoch {epoch}: the data gave {dropped} batches on resume, but the checkpoint had used {skip}"
+                ) from None
         if resuming:
             set_rng_state(current, self.device)  # where training left off (the checkpoint's states on resume)
         limit = self.config.batches_per_epoch
@@ -598,7 +690,9 @@ class Trainer:
     def _optimizer_step(self, batches_in_step: int, frozen: bool) -> None:
         if batches_in_step < self.config.accumulation:  # the epoch's short last step: the mean of its batches
             rescale = self.config.accumulation / batches_in_step
-            for group in self.weight_optimizer.param_groups + (self.logits_optimizer.param_groups if self.logits_optimizer else []):
+            for group in self.weight_optimizer.param_groups + (
+                self.logits_optimizer.param_groups if self.logits_optimizer else []
+            ):
                 for parameter in group["params"]:
                     if parameter.grad is not None:
                         parameter.grad.mul_(rescale)
@@ -607,7 +701,13 @@ class Trainer:
             self.scaler.step(self.logits_optimizer)
         self.scaler.update()
 
-    def fit(self, *, resume: bool = False, stop_after_steps: int | None = None, on_step: Callable[[Trainer], None] | None = None) -> dict[str, float]:
+    def fit(
+        self,
+        *,
+        resume: bool = False,
+        stop_after_steps: int | None = None,
+        on_step: Callable[[Trainer], None] | None = None,
+    ) -> dict[str, float]:
         """Train to the end (or until ``stop_after_steps`` optimizer steps in all); returns the last epoch's means.
 
         ``resume=True`` restores ``checkpoints/last.pt``. ``on_step(trainer)`` runs after every optimizer step
@@ -619,7 +719,9 @@ class Trainer:
         elif self.step == 0 and self.epoch == 0:
             # Seeded per rank: dropout and other global randomness differ across ranks, the tree does not.
             global_sampling = self.searching and config.sampling == "global"
-            rank_seed = config.seed if global_sampling else distributed.step_seed(config.seed, self.context.rank, stream=1)
+            rank_seed = (
+                config.seed if global_sampling else distributed.step_seed(config.seed, self.context.rank, stream=1)
+            )
             torch.manual_seed(rank_seed)
             random.seed(rank_seed)
             np.random.seed(rank_seed % 2**32)
@@ -704,7 +806,10 @@ class Trainer:
             if stop_after_steps is not None and self.step >= stop_after_steps:
                 return True
         if self.batch_in_epoch == 0:
-            raise ValueError(f"epoch {epoch}: the data gave no batch (an iterator or generator is used up after one pass: pass a factory data(epoch))")
+            raise ValueError(
+                f"epoch {epoch}: the data gave no batch (an iterator or generator is used up after one pass: pass "
+                "a factory data(epoch))"
+            )
         return False
 
     def _running_loss(self) -> float:
@@ -726,9 +831,17 @@ class Trainer:
     def _finish_epoch(self) -> dict[str, float]:
         """The epoch's row of epochs.csv (mean train losses over batches and ranks, validation); returns it."""
         means = (self._mean_over_ranks(self._epoch_sums) / self.batch_in_epoch).tolist()
-        result = {"loss": sum(self.alpha[t] * value for t, value in zip(self.tasks, means)), **dict(zip(self.tasks, means))}
+        result = {
+            "loss": sum(self.alpha[t] * value for t, value in zip(self.tasks, means)),
+            **dict(zip(self.tasks, means)),
+        }
         self._check_finite(means, f"in epoch {self.epoch}")
-        row = {"step": self.step, "epoch": self.epoch, "train_loss": result["loss"], **{f"train_loss.{t}": means[k] for k, t in enumerate(self.tasks)}}
+        row = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "train_loss": result["loss"],
+            **{f"train_loss.{t}": means[k] for k, t in enumerate(self.tasks)},
+        }
         if self.val_data is not None:
             rng = rng_state(self.device)  # evaluation must not shift the training random streams
             evaluation = self.evaluate(self.val_data)
@@ -736,7 +849,13 @@ class Trainer:
             row["val_loss"], row["val_samples"] = evaluation.losses["loss"], evaluation.samples
             row.update({f"val_loss.{t}": evaluation.losses[t] for t in self.tasks})
             if evaluation.metrics is not None:
-                row.update({f"val.{name}": value for name, value in evaluation.metrics.summary().items() if f"val.{name}" in self.logs.columns["epochs.csv"]})
+                row.update(
+                    {
+                        f"val.{name}": value
+                        for name, value in evaluation.metrics.summary().items()
+                        if f"val.{name}" in self.logs.columns["epochs.csv"]
+                    }
+                )
             result.update({f"val_{k}": v for k, v in evaluation.losses.items()})
         if self.context.is_main:
             self.logs.append("epochs.csv", row)

@@ -104,7 +104,7 @@ def _branch_backward_partials_kernel(
     index_ptr,  # int64 [J]
     grad_parents_ptr,  # [I, N] flat rows, parents' dtype
     partials_ptr,  # [num_chunks, I, J], fp32 (fp64 for fp64 inputs)
-    I,
+    num_parents,
     J,
     N,
     num_i_blocks,
@@ -126,7 +126,7 @@ def _branch_backward_partials_kernel(
 
     rows_i = i_block * BLOCK_I + tl.arange(0, BLOCK_I)
     rows_j = tl.arange(0, BLOCK_J)
-    i_ok = rows_i < I
+    i_ok = rows_i < num_parents
     j_ok = rows_j < J
     base_i = rows_i.to(tl.int64)[:, None] * N
     base_j = rows_j.to(tl.int64)[:, None] * N
@@ -158,9 +158,7 @@ def _branch_backward_partials_kernel(
         # not a multiply, so an inf/NaN in one child's gradient stays in its own parent).
         if WRITE_GRAD_PARENTS:
             seg = tl.sum(tl.where(one_hot[:, :, None], g[None, :, :], 0.0), axis=1)
-            tl.store(
-                grad_parents_ptr + base_i + offs[None, :], seg.to(grad_parents_ptr.dtype.element_ty), mask=mask_i
-            )
+            tl.store(grad_parents_ptr + base_i + offs[None, :], seg.to(grad_parents_ptr.dtype.element_ty), mask=mask_i)
         if COMPUTE_DOTS:
             # G[i, j] += <grad_out[j], parents[i]> over this tile, for every pair (parents are read only here).
             y = tl.load(parents_ptr + base_i + offs[None, :], mask=mask_i, other=0.0)
@@ -171,7 +169,7 @@ def _branch_backward_partials_kernel(
             acc += y[:, None, :] * g[None, :, :]
 
     if COMPUTE_DOTS:
-        out = partials_ptr + chunk.to(tl.int64) * I * J + rows_i[:, None] * J + rows_j[None, :]
+        out = partials_ptr + chunk.to(tl.int64) * num_parents * J + rows_i[:, None] * J + rows_j[None, :]
         tl.store(out, tl.sum(acc, axis=2), mask=i_ok[:, None] & j_ok[None, :])
 
 
@@ -180,7 +178,7 @@ def _branch_backward_logits_kernel(
     partials_ptr,  # [num_chunks, I, J]
     soft_ptr,
     grad_logits_ptr,  # [I, J] contiguous, soft's dtype
-    I,
+    num_parents,
     J,
     stride_si,
     stride_sj,
@@ -193,14 +191,14 @@ def _branch_backward_logits_kernel(
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_I)
     cols = pid * BLOCK_J + tl.arange(0, BLOCK_J)
-    mask = (rows < I)[:, None] & (cols < J)[None, :]
+    mask = (rows < num_parents)[:, None] & (cols < J)[None, :]
     pair = rows[:, None] * J + cols[None, :]
 
     G = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float64)
     ptrs = partials_ptr + pair
     for _ in range(0, NUM_CHUNKS):  # fixed order: deterministic
         G += tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
-        ptrs += I * J
+        ptrs += num_parents * J
 
     r = rows.to(tl.int64)[:, None]
     c = cols.to(tl.int64)[None, :]
@@ -303,9 +301,19 @@ def branch_backward(
     block_j = max(2, _next_pow2(children))
     acc_dtype = torch.float64 if acc_f64 else torch.float32
     block_i, block_n, num_i_blocks, num_chunks, tiles_per_program = _partials_config(
-        num_parents, children, row, acc_dtype.itemsize, _interpreted(device), _sm_count(device), _block_n, _block_i, _num_chunks
+        num_parents,
+        children,
+        row,
+        acc_dtype.itemsize,
+        _interpreted(device),
+        _sm_count(device),
+        _block_n,
+        _block_i,
+        _num_chunks,
     )
-    partials = torch.empty((num_chunks, num_parents, children) if need_grad_logits else (0,), dtype=acc_dtype, device=device)
+    partials = torch.empty(
+        (num_chunks, num_parents, children) if need_grad_logits else (0,), dtype=acc_dtype, device=device
+    )
 
     block_i2 = max(2, _next_pow2(num_parents))
     budget = 1 << 16 if _interpreted(device) else 2048

@@ -327,7 +327,8 @@ def _indexed_conv_parent_grad_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Weight gradient: grad_w[j, n, c, r, s] = sum_{b, oh, ow} grad_out[b, j*Co + n, oh, ow] * parents[index[j], b, c, ih, iw]
+# Weight gradient:
+#   grad_w[j, n, c, r, s] = sum_{b, oh, ow} grad_out[b, j*Co + n, oh, ow] * parents[index[j], b, c, ih, iw]
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -500,13 +501,16 @@ def conv_input_grad(
         zeros = torch.zeros((num_parents, children), dtype=torch.float64, device=parents.device) if dots else None
         return (grad_children.zero_() if write_children else None), zeros
     tiles, sizes, taps, options = _input_grad_launch(grad_out, weight, parents, geometry)
-    partials = torch.empty((tiles[0] * tiles[1], num_parents, children) if dots else (0,), dtype=torch.float32, device=parents.device)
+    partials = torch.empty(
+        (tiles[0] * tiles[1], num_parents, children) if dots else (0,), dtype=torch.float32, device=parents.device
+    )
     unused = parents.new_empty((0,))  # a pointer argument the constexpr flags leave unread
     with _device_guard(grad_out.device):
         _indexed_conv_input_grad_kernel[(tiles[0] * tiles[1] * children,)](
             grad_out, weight, grad_children if write_children else unused, parents, partials,
             *sizes, children, tiles[1],
-            *grad_out.stride(), *weight.stride(), *(grad_children.stride() if write_children else (0,) * 5), *parents.stride(),
+            *grad_out.stride(), *weight.stride(), *(grad_children.stride() if write_children else (0,) * 5),
+            *parents.stride(),
             *taps,
             WRITE_DX=write_children,
             NUM_PARENTS=num_parents if dots else 0,
@@ -541,7 +545,9 @@ def conv_parents_grad(grad_out: Tensor, weight: Tensor, parents: Tensor, index: 
     return grad_parents
 
 
-def conv_weight_grad(grad_out: Tensor, parents: Tensor, index: Tensor, weight_shape: torch.Size, geometry: Geometry) -> Tensor:
+def conv_weight_grad(
+    grad_out: Tensor, parents: Tensor, index: Tensor, weight_shape: torch.Size, geometry: Geometry
+) -> Tensor:
     """``grad_weight [J, Co, C, KH, KW]`` in fp32 (the caller casts): sum over the output pixels of
     ``grad_out`` times the window of ``parents[index[j]]``, split in chunks summed in a fixed order."""
     _, batch, channels, height, width = parents.shape

@@ -55,7 +55,9 @@ def _tau_pointer(tau: Tensor, device: torch.device) -> Tensor:
     """The temperature as one float64 on ``device``, which the kernels load (never a launch argument:
     a changed value then needs no new launch or compile). Same checks as csrc/branch_checks.h."""
     if tau.numel() != 1 or not tau.dtype.is_floating_point:
-        raise ValueError(f"l2b_fast: tau must be a one-element floating tensor, got {tau.dtype} of shape {tuple(tau.shape)}")
+        raise ValueError(
+            f"l2b_fast: tau must be a one-element floating tensor, got {tau.dtype} of shape {tuple(tau.shape)}"
+        )
     if tau.device != device:
         raise ValueError(f"l2b_fast: tau is on {tau.device} but the other tensors are on {device}")
     return tau.reshape(1).to(torch.float64)
@@ -87,7 +89,7 @@ def _sample_branches_kernel(
     seed_ptr,
     index_ptr,
     soft_ptr,
-    I,
+    num_parents,
     J,
     stride_li,
     stride_lj,
@@ -104,7 +106,7 @@ def _sample_branches_kernel(
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_I)
     cols = pid * BLOCK_J + tl.arange(0, BLOCK_J)
-    row_ok = rows < I
+    row_ok = rows < num_parents
     col_ok = cols < J
     mask = row_ok[:, None] & col_ok[None, :]
     r = rows.to(tl.int64)[:, None]

@@ -47,8 +47,18 @@ def load(verbose: bool = False) -> None:
     _loaded = True
 
 
-def branch_backward(grad, parents, index, *, sm_count=2, blocks_per_sm=1, smem_budget=H100_SMEM_BUDGET,
-                    timing="at_wait", need_grad_parents=True, need_grad_logits=True):
+def branch_backward(
+    grad,
+    parents,
+    index,
+    *,
+    sm_count=2,
+    blocks_per_sm=1,
+    smem_budget=H100_SMEM_BUDGET,
+    timing="at_wait",
+    need_grad_parents=True,
+    need_grad_logits=True,
+):
     """(grad_parents [I, N], G [I, J] float64, plan dict) from the emulated CUDA kernels."""
     load()
     grad_parents, dots, plan = torch.ops.l2b_emu.branch_backward(
@@ -78,8 +88,16 @@ def make_case(parents: int, children: int, numel: int, dtype: torch.dtype, seed:
     """Random grad [J, N], parents [I, N] and index [J] (every parent sampled when J >= I)."""
     generator = torch.Generator().manual_seed(seed)
     offset = 1 if misaligned else 0  # one element in: the data pointers are no longer 16-byte aligned
-    grad = torch.randn(children * numel + offset, generator=generator, dtype=torch.float64).to(dtype)[offset:].view(children, numel)
-    y = torch.randn(parents * numel + offset, generator=generator, dtype=torch.float64).to(dtype)[offset:].view(parents, numel)
+    grad = (
+        torch.randn(children * numel + offset, generator=generator, dtype=torch.float64)
+        .to(dtype)[offset:]
+        .view(children, numel)
+    )
+    y = (
+        torch.randn(parents * numel + offset, generator=generator, dtype=torch.float64)
+        .to(dtype)[offset:]
+        .view(parents, numel)
+    )
     index = torch.randint(0, parents, (children,), generator=generator)
     index[: min(parents, children)] = torch.randperm(parents, generator=generator)[: min(parents, children)]
     return grad, y, index
@@ -97,7 +115,11 @@ def check(parents, children, numel, dtype, **options):
     grad_parents, dots, plan = branch_backward(grad, y, index, **options)
     want_parents, want_dots = reference(grad, y, index)
     summed = max(1.0, children / parents) ** 0.5  # rounding error of a sum grows with its terms
-    parents_error = ((grad_parents.double() - want_parents).abs() / (want_parents.abs() + 1)).max().item() / summed if grad_parents.numel() else 0.0
+    parents_error = (
+        ((grad_parents.double() - want_parents).abs() / (want_parents.abs() + 1)).max().item() / summed
+        if grad_parents.numel()
+        else 0.0
+    )
     dots_error = ((dots - want_dots).abs() / (want_dots.abs() + numel**0.5)).max().item() if dots.numel() else 0.0
     return plan, parents_error, dots_error
 
@@ -119,7 +141,12 @@ CASES = [
     ("segment sum alone, odd N, misaligned", 5, 7, 3001, {"need_grad_logits": False, "misaligned": True}),
 ]
 # (grad_parents, G): grad_parents is rounded to the dtype once; G accumulates exact products in fp32 (fp64).
-TOLERANCE = {torch.float64: (1e-13, 1e-12), torch.float32: (1e-6, 1e-5), torch.float16: (1e-3, 1e-5), torch.bfloat16: (8e-3, 1e-5)}
+TOLERANCE = {
+    torch.float64: (1e-13, 1e-12),
+    torch.float32: (1e-6, 1e-5),
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (8e-3, 1e-5),
+}
 
 
 def main() -> int:
@@ -136,8 +163,12 @@ def main() -> int:
                 plan, parents_error, dots_error = check(parents, children, numel, dtype, timing=timing, **options)
                 ok = parents_error <= TOLERANCE[dtype][0] and dots_error <= TOLERANCE[dtype][1]
                 failures += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} {dtype_name:8s} {timing:8s} {name:45s} grad_parents err {parents_error:.2e}"
-                      f"  G rel err {dots_error:.2e}  plan {plan}", flush=True)
+                print(
+                    f"{'ok  ' if ok else 'FAIL'} {dtype_name:8s} {timing:8s} {name:45s} grad_parents err "
+                    f"{parents_error:.2e}"
+                    f"  G rel err {dots_error:.2e}  plan {plan}",
+                    flush=True,
+                )
     print(f"{failures} failed")
     return 1 if failures else 0
 

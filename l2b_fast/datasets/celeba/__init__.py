@@ -11,8 +11,14 @@ from l2b_fast.datasets.commands import conversion_command, generator_command
 from l2b_fast.datasets.recipe import ShardRecipe
 
 __all__ = [
-    "ATTRIBUTES", "CelebA", "CelebAMetrics", "RECIPE", "celeba_branch_vgg", "celeba_branch_vgg_spec",
-    "celeba_deep_wide", "celeba_deep_wide_spec",
+    "ATTRIBUTES",
+    "CelebA",
+    "CelebAMetrics",
+    "RECIPE",
+    "celeba_branch_vgg",
+    "celeba_branch_vgg_spec",
+    "celeba_deep_wide",
+    "celeba_deep_wide_spec",
 ]
 
 
@@ -23,8 +29,12 @@ def _convert(root, out, **options) -> dict:
 
 
 def _conversion_options(parser) -> list[str]:
-    parser.add_argument("--no-verify", dest="verify_images", action="store_false",
-                        help="do not decode the images to check them (faster; only missing files are skipped)")
+    parser.add_argument(
+        "--no-verify",
+        dest="verify_images",
+        action="store_false",
+        help="do not decode the images to check them (faster; only missing files are skipped)",
+    )
     return ["verify_images"]
 
 
@@ -40,11 +50,13 @@ class CelebARecipe(ShardRecipe):
     model_families = {"celeba_branch_vgg": celeba_branch_vgg_spec, "celeba_deep_wide": celeba_deep_wide_spec}
     data_commands = (
         conversion_command(
-            "celeba", "CelebA",
+            "celeba",
+            "CelebA",
             "Convert the aligned CelebA release (flat, official Google-Drive or Kaggle layout) into shuffled "
             "train/val/test shards with a manifest, keeping each image's original JPEG bytes; missing or "
             "undecodable images are skipped and logged; --resume continues an interrupted conversion.",
-            _convert, _conversion_options,
+            _convert,
+            _conversion_options,
         ),
         generator_command(
             "synthetic-celeba", "images with 40 visually detectable, group-correlated binary attributes", _generate, 64
@@ -59,8 +71,15 @@ class CelebARecipe(ShardRecipe):
     def train_loader(self, urls, *, batch_size, size, seed, epoch_samples, num_workers):
         from l2b_fast.datasets.celeba.loaders import celeba_loader
 
-        return celeba_loader(urls, batch_size=batch_size, train=True, size=size, seed=seed,
-                             epoch_samples=epoch_samples, num_workers=num_workers)
+        return celeba_loader(
+            urls,
+            batch_size=batch_size,
+            train=True,
+            size=size,
+            seed=seed,
+            epoch_samples=epoch_samples,
+            num_workers=num_workers,
+        )
 
     def eval_loader(self, urls, *, batch_size, size, num_workers):
         from l2b_fast.datasets.celeba.loaders import celeba_loader

@@ -41,7 +41,11 @@ def find_inputs(root: str | Path) -> tuple[Path, Path, Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"no raw CelebA directory at {root}")
     found = []
-    for what, candidates, exists in (("image folder", IMAGE_DIRS, Path.is_dir), ("attribute file", ATTRIBUTE_FILES, Path.is_file), ("partition file", PARTITION_FILES, Path.is_file)):
+    for what, candidates, exists in (
+        ("image folder", IMAGE_DIRS, Path.is_dir),
+        ("attribute file", ATTRIBUTE_FILES, Path.is_file),
+        ("partition file", PARTITION_FILES, Path.is_file),
+    ):
         path = next((root / candidate for candidate in candidates if exists(root / candidate)), None)
         if path is None:
             raise FileNotFoundError(f"no CelebA {what} under {root}: looked for {', '.join(candidates)}")
@@ -54,7 +58,9 @@ def _rows(path: Path) -> list[tuple[int, list[str]]]:
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if line.strip():
-            rows.append((number, [field.strip() for field in line.split(",")] if path.suffix == ".csv" else line.split()))
+            rows.append(
+                (number, [field.strip() for field in line.split(",")] if path.suffix == ".csv" else line.split())
+            )
     if not rows:
         raise ValueError(f"{path}: empty file")
     return rows
@@ -92,7 +98,10 @@ def read_attributes(path: str | Path) -> dict[str, list[int]]:
         raise ValueError(f"{path}:{number}: expected {len(ATTRIBUTES)} attribute names, got {len(names)}")
     if tuple(names) != ATTRIBUTES:
         position = next(i for i, (name, standard) in enumerate(zip(names, ATTRIBUTES)) if name != standard)
-        raise ValueError(f"{path}:{number}: attribute {position + 1} is {names[position]!r}, expected {ATTRIBUTES[position]!r} (the standard names in the standard order)")
+        raise ValueError(
+            f"{path}:{number}: attribute {position + 1} is {names[position]!r}, expected "
+            f"{ATTRIBUTES[position]!r} (the standard names in the standard order)"
+        )
     attributes: dict[str, list[int]] = {}
     for number, (name, *values) in rows:
         if len(values) != len(ATTRIBUTES):
@@ -118,7 +127,9 @@ def read_partition(path: str | Path) -> dict[str, str]:
     partition: dict[str, str] = {}
     for number, fields in rows:
         if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
-            raise ValueError(f"{path}:{number}: expected an image name and 0 (train), 1 (val) or 2 (test), got {' '.join(fields)!r}")
+            raise ValueError(
+                f"{path}:{number}: expected an image name and 0 (train), 1 (val) or 2 (test), got {' '.join(fields)!r}"
+            )
         _add_image(path, number, fields[0], partition, SPLITS[int(fields[1])])
     return partition
 
@@ -182,7 +193,10 @@ def convert(
     """
     images, attribute_file, partition_file = find_inputs(root)
     attributes, partition = read_attributes(attribute_file), read_partition(partition_file)
-    only_partition, only_attributes = sorted(partition.keys() - attributes.keys()), sorted(attributes.keys() - partition.keys())
+    only_partition, only_attributes = (
+        sorted(partition.keys() - attributes.keys()),
+        sorted(attributes.keys() - partition.keys()),
+    )
     if only_partition or only_attributes:
         raise ValueError(
             f"{partition_file} and {attribute_file} list different images: {len(only_partition)} only in the partition "
@@ -193,9 +207,21 @@ def convert(
     counts = {split: len(split_names) for split, split_names in split_images.items()}
     official_counts = counts == OFFICIAL_COUNTS
     if not official_counts:
-        print(f"warning: {partition_file} has {counts} images per split, not the official {OFFICIAL_COUNTS}; converting anyway", file=sys.stderr)
+        print(
+            f"warning: {partition_file} has {counts} images per split, not the official {OFFICIAL_COUNTS}; "
+            "converting anyway",
+            file=sys.stderr,
+        )
     settings = {"root": str(Path(root).resolve()), "seed": seed, "verify_images": verify_images}
-    conversion = ResumableConversion(out, settings, samples_per_shard=samples_per_shard, resume=resume, progress=progress, stop_after_shards=stop_after_shards, unit="images")
+    conversion = ResumableConversion(
+        out,
+        settings,
+        samples_per_shard=samples_per_shard,
+        resume=resume,
+        progress=progress,
+        stop_after_shards=stop_after_shards,
+        unit="images",
+    )
     for split, split_names in split_images.items():
         order = [split_names[i] for i in np.random.default_rng(seed).permutation(len(split_names))]
 
@@ -209,6 +235,10 @@ def convert(
         if not conversion.pack(split, order, _stem, load):
             return {}
     return conversion.manifest(
-        "celeba", _image_size(images, names), seed, created_by="l2b_fast.datasets.celeba.convert",
-        attributes=list(ATTRIBUTES), official_counts=official_counts,
+        "celeba",
+        _image_size(images, names),
+        seed,
+        created_by="l2b_fast.datasets.celeba.convert",
+        attributes=list(ATTRIBUTES),
+        official_counts=official_counts,
     )

@@ -1,10 +1,10 @@
 """CelebA's 40 binary attributes as 40 tasks (the paper's Sec. 4.2): losses, Table 1's mean accuracy, the paper's rows.
 
 Each attribute is one task (a leaf of the tree), predicted as one logit per image (``[B]`` or ``[B, 1]``).
-The loader yields ``{"attributes": float [B, 40]}`` with 0/1 labels (:func:`l2b_fast.datasets.celeba.loaders.celeba_loader`);
-:meth:`CelebA.task_targets` splits it into one ``[B]`` target per attribute. Loss: binary cross-entropy on the
-logit ("40 cross-entropy losses with equal weightings"); metric: accuracy of ``logit > 0`` per attribute and
-their mean over the attributes, in percent (Table 1).
+The loader yields ``{"attributes": float [B, 40]}`` with 0/1 labels
+(:func:`l2b_fast.datasets.celeba.loaders.celeba_loader`); :meth:`CelebA.task_targets` splits it into one ``[B]``
+target per attribute. Loss: binary cross-entropy on the logit ("40 cross-entropy losses with equal weightings");
+metric: accuracy of ``logit > 0`` per attribute and their mean over the attributes, in percent (Table 1).
 """
 
 from __future__ import annotations
@@ -15,17 +15,58 @@ import math
 import torch
 import torch.nn.functional as F
 
-from l2b_fast.datasets.base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, check_prediction, ordered_subset
-
+from l2b_fast.datasets.base import (
+    Column,
+    MetricAccumulator,
+    MultiTaskDataset,
+    PaperRow,
+    TaskSpec,
+    check_prediction,
+    ordered_subset,
+)
 
 #: The 40 binary attributes of CelebA, in the order of its annotation file.
 ATTRIBUTES = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
-    "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses",
-    "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
-    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks",
-    "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick",
-    "Wearing_Necklace", "Wearing_Necktie", "Young",
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
+    "Young",
 )
 
 __all__ = ["ATTRIBUTES", "CelebA", "CelebAMetrics", "PAPER_ROWS"]
@@ -59,7 +100,11 @@ class CelebA(MultiTaskDataset):
     paper_rows = PAPER_ROWS
 
     def __post_init__(self):
-        chosen = ordered_subset(self.attributes, ATTRIBUTES, f"attributes must be distinct CelebA attributes (e.g. {ATTRIBUTES[0]}, {ATTRIBUTES[20]})")
+        chosen = ordered_subset(
+            self.attributes,
+            ATTRIBUTES,
+            f"attributes must be distinct CelebA attributes (e.g. {ATTRIBUTES[0]}, {ATTRIBUTES[20]})",
+        )
         object.__setattr__(self, "attributes", chosen)
 
     @property
@@ -70,7 +115,10 @@ class CelebA(MultiTaskDataset):
         """``{"attributes": [B, 40]}`` (the loader's) -> ``{attribute: [B]}``; masks are not used (None)."""
         table = targets.get("attributes") if isinstance(targets, dict) else None
         if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != len(ATTRIBUTES):
-            raise ValueError(f"CelebA targets must be {{'attributes': [B, {len(ATTRIBUTES)}]}} as celeba_loader yields, got {_describe(table)}")
+            raise ValueError(
+                f"CelebA targets must be {{'attributes': [B, {len(ATTRIBUTES)}]}} as celeba_loader yields, got "
+                f"{_describe(table)}"
+            )
         return {name: table[:, ATTRIBUTES.index(name)] for name in self.attributes}, None
 
     def _logits(self, task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -89,7 +137,7 @@ class CelebA(MultiTaskDataset):
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         return F.binary_cross_entropy_with_logits(logits.to(dtype), target.to(dtype))
 
-    def metrics(self) -> "CelebAMetrics":
+    def metrics(self) -> CelebAMetrics:
         return CelebAMetrics(self)
 
     def describe(self) -> dict:
@@ -123,7 +171,10 @@ class CelebAMetrics(MetricAccumulator):
 
     def compute(self):
         samples = self.samples
-        return {name: {"accuracy": 100.0 * int(count) / samples if samples else math.nan} for name, count in zip(self.dataset.attributes, self.counts["correct"].tolist())}
+        return {
+            name: {"accuracy": 100.0 * int(count) / samples if samples else math.nan}
+            for name, count in zip(self.dataset.attributes, self.counts["correct"].tolist())
+        }
 
     def summary(self):
         accuracies = [values["accuracy"] for values in self.compute().values()]

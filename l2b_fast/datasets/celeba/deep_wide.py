@@ -15,9 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from l2b_fast.datasets.celeba.layers import CELEBA_ATTRIBUTES, CELEBA_INPUT_SIZE, BinaryHeads, ConvStageNode, pooled_size
-from l2b_fast.nn.spec import ModelSpec, check_children, check_input_size, check_width, scaled
+from l2b_fast.datasets.celeba.layers import (
+    CELEBA_ATTRIBUTES,
+    CELEBA_INPUT_SIZE,
+    BinaryHeads,
+    ConvStageNode,
+    pooled_size,
+)
 from l2b_fast.nn import BlockSpec
+from l2b_fast.nn.spec import ModelSpec, check_children, check_input_size, check_width, scaled
 
 DEEP_WIDE_CHILDREN = (2, 4, 8, 16, 40)  # the paper's, per block
 CONV_LAYERS = 5

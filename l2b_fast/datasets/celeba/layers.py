@@ -67,4 +67,6 @@ class BinaryHeads:
     def __call__(self, task: str) -> nn.Module:
         if self.hidden == 0:
             return nn.Linear(self.in_features, 1)
-        return nn.Sequential(nn.Flatten(), nn.Linear(self.in_features, self.hidden), nn.ReLU(inplace=True), nn.Linear(self.hidden, 1))
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(self.in_features, self.hidden), nn.ReLU(inplace=True), nn.Linear(self.hidden, 1)
+        )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -93,5 +93,7 @@ def celeba_to_targets(image: np.ndarray, attributes) -> tuple[torch.Tensor, torc
     attrs = np.asarray(attributes)
     if attrs.shape != (40,):
         raise CorruptSampleError(f"CelebA needs 40 attributes, got shape {attrs.shape}")
-    rgb = np.ascontiguousarray((image.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)).transpose(2, 0, 1))
+    rgb = np.ascontiguousarray(
+        (image.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)).transpose(2, 0, 1)
+    )
     return torch.from_numpy(rgb), torch.from_numpy((attrs > 0).astype(np.float32))

@@ -23,23 +23,47 @@ _INDEX = {name: i for i, name in enumerate(ATTRIBUTES)}
 
 # logit = bias + w_male * male + w_young * young + w_smile * smile (latents in {0, 1})
 _LOGITS = {
-    "5_o_Clock_Shadow": (-3.0, 3.0, 0.0, 0.0), "Arched_Eyebrows": (-0.5, -2.5, 0.5, 0.0),
-    "Attractive": (-1.0, -1.0, 2.0, 0.5), "Bags_Under_Eyes": (-0.5, 1.0, -1.5, 0.0), "Bald": (-4.0, 2.0, -1.5, 0.0),
-    "Bangs": (-1.5, -0.5, 0.5, 0.0), "Big_Lips": (-1.0, -0.5, 0.0, 0.0), "Big_Nose": (-1.5, 1.5, -0.5, 0.0),
-    "Blurry": (-2.5, 0.0, 0.0, 0.0), "Bushy_Eyebrows": (-2.5, 1.5, 0.0, 0.0), "Chubby": (-3.0, 1.0, -1.0, 0.0),
-    "Double_Chin": (-3.5, 1.0, -1.5, 0.0), "Eyeglasses": (-2.5, 0.8, -0.8, 0.0), "Goatee": (-3.5, 3.0, 0.0, 0.0),
-    "Heavy_Makeup": (0.5, -4.0, 0.5, 0.0), "High_Cheekbones": (-1.5, -0.5, 0.0, 2.5),
-    "Mouth_Slightly_Open": (-1.5, 0.0, 0.0, 2.5), "Mustache": (-4.0, 3.0, -0.5, 0.0), "Narrow_Eyes": (-2.0, 0.0, 0.0, 0.5),
-    "No_Beard": (3.0, -3.0, 0.5, 0.0), "Oval_Face": (-1.0, 0.0, 0.3, 0.0), "Pale_Skin": (-3.0, -0.5, 0.5, 0.0),
-    "Pointy_Nose": (-1.0, -0.5, 0.0, 0.0), "Receding_Hairline": (-3.0, 1.0, -1.0, 0.0),
-    "Rosy_Cheeks": (-3.0, -1.0, 0.5, 1.0), "Sideburns": (-3.5, 3.0, 0.0, 0.0), "Straight_Hair": (-1.0, 0.0, 0.0, 0.0),
-    "Wavy_Hair": (-0.5, -1.5, 0.0, 0.0), "Wearing_Earrings": (-0.5, -3.0, 0.0, 0.0), "Wearing_Hat": (-3.0, 0.0, 0.0, 0.0),
-    "Wearing_Lipstick": (1.0, -4.5, 0.5, 0.0), "Wearing_Necklace": (-1.5, -1.5, 0.0, 0.0),
+    "5_o_Clock_Shadow": (-3.0, 3.0, 0.0, 0.0),
+    "Arched_Eyebrows": (-0.5, -2.5, 0.5, 0.0),
+    "Attractive": (-1.0, -1.0, 2.0, 0.5),
+    "Bags_Under_Eyes": (-0.5, 1.0, -1.5, 0.0),
+    "Bald": (-4.0, 2.0, -1.5, 0.0),
+    "Bangs": (-1.5, -0.5, 0.5, 0.0),
+    "Big_Lips": (-1.0, -0.5, 0.0, 0.0),
+    "Big_Nose": (-1.5, 1.5, -0.5, 0.0),
+    "Blurry": (-2.5, 0.0, 0.0, 0.0),
+    "Bushy_Eyebrows": (-2.5, 1.5, 0.0, 0.0),
+    "Chubby": (-3.0, 1.0, -1.0, 0.0),
+    "Double_Chin": (-3.5, 1.0, -1.5, 0.0),
+    "Eyeglasses": (-2.5, 0.8, -0.8, 0.0),
+    "Goatee": (-3.5, 3.0, 0.0, 0.0),
+    "Heavy_Makeup": (0.5, -4.0, 0.5, 0.0),
+    "High_Cheekbones": (-1.5, -0.5, 0.0, 2.5),
+    "Mouth_Slightly_Open": (-1.5, 0.0, 0.0, 2.5),
+    "Mustache": (-4.0, 3.0, -0.5, 0.0),
+    "Narrow_Eyes": (-2.0, 0.0, 0.0, 0.5),
+    "No_Beard": (3.0, -3.0, 0.5, 0.0),
+    "Oval_Face": (-1.0, 0.0, 0.3, 0.0),
+    "Pale_Skin": (-3.0, -0.5, 0.5, 0.0),
+    "Pointy_Nose": (-1.0, -0.5, 0.0, 0.0),
+    "Receding_Hairline": (-3.0, 1.0, -1.0, 0.0),
+    "Rosy_Cheeks": (-3.0, -1.0, 0.5, 1.0),
+    "Sideburns": (-3.5, 3.0, 0.0, 0.0),
+    "Straight_Hair": (-1.0, 0.0, 0.0, 0.0),
+    "Wavy_Hair": (-0.5, -1.5, 0.0, 0.0),
+    "Wearing_Earrings": (-0.5, -3.0, 0.0, 0.0),
+    "Wearing_Hat": (-3.0, 0.0, 0.0, 0.0),
+    "Wearing_Lipstick": (1.0, -4.5, 0.5, 0.0),
+    "Wearing_Necklace": (-1.5, -1.5, 0.0, 0.0),
     "Wearing_Necktie": (-4.0, 2.5, -0.5, 0.0),
 }
 _HAIR = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair", None)  # None: another colour (auburn)
-_HAIR_COLOURS = {"Black_Hair": (0.08, 0.07, 0.07), "Blond_Hair": (0.92, 0.82, 0.45), "Brown_Hair": (0.45, 0.28, 0.12),
-                 "Gray_Hair": (0.72, 0.72, 0.74)}
+_HAIR_COLOURS = {
+    "Black_Hair": (0.08, 0.07, 0.07),
+    "Blond_Hair": (0.92, 0.82, 0.45),
+    "Brown_Hair": (0.45, 0.28, 0.12),
+    "Gray_Hair": (0.72, 0.72, 0.74),
+}
 
 
 def sample_attributes(rng: np.random.Generator) -> np.ndarray:
@@ -124,7 +148,9 @@ def render_face(attributes, size: int = 64, rng: np.random.Generator | None = No
     if not a["No_Beard"]:
         paint(jaw, hair * 0.8, 0.85)
     if a["5_o_Clock_Shadow"]:
-        stubble = face & (y > 0.18) & (np.abs(x) > 0.15) & ((np.arange(size)[None, :] + np.arange(size)[:, None]) % 2 == 0)
+        stubble = (
+            face & (y > 0.18) & (np.abs(x) > 0.15) & ((np.arange(size)[None, :] + np.arange(size)[:, None]) % 2 == 0)
+        )
         paint(stubble, (0.3, 0.3, 0.35), 0.5)
     if a["Sideburns"]:
         paint(face & (np.abs(x) > rx - 0.1) & (y > -0.2) & (y < 0.2), hair * 0.9)
@@ -196,8 +222,16 @@ def render_face(attributes, size: int = 64, rng: np.random.Generator | None = No
 MIN_SIZE = 16  # the smallest image side generate() accepts (the only check of it)
 
 
-def generate(out_dir, n: int, size: int = 64, *, seed: int = 0, samples_per_shard: int = 1000,
-             splits=(("train", 0.8), ("val", 0.1), ("test", 0.1)), overwrite: bool = False) -> dict:
+def generate(
+    out_dir,
+    n: int,
+    size: int = 64,
+    *,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+    splits=(("train", 0.8), ("val", 0.1), ("test", 0.1)),
+    overwrite: bool = False,
+) -> dict:
     """Write ``n`` synthetic faces as CelebA shards + ``manifest.json`` in ``out_dir``; return the manifest.
 
     ``out_dir`` must be empty or new; ``overwrite=True`` first deletes an earlier shard set there
@@ -215,6 +249,7 @@ def generate(out_dir, n: int, size: int = 64, *, seed: int = 0, samples_per_shar
     prepare_output_dir(out_dir, overwrite=overwrite)
     entries, start = {}, 1
     for split, count in parts:
+
         def samples(split=split, first=start, count=count):
             for index in range(first, first + count):
                 rng = np.random.default_rng([seed, index])
@@ -229,5 +264,13 @@ def generate(out_dir, n: int, size: int = 64, *, seed: int = 0, samples_per_shar
 
         entries[split] = write_split(samples(), out_dir, split, samples_per_shard=samples_per_shard)
         start += count
-    return write_manifest(out_dir, "celeba", size, entries, seed, created_by="l2b_fast.datasets.celeba.synthetic",
-                          synthetic=True, attributes=list(ATTRIBUTES))
+    return write_manifest(
+        out_dir,
+        "celeba",
+        size,
+        entries,
+        seed,
+        created_by="l2b_fast.datasets.celeba.synthetic",
+        synthetic=True,
+        attributes=list(ATTRIBUTES),
+    )

@@ -16,9 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from l2b_fast.datasets.celeba.layers import CELEBA_ATTRIBUTES, CELEBA_INPUT_SIZE, BinaryHeads, ConvStageNode, LinearNode, pooled_size
-from l2b_fast.nn.spec import ModelSpec, check_children, check_input_size, check_width, scaled
+from l2b_fast.datasets.celeba.layers import (
+    CELEBA_ATTRIBUTES,
+    CELEBA_INPUT_SIZE,
+    BinaryHeads,
+    ConvStageNode,
+    LinearNode,
+    pooled_size,
+)
 from l2b_fast.nn import BlockSpec
+from l2b_fast.nn.spec import ModelSpec, check_children, check_input_size, check_width, scaled
 
 VGG19_STAGE_CONVS = (2, 2, 4, 4, 4)
 VGG_CHILDREN = (3, 3, 5, 5, 10, 20, 30, 40)  # the paper's, per block
@@ -45,12 +52,21 @@ def celeba_branch_vgg_spec(
     tasks = tuple(tasks)
     children = [check_children(c) for c in children]
     if len(children) != len(VGG19_STAGE_CONVS) + 3:
-        raise ValueError(f"children needs {len(VGG19_STAGE_CONVS) + 3} entries (5 convolution stages, 3 fully-connected layers), got {len(children)}")
+        raise ValueError(
+            f"children needs {len(VGG19_STAGE_CONVS) + 3} entries (5 convolution stages, 3 fully-connected "
+            f"layers), got {len(children)}"
+        )
     size = check_input_size(input_size, smallest=2 ** len(VGG19_STAGE_CONVS))
     channels, units = scaled(CONV_CHANNELS, width), scaled(FC_UNITS, width)
-    nodes = [ConvStageNode(3 if stage == 0 else channels, channels, convs) for stage, convs in enumerate(VGG19_STAGE_CONVS)]
+    nodes = [
+        ConvStageNode(3 if stage == 0 else channels, channels, convs) for stage, convs in enumerate(VGG19_STAGE_CONVS)
+    ]
     height, width_px = pooled_size(size, len(VGG19_STAGE_CONVS))
-    nodes += [LinearNode(channels * height * width_px, units, flatten=True), LinearNode(units, units), LinearNode(units, units)]
+    nodes += [
+        LinearNode(channels * height * width_px, units, flatten=True),
+        LinearNode(units, units),
+        LinearNode(units, units),
+    ]
     counts = children[:-1] + [len(tasks)]
     blocks = tuple(BlockSpec(count, node) for count, node in zip(counts, nodes))
     config = {"tasks": len(tasks), "children": counts, "width": width, "input_size": list(size)}

@@ -106,10 +106,17 @@ class SyntheticRecipe(Recipe):
         n_val = int(round(samples * data.get("validation_fraction", 0.1)))
         test_samples = int(data.get("test_samples", max(n_val, 1)))
         inputs, targets, test = make_tasks(
-            self.groups(config), samples, input_dim=data.get("input_dim", 200),
-            output_dim=data.get("output_dim", 100), b_var=data.get("b_var", 10.0),
-            delta_var=data.get("delta_var", 2.0), phi=data.get("phi"), standardise=data.get("standardise", True),
-            seed=seed, dtype=self.dtype(config), test_samples=test_samples,
+            self.groups(config),
+            samples,
+            input_dim=data.get("input_dim", 200),
+            output_dim=data.get("output_dim", 100),
+            b_var=data.get("b_var", 10.0),
+            delta_var=data.get("delta_var", 2.0),
+            phi=data.get("phi"),
+            standardise=data.get("standardise", True),
+            seed=seed,
+            dtype=self.dtype(config),
+            test_samples=test_samples,
         )
         train = TensorTaskData(inputs[n_val:], {t: v[n_val:] for t, v in targets.items()})
         val = TensorTaskData(inputs[:n_val], {t: v[:n_val] for t, v in targets.items()}) if n_val else None
@@ -150,14 +157,21 @@ def retrain_table(summary: Mapping) -> str:
     rows = [header]
     for name, result in models.items():
         losses = result["task_losses"]
-        rows.append([
-            f"{name} ({result['description']})", f"{result['parameters']:,}", f"{sum(losses.values()) / len(losses):.4f}",
-            *(f"{result['group_losses'][g]:.4f}" for g in groups), "yes" if result["all_tasks_learned"] else "no",
-            f"{result['seconds']:g}",
-        ])
+        rows.append(
+            [
+                f"{name} ({result['description']})",
+                f"{result['parameters']:,}",
+                f"{sum(losses.values()) / len(losses):.4f}",
+                *(f"{result['group_losses'][g]:.4f}" for g in groups),
+                "yes" if result["all_tasks_learned"] else "no",
+                f"{result['seconds']:g}",
+            ]
+        )
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     return "\n".join(lines)
 
 

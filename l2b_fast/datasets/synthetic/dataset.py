@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,10 @@ class SyntheticMetrics(MetricAccumulator):
 
     def compute(self) -> dict[str, dict[str, float]]:
         samples = max(self.samples, 1)
-        return {task: {"mse": float(self.sums[task]) / samples if self.samples else float("nan")}
-                for task in self.dataset.task_names}
+        return {
+            task: {"mse": float(self.sums[task]) / samples if self.samples else float("nan")}
+            for task in self.dataset.task_names
+        }
 
     def summary(self) -> dict[str, float]:
         values = [entry["mse"] for entry in self.compute().values()]

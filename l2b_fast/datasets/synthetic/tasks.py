@@ -91,7 +91,9 @@ def make_tasks(
     z_test = torch.randn(test_samples, input_dim, generator=generator, dtype=double) if test_samples else None
     for task, (group, weight) in weights.items():
         value = (group.multiplier or 1.0) * ACTIVATIONS[group.activation](z @ weight.T / phi)
-        test = (group.multiplier or 1.0) * ACTIVATIONS[group.activation](z_test @ weight.T / phi) if test_samples else None
+        test = (
+            (group.multiplier or 1.0) * ACTIVATIONS[group.activation](z_test @ weight.T / phi) if test_samples else None
+        )
         if standardise:
             mean, std = value.mean(0), value.std(0).clamp_min(1e-8)
             value = (value - mean) / std
@@ -104,8 +106,9 @@ def make_tasks(
     return z.to(dtype), targets, TensorTaskData(z_test.to(dtype), test_targets)
 
 
-
-def blocks(tasks: int, *, input_dim: int = 200, hidden: int = 100, output_dim: int = 100, fc_blocks: int = 4, nodes: int = 3) -> list[BlockSpec]:
+def blocks(
+    tasks: int, *, input_dim: int = 200, hidden: int = 100, output_dim: int = 100, fc_blocks: int = 4, nodes: int = 3
+) -> list[BlockSpec]:
     """``fc_blocks`` blocks of ``nodes`` fully-connected nodes (ReLU after all but the last), then a task
     layer of bias nodes, one per task."""
 

@@ -21,8 +21,9 @@ def _convert(root, out, **options) -> dict:
 
 def _conversion_options(parser) -> list[str]:
     parser.add_argument("--split", default="tiny", choices=["tiny"], help="official split (default tiny)")
-    parser.add_argument("--size", type=int, default=256, choices=[256, 512],
-                        help="side of the stored images (512 -> 256 by nearest)")
+    parser.add_argument(
+        "--size", type=int, default=256, choices=[256, 512], help="side of the stored images (512 -> 256 by nearest)"
+    )
     return ["split", "size"]
 
 
@@ -38,11 +39,13 @@ class TaskonomyRecipe(ShardRecipe):
     model_families = {"taskonomy_resnet34": taskonomy_resnet34_spec}
     data_commands = (
         conversion_command(
-            "taskonomy", "Taskonomy",
+            "taskonomy",
+            "Taskonomy",
             "Convert a raw Taskonomy tree (any of the three layouts, either domain-name set) into shuffled shards "
             "with a manifest; missing or undecodable views are skipped and logged; --resume continues an "
             "interrupted conversion.",
-            _convert, _conversion_options,
+            _convert,
+            _conversion_options,
         ),
         generator_command(
             "synthetic-taskonomy", "scenes whose six Taskonomy modalities agree, in the raw encodings", _generate, 256
@@ -57,8 +60,9 @@ class TaskonomyRecipe(ShardRecipe):
     def train_loader(self, urls, *, batch_size, size, seed, epoch_samples, num_workers):
         from l2b_fast.datasets.taskonomy.loaders import taskonomy_train_loader
 
-        return taskonomy_train_loader(urls, batch_size=batch_size, size=size, seed=seed, epoch_samples=epoch_samples,
-                                      num_workers=num_workers)
+        return taskonomy_train_loader(
+            urls, batch_size=batch_size, size=size, seed=seed, epoch_samples=epoch_samples, num_workers=num_workers
+        )
 
     def eval_loader(self, urls, *, batch_size, size, num_workers):
         from l2b_fast.datasets.taskonomy.loaders import taskonomy_eval_loader

@@ -93,7 +93,9 @@ def decode(path: Path, domain: str) -> np.ndarray:
     if array.ndim == 3 and channels == 1:
         array = array[..., 0]
     if array.dtype != dtype or (array.ndim == 3) != (channels == 3) or (channels == 3 and array.shape[2] < 3):
-        raise ValueError(f"{path.name}: expected {np.dtype(dtype).name} with {channels} channel(s), got {array.dtype} {array.shape}")
+        raise ValueError(
+            f"{path.name}: expected {np.dtype(dtype).name} with {channels} channel(s), got {array.dtype} {array.shape}"
+        )
     return array[..., :3] if channels == 3 else array
 
 
@@ -147,7 +149,15 @@ def convert(
     if not any(views_by_part.values()):  # checked before anything is written
         raise ValueError(_no_views_message(root, split))
     settings = {"root": str(root.resolve()), "split": split, "size": size, "seed": seed}
-    conversion = ResumableConversion(out, settings, samples_per_shard=samples_per_shard, resume=resume, progress=progress, stop_after_shards=stop_after_shards, unit="views")
+    conversion = ResumableConversion(
+        out,
+        settings,
+        samples_per_shard=samples_per_shard,
+        resume=resume,
+        progress=progress,
+        stop_after_shards=stop_after_shards,
+        unit="views",
+    )
     for part, views in views_by_part.items():
         order = sorted(views)
         np.random.default_rng(seed).shuffle(order)  # across buildings, reproducibly

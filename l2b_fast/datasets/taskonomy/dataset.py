@@ -23,16 +23,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from l2b_fast.datasets.taskonomy.synthetic import CLASSES as OBJECT_CLASSES
+from l2b_fast.datasets.base import (
+    Column,
+    MetricAccumulator,
+    MultiTaskDataset,
+    PaperRow,
+    TaskSpec,
+    check_prediction,
+    ordered_subset,
+)
 from l2b_fast.datasets.taskonomy.protocol import TASKS
-
-from l2b_fast.datasets.base import Column, MetricAccumulator, MultiTaskDataset, PaperRow, TaskSpec, check_prediction, ordered_subset
+from l2b_fast.datasets.taskonomy.synthetic import CLASSES as OBJECT_CLASSES
 
 __all__ = [
     "TASKS",
@@ -60,8 +67,20 @@ IGNORE_INDEX = 255
 #: counted on your own training shards (:func:`class_weights_from_frequencies`) for the exact protocol.
 DEFAULT_CLASS_WEIGHTS: tuple[float, ...] = (0.542,) + (8.2,) * len(OBJECT_CLASSES)
 
-_LABELS = {"segment_semantic": "Segmentation", "normal": "Normal", "depth_zbuffer": "Depth", "keypoints2d": "Keypoint", "edge_texture": "Edge"}
-_CHANNELS = {"segment_semantic": len(SEGMENTATION_CLASSES), "normal": 3, "depth_zbuffer": 1, "keypoints2d": 1, "edge_texture": 1}
+_LABELS = {
+    "segment_semantic": "Segmentation",
+    "normal": "Normal",
+    "depth_zbuffer": "Depth",
+    "keypoints2d": "Keypoint",
+    "edge_texture": "Edge",
+}
+_CHANNELS = {
+    "segment_semantic": len(SEGMENTATION_CLASSES),
+    "normal": 3,
+    "depth_zbuffer": 1,
+    "keypoints2d": 1,
+    "edge_texture": 1,
+}
 
 
 def class_weights_from_frequencies(pixel_counts: Sequence[float], smoothing: float = 0.5) -> tuple[float, ...]:
@@ -70,7 +89,13 @@ def class_weights_from_frequencies(pixel_counts: Sequence[float], smoothing: flo
     scaled so that the pixel-weighted mean ``sum_c p_c w_c`` is 1. With a background share of ~0.94 and
     smoothing 0.5 this gives background ~0.56 and objects ~8-9.7, the magnitudes Taskonomy ships."""
     counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
-    if counts.dim() != 1 or len(counts) < 2 or not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()) or float(counts.sum()) <= 0:
+    if (
+        counts.dim() != 1
+        or len(counts) < 2
+        or not bool(torch.isfinite(counts).all())
+        or bool((counts < 0).any())
+        or float(counts.sum()) <= 0
+    ):
         raise ValueError("pixel_counts must be at least two finite, non-negative counts with a positive sum")
     if not 0 < smoothing <= 1:
         raise ValueError(f"smoothing must lie in (0, 1], got {smoothing}")
@@ -87,7 +112,9 @@ def segmentation_pixel_counts(batches: Iterable) -> list[int]:
         target = batch[1]["segment_semantic"]
         labels = target[target != IGNORE_INDEX].long().cpu()
         if labels.numel() and int(labels.max()) >= len(SEGMENTATION_CLASSES):
-            raise ValueError(f"segmentation label {int(labels.max())} outside 0..{len(SEGMENTATION_CLASSES) - 1} (and 255)")
+            raise ValueError(
+                f"segmentation label {int(labels.max())} outside 0..{len(SEGMENTATION_CLASSES) - 1} (and 255)"
+            )
         counts += torch.bincount(labels, minlength=len(SEGMENTATION_CLASSES))
     return counts.tolist()
 
@@ -109,7 +136,9 @@ def load_class_weights(path: str | Path) -> tuple[float, ...]:
 def _check_weights(weights: Sequence[float]) -> tuple[float, ...]:
     weights = tuple(float(w) for w in weights)
     if len(weights) != len(SEGMENTATION_CLASSES):
-        raise ValueError(f"class_weights needs {len(SEGMENTATION_CLASSES)} values (one per segmentation class), got {len(weights)}")
+        raise ValueError(
+            f"class_weights needs {len(SEGMENTATION_CLASSES)} values (one per segmentation class), got {len(weights)}"
+        )
     if not all(math.isfinite(w) and w > 0 for w in weights):
         raise ValueError(f"class_weights must be finite and positive, got {weights}")
     return weights
@@ -155,7 +184,11 @@ class Taskonomy(MultiTaskDataset):
     paper_rows = PAPER_ROWS
 
     def __post_init__(self):
-        object.__setattr__(self, "tasks", ordered_subset(self.tasks, TASKS, f"tasks must be distinct Taskonomy tasks out of {', '.join(TASKS)}"))
+        object.__setattr__(
+            self,
+            "tasks",
+            ordered_subset(self.tasks, TASKS, f"tasks must be distinct Taskonomy tasks out of {', '.join(TASKS)}"),
+        )
         weights = self.class_weights
         if isinstance(weights, (str, Path)):
             weights = load_class_weights(weights)
@@ -167,8 +200,16 @@ class Taskonomy(MultiTaskDataset):
 
     @property
     def task_specs(self) -> tuple[TaskSpec, ...]:
-        loss = {"segment_semantic": "weighted cross-entropy" if self.class_weights else "cross-entropy", "normal": "1 - cosine similarity"}
-        return tuple(TaskSpec(task, _CHANNELS[task], loss.get(task, "L1"), TaskonomyMetrics.metric_names(task, self.segmentation_mask)) for task in self.tasks)
+        loss = {
+            "segment_semantic": "weighted cross-entropy" if self.class_weights else "cross-entropy",
+            "normal": "1 - cosine similarity",
+        }
+        return tuple(
+            TaskSpec(
+                task, _CHANNELS[task], loss.get(task, "L1"), TaskonomyMetrics.metric_names(task, self.segmentation_mask)
+            )
+            for task in self.tasks
+        )
 
     def weight_tensor(self, device) -> torch.Tensor | None:
         """The class weights on ``device`` (cached), or None."""
@@ -183,10 +224,16 @@ class Taskonomy(MultiTaskDataset):
     def task_targets(self, targets, masks=None):
         missing = [task for task in self.tasks if task not in targets]
         if missing:
-            raise ValueError(f"the batch has no target for {', '.join(missing)} (the loader's protocol must decode every task)")
-        return {task: targets[task] for task in self.tasks}, None if masks is None else {task: masks[task] for task in self.tasks if task in masks}
+            raise ValueError(
+                f"the batch has no target for {', '.join(missing)} (the loader's protocol must decode every task)"
+            )
+        return {task: targets[task] for task in self.tasks}, None if masks is None else {
+            task: masks[task] for task in self.tasks if task in masks
+        }
 
-    def pixel_terms(self, task: str, pred: torch.Tensor, target: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pixel_terms(
+        self, task: str, pred: torch.Tensor, target: torch.Tensor, counted: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image ``(numerator, denominator)`` [B] of ``task``'s pixel average over the ``counted`` pixels.
 
         Segmentation: sum of class-weighted negative log-likelihoods / sum of the class weights; normal: sum of
@@ -215,20 +262,33 @@ class Taskonomy(MultiTaskDataset):
             raise TypeError(f"{task}: the target must be a tensor, got {type(target).__name__}")
         if task == "segment_semantic":
             if target.dim() != 3 or target.dtype not in (torch.int64, torch.int32, torch.uint8):
-                raise ValueError(f"{task}: target must be integer class indices [B, H, W], got {target.dtype} {tuple(target.shape)}")
+                raise ValueError(
+                    f"{task}: target must be integer class indices [B, H, W], got {target.dtype} {tuple(target.shape)}"
+                )
             target = target.unsqueeze(1)
         elif target.dim() != 4 or target.shape[1] != _CHANNELS[task]:
             raise ValueError(f"{task}: target must be [B, {_CHANNELS[task]}, H, W], got {tuple(target.shape)}")
         check_prediction(task, pred, _CHANNELS[task], tuple(target.shape[2:]))
         if pred.shape[0] != target.shape[0]:
             raise ValueError(f"{task}: prediction batch {pred.shape[0]} but target batch {target.shape[0]}")
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (target.shape[0], *target.shape[2:])):
-            raise ValueError(f"{task}: mask must be bool [B, H, W] = {[target.shape[0], *target.shape[2:]]}, got {getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+        if mask is not None and (
+            not isinstance(mask, torch.Tensor)
+            or mask.dtype != torch.bool
+            or mask.shape != (target.shape[0], *target.shape[2:])
+        ):
+            raise ValueError(
+                f"{task}: mask must be bool [B, H, W] = {[target.shape[0], *target.shape[2:]]}, got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
+            )
 
     def loss(self, task, pred, target, mask=None):
         """The batch's training loss, pooled over its counted pixels (``mask`` and, for segmentation, target != 255)."""
         self._check(task, pred, target, mask)
-        counted = torch.ones((target.shape[0], *target.shape[-2:]), dtype=torch.bool, device=target.device) if mask is None else mask
+        counted = (
+            torch.ones((target.shape[0], *target.shape[-2:]), dtype=torch.bool, device=target.device)
+            if mask is None
+            else mask
+        )
         if task == "segment_semantic":
             counted = counted & (target != IGNORE_INDEX)
         numerator, denominator = self.pixel_terms(task, pred, target, counted)
@@ -237,14 +297,16 @@ class Taskonomy(MultiTaskDataset):
             return (total - numerator.sum()) / total.clamp_min(1)  # mean of 1 - cosine; 0 if nothing counts
         return numerator.sum() / total.clamp_min(torch.finfo(total.dtype).tiny)  # 0 if nothing counts
 
-    def metrics(self) -> "TaskonomyMetrics":
+    def metrics(self) -> TaskonomyMetrics:
         return TaskonomyMetrics(self)
 
     def describe(self) -> dict:
         return {
             **super().describe(),
             "class_weights": self.class_weights,
-            "class_weights_source": "DEFAULT_CLASS_WEIGHTS (approximation of Taskonomy's semseg_prior_factor)" if self.class_weights == DEFAULT_CLASS_WEIGHTS else "given",
+            "class_weights_source": "DEFAULT_CLASS_WEIGHTS (approximation of Taskonomy's semseg_prior_factor)"
+            if self.class_weights == DEFAULT_CLASS_WEIGHTS
+            else "given",
             "segmentation_mask": self.segmentation_mask,
             "average": self.average,
         }
@@ -263,7 +325,9 @@ class TaskonomyMetrics(MetricAccumulator):
 
     def __init__(self, dataset: Taskonomy):
         self.dataset = dataset
-        self.names = [(task, metric) for task in dataset.tasks for metric in self.metric_names(task, dataset.segmentation_mask)]
+        self.names = [
+            (task, metric) for task in dataset.tasks for metric in self.metric_names(task, dataset.segmentation_mask)
+        ]
         super().__init__(
             sums={f"{task}/{metric}/{part}": () for task, metric in self.names for part in self.PARTS},
             counts={f"{task}/{metric}/images": () for task, metric in self.names},
@@ -306,8 +370,16 @@ class TaskonomyMetrics(MetricAccumulator):
                 correct = (pred.argmax(1) == target) & counted
                 self._accumulate(task, names[1], correct.sum((1, 2)), counted.sum((1, 2)))
             else:
-                counted = torch.ones((target.shape[0], *target.shape[-2:]), dtype=torch.bool, device=target.device) if mask is None else mask
-                self._accumulate(task, self.metric_names(task, dataset.segmentation_mask)[0], *dataset.pixel_terms(task, pred, target, counted))
+                counted = (
+                    torch.ones((target.shape[0], *target.shape[-2:]), dtype=torch.bool, device=target.device)
+                    if mask is None
+                    else mask
+                )
+                self._accumulate(
+                    task,
+                    self.metric_names(task, dataset.segmentation_mask)[0],
+                    *dataset.pixel_terms(task, pred, target, counted),
+                )
         self._add("samples", torch.tensor(batch or 0, device=self.counts["samples"].device))
 
     def compute(self):
@@ -325,7 +397,10 @@ class TaskonomyMetrics(MetricAccumulator):
 
     def summary(self):
         values = self.compute()
-        return {task: values[task][self.metric_names(task, self.dataset.segmentation_mask)[0]] for task in self.dataset.tasks}
+        return {
+            task: values[task][self.metric_names(task, self.dataset.segmentation_mask)[0]]
+            for task in self.dataset.tasks
+        }
 
     def describe(self):
         return {"kind": type(self).__name__, **self.dataset.describe()}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -41,8 +41,16 @@ from l2b_fast.data.images import (
 )
 
 __all__ = [
-    "TASKS", "VALID_KEY", "PAD_VALUES", "CAFFE_BGR_MEAN", "CorruptSampleError", "decode_png", "TaskonomyProtocol",
-    "resize_raw", "augment", "augment_reference",
+    "TASKS",
+    "VALID_KEY",
+    "PAD_VALUES",
+    "CAFFE_BGR_MEAN",
+    "CorruptSampleError",
+    "decode_png",
+    "TaskonomyProtocol",
+    "resize_raw",
+    "augment",
+    "augment_reference",
 ]
 
 #: Taskonomy task names in the order of the paper's Table 2 (also the shard member stems: ``{task}.png``).
@@ -77,7 +85,9 @@ CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
 _LOG_65536 = math.log(65536.0)
 
 
-def resize_raw(raw: Mapping[str, np.ndarray], size: int | tuple[int, int], rgb_method: str = "nearest") -> dict[str, np.ndarray]:
+def resize_raw(
+    raw: Mapping[str, np.ndarray], size: int | tuple[int, int], rgb_method: str = "nearest"
+) -> dict[str, np.ndarray]:
     """Resize every map of a raw sample to the working resolution (labels always nearest)."""
     height, width = (size, size) if isinstance(size, int) else size
     out = {}
@@ -174,7 +184,9 @@ def augment(
                 window = window[:, ::-1]
         else:
             window = np.take(np.take(value, rows, axis=0), cols, axis=1)
-        full = np.full((ch, cw) + value.shape[2:], False if key == VALID_KEY else PAD_VALUES.get(key, 0), dtype=value.dtype)
+        full = np.full(
+            (ch, cw) + value.shape[2:], False if key == VALID_KEY else PAD_VALUES.get(key, 0), dtype=value.dtype
+        )
         full[: r1 - r0, : c1 - c0] = window
         if key == "normal" and flipped:
             _negate_normal_x(full)  # padding is (128,128,128): stays invalid
@@ -203,9 +215,14 @@ def augment_reference(
         out[VALID_KEY] = np.ones((h, w), dtype=bool)
     nh, nw, flipped, (ch, cw), top, left = _draw_geometry(h, w, rng, scale, crop, flip)
     if (nh, nw) != (h, w):
-        out = {key: (resize_rgb(v, nh, nw, "bilinear") if key == "rgb" else resize_nearest(v, nh, nw)) for key, v in out.items()}
+        out = {
+            key: (resize_rgb(v, nh, nw, "bilinear") if key == "rgb" else resize_nearest(v, nh, nw))
+            for key, v in out.items()
+        }
     if flipped:
-        out = {key: (_flip_normal(v) if key == "normal" else np.ascontiguousarray(v[:, ::-1])) for key, v in out.items()}
+        out = {
+            key: (_flip_normal(v) if key == "normal" else np.ascontiguousarray(v[:, ::-1])) for key, v in out.items()
+        }
     ph, pw = max(0, ch - nh), max(0, cw - nw)
     if ph or pw:
         padded = {}
@@ -258,11 +275,15 @@ class TaskonomyProtocol:
         if unknown:
             raise ValueError(f"unknown Taskonomy tasks {unknown}; known: {TASKS}")
         if self.rgb_normalization not in ("minus_one_one", "caffe_bgr"):
-            raise ValueError(f"rgb_normalization must be 'minus_one_one' or 'caffe_bgr', not {self.rgb_normalization!r}")
+            raise ValueError(
+                f"rgb_normalization must be 'minus_one_one' or 'caffe_bgr', not {self.rgb_normalization!r}"
+            )
         if self.rgb_resize not in ("nearest", "bilinear", "area"):
             raise ValueError(f"rgb_resize must be 'nearest', 'bilinear' or 'area', not {self.rgb_resize!r}")
         if self.segmentation_mask not in ("none", "ignore_uncertain_background"):
-            raise ValueError(f"segmentation_mask must be 'none' or 'ignore_uncertain_background', not {self.segmentation_mask!r}")
+            raise ValueError(
+                f"segmentation_mask must be 'none' or 'ignore_uncertain_background', not {self.segmentation_mask!r}"
+            )
 
     @property
     def mask_rule(self) -> str:
@@ -336,7 +357,9 @@ class TaskonomyProtocol:
         rgb = self.rgb_values(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1))
         tables = {"rgb": [np.ascontiguousarray(rgb[:, channel]) for channel in range(3)]}
         for task in self.tasks:
-            tables[task] = self.target_values(task, np.arange(np.iinfo(RAW_DTYPES[task]).max + 1, dtype=RAW_DTYPES[task]))
+            tables[task] = self.target_values(
+                task, np.arange(np.iinfo(RAW_DTYPES[task]).max + 1, dtype=RAW_DTYPES[task])
+            )
         return tables
 
     def _torch_tables(self, device: torch.device) -> dict:
@@ -359,10 +382,14 @@ class TaskonomyProtocol:
             value = raw[task]
             expected = (h, w, 3) if task == "normal" else (h, w)
             if value.shape != expected or value.dtype != RAW_DTYPES[task]:
-                raise CorruptSampleError(f"{task} must be {np.dtype(RAW_DTYPES[task]).name} {expected}, got {value.dtype} {value.shape}")
+                raise CorruptSampleError(
+                    f"{task} must be {np.dtype(RAW_DTYPES[task]).name} {expected}, got {value.dtype} {value.shape}"
+                )
         return h, w
 
-    def to_targets(self, raw: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def to_targets(
+        self, raw: Mapping[str, np.ndarray]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Raw decoded arrays (optionally with ``raw[VALID_KEY]``) -> (rgb [3,H,W], targets, masks)."""
         self._check_raw(raw)
         valid = raw.get(VALID_KEY)
@@ -401,7 +428,9 @@ class TaskonomyProtocol:
             value = raw[key]
             out[key] = torch.from_numpy(value.view(np.int16) if value.dtype == np.uint16 else value)
         valid = raw.get(VALID_KEY)
-        out[VALID_KEY] = torch.ones((h, w), dtype=torch.bool) if valid is None else torch.from_numpy(np.asarray(valid, dtype=bool))
+        out[VALID_KEY] = (
+            torch.ones((h, w), dtype=torch.bool) if valid is None else torch.from_numpy(np.asarray(valid, dtype=bool))
+        )
         return out
 
     def to_targets_batch(self, raw: Mapping[str, torch.Tensor], device=None, non_blocking: bool = True):
@@ -416,7 +445,10 @@ class TaskonomyProtocol:
         moved = {key: value.to(device, non_blocking=non_blocking) for key, value in raw.items()}
         valid = moved[VALID_KEY]
         rgb_raw = moved["rgb"].long()
-        rgb = torch.stack([tables["rgb"][channel][rgb_raw[..., index]] for channel, index in enumerate(self._rgb_source_channels)], dim=1)
+        rgb = torch.stack(
+            [tables["rgb"][channel][rgb_raw[..., index]] for channel, index in enumerate(self._rgb_source_channels)],
+            dim=1,
+        )
         rgb = rgb * valid[:, None]
         targets, masks = {}, {}
         for task in self.tasks:

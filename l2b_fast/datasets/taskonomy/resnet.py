@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from l2b_fast.datasets.taskonomy.protocol import TASKS as TASKONOMY_TASKS
-from l2b_fast.nn.spec import ModelSpec, check_children, check_input_size, check_width, scaled
 from l2b_fast.nn import BlockSpec
 from l2b_fast.nn.blocks import BasicBlock
+from l2b_fast.nn.spec import ModelSpec, check_children, check_input_size, check_width, scaled
 
 # Output channels per task (segmentation: 17 classes, background and uncertain folded together).
 TASK_CHANNELS = {"segment_semantic": 17, "normal": 3, "depth_zbuffer": 1, "keypoints2d": 1, "edge_texture": 1}
@@ -67,14 +67,25 @@ class ResidualNode:
     layers: tuple[tuple[int, int, int, int], ...]
 
     def __call__(self, block: int, child: int) -> nn.Module:
-        blocks = [BasicBlock(cin, cout, stride=stride, dilation=dilation) for cin, cout, stride, dilation in self.layers]
+        blocks = [
+            BasicBlock(cin, cout, stride=stride, dilation=dilation) for cin, cout, stride, dilation in self.layers
+        ]
         return blocks[0] if len(blocks) == 1 else nn.Sequential(*blocks)
 
 
 class ASPPHead(nn.Module):
     """DeepLab-v2 atrous spatial pyramid pooling head: parallel dilated branches, summed, then upsampled."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, hidden: int = 1024, rates: Sequence[int] = ASPP_RATES, dropout: float = 0.5, upsample: int = OUTPUT_STRIDE):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        hidden: int = 1024,
+        rates: Sequence[int] = ASPP_RATES,
+        dropout: float = 0.5,
+        upsample: int = OUTPUT_STRIDE,
+    ):
         super().__init__()
         if not rates:
             raise ValueError("ASPPHead needs at least one rate")
@@ -112,7 +123,9 @@ class ASPPHeads:
     dropout: float
 
     def __call__(self, task: str) -> nn.Module:
-        return ASPPHead(self.in_channels, dict(self.out_channels)[task], hidden=self.hidden, rates=self.rates, dropout=self.dropout)
+        return ASPPHead(
+            self.in_channels, dict(self.out_channels)[task], hidden=self.hidden, rates=self.rates, dropout=self.dropout
+        )
 
 
 def taskonomy_resnet34_spec(
@@ -163,8 +176,23 @@ def taskonomy_resnet34_spec(
         nodes = [ResidualNode(tuple(stage)) for stage in stages]
     block_specs = [BlockSpec(1, StemNode(stem_channels))]
     block_specs += [BlockSpec(len(tasks) if b == len(nodes) - 1 else children, node) for b, node in enumerate(nodes)]
-    heads = ASPPHeads(in_channels, tuple((task, channels_of[task]) for task in tasks), scaled(aspp_channels, width), tuple(aspp_rates), dropout)
-    config = {"tasks": list(tasks), "children": children, "width": width, "branching": branching, "input_size": [height, width_px], "aspp_channels": aspp_channels, "aspp_rates": list(aspp_rates), "dropout": dropout}
+    heads = ASPPHeads(
+        in_channels,
+        tuple((task, channels_of[task]) for task in tasks),
+        scaled(aspp_channels, width),
+        tuple(aspp_rates),
+        dropout,
+    )
+    config = {
+        "tasks": list(tasks),
+        "children": children,
+        "width": width,
+        "branching": branching,
+        "input_size": [height, width_px],
+        "aspp_channels": aspp_channels,
+        "aspp_rates": list(aspp_rates),
+        "dropout": dropout,
+    }
     return ModelSpec("taskonomy_resnet34", tuple(block_specs), tasks, heads, (3, height, width_px), config)
 
 

@@ -27,19 +27,49 @@ from l2b_fast.data.shards import encode_png, prepare_output_dir, split_counts, w
 
 __all__ = ["CLASSES", "DOMAINS", "Room", "random_room", "random_camera", "render", "make_scene", "generate"]
 
-CLASSES = ("bottle", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv", "microwave", "oven",
-           "toaster", "sink", "refrigerator", "book", "clock", "vase")  # labels 2..17
+CLASSES = (
+    "bottle",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+)  # labels 2..17
 DOMAINS = ("rgb", "depth_zbuffer", "normal", "edge_texture", "keypoints2d", "segment_semantic")
 DEPTH_UNITS_PER_M = 512.0
 NO_GEOMETRY = 65535
 
 # one distinct colour per class (hues spread around the wheel, alternating brightness) so classes are separable
-_CLASS_COLOURS = np.array([
-    [0.85, 0.20, 0.20], [0.20, 0.65, 0.25], [0.25, 0.35, 0.85], [0.90, 0.75, 0.15], [0.65, 0.25, 0.75],
-    [0.15, 0.75, 0.75], [0.95, 0.50, 0.10], [0.45, 0.45, 0.45], [0.55, 0.85, 0.35], [0.45, 0.20, 0.10],
-    [0.95, 0.55, 0.70], [0.10, 0.30, 0.35], [0.90, 0.90, 0.85], [0.35, 0.15, 0.55], [0.70, 0.60, 0.40],
-    [0.10, 0.10, 0.20],
-])
+_CLASS_COLOURS = np.array(
+    [
+        [0.85, 0.20, 0.20],
+        [0.20, 0.65, 0.25],
+        [0.25, 0.35, 0.85],
+        [0.90, 0.75, 0.15],
+        [0.65, 0.25, 0.75],
+        [0.15, 0.75, 0.75],
+        [0.95, 0.50, 0.10],
+        [0.45, 0.45, 0.45],
+        [0.55, 0.85, 0.35],
+        [0.45, 0.20, 0.10],
+        [0.95, 0.55, 0.70],
+        [0.10, 0.30, 0.35],
+        [0.90, 0.90, 0.85],
+        [0.35, 0.15, 0.55],
+        [0.70, 0.60, 0.40],
+        [0.10, 0.10, 0.20],
+    ]
+)
 
 
 @dataclass
@@ -94,10 +124,22 @@ def random_room(rng: np.random.Generator) -> Room:
         cz = rng.uniform(2.2, max(2.3, depth - 0.4))
         label = int(rng.integers(2, 18))
         colour = np.clip(_CLASS_COLOURS[label - 2] * rng.uniform(0.9, 1.1, 3), 0.0, 1.0)
-        boxes.append(Box(np.array([cx, half[1], cz]), half, rng.uniform(-math.pi, math.pi), label, colour, rng.uniform(0.08, 0.25)))
+        boxes.append(
+            Box(
+                np.array([cx, half[1], cz]),
+                half,
+                rng.uniform(-math.pi, math.pi),
+                label,
+                colour,
+                rng.uniform(0.08, 0.25),
+            )
+        )
     light = np.array([rng.uniform(-0.5, 0.5), 1.0, rng.uniform(-0.8, -0.2)])
     return Room(
-        lower, upper, window, boxes,
+        lower,
+        upper,
+        window,
+        boxes,
         floor_colour=rng.uniform([0.35, 0.25, 0.15], [0.65, 0.5, 0.35]),
         wall_colour=rng.uniform(0.55, 0.9, 3),
         ceiling_colour=np.full(3, rng.uniform(0.85, 0.95)),
@@ -107,12 +149,15 @@ def random_room(rng: np.random.Generator) -> Room:
     )
 
 
-def random_camera(rng: np.random.Generator, room: Room, position: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def random_camera(
+    rng: np.random.Generator, room: Room, position: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(position, camera-to-world rotation): standing in the front metre of the room, eyes 1.2-1.7 m high,
     yaw +-25 degrees, looking 20 degrees down to 5 degrees up. Pass ``position`` to keep a point's position."""
     if position is None:
-        position = np.array([
-            rng.uniform(room.lower[0] + 0.5, room.upper[0] - 0.5), rng.uniform(1.2, 1.7), rng.uniform(0.3, 1.0)])
+        position = np.array(
+            [rng.uniform(room.lower[0] + 0.5, room.upper[0] - 0.5), rng.uniform(1.2, 1.7), rng.uniform(0.3, 1.0)]
+        )
     rotation = _rot_y(math.radians(rng.uniform(-25, 25))) @ _rot_x(math.radians(rng.uniform(-5, 20)))
     return np.asarray(position, dtype=np.float64), rotation
 
@@ -124,8 +169,14 @@ def _blur3(a: np.ndarray) -> np.ndarray:
     return (a[:-2] + 2 * a[1:-1] + a[2:]) / 4
 
 
-def render(room: Room, position: np.ndarray, rotation: np.ndarray, size: int, rng: np.random.Generator,
-           fov_degrees: float = 75.0) -> dict[str, np.ndarray]:
+def render(
+    room: Room,
+    position: np.ndarray,
+    rotation: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    fov_degrees: float = 75.0,
+) -> dict[str, np.ndarray]:
     """Ray cast ``room`` from the camera (``rotation`` maps camera x right / y up / z forward to world) into the
     six raw modalities at ``size`` x ``size``; ``rng`` only adds the rgb sensor noise."""
     n = size * size
@@ -153,7 +204,9 @@ def render(room: Room, position: np.ndarray, rotation: np.ndarray, size: int, rn
     floor, ceiling = (axis == 1) & (dirs[1] < 0), (axis == 1) & (dirs[1] > 0)
     back = (axis == 2) & (dirs[2] > 0)
     walls = ~(floor | ceiling)
-    colour = np.where(floor, room.floor_colour[:, None], np.where(ceiling, room.ceiling_colour[:, None], room.wall_colour[:, None]))
+    colour = np.where(
+        floor, room.floor_colour[:, None], np.where(ceiling, room.ceiling_colour[:, None], room.wall_colour[:, None])
+    )
     tex = np.ones(n)
     tex[floor] = 0.82 + 0.18 * (np.floor(point[0, floor] / room.plank) % 2)
     wall_coord = np.where(back, point[0], point[2])
@@ -215,7 +268,9 @@ def render(room: Room, position: np.ndarray, rotation: np.ndarray, size: int, rn
     edge = np.round(np.clip(np.hypot(gx, gy) * 0.25, 0.0, 1.0) * 65535).astype(np.uint16)
 
     # keypoints: corners of the boxes and of the back wall / window that are visible from the camera
-    corners = [np.array([x, y, room.upper[2]]) for x in (room.lower[0], room.upper[0]) for y in (room.lower[1], room.upper[1])]
+    corners = [
+        np.array([x, y, room.upper[2]]) for x in (room.lower[0], room.upper[0]) for y in (room.lower[1], room.upper[1])
+    ]
     if room.window is not None:
         xa, xb, ya, yb = room.window
         corners += [np.array([x, y, room.upper[2]]) for x in (xa, xb) for y in (ya, yb)]
@@ -263,13 +318,21 @@ def make_scene(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
     return render(room, position, rotation, size, rng)
 
 
-
 MIN_SIZE = 8  # the smallest image side generate() accepts (the only check of it)
 
 
-def generate(out_dir, n: int, size: int = 256, *, seed: int = 0, samples_per_shard: int = 1000,
-             splits=(("train", 0.8), ("val", 0.1), ("test", 0.1)), points_per_building: int = 4,
-             views_per_point: int = 3, overwrite: bool = False) -> dict:
+def generate(
+    out_dir,
+    n: int,
+    size: int = 256,
+    *,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+    splits=(("train", 0.8), ("val", 0.1), ("test", 0.1)),
+    points_per_building: int = 4,
+    views_per_point: int = 3,
+    overwrite: bool = False,
+) -> dict:
     """Write ``n`` synthetic views as Taskonomy shards + ``manifest.json`` in ``out_dir``; return the manifest.
 
     ``out_dir`` must be empty or new; ``overwrite=True`` first deletes an earlier shard set there
@@ -315,5 +378,14 @@ def generate(out_dir, n: int, size: int = 256, *, seed: int = 0, samples_per_sha
                 yield sample
 
         entries[split] = write_split(samples(), out_dir, split, samples_per_shard=samples_per_shard)
-    return write_manifest(out_dir, "taskonomy", size, entries, seed, created_by="l2b_fast.datasets.taskonomy.synthetic",
-                          synthetic=True, buildings=buildings, classes=list(CLASSES))
+    return write_manifest(
+        out_dir,
+        "taskonomy",
+        size,
+        entries,
+        seed,
+        created_by="l2b_fast.datasets.taskonomy.synthetic",
+        synthetic=True,
+        buildings=buildings,
+        classes=list(CLASSES),
+    )

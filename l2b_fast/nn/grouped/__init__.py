@@ -9,6 +9,15 @@ from l2b_fast.nn.grouped.layers import GROUPED_STEPS, Step, UnsupportedNodeError
 from l2b_fast.nn.grouped.stacked import CHANNELS, CHILDREN, Stacked
 
 __all__ = [
-    "CHANNELS", "CHILDREN", "CONV_BACKENDS", "GROUPED_STEPS", "GroupedBlock", "Stacked", "Step", "UnsupportedNodeError",
-    "check_conv_backend", "plan_steps", "register_grouped_step",
+    "CHANNELS",
+    "CHILDREN",
+    "CONV_BACKENDS",
+    "GROUPED_STEPS",
+    "GroupedBlock",
+    "Stacked",
+    "Step",
+    "UnsupportedNodeError",
+    "check_conv_backend",
+    "plan_steps",
+    "register_grouped_step",
 ]

@@ -56,7 +56,13 @@ class GroupedBlock:
     def check(self) -> None:
         check_conv_backend(self.conv_backend)
 
-    def __call__(self, branching: Branching, parents: torch.Tensor, generator: torch.Generator | None = None, seed: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        branching: Branching,
+        parents: torch.Tensor,
+        generator: torch.Generator | None = None,
+        seed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``parents`` ``[I, *S]`` -> the J children's outputs ``[J, *S']``, as the per-child execution
         (sampling from ``generator`` or the int64 ``seed`` tensor, as :meth:`Branching.forward`)."""
         self.check()
@@ -66,7 +72,10 @@ class GroupedBlock:
         if started is not None:
             stacked, rest = started, self.steps[1:]
         else:  # gather through the branching op: device-side index, no host sync
-            stacked, rest = Stacked(branching(parents, generator=generator, seed=seed), CHILDREN, self.children), self.steps
+            stacked, rest = (
+                Stacked(branching(parents, generator=generator, seed=seed), CHILDREN, self.children),
+                self.steps,
+            )
         for step in rest:
             stacked = step(stacked)
         return self._children_outputs(stacked)

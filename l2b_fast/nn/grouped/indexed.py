@@ -21,6 +21,7 @@ from l2b_fast.nn.grouped.stacked import CHANNELS, Stacked, to_channels
 from l2b_fast.ops import _validation
 from l2b_fast.ops.indexed_conv import SUPPORTED_DTYPES, indexed_conv2d, straight_through_branch_op, unavailable_reason
 
+
 def _indexable_conv(conv: nn.Module) -> bool:
     """One Conv2d the Triton convolution computes: one that could start a block from the parents."""
     return type(conv) is nn.Conv2d and reads_parents_directly(conv)
@@ -75,7 +76,18 @@ def start_block(step, block: int, branching, parents: Tensor, generator, seed) -
         weight, bias = stacked_conv_weights(modules)
         if autocast:
             weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-        out = indexed_conv2d(compute_parents, logits, index, soft, tau, weight, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        out = indexed_conv2d(
+            compute_parents,
+            logits,
+            index,
+            soft,
+            tau,
+            weight,
+            bias,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+        )
         return Stacked(out, CHANNELS, len(modules))
 
     if not isinstance(step, BasicBlockStep):

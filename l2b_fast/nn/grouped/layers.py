@@ -25,15 +25,37 @@ CONVOLUTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Parameter-free modules that act on every element on its own: the same module runs on the whole stack.
 POINTWISE = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Softplus, nn.Dropout,
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Softplus,
+    nn.Dropout,
 )
 # Parameter-free modules that act on each [sample, channel] plane: any layout whose leading dims are
 # (batch, channels) works, so children-major stacks run as a batch of J*B samples.
 PER_CHANNEL = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
 )
 RANDOM = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
@@ -90,9 +112,15 @@ class ConvStep(Step):
         conv = self.modules[0]
         expected = len(conv.kernel_size) + 2
         if len(per_child_shape) != expected:
-            raise ValueError(f"{self.describe()}: grouped execution needs batched inputs: got {len(per_child_shape)}-D inputs per child, expected {expected}-D")
+            raise ValueError(
+                f"{self.describe()}: grouped execution needs batched inputs: got {len(per_child_shape)}-D inputs "
+                f"per child, expected {expected}-D"
+            )
         if per_child_shape[1] != conv.in_channels:
-            raise ValueError(f"{self.describe()}: expected {conv.in_channels} input channels, got {per_child_shape[1]} (per-child input {list(per_child_shape)})")
+            raise ValueError(
+                f"{self.describe()}: expected {conv.in_channels} input channels, got {per_child_shape[1]} "
+                f"(per-child input {list(per_child_shape)})"
+            )
 
     def __call__(self, x):
         x = x.to(CHANNELS)
@@ -105,7 +133,9 @@ class ConvStep(Step):
             tensor = F.pad(tensor, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
             padding = 0
         convolution = CONVOLUTIONS[type(conv)]
-        return x.with_tensor(convolution(tensor, weight, bias, conv.stride, padding, conv.dilation, conv.groups * x.children))
+        return x.with_tensor(
+            convolution(tensor, weight, bias, conv.stride, padding, conv.dilation, conv.groups * x.children)
+        )
 
 
 class BatchNormStep(Step):
@@ -166,7 +196,10 @@ class LinearStep(Step):
         tensor = x.tensor
         in_features = self.modules[0].in_features
         if tensor.shape[-1] != in_features:
-            raise ValueError(f"{self.describe()}: expected {in_features} input features, got {tensor.shape[-1]} (per-child input {list(x.per_child_shape())})")
+            raise ValueError(
+                f"{self.describe()}: expected {in_features} input features, got {tensor.shape[-1]} (per-child "
+                f"input {list(x.per_child_shape())})"
+            )
         weight = torch.stack([module.weight for module in self.modules])  # [J, out, in]
         flat = tensor.reshape(x.children, -1, tensor.shape[-1])
         if self.modules[0].bias is None:
@@ -183,7 +216,9 @@ class ModuleStep(Step):
     @classmethod
     def check(cls, modules, where):
         if getattr(modules[0], "return_indices", False):
-            raise UnsupportedNodeError(f"{where} ({type(modules[0]).__name__}) returns indices, which grouped execution does not support")
+            raise UnsupportedNodeError(
+                f"{where} ({type(modules[0]).__name__}) returns indices, which grouped execution does not support"
+            )
 
     def __call__(self, x):
         module = self.modules[0]
@@ -244,7 +279,8 @@ class BasicBlockStep(Step):
 
 
 class BiasStep(Step):
-    """``x + bias`` with the bias over the last dim (:class:`l2b_fast.nn.Bias`, the task heads of the paper's synthetic experiment)."""
+    """``x + bias`` with the bias over the last dim (:class:`l2b_fast.nn.Bias`, the task heads of the paper's
+    synthetic experiment)."""
 
     layout = CHILDREN
 
@@ -285,7 +321,9 @@ def module_signature(module: nn.Module) -> list:
     """What must agree between children for them to run as one: types, hyper-parameters, tensor metadata."""
     signature = []
     for name, sub in module.named_modules():
-        tensors = [(n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in sub._parameters.items() if p is not None]
+        tensors = [
+            (n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in sub._parameters.items() if p is not None
+        ]
         tensors += [(n, None if b is None else (tuple(b.shape), b.dtype, b.device)) for n, b in sub._buffers.items()]
         signature.append((name, type(sub), sub.extra_repr(), tuple(tensors)))
     return signature
@@ -295,9 +333,13 @@ def _steps(modules: list[nn.Module], where: str) -> list[Step]:
     module = modules[0]
     kind = type(module)
     if module._forward_hooks or module._forward_pre_hooks:
-        raise UnsupportedNodeError(f"{where} ({kind.__name__}) has forward hooks, which grouped execution would not call")
+        raise UnsupportedNodeError(
+            f"{where} ({kind.__name__}) has forward hooks, which grouped execution would not call"
+        )
     if kind is nn.Sequential:
-        return [step for name in module._modules for step in _steps([m._modules[name] for m in modules], f"{where}.{name}")]
+        return [
+            step for name in module._modules for step in _steps([m._modules[name] for m in modules], f"{where}.{name}")
+        ]
     step = GROUPED_STEPS.get(kind)
     if step is None:
         raise UnsupportedNodeError(
@@ -314,5 +356,8 @@ def plan_steps(nodes: Sequence[nn.Module], block: int) -> list[Step]:
     reference = module_signature(nodes[0])
     for child, node in enumerate(nodes[1:], start=1):
         if module_signature(node) != reference:
-            raise UnsupportedNodeError(f"block {block}: child {child} differs in structure from child 0 (types, hyper-parameters or parameter shapes), so its children cannot run as one")
+            raise UnsupportedNodeError(
+                f"block {block}: child {child} differs in structure from child 0 (types, hyper-parameters or "
+                "parameter shapes), so its children cannot run as one"
+            )
     return _steps(nodes, f"block {block} node")

@@ -34,7 +34,11 @@ class Stacked:
     def to(self, layout: str) -> Stacked:
         if layout == self.layout:
             return self
-        return Stacked(to_channels(self.tensor) if layout == CHANNELS else to_children(self.tensor, self.children), layout, self.children)
+        return Stacked(
+            to_channels(self.tensor) if layout == CHANNELS else to_children(self.tensor, self.children),
+            layout,
+            self.children,
+        )
 
     def with_tensor(self, tensor: torch.Tensor) -> Stacked:
         return Stacked(tensor, self.layout, self.children)
@@ -51,9 +55,20 @@ def _channels_layout_like(children_major: torch.Tensor) -> torch.memory_format:
 def _children_major_like(channel_stacked: torch.Tensor, children: int) -> torch.Tensor:
     """An empty ``[J, B, C, *sp]`` whose children have the stack's layout (channels_last or contiguous)."""
     batch, jc, *spatial = channel_stacked.shape
-    channels_last = len(spatial) == 2 and jc // children > 1 and channel_stacked.is_contiguous(memory_format=torch.channels_last)
-    per_child = torch.empty((batch, jc // children, *spatial), device="meta", memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return torch.empty_strided((children, *per_child.shape), (per_child.numel(), *per_child.stride()), dtype=channel_stacked.dtype, device=channel_stacked.device)
+    channels_last = (
+        len(spatial) == 2 and jc // children > 1 and channel_stacked.is_contiguous(memory_format=torch.channels_last)
+    )
+    per_child = torch.empty(
+        (batch, jc // children, *spatial),
+        device="meta",
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+    )
+    return torch.empty_strided(
+        (children, *per_child.shape),
+        (per_child.numel(), *per_child.stride()),
+        dtype=channel_stacked.dtype,
+        device=channel_stacked.device,
+    )
 
 
 class _ToChannels(torch.autograd.Function):
@@ -64,7 +79,12 @@ class _ToChannels(torch.autograd.Function):
     def forward(ctx, children_major):
         ctx.save_for_backward(torch.empty_like(children_major, device="meta"))
         j, b, c, *spatial = children_major.shape
-        out = torch.empty((b, j * c, *spatial), dtype=children_major.dtype, device=children_major.device, memory_format=_channels_layout_like(children_major))
+        out = torch.empty(
+            (b, j * c, *spatial),
+            dtype=children_major.dtype,
+            device=children_major.device,
+            memory_format=_channels_layout_like(children_major),
+        )
         out.view(b, j, c, *spatial).copy_(children_major.transpose(0, 1))
         return out
 
