@@ -4,7 +4,7 @@ metrics (:mod:`.dataset`), the converter of the raw release (:mod:`.convert`), t
 
 from __future__ import annotations
 
-from l2b_fast.datasets.celeba.dataset import ATTRIBUTES, CelebA, CelebAMetrics
+from l2b_fast.datasets.celeba.dataset import ATTRIBUTES, PAPER_ROWS, CelebA, CelebAMetrics
 from l2b_fast.datasets.celeba.deep_wide import celeba_deep_wide, celeba_deep_wide_spec
 from l2b_fast.datasets.celeba.vgg import celeba_branch_vgg, celeba_branch_vgg_spec
 from l2b_fast.datasets.commands import conversion_command, generator_command
@@ -12,6 +12,7 @@ from l2b_fast.datasets.recipe import ShardRecipe
 
 __all__ = [
     "ATTRIBUTES",
+    "PAPER_ROWS",
     "CelebA",
     "CelebAMetrics",
     "RECIPE",

@@ -7,10 +7,36 @@ from __future__ import annotations
 
 from l2b_fast.datasets.commands import conversion_command, generator_command
 from l2b_fast.datasets.recipe import ShardRecipe
-from l2b_fast.datasets.taskonomy.dataset import Taskonomy, TaskonomyMetrics
+from l2b_fast.datasets.taskonomy.dataset import (
+    DEFAULT_CLASS_WEIGHTS,
+    IGNORE_INDEX,
+    PAPER_ROWS,
+    SEGMENTATION_CLASSES,
+    TASKS,
+    Taskonomy,
+    TaskonomyMetrics,
+    class_weights_from_frequencies,
+    load_class_weights,
+    segmentation_pixel_counts,
+)
 from l2b_fast.datasets.taskonomy.resnet import ASPPHead, taskonomy_resnet34, taskonomy_resnet34_spec
 
-__all__ = ["ASPPHead", "RECIPE", "Taskonomy", "TaskonomyMetrics", "taskonomy_resnet34", "taskonomy_resnet34_spec"]
+__all__ = [
+    "ASPPHead",
+    "DEFAULT_CLASS_WEIGHTS",
+    "IGNORE_INDEX",
+    "PAPER_ROWS",
+    "RECIPE",
+    "SEGMENTATION_CLASSES",
+    "TASKS",
+    "Taskonomy",
+    "TaskonomyMetrics",
+    "class_weights_from_frequencies",
+    "load_class_weights",
+    "segmentation_pixel_counts",
+    "taskonomy_resnet34",
+    "taskonomy_resnet34_spec",
+]
 
 
 def _convert(root, out, **options) -> dict:
