@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", help="a built-in preset (see `l2b presets`); not needed with --resume")
     source.add_argument("--config", type=Path, help="a TOML config file (e.g. an edited copy of a preset)")
     search.add_argument("--out", type=Path, required=True, help="output directory")
+    search.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write nothing, train nothing: print the supernet's parameters, FLOPs per step and estimated peak memory "
+        "per GPU at the configured batch and precision, and whether it fits the device (a CUDA --device: its memory; "
+        "otherwise an 80 GB GPU)",
+    )
     _add_stream_options(search)
     _add_common(search)
 
@@ -308,6 +315,8 @@ def _search(args) -> int:
     _check_data_option(recipe, config, data, ("train",))
     if args.device != "auto":
         check_device(args.device)
+    if args.dry_run:
+        return _dry_run(config, recipe, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     if _is_main_rank():
         _lock_run(args.out)
@@ -328,6 +337,31 @@ def _search(args) -> int:
         for line in recipe.report_lines(summary):
             print(line)
         print(f"wrote {args.out}/tree.json, tree.png, tree.svg, probabilities.png, log.csv, epochs.csv, summary.json")
+    return 0
+
+
+def _dry_run(config: dict, recipe, device: str) -> int:
+    """``l2b search --dry-run``: the size of one search step of the config's supernet, nothing trained or written."""
+    from l2b_fast.bench.estimate import estimate, format_estimate
+
+    section = config["search"]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = max(1, section["batch_size"] // world_size)
+    precision = "fp32" if section.get("precision", "fp32") == "fp32" else "bf16"  # fp16 holds as many bytes as bf16
+    execution = "per_child" if config["model"].get("execution", "auto") == "per_child" else "grouped"
+    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device)
+    if target.type == "cuda":
+        memory, where = (
+            torch.cuda.get_device_properties(target).total_memory / 2**30,
+            torch.cuda.get_device_name(target),
+        )
+    else:
+        memory, where = 80.0, "an 80 GB GPU (no CUDA --device given)"
+    result = estimate(
+        recipe.model_spec(config, section), batch, precision, execution=execution, device_memory_gib=memory
+    )
+    print(f"{config['name']}: search step per GPU ({world_size} rank(s)), checked against {where}")
+    print(format_estimate(result))
     return 0
 
 

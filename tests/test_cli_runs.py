@@ -29,6 +29,27 @@ def l2b(*args, **kwargs) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry))
+    return children
+
+
 def run(*args, timeout=300) -> tuple[int, str, str]:
     process = l2b(*args)
     out, err = process.communicate(timeout=timeout)
@@ -194,4 +215,82 @@ def test_streaming_run_killed_mid_epoch_resumes_byte_for_byte(tmp_path, stage):
     assert code == 0, err
     names = ("tree.json", "log.csv", "epochs.csv") if stage == "search" else ("log.csv", "epochs.csv")
     for name in names:
+        assert (tmp_path / "whole" / name).read_text() == (tmp_path / "killed" / name).read_text(), name
+
+
+def test_dry_run_prints_the_step_size_and_writes_nothing(tmp_path, capsys):
+    from l2b_fast import cli
+
+    out = tmp_path / "run"
+    assert (
+        cli.main(["search", "--preset", "celeba-vgg", "--out", str(out), "--dry-run", "--set", "model.width=0.25"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "celeba_branch_vgg, batch 64, 218x178, fp32" in printed and "estimated peak per GPU" in printed
+    assert "fits in 80 GiB" in printed and "FLOP per image" in printed
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_rank_streaming_search_killed_mid_epoch_resumes_byte_for_byte(tmp_path):
+    """`torchrun --nproc_per_node=2 l2b search` on shards, the whole process group SIGKILLed mid-epoch after a
+    checkpoint, resumed under torchrun with only --out and --resume: the same tree and logs as an uninterrupted
+    two-rank run."""
+    pytest.importorskip("webdataset")
+    from pathlib import Path
+
+    from l2b_fast.datasets.celeba import synthetic as synthetic_celeba
+
+    data = tmp_path / "data"
+    synthetic_celeba.generate(data, 40, 32, samples_per_shard=4)
+    tiny = ["search.size=32", "model.width=0.125", "model.children=[2, 2, 2, 2, 40]", "search.batch_size=4",
+            "search.epochs=4", "search.warmup_epochs=1", "data.num_workers=0", "data.eval_batch_size=4",
+            "search.log_every=1", "search.checkpoint_every=1"]  # fmt: skip
+    sets = [argument for setting in tiny for argument in ("--set", setting)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
+    )
+
+    def torchrun(*args, **kwargs):
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "l2b_fast.cli",
+        ]
+        return subprocess.Popen(
+            [*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+        )
+
+    common = ["--preset", "celeba-deepwide", "--data", str(data), "--quiet", *sets]
+    reference = torchrun("search", *common, "--out", str(tmp_path / "whole"))
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    killed = torchrun("search", *common, "--out", str(tmp_path / "killed"))
+    log = tmp_path / "killed" / "log.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.poll() is None:
+        if (
+            log.exists()
+            and len(log.read_text().splitlines()) > 8
+            and (tmp_path / "killed" / "checkpoints" / "last.pt").exists()
+        ):
+            break
+        time.sleep(0.02)
+    assert killed.poll() is None, "the run finished before it could be killed: make it longer"
+    ranks = _children(killed.pid)  # torchrun starts each rank in a session of its own
+    assert len(ranks) == 2
+    for pid in [killed.pid, *ranks]:
+        os.kill(pid, signal.SIGKILL)
+    killed.wait()
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in ranks):
+        time.sleep(0.02)
+    resumed = torchrun("search", "--out", str(tmp_path / "killed"), "--resume", "--quiet")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    for name in ("tree.json", "log.csv", "epochs.csv"):
         assert (tmp_path / "whole" / name).read_text() == (tmp_path / "killed" / name).read_text(), name

@@ -165,3 +165,23 @@ def test_gpu_preset_fits_an_80_gb_gpu():
         step = estimate.estimate(spec, entry["batch"], "bf16", execution="grouped", device_memory_gib=80)
         resident = len(preset.variants) * step.weight_state_bytes
         assert resident + step.activation_bytes + step.workspace_bytes < 0.75 * 80 * 2**30, model
+
+
+def test_compile_columns_report_the_triton_variants_jit_compiles():
+    import contextlib
+    import types
+
+    from l2b_fast.bench import search_step
+
+    assert search_step.compile_columns(None) == {
+        "triton_compiles_warmup": None, "triton_compile_s": None, "triton_compiles_timed": None,
+    }  # fmt: skip
+    noop = search_step._triton_compile_reports(["per_child", "grouped"])
+    assert all(isinstance(manager, contextlib.nullcontext) for manager in noop.values())
+    fake = {
+        "warmup": types.SimpleNamespace(report=types.SimpleNamespace(kernels=12, seconds=3.456)),
+        "timed": types.SimpleNamespace(report=types.SimpleNamespace(kernels=0, seconds=0.0)),
+    }
+    assert search_step.compile_columns(fake) == {
+        "triton_compiles_warmup": 12, "triton_compile_s": 3.46, "triton_compiles_timed": 0,
+    }  # fmt: skip

@@ -176,9 +176,9 @@ def estimate(
 def format_estimate(result: Estimate) -> str:
     """The estimate as lines for the user."""
     gib, mib = 2**30, 2**20
-    height, width = result.input_size
+    size = "x".join(str(side) for side in result.input_size) or "vector inputs"
     lines = [
-        f"{result.model}, batch {result.batch}, {height}x{width}, {result.precision}, execution {result.execution}:",
+        f"{result.model}, batch {result.batch}, {size}, {result.precision}, execution {result.execution}:",
         f"  supernet parameters      {result.parameters / 1e6:.2f}M",
         f"  FLOPs per step           {result.flops_per_step / 1e12:.2f} TFLOP (forward + backward; "
         f"{result.flops_per_image / 1e9:.1f} GFLOP per image)",

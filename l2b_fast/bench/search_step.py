@@ -41,6 +41,7 @@ for the variant's precision (``l2b_fast.bench.estimate.DENSE_PEAK_TFLOPS``) or b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -294,10 +295,12 @@ def time_variants(
             continue
         steps[name] = (variant, *make_step(variant, case.x, case.targets, amp_dtype))
     order = list(steps)
-    for round_index in range(warmup):
-        for name in order:
-            steps[name][1]()
-    synchronize(device)
+    compiles = _triton_compile_reports(order)
+    with compiles["warmup"]:
+        for round_index in range(warmup):
+            for name in order:
+                steps[name][1]()
+        synchronize(device)
     for name, (variant, _, optimizers) in steps.items():
         resident[name] = resident_bytes(variant, optimizers)
     # CPU peaks come from a fresh process per variant (probe_cpu_step_memory), not from the allocator here.
@@ -306,20 +309,64 @@ def time_variants(
     )
     times = {name: [] for name in order}
     flush = l2_flush_buffer(device) if device.type == "cuda" else None
-    for round_index in range(repeat):
-        shift = round_index % max(1, len(order))
-        for name in order[shift:] + order[:shift]:
-            synchronize(device)
-            if device.type == "cuda":
-                times[name].append(cuda_times(steps[name][1], 1, flush)[0])
-            else:  # the median of one blocked_autorange: a long step is one warm-up call and one timed call
-                times[name].append(statistics.median(cpu_times(steps[name][1], 1)))
+    with compiles["timed"]:
+        for round_index in range(repeat):
+            shift = round_index % max(1, len(order))
+            for name in order[shift:] + order[:shift]:
+                synchronize(device)
+                if device.type == "cuda":
+                    times[name].append(cuda_times(steps[name][1], 1, flush)[0])
+                else:  # the median of one blocked_autorange: a long step is one warm-up call and one timed call
+                    times[name].append(statistics.median(cpu_times(steps[name][1], 1)))
     precisions = {name: variant_precision(variant, preset) for name, (variant, _, _) in steps.items()}
     layouts = {
         name: "channels_last" if variant.channels_last or preset.channels_last else "contiguous"
         for name, (variant, _, _) in steps.items()
     }
-    return {"times": times, "resident": resident, "peaks": peaks, "precision": precisions, "layout": layouts}, skipped
+    triton = {name: compiles for name in order if name.startswith("grouped_triton")}
+    return {
+        "times": times, "resident": resident, "peaks": peaks, "precision": precisions, "layout": layouts,
+        "triton_compiles": triton,
+    }, skipped  # fmt: skip
+
+
+def _triton_compile_reports(variants: list[str]) -> dict:
+    """Context managers counting the Triton convolution's JIT compiles in the warm-up and in the timed rounds
+    (:func:`l2b_fast.triton.indexed_conv.compile_report`; a timed round should compile nothing); no-ops without a
+    Triton variant. The entered managers' reports are read through ``.report``."""
+    if not any(name.startswith("grouped_triton") for name in variants):
+        return {"warmup": contextlib.nullcontext(), "timed": contextlib.nullcontext()}
+    from l2b_fast.triton.indexed_conv import compile_report
+
+    return {"warmup": _Recorded(compile_report()), "timed": _Recorded(compile_report())}
+
+
+class _Recorded:
+    """A context manager that keeps what the wrapped one yields (``.report``)."""
+
+    def __init__(self, manager):
+        self.manager, self.report = manager, None
+
+    def __enter__(self):
+        self.report = self.manager.__enter__()
+        return self.report
+
+    def __exit__(self, *exc):
+        return self.manager.__exit__(*exc)
+
+
+def compile_columns(compiles: dict | None) -> dict:
+    """The Triton convolution's JIT compiles of a ``grouped_triton`` variant: kernels compiled in the warm-up and
+    their compile seconds, and kernels compiled in the timed rounds (all variants of the run together)."""
+    if compiles is None:
+        return {"triton_compiles_warmup": None, "triton_compile_s": None, "triton_compiles_timed": None}
+    warmup, timed = compiles["warmup"].report, compiles["timed"].report
+    seconds = None if warmup.seconds is None else round(warmup.seconds, 2)
+    return {
+        "triton_compiles_warmup": warmup.kernels,
+        "triton_compile_s": seconds,
+        "triton_compiles_timed": timed.kernels,
+    }
 
 
 def variant_precision(variant: Variant, preset: Preset) -> str:
@@ -467,6 +514,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         getattr(args, "peak_tflops", None),
                     ),
                     "timer": TIMER[device.type],
+                    **compile_columns(measured["triton_compiles"].get(name)),
                 }
             )
             rows.append(row)

@@ -219,7 +219,11 @@ def _start_watchdog(seconds: float) -> bool:
 
 
 def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """Rank 0 of the process group; before it is initialised, the torchrun rank (``RANK``) decides, so a command
+    under torchrun can tell its writer before any collective."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0").strip() in ("0", "")
 
 
 def barrier() -> None:
