@@ -128,8 +128,9 @@ def test_synthetic_into_a_non_empty_folder_refuses_or_overwrites_cleanly(tmp_pat
 
 
 def test_readme_data_commands_parse():
-    """Every `l2b data ...` line of the README's shell examples is a valid command line."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    """Every `l2b data ...` line of the README's and the docs' shell examples is a valid command line."""
+    pages = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    blocks = [block for page in pages for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)]
     lines = [
         line.split("#")[0].strip()
         for block in blocks
