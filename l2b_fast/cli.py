@@ -315,6 +315,7 @@ def _search(args) -> int:
     _check_data_option(recipe, config, data, ("train",))
     if args.device != "auto":
         check_device(args.device)
+    _check_device_settings(config, ("search",), args.device)
     if args.dry_run:
         return _dry_run(config, recipe, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -338,6 +339,14 @@ def _search(args) -> int:
             print(line)
         print(f"wrote {args.out}/tree.json, tree.png, tree.svg, probabilities.png, log.csv, epochs.csv, summary.json")
     return 0
+
+
+def _check_device_settings(config: dict, stages: tuple[str, ...], device: str) -> None:
+    """Settings the device cannot honour, refused before anything is written (the trainer refuses them too)."""
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
+    for stage in stages:
+        if (config.get(stage) or {}).get("cuda_graph") and kind != "cuda":
+            raise ValueError(f"{stage}.cuda_graph needs a CUDA device, not {kind} (--device cuda, or leave it out)")
 
 
 def _dry_run(config: dict, recipe, device: str) -> int:
@@ -427,6 +436,7 @@ def _retrain(args) -> int:
     out = args.out or args.tree.parent / "retrain"
     if args.device != "auto":
         check_device(args.device)
+    _check_device_settings(config, ("retrain",) if config.get("retrain") else ("search",), args.device)
     _refuse_to_clobber(out, args)
     if _is_main_rank():
         out.mkdir(parents=True, exist_ok=True)

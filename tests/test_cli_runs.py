@@ -71,6 +71,13 @@ def test_a_refused_setting_is_one_line_exit_2_and_writes_nothing(tmp_path, confi
     assert not (tmp_path / "out").exists()
 
 
+def test_a_cuda_graph_on_the_cpu_is_refused_before_anything_is_written(tmp_path, config_file):
+    code, _, err = run("search", "--config", str(config_file), "--out", str(tmp_path / "out"),
+                       "--set", "search.cuda_graph=true", "--device", "cpu")  # fmt: skip
+    assert code == 2 and "search.cuda_graph needs a CUDA device" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_into_an_empty_folder_writes_nothing(tmp_path):
     code, _, err = run("search", "--out", str(tmp_path / "empty"), "--resume")
     assert code == 2 and "no checkpoint to resume" in err and not (tmp_path / "empty").exists()
