@@ -5,6 +5,7 @@ and write nothing."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -206,3 +207,15 @@ def test_bad_requests_are_one_line_exit_2_and_write_nothing(tmp_path, capsys):
     config["model"]["hidden"] = 8
     (run / "config.json").write_text(json.dumps(config))
     _refused([str(run), "--out", str(tmp_path / "t.pt2")], "does not fit the tree and model", capsys, tmp_path)
+
+
+def test_onnx_without_its_packages_names_the_install_command(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    make_retrained_run(run, *FAMILIES["synthetic_fc"])
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed: importing it raises ImportError
+    _refused(
+        [str(run), "--out", str(tmp_path / "t.onnx"), "--format", "onnx"],
+        "pip install 'l2b_fast[export]'",
+        capsys,
+        tmp_path,
+    )
