@@ -7,6 +7,7 @@ l2b show runs/a/tree.json                                   # text + picture
 l2b search --preset taskonomy-resnet34 --data shards/ --out runs/t [--set search.epochs=5 ...]   # shard data
 l2b retrain --tree runs/t/tree.json                         # at the preset's retrain size, into runs/t/retrain
 l2b eval runs/t --split test                                # the paper's table; writes runs/t/eval.json
+l2b export runs/t --out tree.pt2                            # the retrained tree for deployment (or .onnx)
 l2b presets [--print NAME]                                  # list presets (what each is) / print one to edit
 l2b --version
 l2b data taskonomy --root RAW --split tiny --out shards/    # raw Taskonomy -> webdataset shards
@@ -227,6 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="split of the shards (default test)")
     evaluate.add_argument("--device", default="cpu", help="torch device (default cpu)")
     evaluate.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+    export = commands.add_parser(
+        "export",
+        epilog=EXIT_CODES,
+        formatter_class=_Formatter,
+        help="export a retrained tree for deployment (torch.export .pt2 or ONNX)",
+        description=(
+            "Export the retrained tree of RUN (a search folder holding retrain/, or a retrain folder) in eval mode "
+            "with a dynamic batch size: a torch.export program (load it with torch.export.load(FILE).module(), which "
+            "returns {task: tensor}) or an ONNX model (input 'images', one output per task)."
+        ),
+    )
+    export.add_argument("run", type=Path, help="the search (or retrain) output directory")
+    export.add_argument(
+        "--out", type=Path, required=True, help="the file to write: FILE.pt2, or FILE.onnx with --format onnx"
+    )
+    export.add_argument("--format", choices=("pt2", "onnx"), default="pt2", help="pt2 (default) or onnx")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18); only with --format onnx")
+    export.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    export.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
     show = commands.add_parser(
         "show",
@@ -485,6 +506,20 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from l2b_fast.export import export_run
+
+    result = export_run(args.run, args.out, format=args.format, opset=args.opset, overwrite=args.overwrite)
+    shape = " x ".join(str(side) for side in result["input_shape"])
+    opset = f", opset {result['opset']}" if result["opset"] is not None else ""
+    print(
+        f"{result['name']}: {len(result['tasks'])} tasks, input {shape} ({result['dtype']}), "
+        f"{result['parameters']:,} parameters; {result['exporter']}{opset}"
+    )
+    print(f"wrote {', '.join(result['files'])}")
+    return 0
+
+
 def _data(args) -> int:
     from l2b_fast import datasets
     from l2b_fast.data.dependencies import require_data_packages
@@ -541,6 +576,8 @@ def run(args) -> int:
         return 0
     if args.command == "eval":
         return _evaluate(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "search":
         return _search(args)
     if args.command == "retrain":

@@ -13,6 +13,7 @@ evaluated), each baseline's run under ``baselines/<name>/``, and ``retrain_summa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -242,13 +243,47 @@ def recorded_data(folder: str | Path) -> Path | None:
     raise ValueError(f"no summary.json in {folder} names the data: give --data DIR")
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """The retrained tree of a run folder, rebuilt as the trainer ran it: ``net`` is ``recipe.wrap(TreeNet)``
+    with the checkpoint's weights, on the CPU, in eval mode."""
+
+    folder: Path
+    config: dict
+    recipe: datasets.Recipe
+    spec: object  # the ModelSpec at the [retrain] stage (input shape, tasks)
+    tree: Tree
+    net: torch.nn.Module
+
+
+def load_trained(run: str | Path) -> TrainedModel:
+    """The retrained tree of ``run`` (see :func:`trained_run`) with its weights; ValueError (one line) when the
+    folder holds none or its checkpoint does not fit its tree and config."""
+    from l2b_fast.train.checkpoints import read_checkpoint
+
+    folder = trained_run(run)
+    config = json.loads((folder / "config.json").read_text())
+    recipe = recipe_of(config)
+    section = config.get("retrain") or config["search"]
+    spec = recipe.model_spec(config, section)
+    tree = Tree.load(folder / "tree.json")
+    net = recipe.wrap(recipe.treenet(config, spec, tree))
+    try:
+        net.load_state_dict(read_checkpoint(folder / "checkpoints" / "last.pt", "cpu")["model"])
+    except RuntimeError as error:  # weights of another tree, model or width
+        first = str(error).splitlines()[0]
+        raise ValueError(
+            f"{folder}/checkpoints/last.pt does not fit the tree and model of {folder}/config.json ({first})"
+        ) from None
+    return TrainedModel(folder, config, recipe, spec, tree, net.eval())
+
+
 @torch.no_grad()
 def evaluate(run: str | Path, data_dir: str | Path | None = None, *, split: str = "test", device: str = "cpu") -> dict:
     """The retrained tree of ``run`` on ``split``: the data set's metrics over every sample once (ranks split the
     shards); writes ``run/eval.json`` and returns it, with the printed ``table``. ``data_dir`` None: the data the run
     used."""
     from l2b_fast.data.loader import sample_count_report
-    from l2b_fast.train.checkpoints import read_checkpoint
 
     run = Path(run)
     folder = trained_run(run)
@@ -262,14 +297,7 @@ def evaluate(run: str | Path, data_dir: str | Path | None = None, *, split: str 
     source = recipe.data(config, None if data_dir is None else Path(data_dir), None, seed)
     section = config.get("retrain") or config["search"]
     dataset = recipe.dataset(config)
-    net = recipe.wrap(recipe.treenet(config, recipe.model_spec(config, section), Tree.load(folder / "tree.json")))
-    try:
-        net.load_state_dict(read_checkpoint(folder / "checkpoints" / "last.pt", "cpu")["model"])
-    except RuntimeError as error:  # weights of another tree, model or width
-        first = str(error).splitlines()[0]
-        raise ValueError(
-            f"{folder}/checkpoints/last.pt does not fit the tree and model of {folder}/config.json ({first})"
-        ) from None
+    net = load_trained(folder).net
     net.to(context.device).eval()
     loader = source.evaluation(split, section)
     if loader is None:

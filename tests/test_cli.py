@@ -29,7 +29,7 @@ TINY = bent_square_toml(
 )
 
 
-@pytest.mark.parametrize("command", [[], ["search"], ["retrain"], ["show"], ["presets"]])
+@pytest.mark.parametrize("command", [[], ["search"], ["retrain"], ["show"], ["presets"], ["export"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*command, "--help"])
