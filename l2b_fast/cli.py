@@ -354,8 +354,11 @@ def _search(args) -> int:
         print(viz.tree_text(json.loads((args.out / "tree.json").read_text())))
         print(
             f"supernet parameters {summary['supernet_parameters']:,}, derived tree "
-            f"{summary['tree_parameters']:,}; {timing['seconds']} s, {timing['images_per_second']} images/s"
+            f"{summary['tree_parameters']:,} ({summary['tree_flops']:,} FLOPs per sample); {timing['seconds']} s, "
+            f"{timing['images_per_second']} images/s"
         )
+        for line in pipeline.budget_lines(summary):
+            print(line)
         for line in recipe.report_lines(summary):
             print(line)
         print(f"wrote {args.out}/tree.json, tree.png, tree.svg, probabilities.png, log.csv, epochs.csv, summary.json")

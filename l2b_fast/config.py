@@ -20,6 +20,8 @@ from l2b_fast.train import TrainConfig
 
 # [retrain] keys the pipeline reads itself (not trainer settings).
 PIPELINE_KEYS = ("baselines",)
+# [search] keys of a budgeted search (TrainConfig fields), not for a fixed tree's training.
+BUDGET_KEYS = ("budget_parameters", "budget_flops", "budget_weight")
 TRAINER_FIELDS = {field.name for field in dataclasses.fields(TrainConfig)} - {"seed", "progress"}
 
 
@@ -78,6 +80,11 @@ def check_config(config: Mapping, source: str) -> None:
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ValueError(f"{source}: unknown [{stage}] settings {unknown}; known: {sorted(known)}")
+        budgets = sorted(key for key in settings if key in BUDGET_KEYS)
+        if stage == "retrain" and budgets:
+            raise ValueError(
+                f"{source}: [retrain] {', '.join(budgets)}: a budget steers the search; set it in [search]"
+            )
         missing = [key for key in recipe.required_keys if key not in settings]
         if missing:
             raise ValueError(f"{source}: [{stage}] needs {', '.join(missing)}")

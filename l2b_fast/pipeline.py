@@ -24,6 +24,7 @@ import torch
 from l2b_fast import config as configs
 from l2b_fast import datasets, viz
 from l2b_fast.nn import parameter_count
+from l2b_fast.nn.cost import TreeCost, module_flops
 from l2b_fast.train import Trainer, distributed
 from l2b_fast.tree import Tree, derive
 
@@ -122,6 +123,10 @@ def search(
         config, recipe, supernet, source, section, out, seed=seed, resume=resume, progress=progress, context=context
     )
     tree = derive(supernet).pruned()
+    treenet = recipe.treenet(config, spec, tree)
+    sample = spec.example_input(1, dtype=next(treenet.parameters()).dtype)
+    tree_parameters, tree_flops = parameter_count(treenet), module_flops(treenet, sample)[0]
+    budget = budget_report(section, supernet, sample, tree_parameters, tree_flops)
     summary = {
         "name": config["name"],
         "seed": seed,
@@ -130,7 +135,9 @@ def search(
         "timing": timing,
         "seconds": timing["seconds"],
         "supernet_parameters": parameter_count(supernet),
-        "tree_parameters": parameter_count(recipe.treenet(config, spec, tree)),
+        "tree_parameters": tree_parameters,
+        "tree_flops": tree_flops,
+        **({"budget": budget} if budget else {}),
         "probabilities": [p.tolist() for p in supernet.probabilities()],
         "environment": _environment(context),
         **recipe.search_report(config, tree, final),
@@ -141,6 +148,48 @@ def search(
         viz.draw_search_pictures(tree.to_dict(), out, config["name"])
     distributed.barrier()
     return summary
+
+
+def budget_report(section: Mapping, supernet, sample, tree_parameters: int, tree_flops: int) -> dict | None:
+    """The ``budget`` entry of ``summary.json`` (None without a budget): per budget set, its value, the derived
+    tree's, the expected value under the final probabilities, whether the tree meets it and by how much it is over;
+    ``met``: all are met."""
+    trees = {"parameters": tree_parameters, "flops": tree_flops}
+    report = {}
+    for kind, tree_value in trees.items():
+        limit = section.get(f"budget_{kind}")
+        if limit is None:
+            continue
+        parameter = next(supernet.parameters())
+        with torch.no_grad():
+            cost = TreeCost.of_supernet(kind, supernet, sample.to(parameter.device))
+            expected = cost.expected(supernet).item()
+        report[kind] = {
+            "budget": limit,
+            "tree": tree_value,
+            "expected": round(expected, 1),
+            "met": tree_value <= limit,
+            "over_by": max(0, tree_value - limit),
+        }
+    if not report:
+        return None
+    return {"met": all(entry["met"] for entry in report.values()), **report}
+
+
+def budget_lines(summary: Mapping) -> list[str]:
+    """The printed lines of a search's budget: met, or by how much the derived tree is over."""
+    lines = []
+    for kind, entry in summary.get("budget", {}).items():
+        if kind == "met":
+            continue
+        unit = "parameters" if kind == "parameters" else "FLOPs per sample"
+        state = (
+            "met"
+            if entry["met"]
+            else f"NOT met: over by {entry['over_by']:,} ({100 * entry['over_by'] / entry['budget']:.1f}%)"
+        )
+        lines.append(f"budget {entry['budget']:,} {unit}: derived tree {entry['tree']:,}, {state}")
+    return lines
 
 
 def retrain(

@@ -43,6 +43,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from l2b_fast.nn.branching import Branching
+from l2b_fast.nn.cost import TreeCost
+from l2b_fast.nn.supernet import TreeSupernet
 from l2b_fast.train import distributed, graphed_step, lr_schedules, schedules
 from l2b_fast.train.checkpoints import atomic_save, read_checkpoint, rng_state, set_rng_state
 from l2b_fast.train.logs import Progress, RunLogs, probability_row
@@ -92,7 +94,11 @@ class TrainConfig:
     samples come from: ``"step"`` (default; :func:`~l2b_fast.train.distributed.step_seed` of the run seed and the
     step, see below) or ``"global"`` (torch's global generator seeded once with ``seed``, one process only: the
     stream the synthetic presets' measured outcomes were found with). ``checkpoint_every``: steps between
-    checkpoints (0: only at the end of each epoch; epochs always end with one).
+    checkpoints (0: only at the end of each epoch; epochs always end with one). ``budget_parameters`` /
+    ``budget_flops``: a search (a model holding a ``TreeSupernet``) adds ``budget_weight * relu(expected - budget)
+    / budget`` to the loss after warmup, ``expected`` the derived tree's expected parameters / FLOPs per sample
+    under the current logits (:mod:`l2b_fast.nn.cost`; FLOPs measured once on the first batch's first sample);
+    ignored when training a fixed tree.
     """
 
     epochs: int
@@ -115,6 +121,9 @@ class TrainConfig:
     sampling: str = "step"
     checkpoint_every: int = 0
     log_every: int = 10
+    budget_parameters: int | None = None
+    budget_flops: int | None = None
+    budget_weight: float = 1.0
     seed: int = 0
     progress: bool = True
 
@@ -147,6 +156,17 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+        for name in ("budget_parameters", "budget_flops"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer (or unset), got {value!r}")
+        weight = self.budget_weight
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not (math.isfinite(weight) and weight > 0)
+        ):
+            raise ValueError(f"budget_weight must be a finite positive number, got {weight!r}")
         first_tau = schedules.from_config(self.tau)(0, 0)  # validates a schedule (not a bare number)
         if not (math.isfinite(first_tau) and first_tau > 0):
             raise ValueError(f"tau must stay finite and positive, got {self.tau!r}")
@@ -400,6 +420,8 @@ class Trainer:
             )
         self._step_seed = torch.zeros(1, dtype=torch.int64, device=self.device) if self._forward_takes_seed else None
         self._generator = torch.Generator(device=self.device) if self._forward_kwargs_generator else None
+        self._budget_net = self._find_budget_net()
+        self.budget_costs: list[tuple[TreeCost, int]] | None = None  # measured at the first forward
         self._build_optimizers()
         self.graphed_step = graphed_step.GraphedStep(self) if config.cuda_graph else None  # ValueError off CUDA
         self.tau = schedules.from_config(config.tau)
@@ -485,6 +507,30 @@ class Trainer:
             options = self.config.compile if isinstance(self.config.compile, dict) else {}
             model = torch.compile(model, **options)
         return model
+
+    def _find_budget_net(self) -> TreeSupernet | None:
+        """The supernet whose expected size the budget penalises (None: no budget, or not a search)."""
+        if not self.searching or (self.config.budget_parameters is None and self.config.budget_flops is None):
+            return None
+        nets = [module for module in self.module.modules() if isinstance(module, TreeSupernet)]
+        if not nets:
+            raise ValueError(
+                f"budget_parameters / budget_flops need a TreeSupernet; {type(self.module).__name__} holds none"
+            )
+        return nets[0]
+
+    def _budget_penalty(self, inputs) -> torch.Tensor:
+        """``budget_weight * relu(expected - budget) / budget`` summed over the budgets set (a 0-d float64)."""
+        if self.budget_costs is None:
+            limits = (("parameters", self.config.budget_parameters), ("flops", self.config.budget_flops))
+            sample = inputs[:1] if isinstance(inputs, torch.Tensor) else None
+            self.budget_costs = [
+                (TreeCost.of_supernet(kind, self._budget_net, sample), limit) for kind, limit in limits if limit
+            ]
+        penalty = 0.0
+        for cost, limit in self.budget_costs:
+            penalty = penalty + torch.relu(cost.expected(self._budget_net) - limit) / limit
+        return self.config.budget_weight * penalty
 
     def _build_optimizers(self) -> None:
         config, optimizer = self.config, OPTIMIZERS[self.config.optimizer]
@@ -680,6 +726,8 @@ class Trainer:
                 outputs = self.model(inputs)
             losses = self.losses(outputs, targets, masks)
             loss = sum(self.alpha[task] * losses[task] for task in self.tasks)
+            if self._budget_net is not None and not frozen:  # the budget steers the logits only after warmup
+                loss = loss + self._budget_penalty(inputs).to(loss.dtype)
             if frozen and self.ddp is not None:
                 # Frozen logits take no gradient, which DDP (find_unused_parameters=False) reports as an
                 # error at the next step: tie them in with weight 0, so their gradient exists and is zero.
