@@ -3,8 +3,9 @@
 Each attribute is one task (a leaf of the tree), predicted as one logit per image (``[B]`` or ``[B, 1]``).
 The loader yields ``{"attributes": float [B, 40]}`` with 0/1 labels and ``{"attributes": bool [B, 40]}`` label
 masks (:func:`l2b_fast.datasets.celeba.loaders.celeba_loader`); :meth:`CelebA.task_targets` splits them into one
-``[B]`` target and mask per attribute, and losses and metrics count only the labelled examples. Loss: binary cross-entropy on the logit ("40 cross-entropy losses with equal weightings");
-metric: accuracy of ``logit > 0`` per attribute and their mean over the attributes, in percent (Table 1).
+``[B]`` target and mask per attribute, and losses and metrics count only the labelled examples. Loss: binary
+cross-entropy on the logit ("40 cross-entropy losses with equal weightings"); metric: accuracy of ``logit > 0``
+per attribute and their mean over the attributes, in percent (Table 1).
 """
 
 from __future__ import annotations
