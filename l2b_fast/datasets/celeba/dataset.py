@@ -156,8 +156,10 @@ class CelebA(MultiTaskDataset):
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         if mask is None:
             return F.binary_cross_entropy_with_logits(logits.to(dtype), target.to(dtype))
-        per_example = F.binary_cross_entropy_with_logits(logits.to(dtype), target.to(dtype), reduction="none")
-        # where(), not a product: an unlabelled example's target may be anything, and 0 * inf would be NaN
+        # an unlabelled example's target may be anything (NaN included): replace it before the loss sees it, and
+        # drop its term with where() (not a product, which would turn an infinite term into NaN)
+        safe_target = torch.where(mask, target.to(dtype), torch.zeros((), dtype=dtype, device=target.device))
+        per_example = F.binary_cross_entropy_with_logits(logits.to(dtype), safe_target, reduction="none")
         kept = torch.where(mask, per_example, torch.zeros_like(per_example))
         return kept.sum() / mask.sum().clamp_min(1).to(dtype)
 
