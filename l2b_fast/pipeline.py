@@ -367,6 +367,7 @@ def evaluate(run: str | Path, data_dir: str | Path | None = None, *, split: str 
         "parameters": parameters,
         "split": split,
         "samples": metrics.samples,
+        "labelled": metrics.labelled(),
         "manifest_samples": counts["manifest_samples"],
         "missing_samples": counts["missing_samples"],
         "skipped_samples": counts["skipped_samples"],

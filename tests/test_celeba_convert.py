@@ -362,7 +362,8 @@ def test_shards_load_through_the_celeba_loader(raw, tmp_path):
         with_keys=True,
     )
     seen = []
-    for rgb, targets, keys in loader:
+    for rgb, targets, masks, keys in loader:
+        assert bool(masks["attributes"].all())
         assert rgb.shape[1:] == (3, HEIGHT, WIDTH) and rgb.min() >= -1 and rgb.max() <= 1
         for image, attributes, key in zip(rgb.numpy(), targets["attributes"].numpy(), keys, strict=True):
             decoded = (

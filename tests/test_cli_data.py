@@ -93,7 +93,7 @@ def test_conversion_where_every_view_is_skipped_fails_without_a_manifest(tmp_pat
     assert cli.main(["data", "taskonomy", "--root", str(root), "--out", str(out)]) == 2
     assert "no sample could be converted: all 1 were skipped" in capsys.readouterr().err
     assert sorted(path.name for path in out.iterdir()) == ["skipped.tsv"]  # no manifest, no progress file, no shard
-    assert "missing depth_zbuffer" in (out / "skipped.tsv").read_text()
+    assert "cannot decode point_0_view_0_domain_rgb.png" in (out / "skipped.tsv").read_text()  # rgb comes first
     assert cli.main(["data", "taskonomy", "--root", str(root), "--out", str(out)]) == 2  # a rerun is not refused
     assert "no sample could be converted" in capsys.readouterr().err
 

@@ -460,8 +460,9 @@ def test_celeba_loader(tmp_path):
             )
     batches = list(CL.celeba_loader([str(path)], batch_size=2, train=False, rank=0, world_size=1))
     assert [b[0].shape[0] for b in batches] == [2, 2, 1]
-    rgb, targets = batches[0]
+    rgb, targets, masks = batches[0]
     assert rgb.shape == (2, 3, 12, 10) and targets["attributes"].shape == (2, 40)
+    assert masks["attributes"].dtype == torch.bool and bool(masks["attributes"].all())  # no labels.json: all labelled
     assert set(targets["attributes"].unique().tolist()) <= {0.0, 1.0}
     train = CL.celeba_loader(
         [str(path)], batch_size=2, train=True, size=8, epoch_samples=6, world_size=1, shuffle_buffer=4

@@ -142,6 +142,7 @@ def test_search_retrain_evaluate_through_the_api(tmp_path):
     result = pipeline.evaluate(tmp_path / "run", data, split="test")
     written = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert written["split"] == "test" and written["samples"] == 4 == written["manifest_samples"]
+    assert written["labelled"] == dict.fromkeys(tree.tasks, 4)  # no labels.json in these shards: all labelled
     assert written["parameters"] == summary["tree_parameters"] and set(written["tasks"]) == set(tree.tasks)
     accuracies = [metrics["accuracy"] for metrics in written["tasks"].values()]
     assert all(value in (0.0, 25.0, 50.0, 75.0, 100.0) for value in accuracies)  # 4 test samples per attribute

@@ -12,7 +12,9 @@ from PIL import Image
 
 pytest.importorskip("webdataset")
 
+from l2b_fast.data import shards  # noqa: E402
 from l2b_fast.datasets.taskonomy import convert as tc  # noqa: E402
+from l2b_fast.datasets.taskonomy.protocol import TASKS  # noqa: E402
 
 OLD_NAMES = {
     "depth_zbuffer": "depth",
@@ -57,7 +59,8 @@ def write_raw(root, layout: str, building: str, point: int, view: int, arrays: d
 
 @pytest.fixture(scope="module")
 def raw_tree(tmp_path_factory):
-    """3 train buildings (one per layout), 1 val, 1 test; one view with a missing file, one corrupt."""
+    """3 train buildings (one per layout), 1 val, 1 test; in train, one view with a missing task file, one with a
+    corrupt task file (both kept with the other tasks), one with a corrupt rgb and one with no task (skipped)."""
     root = tmp_path_factory.mktemp("raw")
     rng = np.random.default_rng(0)
     expected = {}
@@ -74,6 +77,8 @@ def raw_tree(tmp_path_factory):
             expected[f"{building}_point_7_view_{view}"] = arrays
     write_raw(root, "flat", "merom", 9, 0, raw_arrays(rng), skip=("normal",))
     write_raw(root, "2018", "klickitat", 9, 0, raw_arrays(rng), corrupt=("depth_zbuffer",))
+    write_raw(root, "flat", "merom", 9, 1, raw_arrays(rng), corrupt=("rgb",))
+    write_raw(root, "omnidata", "hanson", 9, 0, raw_arrays(rng), skip=tuple(TASKS))
     write_raw(root, "flat", "nothere", 1, 0, raw_arrays(rng))  # a building outside the split
     return root, expected
 
@@ -88,15 +93,20 @@ def read_shards(out, names):
     return samples
 
 
-def test_converts_every_layout_and_skips_bad_views(raw_tree, tmp_path):
+def test_converts_every_layout_keeps_partial_views_and_skips_bad_ones(raw_tree, tmp_path):
     root, expected = raw_tree
     manifest = tc.convert(root, tmp_path, size=256, samples_per_shard=4, progress=False)
-    assert manifest["splits"]["train"]["total"] == 6 and manifest["splits"]["train"]["skipped"] == 2
+    train = manifest["splits"]["train"]
+    assert train["total"] == 8 and train["skipped"] == 2 and train["samples"] == [4, 4]
     assert manifest["splits"]["val"]["total"] == 2 and manifest["splits"]["test"]["total"] == 2
-    assert manifest["splits"]["train"]["samples"] == [4, 2]
+    assert train["labels"] == {
+        task: 8 if task in ("segment_semantic", "keypoints2d", "edge_texture") else 7 for task in TASKS
+    }
+    assert manifest["splits"]["val"]["labels"] == dict.fromkeys(TASKS, 2)
     samples = read_shards(tmp_path, [s for split in manifest["splits"].values() for s in split["shards"]])
-    assert set(samples) == set(expected)
+    assert set(samples) == set(expected) | {"merom_point_9_view_0", "klickitat_point_9_view_0"}
     for key, arrays in expected.items():
+        assert "labels.json" not in samples[key]  # a view with every task has no labels.json
         for domain, array in arrays.items():
             decoded = np.asarray(Image.open(io.BytesIO(samples[key][f"{domain}.png"])))
             np.testing.assert_array_equal(decoded, array[::2, ::2])  # cv2 nearest, 16-bit kept
@@ -106,8 +116,31 @@ def test_converts_every_layout_and_skips_bad_views(raw_tree, tmp_path):
         samples["hanson_point_7_view_0"]["depth_zbuffer.png"]
         and np.asarray(Image.open(io.BytesIO(samples["hanson_point_7_view_0"]["depth_zbuffer.png"]))).max() == 65535
     )
+    for key, lost in (("merom_point_9_view_0", "normal"), ("klickitat_point_9_view_0", "depth_zbuffer")):
+        assert json.loads(samples[key]["labels.json"]) == [task for task in TASKS if task != lost]
+        assert f"{lost}.png" not in samples[key] and "rgb.png" in samples[key]
     log = (tmp_path / "skipped.tsv").read_text()
-    assert "merom_point_9_view_0\tmissing normal" in log and "klickitat_point_9_view_0\tcannot decode" in log
+    assert "merom_point_9_view_1\tcannot decode" in log and "hanson_point_9_view_0\tno task label" in log
+    assert "merom_point_9_view_0" not in log and "klickitat_point_9_view_0" not in log
+
+
+def test_partial_views_load_with_their_task_unlabelled(raw_tree, tmp_path):
+    from l2b_fast.datasets.taskonomy.loaders import taskonomy_eval_loader
+
+    root, _ = raw_tree
+    tc.convert(root, tmp_path, size=256, samples_per_shard=4, progress=False)
+    loader = taskonomy_eval_loader(
+        shards.shard_paths(tmp_path, "train"), batch_size=4, size=32, rank=0, world_size=1, with_keys=True
+    )
+    seen = {}
+    for _, targets, masks, keys in loader:
+        for index, key in enumerate(keys):
+            seen[key] = {task: bool(mask[index].any()) for task, mask in masks.items()}
+            if key == "klickitat_point_9_view_0":
+                assert not seen[key]["depth_zbuffer"]
+    assert seen["merom_point_9_view_0"] == {task: task != "normal" for task in TASKS}
+    assert seen["klickitat_point_9_view_0"] == {task: task != "depth_zbuffer" for task in TASKS}
+    assert seen["hanson_point_7_view_0"]["normal"] and len(seen) == 8
 
 
 def test_resume_after_interruption_matches_a_full_run(raw_tree, tmp_path):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from l2b_fast.data import shards
+from l2b_fast.data.labels import LABELS_MEMBER
 from l2b_fast.data.shards import PROGRESS, SKIPPED_LOG
 
 __all__ = ["ResumableConversion", "error_reason", "PROGRESS", "SKIPPED_LOG"]
@@ -90,8 +91,18 @@ class ResumableConversion:
             with log.open("r+b") as stream:
                 stream.truncate(self.state["skipped_log_bytes"])
 
-    def pack(self, split: str, items: Sequence[Item], key: Callable[[Item], str], load: Callable[[Item], dict]) -> bool:
+    def pack(
+        self,
+        split: str,
+        items: Sequence[Item],
+        key: Callable[[Item], str],
+        load: Callable[[Item], dict],
+        tasks: Sequence[str] | None = None,
+    ) -> bool:
         """Packs ``split``'s ``items`` (in their final order) from where an earlier run stopped.
+
+        ``tasks``: count each task's labelled samples into the split's ``labels`` (a sample's ``labels.json``
+        member lists its tasks; without one it has them all), committed with each shard like the rest.
 
         ``key(item)``: the sample key (no '.'), also naming the item in the skip log. ``load(item)``: the
         sample's members ``{name: bytes}``, or ValueError (its message is the logged reason) to skip the item.
@@ -114,6 +125,11 @@ class ResumableConversion:
                 shards.write_tar(self.out / name, batch)
                 entry["shards"].append(name)
                 entry["samples"].append(len(batch))
+                if tasks is not None:
+                    labels = entry.setdefault("labels", dict.fromkeys(tasks, 0))
+                    for sample in batch:
+                        for task in json.loads(sample[LABELS_MEMBER]) if LABELS_MEMBER in sample else tasks:
+                            labels[task] += 1
                 self._commit(entry, scanned, skipped)
                 self.shards_written += 1
                 if self.progress:
@@ -154,6 +170,7 @@ class ResumableConversion:
                 "samples": entry["samples"],
                 "total": sum(entry["samples"]),
                 "skipped": entry["skipped"],
+                **({"labels": entry["labels"]} if "labels" in entry else {}),
             }
             for split, entry in self.state["splits"].items()
         }

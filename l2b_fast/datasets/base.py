@@ -136,6 +136,11 @@ class MetricAccumulator(abc.ABC):
     def compute(self) -> dict[str, dict[str, float]]:
         """``{task: {metric: value}}`` over everything accumulated (NaN where nothing counted)."""
 
+    def labelled(self) -> dict[str, int]:
+        """``{task: samples labelled with it}`` so far; this default says every sample has every task's label
+        (data sets with partial labels override it)."""
+        return {task: self.samples for task in self.compute()}
+
     @abc.abstractmethod
     def summary(self) -> dict[str, float]:
         """Our values of the paper's table columns, ``{column name: value}``."""

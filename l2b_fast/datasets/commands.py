@@ -35,7 +35,8 @@ def conversion_command(
 
 
 def generator_command(name: str, what: str, generate: Callable[..., dict], default_size: int) -> DataCommand:
-    """``l2b data NAME --out DIR --n N``: ``generate(out, n, size, seed=, samples_per_shard=, overwrite=)``."""
+    """``l2b data NAME --out DIR --n N``: ``generate(out, n, size, seed=, samples_per_shard=, overwrite=,
+    label_fraction=)``."""
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -49,10 +50,20 @@ def generator_command(name: str, what: str, generate: Callable[..., dict], defau
             help="replace the shard set already in OUT (its shards, manifest and logs are deleted first; "
             "other files make it refuse)",
         )
+        parser.add_argument(
+            "--label-fraction",
+            type=float,
+            default=1.0,
+            metavar="F",
+            help="each example keeps each task's label with probability F, 0 < F <= 1, at least one task per "
+            "example (seeded by --seed; default 1: every label)",
+        )
 
     def run(args: argparse.Namespace) -> dict:
         if args.n < 1:
             raise ValueError("--n must be >= 1")
+        if not 0.0 < args.label_fraction <= 1.0:  # also refuses NaN
+            raise ValueError(f"--label-fraction must lie in (0, 1], got {args.label_fraction}")
         return generate(
             args.out,
             args.n,
@@ -60,6 +71,7 @@ def generator_command(name: str, what: str, generate: Callable[..., dict], defau
             seed=args.seed,
             samples_per_shard=args.samples_per_shard,
             overwrite=args.overwrite,
+            label_fraction=args.label_fraction,
         )
 
     return DataCommand(

@@ -1,10 +1,11 @@
 """CelebA's 40 binary attributes as 40 tasks (the paper's Sec. 4.2): losses, Table 1's mean accuracy, the paper's rows.
 
 Each attribute is one task (a leaf of the tree), predicted as one logit per image (``[B]`` or ``[B, 1]``).
-The loader yields ``{"attributes": float [B, 40]}`` with 0/1 labels
-(:func:`l2b_fast.datasets.celeba.loaders.celeba_loader`); :meth:`CelebA.task_targets` splits it into one ``[B]``
-target per attribute. Loss: binary cross-entropy on the logit ("40 cross-entropy losses with equal weightings");
-metric: accuracy of ``logit > 0`` per attribute and their mean over the attributes, in percent (Table 1).
+The loader yields ``{"attributes": float [B, 40]}`` with 0/1 labels and ``{"attributes": bool [B, 40]}`` label
+masks (:func:`l2b_fast.datasets.celeba.loaders.celeba_loader`); :meth:`CelebA.task_targets` splits them into one
+``[B]`` target and mask per attribute, and losses and metrics count only the labelled examples. Loss: binary
+cross-entropy on the logit ("40 cross-entropy losses with equal weightings"); metric: accuracy of ``logit > 0``
+per attribute and their mean over the attributes, in percent (Table 1).
 """
 
 from __future__ import annotations
@@ -112,14 +113,24 @@ class CelebA(MultiTaskDataset):
         return tuple(TaskSpec(name, 1, "binary cross-entropy", ("accuracy",)) for name in self.attributes)
 
     def task_targets(self, targets, masks=None):
-        """``{"attributes": [B, 40]}`` (the loader's) -> ``{attribute: [B]}``; masks are not used (None)."""
+        """``{"attributes": [B, 40]}`` (the loader's) -> ``{attribute: [B]}``; the loader's label masks
+        ``{"attributes": bool [B, 40]}`` -> ``{attribute: bool [B]}`` (None: every example labelled)."""
         table = targets.get("attributes") if isinstance(targets, dict) else None
         if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != len(ATTRIBUTES):
             raise ValueError(
                 f"CelebA targets must be {{'attributes': [B, {len(ATTRIBUTES)}]}} as celeba_loader yields, got "
                 f"{_describe(table)}"
             )
-        return {name: table[:, ATTRIBUTES.index(name)] for name in self.attributes}, None
+        split = {name: table[:, ATTRIBUTES.index(name)] for name in self.attributes}
+        labelled = None if masks is None else masks.get("attributes")
+        if labelled is None:
+            return split, None
+        if not isinstance(labelled, torch.Tensor) or labelled.dtype != torch.bool or labelled.shape != table.shape:
+            raise ValueError(
+                f"CelebA masks must be {{'attributes': bool {list(table.shape)}}} as celeba_loader yields, got "
+                f"{_describe(labelled)}"
+            )
+        return split, {name: labelled[:, ATTRIBUTES.index(name)] for name in self.attributes}
 
     def _logits(self, task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if task not in self.attributes:
@@ -131,11 +142,26 @@ class CelebA(MultiTaskDataset):
             raise ValueError(f"{task}: target must be [B] = [{pred.shape[0]}] labels 0/1, got {_describe(target)}")
         return pred[:, 0]
 
+    def _check_mask(self, task: str, mask, batch: int) -> None:
+        if mask is not None and (
+            not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (batch,)
+        ):
+            raise ValueError(f"{task}: label mask must be bool [B] = [{batch}], got {_describe(mask)}")
+
     def loss(self, task, pred, target, mask=None):
-        """Binary cross-entropy of the logit, averaged over the batch (``mask`` is not used)."""
+        """Binary cross-entropy of the logit, averaged over the examples labelled with ``task`` (``mask`` bool
+        [B], None: all). A batch without any such example gives 0 with a zero gradient (never NaN)."""
         logits = self._logits(task, pred, target)
+        self._check_mask(task, mask, logits.shape[0])
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        return F.binary_cross_entropy_with_logits(logits.to(dtype), target.to(dtype))
+        if mask is None:
+            return F.binary_cross_entropy_with_logits(logits.to(dtype), target.to(dtype))
+        # an unlabelled example's target may be anything (NaN included): replace it before the loss sees it, and
+        # drop its term with where() (not a product, which would turn an infinite term into NaN)
+        safe_target = torch.where(mask, target.to(dtype), torch.zeros((), dtype=dtype, device=target.device))
+        per_example = F.binary_cross_entropy_with_logits(logits.to(dtype), safe_target, reduction="none")
+        kept = torch.where(mask, per_example, torch.zeros_like(per_example))
+        return kept.sum() / mask.sum().clamp_min(1).to(dtype)
 
     def metrics(self) -> CelebAMetrics:
         return CelebAMetrics(self)
@@ -149,15 +175,17 @@ def _describe(value) -> str:
 
 
 class CelebAMetrics(MetricAccumulator):
-    """Correct predictions (``logit > 0`` vs label > 0.5) per attribute and the sample count."""
+    """Correct predictions (``logit > 0`` vs label > 0.5) and labelled examples per attribute, and the sample
+    count: an attribute's accuracy counts only the examples labelled with it."""
 
     def __init__(self, dataset: CelebA):
         self.dataset = dataset
-        super().__init__(sums={}, counts={"correct": (len(dataset.attributes),)})
+        tasks = (len(dataset.attributes),)
+        super().__init__(sums={}, counts={"correct": tasks, "labelled": tasks})
 
     @torch.no_grad()
     def update(self, outputs, targets, masks=None):
-        correct, batch = [], None
+        correct, labelled, batch = [], [], None
         for task in self.dataset.attributes:
             if task not in outputs or task not in targets:
                 raise ValueError(f"update: no {'output' if task not in outputs else 'target'} for attribute {task!r}")
@@ -165,20 +193,29 @@ class CelebAMetrics(MetricAccumulator):
             if batch is not None and logits.shape[0] != batch:
                 raise ValueError(f"update: attribute {task!r} has batch {logits.shape[0]}, another {batch}")
             batch = logits.shape[0]
-            correct.append(((logits > 0) == (targets[task] > 0.5)).sum())
+            mask = None if masks is None else masks.get(task)
+            self.dataset._check_mask(task, mask, batch)
+            hits = (logits > 0) == (targets[task] > 0.5)
+            correct.append((hits if mask is None else hits & mask).sum())
+            labelled.append(torch.tensor(batch, device=logits.device) if mask is None else mask.sum())
         self._add("correct", torch.stack(correct))
+        self._add("labelled", torch.stack(labelled))
         self._add("samples", torch.tensor(batch, device=self.counts["samples"].device))
 
+    def labelled(self) -> dict[str, int]:
+        """``{attribute: examples labelled with it}`` accumulated so far."""
+        return dict(zip(self.dataset.attributes, self.counts["labelled"].tolist()))
+
     def compute(self):
-        samples = self.samples
         return {
-            name: {"accuracy": 100.0 * int(count) / samples if samples else math.nan}
-            for name, count in zip(self.dataset.attributes, self.counts["correct"].tolist())
+            name: {"accuracy": 100.0 * int(count) / labelled if labelled else math.nan}
+            for (name, labelled), count in zip(self.labelled().items(), self.counts["correct"].tolist())
         }
 
     def summary(self):
-        accuracies = [values["accuracy"] for values in self.compute().values()]
-        return {"mean_accuracy": sum(accuracies) / len(accuracies)}
+        """Mean accuracy over the attributes with at least one labelled example (NaN if none has one)."""
+        accuracies = [values["accuracy"] for values in self.compute().values() if not math.isnan(values["accuracy"])]
+        return {"mean_accuracy": sum(accuracies) / len(accuracies) if accuracies else math.nan}
 
     def describe(self):
         return {"kind": type(self).__name__, **self.dataset.describe()}

@@ -1,4 +1,6 @@
-"""CelebA shards -> batches of ``(rgb in [-1, 1], {"attributes": [B, 40] 0/1})``, and the CelebA transforms."""
+"""CelebA shards -> batches of ``(rgb in [-1, 1], {"attributes": [B, 40] 0/1}, {"attributes": [B, 40] bool})``,
+and the CelebA transforms. The mask says which attributes each example is labelled with (its ``labels.json``
+member; an example without one has every label)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import torch
 
 from l2b_fast.data.images import CorruptSampleError, decode_image, resize_rgb
 from l2b_fast.data.loader import SkipCounter, build_loader, wds
+from l2b_fast.datasets.celeba.dataset import ATTRIBUTES
 
-__all__ = ["celeba_loader", "celeba_augment", "celeba_to_targets"]
+__all__ = ["celeba_loader", "celeba_augment", "celeba_to_targets", "celeba_label_mask"]
 
 
 # -------------------------------------------------------------------------------------------------- CelebA
@@ -35,7 +38,7 @@ class _CelebaConvert:
         if self.train:
             image = celeba_augment(image, rng, flip=self.flip)
         rgb, attrs = celeba_to_targets(image, attributes)
-        return rgb, {"attributes": attrs}
+        return rgb, {"attributes": attrs}, {"attributes": celeba_label_mask(sample.get("labels.json"))}
 
 
 def celeba_loader(
@@ -55,7 +58,10 @@ def celeba_loader(
     pin_memory: bool | None = None,
     skip_counter: SkipCounter | None = None,
 ) -> wds.WebLoader:
-    """CelebA shards -> ``(rgb [B,3,H,W] in [-1, 1], {"attributes": [B,40] float 0/1})``.
+    """CelebA shards -> ``(rgb [B,3,H,W] in [-1, 1], {"attributes": [B,40] float 0/1}, {"attributes": [B,40] bool})``.
+
+    The mask is True where the example is labelled with that attribute (:func:`celeba_label_mask`); the target
+    of an unlabelled attribute is meaningless and counts in no loss or metric.
 
     ``train=True``: resampled + shuffled + random horizontal flip, ``epoch_samples`` required (as for
     Taskonomy). ``train=False``: one deterministic pass over ``urls[rank::world_size]``. ``size`` resizes
@@ -97,3 +103,21 @@ def celeba_to_targets(image: np.ndarray, attributes) -> tuple[torch.Tensor, torc
         (image.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)).transpose(2, 0, 1)
     )
     return torch.from_numpy(rgb), torch.from_numpy((attrs > 0).astype(np.float32))
+
+
+def celeba_label_mask(labels_json) -> torch.Tensor:
+    """A sample's ``labels.json`` member (a JSON list of the attribute names it is labelled with; None: the
+    member is absent, every attribute is labelled) -> bool [40] in :data:`ATTRIBUTES` order."""
+    if labels_json is None:
+        return torch.ones(len(ATTRIBUTES), dtype=torch.bool)
+    try:
+        names = json.loads(labels_json)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptSampleError(f"labels.json is not JSON: {error}") from error
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise CorruptSampleError("labels.json must be a list of attribute names")
+    unknown = sorted(set(names) - set(ATTRIBUTES))
+    if unknown:
+        raise CorruptSampleError(f"labels.json names unknown attribute(s): {', '.join(unknown[:3])}")
+    present = set(names)
+    return torch.tensor([name in present for name in ATTRIBUTES], dtype=torch.bool)

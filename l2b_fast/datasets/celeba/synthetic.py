@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from l2b_fast.data.labels import LABELS_MEMBER, check_label_fraction, count_labels, sample_labels
 from l2b_fast.data.shards import encode_png, prepare_output_dir, split_counts, write_manifest, write_split
 from l2b_fast.datasets.celeba.dataset import ATTRIBUTES
 
@@ -231,6 +232,7 @@ def generate(
     samples_per_shard: int = 1000,
     splits=(("train", 0.8), ("val", 0.1), ("test", 0.1)),
     overwrite: bool = False,
+    label_fraction: float = 1.0,
 ) -> dict:
     """Write ``n`` synthetic faces as CelebA shards + ``manifest.json`` in ``out_dir``; return the manifest.
 
@@ -240,7 +242,13 @@ def generate(
     Keys are image stems ``000001``, ``000002``... numbered across splits like CelebA's list_eval_partition;
     members: ``png`` (uint8 RGB), ``attr.json`` ({"attributes": [40 ints 0/1]}), ``json``
     ({"image": "000001.png", "split": split}). Sample i uses ``np.random.default_rng([seed, i])``.
+
+    ``label_fraction`` < 1: each face keeps each attribute's label with that probability (at least one), drawn
+    from ``np.random.default_rng([seed, i, 1])`` (the images do not change); it gets a ``labels.json`` member
+    (the kept attribute names), its other attributes are written as 0 in ``attr.json``, and each split's
+    manifest entry counts the labels per attribute (``"labels"``).
     """
+    label_fraction = check_label_fraction(label_fraction)
     if n < 0:
         raise ValueError(f"need n >= 0 samples, got {n}")
     if size < MIN_SIZE:
@@ -249,20 +257,28 @@ def generate(
     prepare_output_dir(out_dir, overwrite=overwrite)
     entries, start = {}, 1
     for split, count in parts:
+        kept_labels: list[list[str]] = []
 
-        def samples(split=split, first=start, count=count):
+        def samples(split=split, first=start, count=count, kept_labels=kept_labels):
             for index in range(first, first + count):
                 rng = np.random.default_rng([seed, index])
                 attrs = sample_attributes(rng)
                 stem = f"{index:06d}"
-                yield {
+                sample = {
                     "__key__": stem,
                     "png": encode_png(render_face(attrs, size, rng), compress_level=1),
-                    "attr.json": {"attributes": [int(v) for v in attrs]},
                     "json": {"image": f"{stem}.png", "split": split},
                 }
+                labels = list(ATTRIBUTES)
+                if label_fraction < 1.0:
+                    labels = sample_labels(ATTRIBUTES, label_fraction, np.random.default_rng([seed, index, 1]))
+                    attrs = np.where(np.isin(ATTRIBUTES, labels), attrs, 0)  # no unlabelled value leaks
+                    sample[LABELS_MEMBER] = labels
+                kept_labels.append(labels)
+                yield {**sample, "attr.json": {"attributes": [int(v) for v in attrs]}}
 
         entries[split] = write_split(samples(), out_dir, split, samples_per_shard=samples_per_shard)
+        entries[split]["labels"] = count_labels(ATTRIBUTES, kept_labels)
         start += count
     return write_manifest(
         out_dir,
@@ -273,4 +289,5 @@ def generate(
         created_by="l2b_fast.datasets.celeba.synthetic",
         synthetic=True,
         attributes=list(ATTRIBUTES),
+        label_fraction=label_fraction,
     )

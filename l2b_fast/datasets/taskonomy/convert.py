@@ -7,9 +7,11 @@ Reads any of the three raw layouts with either domain-name set:
 - ``{root}/{building}/{domain}/...`` (the 2018 release, with ``depth``, ``segmentsemantic``, ``edge2d``,
   ``keypoint2d`` as domain names),
 
-keeps the views of the split's buildings that have all six modalities and decode, resizes 512 -> 256 by
-cv2-equivalent nearest (``a[::2, ::2]``), shuffles the views across buildings with a fixed seed and packs
-~``samples_per_shard`` views per shard. Missing or undecodable views are skipped and logged to
+keeps the views of the split's buildings whose rgb decodes, resizes 512 -> 256 by cv2-equivalent nearest
+(``a[::2, ::2]``), shuffles the views across buildings with a fixed seed and packs ~``samples_per_shard`` views
+per shard. A view whose rgb is valid but some task's file is missing or corrupt is kept with the tasks it has:
+its ``labels.json`` member lists them (a view with every task has no such member) and the manifest counts each
+split's labels per task (``"labels"``). Views without a valid rgb or without any task are skipped and logged to
 ``skipped.tsv``. Every finished shard is renamed into place and recorded in ``progress.json``, so an
 interrupted conversion resumes after its last finished shard without duplicating or losing views
 (:mod:`l2b_fast.data.resumable`).
@@ -25,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from l2b_fast.data import shards
+from l2b_fast.data.labels import LABELS_MEMBER
 from l2b_fast.data.resumable import ResumableConversion, error_reason
+from l2b_fast.datasets.taskonomy.protocol import TASKS
 
 DOMAINS = ("rgb", "depth_zbuffer", "normal", "edge_texture", "keypoints2d", "segment_semantic")
 DOMAIN_ALIASES = {
@@ -99,18 +103,33 @@ def decode(path: Path, domain: str) -> np.ndarray:
     return array[..., :3] if channels == 3 else array
 
 
+def _load_domain(files: dict[str, Path], domain: str, size: int) -> bytes:
+    """One domain's file at ``size`` as PNG bytes, or ValueError naming what is wrong."""
+    if domain not in files:
+        raise ValueError(f"missing {domain}")
+    array = decode(files[domain], domain)
+    if array.shape[0] != array.shape[1] or array.shape[0] % size:
+        raise ValueError(f"{files[domain].name}: {array.shape[:2]} cannot be resized to {size}x{size} by nearest")
+    step = array.shape[0] // size
+    return shards.encode_png(np.ascontiguousarray(array[::step, ::step]))  # cv2 INTER_NEAREST
+
+
 def load_view(files: dict[str, Path], size: int) -> dict[str, bytes]:
-    """The six members of one view at ``size`` (512 or 256), or ValueError naming what is wrong."""
-    missing = [domain for domain in DOMAINS if domain not in files]
-    if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
-    members = {}
-    for domain in DOMAINS:
-        array = decode(files[domain], domain)
-        if array.shape[0] != array.shape[1] or array.shape[0] % size:
-            raise ValueError(f"{files[domain].name}: {array.shape[:2]} cannot be resized to {size}x{size} by nearest")
-        step = array.shape[0] // size
-        members[f"{domain}.png"] = shards.encode_png(np.ascontiguousarray(array[::step, ::step]))  # cv2 INTER_NEAREST
+    """The members of one view at ``size`` (512 or 256): rgb and every task whose file is there and decodes,
+    with ``labels.json`` (the tasks kept) when one is missing or corrupt; ValueError if the rgb is missing or
+    corrupt or no task is usable."""
+    members = {"rgb.png": _load_domain(files, "rgb", size)}
+    problems = []
+    for domain in DOMAINS[1:]:
+        try:
+            members[f"{domain}.png"] = _load_domain(files, domain, size)
+        except ValueError as error:
+            problems.append(str(error))
+    labels = [domain for domain in DOMAINS[1:] if f"{domain}.png" in members]
+    if not labels:
+        raise ValueError(f"no task label: {'; '.join(problems)}")
+    if problems:
+        members[LABELS_MEMBER] = json.dumps([task for task in TASKS if task in labels]).encode()
     return members
 
 
@@ -167,6 +186,6 @@ def convert(
             meta = {"building": building, "point": point, "view": view, "size": size}
             return {**load_view(views[key], size), "json": json.dumps(meta).encode()}
 
-        if not conversion.pack(part, order, view_name, load):
+        if not conversion.pack(part, order, view_name, load, tasks=TASKS):
             return {}
     return conversion.manifest("taskonomy", size, seed, created_by="l2b_fast.datasets.taskonomy.convert")

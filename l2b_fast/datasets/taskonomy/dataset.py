@@ -330,7 +330,10 @@ class TaskonomyMetrics(MetricAccumulator):
         ]
         super().__init__(
             sums={f"{task}/{metric}/{part}": () for task, metric in self.names for part in self.PARTS},
-            counts={f"{task}/{metric}/images": () for task, metric in self.names},
+            counts={
+                **{f"{task}/{metric}/images": () for task, metric in self.names},
+                **{f"{task}/labelled": () for task in dataset.tasks},
+            },
         )
 
     @staticmethod
@@ -363,6 +366,7 @@ class TaskonomyMetrics(MetricAccumulator):
             batch = pred.shape[0]
             if task == "segment_semantic":
                 counted = target != IGNORE_INDEX
+                self._add(f"{task}/labelled", counted.flatten(1).any(1).sum())
                 if dataset.segmentation_mask == "paper":
                     counted &= target != 0  # background and uncertain pixels (both class 0)
                 names = self.metric_names(task, dataset.segmentation_mask)
@@ -375,12 +379,18 @@ class TaskonomyMetrics(MetricAccumulator):
                     if mask is None
                     else mask
                 )
+                self._add(f"{task}/labelled", counted.flatten(1).any(1).sum())
                 self._accumulate(
                     task,
                     self.metric_names(task, dataset.segmentation_mask)[0],
                     *dataset.pixel_terms(task, pred, target, counted),
                 )
         self._add("samples", torch.tensor(batch or 0, device=self.counts["samples"].device))
+
+    def labelled(self) -> dict[str, int]:
+        """``{task: images with at least one counted pixel of it}`` (an unlabelled image has none; segmentation
+        counts the pixels that are not padding, whatever the metric's rule)."""
+        return {task: int(self.counts[f"{task}/labelled"]) for task in self.dataset.tasks}
 
     def compute(self):
         values: dict[str, dict[str, float]] = {}

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
 
 from l2b_fast.data.images import CorruptSampleError, decode_png
+from l2b_fast.data.labels import LABELS_MEMBER
 from l2b_fast.data.loader import SkipCounter, build_loader, wds
-from l2b_fast.datasets.taskonomy.protocol import TaskonomyProtocol, augment, resize_raw
+from l2b_fast.datasets.taskonomy.protocol import (
+    LABELLED_KEY,
+    PAD_VALUES,
+    RAW_DTYPES,
+    TASKS,
+    TaskonomyProtocol,
+    augment,
+    resize_raw,
+)
 
 __all__ = ["taskonomy_train_loader", "taskonomy_eval_loader"]
 
@@ -19,12 +29,19 @@ class _TaskonomyConvert:
         self.protocol, self.size, self.train, self.normalize = protocol, int(size), train, normalize
 
     def __call__(self, sample: dict, rng: np.random.Generator):
+        labels = sample_labels(sample.get(LABELS_MEMBER))
         raw = {}
         for member in self.protocol.members:
+            if member != "rgb" and member not in labels:
+                continue  # unlabelled: a placeholder map below, whether or not the shard holds one
             data = sample.get(f"{member}.png")
             if data is None:
                 raise CorruptSampleError(f"missing member {member}.png")
             raw[member] = decode_png(data, name=f"{member}.png")
+        for task in self.protocol.tasks:
+            if task not in labels:  # same size as rgb, so resizing and augmentation treat it like any map
+                shape = raw["rgb"].shape[:2] + ((3,) if task == "normal" else ())
+                raw[task] = np.full(shape, PAD_VALUES[task], dtype=RAW_DTYPES[task])
         shapes = {member: a.shape[:2] for member, a in raw.items()}
         if len(set(shapes.values())) != 1:
             raise CorruptSampleError(f"modalities differ in size: {shapes}")
@@ -33,9 +50,27 @@ class _TaskonomyConvert:
         raw = resize_raw(raw, self.size, self.protocol.rgb_resize)
         if self.train:
             raw = augment(raw, rng, scale=self.protocol.train_scale, crop=self.size, flip=self.protocol.train_flip)
+        raw[LABELLED_KEY] = np.array([task in labels for task in self.protocol.tasks])
         if not self.normalize:
             return (self.protocol.raw_tensors(raw),)
         return self.protocol.to_targets(raw)
+
+
+def sample_labels(labels_json) -> frozenset[str]:
+    """A sample's ``labels.json`` member (a JSON list of the task names it is labelled with; None: the member is
+    absent, every task is labelled) -> the set of its labelled tasks; CorruptSampleError if malformed."""
+    if labels_json is None:
+        return frozenset(TASKS)
+    try:
+        names = json.loads(labels_json)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptSampleError(f"labels.json is not JSON: {error}") from error
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise CorruptSampleError("labels.json must be a list of task names")
+    unknown = sorted(set(names) - set(TASKS))
+    if unknown:
+        raise CorruptSampleError(f"labels.json names unknown task(s): {', '.join(unknown[:3])}")
+    return frozenset(names)
 
 
 def taskonomy_train_loader(
@@ -60,8 +95,10 @@ def taskonomy_train_loader(
     Each sample: decode the protocol's members, resize to ``size`` (labels nearest, rgb ``protocol.rgb_resize``),
     augment (random scale ``protocol.train_scale``, flip, random crop ``size`` with ignored padding), normalise.
     Yields ``(rgb [B,3,S,S] float32, {task: target [B,...]}, {task: mask [B,S,S] bool})`` (plus a list of keys
-    with ``with_keys``); batches are full. ``rank``/``world_size`` default to torch.distributed (or the
-    RANK/WORLD_SIZE environment) at call time. ``loader.batches_per_epoch`` batches per epoch per rank.
+    with ``with_keys``); a task the sample's ``labels.json`` does not list has an all-False mask (and
+    segmentation target 255), and its member may be absent; batches are full. ``rank``/``world_size`` default
+    to torch.distributed (or the RANK/WORLD_SIZE environment) at call time. ``loader.batches_per_epoch``
+    batches per epoch per rank.
 
     ``normalize=False`` yields ``(raw,)`` instead: the augmented raw maps (``protocol.raw_tensors``, stacked),
     to be normalised where the model runs with ``protocol.to_targets_batch(raw, device)``: identical values,

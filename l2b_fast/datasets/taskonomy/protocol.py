@@ -43,6 +43,7 @@ from l2b_fast.data.images import (
 __all__ = [
     "TASKS",
     "VALID_KEY",
+    "LABELLED_KEY",
     "PAD_VALUES",
     "CAFFE_BGR_MEAN",
     "CorruptSampleError",
@@ -58,6 +59,11 @@ TASKS: tuple[str, ...] = ("segment_semantic", "normal", "depth_zbuffer", "keypoi
 
 #: Key of the boolean "this pixel came from the image" array that augmentation adds to a raw dict.
 VALID_KEY = "_valid"
+
+#: Key of the optional boolean [len(tasks)] "this sample is labelled with the task" array of a raw dict (added
+#: after augmentation, which only sees maps): an unlabelled task's mask is all False and its segmentation
+#: target all 255, whatever its (placeholder) raw map holds.
+LABELLED_KEY = "_labelled"
 
 #: Raw value written into padded pixels (in the raw encodings; the masks are what matters).
 PAD_VALUES: dict[str, int] = {
@@ -400,7 +406,8 @@ class TaskonomyProtocol:
             rgb *= valid  # padded pixels -> 0
         targets: dict[str, torch.Tensor] = {}
         masks: dict[str, torch.Tensor] = {}
-        for task in self.tasks:
+        labelled = raw.get(LABELLED_KEY)
+        for index, task in enumerate(self.tasks):
             value, table = raw[task], self._tables[task]
             if task == "normal":
                 target = np.take(table, np.moveaxis(value, 2, 0))  # [3, H, W] straight out of the lookup
@@ -413,6 +420,10 @@ class TaskonomyProtocol:
                 mask &= valid
                 if task == "segment_semantic":
                     np.putmask(target, ~valid, 255)  # cross-entropy ignore index for padded pixels
+            if labelled is not None and not labelled[index]:
+                mask[...] = False
+                if task == "segment_semantic":
+                    target[...] = 255
             targets[task] = torch.from_numpy(target)
             masks[task] = torch.from_numpy(mask)
         return torch.from_numpy(rgb), targets, masks
@@ -420,7 +431,8 @@ class TaskonomyProtocol:
     # -- normalising on the GPU -----------------------------------------------------------------------------
     def raw_tensors(self, raw: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """A raw (augmented) sample as CPU tensors for :meth:`to_targets_batch`, ~3.5x fewer bytes than the
-        targets: rgb, the protocol's tasks and ``VALID_KEY`` (all True if absent). uint16 maps travel as int16
+        targets: rgb, the protocol's tasks, ``VALID_KEY`` (all True if absent) and ``LABELLED_KEY`` (all True if
+        absent). uint16 maps travel as int16
         bit patterns (torch's uint16 has no arithmetic); :meth:`to_targets_batch` widens them back."""
         h, w = self._check_raw(raw)
         out = {}
@@ -430,6 +442,12 @@ class TaskonomyProtocol:
         valid = raw.get(VALID_KEY)
         out[VALID_KEY] = (
             torch.ones((h, w), dtype=torch.bool) if valid is None else torch.from_numpy(np.asarray(valid, dtype=bool))
+        )
+        labelled = raw.get(LABELLED_KEY)
+        out[LABELLED_KEY] = (
+            torch.ones(len(self.tasks), dtype=torch.bool)
+            if labelled is None
+            else torch.from_numpy(np.array(labelled, dtype=bool))
         )
         return out
 
@@ -451,7 +469,8 @@ class TaskonomyProtocol:
         )
         rgb = rgb * valid[:, None]
         targets, masks = {}, {}
-        for task in self.tasks:
+        labelled = moved.get(LABELLED_KEY)  # [B, tasks] (batches of raw_tensors before it carried one: absent)
+        for task_index, task in enumerate(self.tasks):
             value = moved[task]
             index = (value.int() & 0xFFFF).long() if RAW_DTYPES[task] == np.uint16 else value.long()
             target = tables[task][index]
@@ -461,6 +480,12 @@ class TaskonomyProtocol:
                 target = torch.where(valid, target, 255)
             else:
                 target = target.unsqueeze(1)
+            mask = self.target_mask(task, index) & valid
+            if labelled is not None:
+                has_label = labelled[:, task_index, None, None]
+                mask = mask & has_label
+                if task == "segment_semantic":
+                    target = torch.where(has_label, target, 255)
             targets[task] = target
-            masks[task] = self.target_mask(task, index) & valid
+            masks[task] = mask
         return rgb, targets, masks

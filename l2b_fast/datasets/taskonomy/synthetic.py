@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from l2b_fast.data.labels import LABELS_MEMBER, check_label_fraction, count_labels, sample_labels
 from l2b_fast.data.shards import encode_png, prepare_output_dir, split_counts, write_manifest, write_split
+from l2b_fast.datasets.taskonomy.protocol import TASKS
 
 __all__ = ["CLASSES", "DOMAINS", "Room", "random_room", "random_camera", "render", "make_scene", "generate"]
 
@@ -332,6 +334,7 @@ def generate(
     points_per_building: int = 4,
     views_per_point: int = 3,
     overwrite: bool = False,
+    label_fraction: float = 1.0,
 ) -> dict:
     """Write ``n`` synthetic views as Taskonomy shards + ``manifest.json`` in ``out_dir``; return the manifest.
 
@@ -343,7 +346,13 @@ def generate(
     Taskonomy. Views are shuffled across buildings per split with a fixed seed before packing. Every room,
     camera and noise draw comes from ``np.random.default_rng([seed, ...])``, so the output (tar bytes
     included) depends only on the arguments.
+
+    ``label_fraction`` < 1: each view keeps each task's label with that probability (at least one task), drawn
+    from ``np.random.default_rng([seed, 4, b, p, v])`` (the rendered maps do not change); the members of the
+    other tasks are left out, a ``labels.json`` member lists the kept tasks, and each split's manifest entry
+    counts the labels per task (``"labels"``).
     """
+    label_fraction = check_label_fraction(label_fraction)
     if n < 0:
         raise ValueError(f"need n >= 0 samples, got {n}")
     if size < MIN_SIZE:
@@ -360,7 +369,9 @@ def generate(
         views = [(b, p, v) for b in ids for p in range(points_per_building) for v in range(views_per_point)][:count]
         order = np.random.default_rng([seed, 3, split_index]).permutation(len(views))
 
-        def samples(views=views, order=order):
+        kept_labels: list[list[str]] = []
+
+        def samples(views=views, order=order, kept_labels=kept_labels):
             rooms = {}
             for i in order:
                 b, p, v = views[i]
@@ -372,12 +383,20 @@ def generate(
                 _, rotation = random_camera(view_rng, room, position=position)
                 raw = render(room, position, rotation, size, view_rng)
                 building = f"synth{b:04d}"
-                sample = {f"{domain}.png": encode_png(raw[domain], compress_level=1) for domain in DOMAINS}
+                labels = list(TASKS)
+                if label_fraction < 1.0:
+                    labels = sample_labels(TASKS, label_fraction, np.random.default_rng([seed, 4, b, p, v]))
+                kept_labels.append(labels)
+                domains = [domain for domain in DOMAINS if domain == "rgb" or domain in labels]
+                sample = {f"{domain}.png": encode_png(raw[domain], compress_level=1) for domain in domains}
+                if label_fraction < 1.0:
+                    sample[LABELS_MEMBER] = labels
                 sample["__key__"] = f"{building}_point_{p}_view_{v}"
                 sample["json"] = {"building": building, "point": p, "view": v, "size": size}
                 yield sample
 
         entries[split] = write_split(samples(), out_dir, split, samples_per_shard=samples_per_shard)
+        entries[split]["labels"] = count_labels(TASKS, kept_labels)
     return write_manifest(
         out_dir,
         "taskonomy",
@@ -388,4 +407,5 @@ def generate(
         synthetic=True,
         buildings=buildings,
         classes=list(CLASSES),
+        label_fraction=label_fraction,
     )
