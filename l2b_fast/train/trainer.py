@@ -438,7 +438,6 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self._epoch_sums = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.device)
         self._epoch_rng: dict | None = None  # RNG states when the current epoch's iterable was created
-        self._last_logged_loss = math.nan
         self.checkpoint_path = self.out_dir / "checkpoints" / "last.pt"
         metric_columns = [f"val.{name}" for name in self.losses.metric_columns()] if self.val_data is not None else []
         self.logs = RunLogs(
@@ -869,7 +868,6 @@ class Trainer:
         means = self._mean_over_ranks(task_losses).tolist()  # every rank logs at the same steps: a collective
         loss = sum(self.alpha[t] * value for t, value in zip(self.tasks, means))
         self._check_finite(means, f"at step {self.step}")
-        self._last_logged_loss = loss
         if self.context.is_main:
             row = {"step": self.step, "epoch": epoch, "tau": tau, "lr": lr, "loss": loss}
             row.update({f"loss.{t}": value for t, value in zip(self.tasks, means)})
