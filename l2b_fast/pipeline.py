@@ -340,10 +340,9 @@ def evaluate(run: str | Path, data_dir: str | Path | None = None, *, split: str 
     recipe = recipe_of(config)
     if data_dir is None:
         data_dir = recorded_data(folder)
-    recipe.check_data(config, data_dir, (split,))
-    context = distributed.setup(device)
     seed = json.loads((folder / "retrain_summary.json").read_text()).get("seed", 0)
-    source = recipe.data(config, None if data_dir is None else Path(data_dir), None, seed)
+    source = recipe.data(config, None if data_dir is None else Path(data_dir), None, seed, splits=(split,))
+    context = distributed.setup(device)
     section = config.get("retrain") or config["search"]
     dataset = recipe.dataset(config)
     net = load_trained(folder).net

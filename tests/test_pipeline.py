@@ -179,3 +179,17 @@ def test_dense_predictions_are_resized_to_the_input(side, dtype):
     same_size = {"dense": inputs}
     inner.forward = lambda x, **options: same_size
     assert net(inputs)["dense"] is inputs  # already at the input's size: untouched
+
+
+def test_evaluation_data_needs_only_the_evaluated_split(tmp_path):
+    """A shard set holding only a test split serves an evaluation; a search on it is refused (no train split)."""
+    config = configs.load_config(preset="celeba-vgg")
+    recipe = pipeline.recipe_of(config)
+    synthetic_celeba.generate(tmp_path / "test-only", 4, 16, splits=(("test", 1.0),))
+    source = recipe.data(config, tmp_path / "test-only", None, 0, splits=("test",))
+    assert source.evaluation("test", {"size": 16}) is not None
+    with pytest.raises(ValueError, match="'train' split is empty or missing"):
+        recipe.data(config, tmp_path / "test-only", None, 0)
+    assert datasets.names() == ["celeba", "taskonomy"] and datasets.get("celeba").tasks == recipe.dataset(config).tasks
+    with pytest.raises(ValueError, match="options: "):
+        datasets.get("taskonomy", colour=True)

@@ -45,8 +45,6 @@ __all__ = [
 ]
 
 _RECIPES: dict[str, Recipe] = {}
-# The dataset classes of the shard data sets, by the ``dataset`` field of their manifests.
-_DATASETS: dict[str, type[MultiTaskDataset]] = {"taskonomy": Taskonomy, "celeba": CelebA}
 
 
 def register(recipe: Recipe) -> Recipe:
@@ -72,18 +70,14 @@ def recipes() -> list[Recipe]:
 
 def names() -> list[str]:
     """Names of the shard data sets (the ``dataset`` field of their shard manifests)."""
-    return sorted(_DATASETS)
+    return sorted(name for name, registered in _RECIPES.items() if isinstance(registered, ShardRecipe))
 
 
 def get(name: str, **options) -> MultiTaskDataset:
-    """The data set called ``name`` with ``options`` (its dataclass fields); ValueError for an unknown name."""
-    if name not in _DATASETS:
+    """The shard data set called ``name`` with ``options`` (its dataclass fields); ValueError for an unknown name."""
+    if name not in names():
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(names())}")
-    try:
-        return _DATASETS[name](**options)
-    except TypeError as error:  # an unknown option: name the valid ones
-        fields = ", ".join(field for field in _DATASETS[name].__dataclass_fields__)
-        raise ValueError(f"{name}: {error}; options: {fields}") from error
+    return _RECIPES[name].dataset({"dataset": options})
 
 
 for _recipe in (_SYNTHETIC, _CELEBA, _TASKONOMY):

@@ -112,8 +112,11 @@ class Recipe:
         if data_dir is not None:
             raise ValueError(f"--data is for shard data; {config['name']} makes its own data")
 
-    def data(self, config: Mapping, data_dir: Path | None, out: Path | None, seed: int) -> DataSource:
-        """The run's data source: ``data_dir``'s shards, or data the recipe makes (into ``out`` if it writes any)."""
+    def data(
+        self, config: Mapping, data_dir: Path | None, out: Path | None, seed: int, splits: tuple[str, ...] = ("train",)
+    ) -> DataSource:
+        """The run's data source: ``data_dir``'s shards (checked to hold ``splits``), or data the recipe makes (into
+        ``out`` if it writes any)."""
         raise NotImplementedError
 
     # -------------------------------------------------------------------------------------- reports
@@ -219,6 +222,17 @@ class ShardRecipe(Recipe):
     data_keys = ("size", "batch_size", "epoch_samples")
     required_keys = ("size", "batch_size", "epochs")
     reads_shards = True
+    #: The :class:`MultiTaskDataset` dataclass of the shards (its name is the manifests' ``dataset``).
+    dataset_class: type[MultiTaskDataset]
+
+    def dataset(self, config: Mapping) -> MultiTaskDataset:
+        """The dataset class built with the config's ``[dataset]`` options; ValueError naming the valid ones."""
+        options = config.get("dataset", {})
+        try:
+            return self.dataset_class(**options)
+        except TypeError as error:  # an unknown option
+            fields = ", ".join(self.dataset_class.__dataclass_fields__)
+            raise ValueError(f"{self.name}: {error}; options: {fields}") from error
 
     def train_loader(self, urls, *, batch_size, size, seed, epoch_samples, num_workers) -> Iterable:
         raise NotImplementedError
@@ -258,10 +272,12 @@ class ShardRecipe(Recipe):
                 raise ValueError(f"--data {data_dir}: the {split!r} split is empty or missing (splits: {totals})")
         return manifest
 
-    def data(self, config: Mapping, data_dir: Path | None, out: Path | None, seed: int) -> ShardSource:
+    def data(
+        self, config: Mapping, data_dir: Path | None, out: Path | None, seed: int, splits: tuple[str, ...] = ("train",)
+    ) -> ShardSource:
         if data_dir is None:
             data_dir = self._synthetic_shards(config, Path(out) / "synthetic-data", seed)
-        return ShardSource(self, config, Path(data_dir), self.check_data(config, data_dir, ("train",)))
+        return ShardSource(self, config, Path(data_dir), self.check_data(config, data_dir, splits))
 
     def _synthetic_shards(self, config: Mapping, out_dir: Path, seed: int) -> Path:
         """Small synthetic shards (the config's ``[synthetic]`` section), written by rank 0 while the other ranks wait;

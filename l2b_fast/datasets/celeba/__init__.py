@@ -47,6 +47,7 @@ def _generate(out_dir, n, size, **options) -> dict:
 
 class CelebARecipe(ShardRecipe):
     name = "celeba"
+    dataset_class = CelebA
     description = "CelebA, 40 binary attributes (paper Table 1)"
     model_families = {"celeba_branch_vgg": celeba_branch_vgg_spec, "celeba_deep_wide": celeba_deep_wide_spec}
     data_commands = (
@@ -63,11 +64,6 @@ class CelebARecipe(ShardRecipe):
             "synthetic-celeba", "images with 40 visually detectable, group-correlated binary attributes", _generate, 64
         ),
     )
-
-    def dataset(self, config) -> CelebA:
-        from l2b_fast.datasets import get
-
-        return get(self.name, **config.get("dataset", {}))
 
     def train_loader(self, urls, *, batch_size, size, seed, epoch_samples, num_workers):
         from l2b_fast.datasets.celeba.loaders import celeba_loader

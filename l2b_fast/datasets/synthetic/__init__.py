@@ -99,7 +99,7 @@ class SyntheticRecipe(Recipe):
     def treenet(self, config: Mapping, spec: ModelSpec, tree):
         return spec.treenet(tree).to(self.dtype(config))
 
-    def data(self, config: Mapping, data_dir, out, seed: int) -> TensorSource:
+    def data(self, config: Mapping, data_dir, out, seed: int, splits: tuple[str, ...] = ("train",)) -> TensorSource:
         self.check_data(config, data_dir, ())
         data = config["data"]
         samples = data.get("samples", 8000)

@@ -61,6 +61,7 @@ def _generate(out_dir, n, size, **options) -> dict:
 
 class TaskonomyRecipe(ShardRecipe):
     name = "taskonomy"
+    dataset_class = Taskonomy
     description = "Taskonomy, five dense tasks (paper Table 2)"
     model_families = {"taskonomy_resnet34": taskonomy_resnet34_spec}
     data_commands = (
@@ -77,11 +78,6 @@ class TaskonomyRecipe(ShardRecipe):
             "synthetic-taskonomy", "scenes whose six Taskonomy modalities agree, in the raw encodings", _generate, 256
         ),
     )
-
-    def dataset(self, config) -> Taskonomy:
-        from l2b_fast.datasets import get
-
-        return get(self.name, **config.get("dataset", {}))
 
     def train_loader(self, urls, *, batch_size, size, seed, epoch_samples, num_workers):
         from l2b_fast.datasets.taskonomy.loaders import taskonomy_train_loader
